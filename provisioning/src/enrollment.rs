@@ -1,0 +1,417 @@
+//! Issuing and revoking: what the operator's commands do to the PKI.
+//!
+//! Each operation runs in one exclusive registry transaction: check, sign,
+//! record, regenerate the CRL if a revocation happened, commit. Until the
+//! commit nothing is visible, so an interrupted command changes nothing.
+//! Output files are written only after the commit, so every certificate
+//! that exists outside the PKI is in the registry and can be revoked.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use rcgen::{KeyPair, PublicKeyData};
+use time::OffsetDateTime;
+use twofold_protocol::{DeviceId, Identity, Principal};
+
+use crate::atomic::{self, Durability};
+use crate::crl;
+use crate::csr::CsrRequest;
+use crate::error::{Error, Result};
+use crate::pki::{CRL, CaIssuer, Pki, record_for};
+use crate::profile::{self, Intermediate, Validity};
+use crate::registry::{
+    CertRecord, Filter, Kind, Revocation, RevocationReason, Store, StoreError, StoreTx,
+};
+use crate::serial::Serial;
+
+/// How many times a colliding random serial is drawn again (never expected).
+const SERIAL_ATTEMPTS: usize = 3;
+
+/// Where the subject key comes from.
+pub enum KeySource {
+    /// Generate a key here and hand it out in the bundle.
+    Generate,
+    /// The key stays on the device; this is its public key from a CSR.
+    Csr(rcgen::SubjectPublicKeyInfo),
+}
+
+/// One certificate to issue to a device or service.
+pub struct EnrollRequest {
+    pub principal: Principal,
+    pub key: KeySource,
+}
+
+/// Options shared by a batch of enrollments.
+#[derive(Clone, Copy, Debug)]
+pub struct EnrollOptions {
+    pub days: u32,
+    /// Revoke (as superseded) an existing active certificate instead of refusing.
+    pub replace: bool,
+}
+
+/// An issued device or service certificate.
+pub struct Enrollment {
+    pub record: CertRecord,
+    /// The generated private key, when the key was not from a CSR.
+    pub key: Option<KeyPair>,
+    /// Leaf then device CA, PEM.
+    pub chain_pem: String,
+    /// The device CA certificate, DER.
+    pub device_ca_der: Vec<u8>,
+    /// Certificates this enrollment superseded.
+    pub superseded: Vec<Serial>,
+}
+
+/// An issued gateway server certificate.
+pub struct GatewayCert {
+    pub record: CertRecord,
+    pub key: KeyPair,
+    /// Leaf then server CA, PEM.
+    pub chain_pem: String,
+}
+
+/// What to revoke.
+pub enum RevokeTarget {
+    /// The active certificate of a device or service.
+    Principal(Principal),
+    /// One certificate by serial.
+    Serial(Serial),
+}
+
+fn kind_of(p: &Principal) -> Kind {
+    match p {
+        Principal::Device(_) => Kind::Device,
+        Principal::Service(_) => Kind::Service,
+    }
+}
+
+fn label(p: &Principal) -> String {
+    format!("{} {}", p.kind(), p.name())
+}
+
+impl Pki {
+    /// Issues one certificate per request, all or none.
+    ///
+    /// `progress` is called after each certificate is signed.
+    pub fn enroll(
+        &mut self,
+        requests: Vec<EnrollRequest>,
+        options: EnrollOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Enrollment>> {
+        let ca = self.issuer(Intermediate::Device)?;
+        let td = *self.trust_domain();
+        let now = crate::registry::now();
+        let validity = Validity::leaf(now, options.days, ca.not_after)?;
+        let crl_path = self.dir().join(CRL);
+        let tx = self.store.begin()?;
+        let mut out = Vec::with_capacity(requests.len());
+        let mut revoked_any = false;
+        for (i, request) in requests.into_iter().enumerate() {
+            let kind = kind_of(&request.principal);
+            let name = request.principal.name().to_owned();
+            let existing = tx.find(&Filter {
+                kind: Some(kind),
+                name: Some(name.clone()),
+                unrevoked_only: true,
+                ..Filter::default()
+            })?;
+            let mut superseded = Vec::new();
+            for old in existing {
+                if !options.replace && old.not_after > now {
+                    return Err(Error::AlreadyEnrolled {
+                        identity: label(&request.principal),
+                        serial: old.serial.to_string(),
+                        not_after: rfc3339(old.not_after),
+                    });
+                }
+                // An expired certificate, or an explicit --replace: the old
+                // one is superseded so that exactly one stays active.
+                tx.revoke(
+                    &old.serial,
+                    Revocation {
+                        at: now,
+                        reason: RevocationReason::Superseded,
+                    },
+                )?;
+                revoked_any |= old.not_after > now;
+                superseded.push(old.serial);
+            }
+            let identity = Identity {
+                trust_domain: td,
+                principal: request.principal,
+            };
+            let (key, public) = match request.key {
+                KeySource::Generate => {
+                    let key = crate::keys::generate()?;
+                    let public =
+                        rcgen::SubjectPublicKeyInfo::from_der(&key.subject_public_key_info())?;
+                    (Some(key), public)
+                }
+                KeySource::Csr(public) => (None, public),
+            };
+            let record = issue_recorded(
+                &tx,
+                &ca,
+                kind,
+                &name,
+                Some(identity.to_string()),
+                now,
+                |serial| profile::client(&identity, serial, validity),
+                &public,
+            )?;
+            let chain_pem = chain_pem(&record.der, &ca.cert_pem);
+            out.push(Enrollment {
+                record,
+                key,
+                chain_pem,
+                device_ca_der: ca.cert_der.clone(),
+                superseded,
+            });
+            progress(i + 1);
+        }
+        if revoked_any {
+            write_crl(&crl_path, &tx, &ca, now)?;
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Issues a certificate for a checked CSR.
+    pub fn sign_csr(&mut self, csr: CsrRequest, options: EnrollOptions) -> Result<Enrollment> {
+        let request = EnrollRequest {
+            principal: Principal::Device(csr.device_id),
+            key: KeySource::Csr(csr.public_key),
+        };
+        let mut issued = self.enroll(vec![request], options, &mut |_| {})?;
+        issued
+            .pop()
+            .ok_or_else(|| StoreError::Backend("no certificate was issued".into()).into())
+    }
+
+    /// Issues a gateway server certificate for DNS names and IP addresses.
+    pub fn issue_gateway(
+        &mut self,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        days: u32,
+    ) -> Result<GatewayCert> {
+        for name in dns_names {
+            profile::check_dns_name(name)?;
+        }
+        let ca = self.issuer(Intermediate::Server)?;
+        let now = crate::registry::now();
+        let validity = Validity::leaf(now, days, ca.not_after)?;
+        let key = crate::keys::generate()?;
+        let name = dns_names
+            .first()
+            .cloned()
+            .or_else(|| ips.first().map(IpAddr::to_string))
+            .unwrap_or_default();
+        let tx = self.store.begin()?;
+        let record = issue_recorded(
+            &tx,
+            &ca,
+            Kind::Gateway,
+            &name,
+            None,
+            now,
+            |serial| profile::gateway(dns_names, ips, serial, validity),
+            &key,
+        )?;
+        tx.commit()?;
+        let chain_pem = chain_pem(&record.der, &ca.cert_pem);
+        Ok(GatewayCert {
+            record,
+            key,
+            chain_pem,
+        })
+    }
+
+    /// Revokes a certificate and regenerates the CRL. Returns the revoked
+    /// record and the new CRL number.
+    pub fn revoke(&mut self, target: RevokeTarget, reason: RevocationReason) -> Result<CertRecord> {
+        let ca = self.issuer(Intermediate::Device)?;
+        let now = crate::registry::now();
+        let crl_path = self.dir().join(CRL);
+        let tx = self.store.begin()?;
+        let mut record = match &target {
+            RevokeTarget::Principal(p) => {
+                let filter = Filter {
+                    kind: Some(kind_of(p)),
+                    name: Some(p.name().to_owned()),
+                    ..Filter::default()
+                };
+                let all = tx.find(&filter)?;
+                if all.is_empty() {
+                    return Err(Error::UnknownIdentity { identity: label(p) });
+                }
+                all.into_iter()
+                    .find(|r| r.revocation.is_none())
+                    .ok_or_else(|| Error::NothingToRevoke { identity: label(p) })?
+            }
+            RevokeTarget::Serial(s) => {
+                let r = tx
+                    .find(&Filter {
+                        serial: Some(s.clone()),
+                        ..Filter::default()
+                    })?
+                    .pop()
+                    .ok_or_else(|| Error::UnknownSerial {
+                        serial: s.to_string(),
+                    })?;
+                if let Some(rev) = r.revocation {
+                    return Err(Error::AlreadyRevoked {
+                        serial: s.to_string(),
+                        revoked_at: rfc3339(rev.at),
+                    });
+                }
+                if !r.kind.is_client() {
+                    return Err(Error::NotRevocable {
+                        serial: s.to_string(),
+                        kind: r.kind.as_str(),
+                    });
+                }
+                r
+            }
+        };
+        let revocation = Revocation { at: now, reason };
+        tx.revoke(&record.serial, revocation)?;
+        write_crl(&crl_path, &tx, &ca, now)?;
+        tx.commit()?;
+        record.revocation = Some(revocation);
+        Ok(record)
+    }
+
+    /// Signs a fresh CRL (new number, new validity window), writes it to
+    /// the PKI and returns it.
+    pub fn refresh_crl(&mut self) -> Result<rcgen::CertificateRevocationList> {
+        let ca = self.issuer(Intermediate::Device)?;
+        let now = crate::registry::now();
+        let crl_path = self.dir().join(CRL);
+        let tx = self.store.begin()?;
+        let crl = write_crl(&crl_path, &tx, &ca, now)?;
+        tx.commit()?;
+        Ok(crl)
+    }
+
+    /// Records of one device, newest first.
+    pub fn history(&self, principal: &Principal) -> Result<Vec<CertRecord>> {
+        let filter = Filter {
+            kind: Some(kind_of(principal)),
+            name: Some(principal.name().to_owned()),
+            ..Filter::default()
+        };
+        let records = self.store.find(&filter)?;
+        if records.is_empty() {
+            return Err(Error::UnknownIdentity {
+                identity: label(principal),
+            });
+        }
+        Ok(records)
+    }
+}
+
+/// Signs the CRL inside `tx` and writes it to the PKI directory before
+/// the commit: if the commit then failed, the CRL would list one
+/// revocation too many, never one too few.
+fn write_crl(
+    path: &Path,
+    tx: &impl StoreTx,
+    ca: &CaIssuer,
+    now: OffsetDateTime,
+) -> Result<rcgen::CertificateRevocationList> {
+    let crl = crl::sign(tx, &ca.issuer, now)?;
+    atomic::write(
+        path,
+        crl.pem()?.as_bytes(),
+        atomic::PUBLIC,
+        Durability::Sync,
+    )?;
+    Ok(crl)
+}
+
+/// Signs a certificate with a fresh serial and records it, drawing a new
+/// serial if the registry already has one (a 2^-126 event, handled anyway).
+#[allow(clippy::too_many_arguments)]
+fn issue_recorded(
+    tx: &impl StoreTx,
+    ca: &CaIssuer,
+    kind: Kind,
+    name: &str,
+    identity: Option<String>,
+    now: OffsetDateTime,
+    params_for: impl Fn(&Serial) -> Result<rcgen::CertificateParams>,
+    public_key: &impl PublicKeyData,
+) -> Result<CertRecord> {
+    let mut last = None;
+    for _ in 0..SERIAL_ATTEMPTS {
+        let serial = Serial::random();
+        let params = params_for(&serial)?;
+        let cert = params.signed_by(public_key, &ca.issuer)?;
+        let record = record_for(&cert, serial, kind, name, identity.clone(), &params, now);
+        match tx.insert(&record) {
+            Ok(()) => return Ok(record),
+            Err(e @ StoreError::DuplicateSerial(_)) => last = Some(e),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map(Error::from).unwrap_or(Error::EmptyBatch))
+}
+
+fn chain_pem(leaf_der: &[u8], ca_pem: &str) -> String {
+    let leaf = pem_encode("CERTIFICATE", leaf_der);
+    format!("{leaf}{}", ca_pem.trim_start())
+}
+
+/// PEM-encodes DER with the given label.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new(label, der), config)
+}
+
+/// A timestamp as RFC 3339, for messages and listings.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// Ids `PREFIX-0001` … for a batch, zero-padded to the width of the last.
+pub fn batch_ids(prefix: &str, start: u64, count: u64) -> Result<Vec<DeviceId>> {
+    if count == 0 {
+        return Err(Error::EmptyBatch);
+    }
+    let last = start.saturating_add(count - 1);
+    let width = last.to_string().len();
+    (start..=last)
+        .map(|n| {
+            let id = format!("{prefix}-{n:0width$}");
+            DeviceId::parse(&id).map_err(|reason| Error::InvalidName {
+                what: "device id",
+                value: id,
+                reason,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_ids_are_padded_and_validated() {
+        let ids = batch_ids("pump", 9, 3).unwrap();
+        let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+        assert_eq!(ids, ["pump-09", "pump-10", "pump-11"]);
+        assert!(matches!(
+            batch_ids("Pump", 1, 1),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            batch_ids(&"p".repeat(62), 1, 10),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(batch_ids("p", 1, 0), Err(Error::EmptyBatch)));
+    }
+}

@@ -1,0 +1,249 @@
+//! Certificate profiles: which extensions each kind of certificate carries.
+//!
+//! ```text
+//! root CA      CA, pathlen 1, keyCertSign+cRLSign
+//!  ├ device CA CA, pathlen 0, keyCertSign+cRLSign, EKU clientAuth
+//!  │  └ device / service   not CA, digitalSignature, EKU clientAuth only,
+//!  │                       CN=<name>, SAN URI spiffe://<td>/<kind>/<name>
+//!  └ server CA CA, pathlen 0, keyCertSign+cRLSign, EKU serverAuth
+//!     └ gateway            not CA, digitalSignature, EKU serverAuth only,
+//!                          SAN DNS names and IP addresses
+//! ```
+//!
+//! The EKU on each intermediate confines everything below it to one
+//! purpose, for verifiers that honour it; devices additionally trust only
+//! the server CA.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+use twofold_protocol::Identity;
+
+use crate::error::{Error, Result};
+use crate::serial::Serial;
+
+/// Root CA lifetime.
+pub const ROOT_DAYS: i64 = 20 * 365;
+/// Device CA and server CA lifetime.
+pub const INTERMEDIATE_DAYS: i64 = 10 * 365;
+/// Default device and service certificate lifetime.
+pub const DEVICE_DAYS: u32 = 90;
+/// Default gateway certificate lifetime.
+pub const GATEWAY_DAYS: u32 = 365;
+/// Longest leaf lifetime accepted from `--days`.
+pub const MAX_LEAF_DAYS: u32 = 3650;
+/// Leaf certificates start this much before "now", for devices whose
+/// clocks run a little behind the CA's.
+pub const BACKDATE: Duration = Duration::minutes(5);
+
+/// A validity window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// A leaf's window: from `now - BACKDATE` for `days`, cut at the
+    /// issuer's own expiry so no certificate outlives its CA.
+    pub fn leaf(now: OffsetDateTime, days: u32, issuer_not_after: OffsetDateTime) -> Result<Self> {
+        if days == 0 || days > MAX_LEAF_DAYS {
+            return Err(Error::InvalidDays {
+                days,
+                max: MAX_LEAF_DAYS,
+            });
+        }
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        Ok(Validity {
+            not_before: now - BACKDATE,
+            not_after: (now + Duration::days(i64::from(days))).min(issuer_not_after),
+        })
+    }
+
+    fn ca(now: OffsetDateTime, days: i64) -> Self {
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        Validity {
+            not_before: now - BACKDATE,
+            not_after: now + Duration::days(days),
+        }
+    }
+}
+
+fn base(cn: &str, serial: &Serial, validity: Validity) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.serial_number = Some(serial.into());
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
+/// The self-signed root CA.
+pub fn root_ca(trust_domain: &str, serial: &Serial, now: OffsetDateTime) -> CertificateParams {
+    let mut p = base(
+        &format!("Twofold root CA {trust_domain}"),
+        serial,
+        Validity::ca(now, ROOT_DAYS),
+    );
+    p.use_authority_key_identifier_extension = false;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+/// Which intermediate CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intermediate {
+    /// Issues device and service client certificates and the CRL.
+    Device,
+    /// Issues gateway server certificates.
+    Server,
+}
+
+/// An intermediate CA, signed by the root.
+pub fn intermediate_ca(
+    which: Intermediate,
+    trust_domain: &str,
+    serial: &Serial,
+    now: OffsetDateTime,
+) -> CertificateParams {
+    let (label, eku) = match which {
+        Intermediate::Device => ("device", ExtendedKeyUsagePurpose::ClientAuth),
+        Intermediate::Server => ("server", ExtendedKeyUsagePurpose::ServerAuth),
+    };
+    let mut p = base(
+        &format!("Twofold {label} CA {trust_domain}"),
+        serial,
+        Validity::ca(now, INTERMEDIATE_DAYS),
+    );
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.extended_key_usages = vec![eku];
+    p
+}
+
+/// A device or service client certificate: CN is the name, the SAN URI is
+/// the identity, and it is good for TLS client authentication only.
+pub fn client(
+    identity: &Identity,
+    serial: &Serial,
+    validity: Validity,
+) -> Result<CertificateParams> {
+    let mut p = base(identity.principal.name(), serial, validity);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+    Ok(p)
+}
+
+/// A gateway server certificate for `dns_names` and `ips`.
+pub fn gateway(
+    dns_names: &[String],
+    ips: &[IpAddr],
+    serial: &Serial,
+    validity: Validity,
+) -> Result<CertificateParams> {
+    let cn = dns_names
+        .first()
+        .cloned()
+        .or_else(|| ips.first().map(IpAddr::to_string))
+        .ok_or(Error::InvalidHostName {
+            value: String::new(),
+            reason: "give at least one name or --ip",
+        })?;
+    let mut p = base(&cn, serial, validity);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    for name in dns_names {
+        check_dns_name(name)?;
+        p.subject_alt_names
+            .push(SanType::DnsName(name.as_str().try_into()?));
+    }
+    p.subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    Ok(p)
+}
+
+/// Accepts an ordinary DNS host name: dot-separated labels of letters,
+/// digits and '-', no wildcards.
+pub fn check_dns_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidHostName {
+            value: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 253 {
+        return bad("a DNS name is 1-253 characters long");
+    }
+    if name.parse::<IpAddr>().is_ok() {
+        return bad("this is an IP address; pass it with --ip");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return bad("each dot-separated label must be 1-63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return bad("only letters, digits, '-' and '.' are allowed (no wildcards)");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label must not start or end with '-'");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf_validity_is_backdated_and_capped_by_the_issuer() {
+        let now = OffsetDateTime::UNIX_EPOCH + Duration::days(1000);
+        let v = Validity::leaf(now, 90, now + Duration::days(30)).unwrap();
+        assert_eq!(v.not_before, now - BACKDATE);
+        assert_eq!(v.not_after, now + Duration::days(30));
+        let v = Validity::leaf(now, 90, now + Duration::days(3000)).unwrap();
+        assert_eq!(v.not_after, now + Duration::days(90));
+        assert!(matches!(
+            Validity::leaf(now, 0, now),
+            Err(Error::InvalidDays { days: 0, .. })
+        ));
+        assert!(matches!(
+            Validity::leaf(now, 3651, now),
+            Err(Error::InvalidDays { .. })
+        ));
+    }
+
+    #[test]
+    fn dns_names_are_checked() {
+        assert!(check_dns_name("gw-1.iot.example.com").is_ok());
+        assert!(check_dns_name("localhost").is_ok());
+        for bad in [
+            "",
+            "*.example.com",
+            "a..b",
+            "-a.b",
+            "a_b",
+            "127.0.0.1",
+            &"a".repeat(64),
+        ] {
+            assert!(
+                matches!(check_dns_name(bad), Err(Error::InvalidHostName { .. })),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! The SQLite registry: one file in the PKI directory.
+//!
+//! Writers take SQLite's write lock at `BEGIN IMMEDIATE` and other
+//! processes wait for it (busy timeout), so concurrent commands serialize.
+//! A partial unique index makes a second active certificate for one device
+//! impossible even if application logic were wrong.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use time::OffsetDateTime;
+
+use super::{CertRecord, Filter, Revocation, RevocationReason, Store, StoreError, StoreTx};
+use crate::serial::Serial;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial            TEXT PRIMARY KEY,
+    kind              TEXT NOT NULL,
+    name              TEXT NOT NULL,
+    identity          TEXT,
+    not_before        INTEGER NOT NULL,
+    not_after         INTEGER NOT NULL,
+    fingerprint       TEXT NOT NULL UNIQUE,
+    issued_at         INTEGER NOT NULL,
+    revoked_at        INTEGER,
+    revocation_reason TEXT,
+    der               BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_client_cert
+    ON certificates (kind, name)
+    WHERE revoked_at IS NULL AND kind IN ('device', 'service');
+CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (name);
+";
+
+const COLUMNS: &str = "serial, kind, name, identity, not_before, not_after, fingerprint, \
+                       issued_at, revoked_at, revocation_reason, der";
+
+/// How long a command waits for another one holding the write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A registry in an SQLite database file.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (and, if new, creates) the registry at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(backend)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
+        // WAL keeps readers (list, show) from blocking writers; FULL sync
+        // makes a committed enrollment survive power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        Ok(SqliteStore { conn })
+    }
+}
+
+fn unix(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+fn from_unix(secs: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|_| StoreError::Corrupt(format!("timestamp {secs} out of range")))
+}
+
+fn read_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        serial: row.get(0)?,
+        kind: row.get(1)?,
+        name: row.get(2)?,
+        identity: row.get(3)?,
+        not_before: row.get(4)?,
+        not_after: row.get(5)?,
+        fingerprint: row.get(6)?,
+        issued_at: row.get(7)?,
+        revoked_at: row.get(8)?,
+        reason: row.get(9)?,
+        der: row.get(10)?,
+    })
+}
+
+/// A row as stored, before its text fields are checked.
+struct RawRow {
+    serial: String,
+    kind: String,
+    name: String,
+    identity: Option<String>,
+    not_before: i64,
+    not_after: i64,
+    fingerprint: String,
+    issued_at: i64,
+    revoked_at: Option<i64>,
+    reason: Option<String>,
+    der: Vec<u8>,
+}
+
+impl RawRow {
+    fn into_record(self) -> Result<CertRecord, StoreError> {
+        let serial = self
+            .serial
+            .parse::<Serial>()
+            .map_err(|_| StoreError::Corrupt(format!("bad serial {:?}", self.serial)))?;
+        let revocation = match (self.revoked_at, self.reason) {
+            (Some(at), Some(reason)) => Some(Revocation {
+                at: from_unix(at)?,
+                reason: RevocationReason::parse(&reason)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "half-recorded revocation of {serial}"
+                )));
+            }
+        };
+        Ok(CertRecord {
+            serial,
+            kind: self.kind.parse()?,
+            name: self.name,
+            identity: self.identity,
+            not_before: from_unix(self.not_before)?,
+            not_after: from_unix(self.not_after)?,
+            fingerprint: self.fingerprint,
+            issued_at: from_unix(self.issued_at)?,
+            revocation,
+            der: self.der,
+        })
+    }
+}
+
+fn find(conn: &Connection, filter: &Filter) -> Result<Vec<CertRecord>, StoreError> {
+    let mut sql = format!("SELECT {COLUMNS} FROM certificates WHERE 1 = 1");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(kind) = filter.kind {
+        sql.push_str(" AND kind = ?");
+        args.push(kind.as_str().to_owned());
+    }
+    if let Some(name) = &filter.name {
+        sql.push_str(" AND name = ?");
+        args.push(name.clone());
+    }
+    if let Some(serial) = &filter.serial {
+        sql.push_str(" AND serial = ?");
+        args.push(serial.to_string());
+    }
+    if filter.unrevoked_only {
+        sql.push_str(" AND revoked_at IS NULL");
+    }
+    sql.push_str(" ORDER BY issued_at DESC, rowid DESC");
+    let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args.iter()), read_row)
+        .map_err(backend)?;
+    rows.map(|r| r.map_err(backend)?.into_record()).collect()
+}
+
+fn setting(conn: &Connection, key: &str) -> Result<Option<String>, StoreError> {
+    conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+        r.get(0)
+    })
+    .optional()
+    .map_err(backend)
+}
+
+impl Store for SqliteStore {
+    type Tx<'a> = SqliteTx<'a>;
+
+    fn begin(&mut self) -> Result<SqliteTx<'_>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        Ok(SqliteTx { tx })
+    }
+
+    fn find(&self, filter: &Filter) -> Result<Vec<CertRecord>, StoreError> {
+        find(&self.conn, filter)
+    }
+
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        setting(&self.conn, key)
+    }
+}
+
+/// An exclusive write transaction on the SQLite registry.
+pub struct SqliteTx<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl StoreTx for SqliteTx<'_> {
+    fn find(&self, filter: &Filter) -> Result<Vec<CertRecord>, StoreError> {
+        find(&self.tx, filter)
+    }
+
+    fn insert(&self, r: &CertRecord) -> Result<(), StoreError> {
+        let result = self.tx.execute(
+            &format!("INSERT INTO certificates ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                r.serial.to_string(),
+                r.kind.as_str(),
+                r.name,
+                r.identity,
+                unix(r.not_before),
+                unix(r.not_after),
+                r.fingerprint,
+                unix(r.issued_at),
+                r.revocation.map(|v| unix(v.at)),
+                r.revocation.map(|v| v.reason.as_str()),
+                r.der,
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, Some(msg)))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                if msg.contains("certificates.serial") {
+                    Err(StoreError::DuplicateSerial(r.serial.clone()))
+                } else if msg.contains("certificates.kind") {
+                    Err(StoreError::DuplicateActive {
+                        kind: r.kind,
+                        name: r.name.clone(),
+                    })
+                } else {
+                    Err(StoreError::Backend(msg))
+                }
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    fn revoke(&self, serial: &Serial, revocation: Revocation) -> Result<(), StoreError> {
+        let changed = self
+            .tx
+            .execute(
+                "UPDATE certificates SET revoked_at = ?1, revocation_reason = ?2 \
+                 WHERE serial = ?3 AND revoked_at IS NULL",
+                params![
+                    unix(revocation.at),
+                    revocation.reason.as_str(),
+                    serial.to_string()
+                ],
+            )
+            .map_err(backend)?;
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!(
+                "certificate {serial} is not revocable"
+            )))
+        }
+    }
+
+    fn revoked_unexpired(&self, now: OffsetDateTime) -> Result<Vec<CertRecord>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM certificates WHERE revoked_at IS NOT NULL \
+                 AND kind IN ('device', 'service') AND not_after > ?1 ORDER BY revoked_at, serial"
+            ))
+            .map_err(backend)?;
+        let rows = stmt.query_map([unix(now)], read_row).map_err(backend)?;
+        rows.map(|r| r.map_err(backend)?.into_record()).collect()
+    }
+
+    fn next_crl_number(&self) -> Result<u64, StoreError> {
+        let current = setting(&self.tx, "crl_number")?
+            .map(|v| v.parse::<u64>())
+            .transpose()
+            .map_err(|_| StoreError::Corrupt("crl_number is not a number".into()))?
+            .unwrap_or(0);
+        let next = current + 1;
+        self.set_setting("crl_number", &next.to_string())?;
+        Ok(next)
+    }
+
+    fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().map_err(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Kind;
+
+    fn record(name: &str, kind: Kind) -> CertRecord {
+        let serial = Serial::random();
+        CertRecord {
+            fingerprint: format!("fp-{serial}"),
+            serial,
+            kind,
+            name: name.into(),
+            identity: None,
+            not_before: OffsetDateTime::UNIX_EPOCH,
+            not_after: OffsetDateTime::UNIX_EPOCH + time::Duration::days(30000),
+            issued_at: OffsetDateTime::UNIX_EPOCH,
+            revocation: None,
+            der: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn one_active_certificate_per_device_is_enforced_by_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        let tx = store.begin().unwrap();
+        let first = record("a", Kind::Device);
+        tx.insert(&first).unwrap();
+        assert!(matches!(
+            tx.insert(&record("a", Kind::Device)),
+            Err(StoreError::DuplicateActive { .. })
+        ));
+        // Gateways may hold several (rotation overlap); services are separate names.
+        tx.insert(&record("a", Kind::Service)).unwrap();
+        tx.insert(&record("gw", Kind::Gateway)).unwrap();
+        tx.insert(&record("gw", Kind::Gateway)).unwrap();
+        let revocation = Revocation {
+            at: crate::registry::now(),
+            reason: RevocationReason::Superseded,
+        };
+        tx.revoke(&first.serial, revocation).unwrap();
+        tx.insert(&record("a", Kind::Device)).unwrap();
+        assert_eq!(
+            tx.revoked_unexpired(OffsetDateTime::UNIX_EPOCH)
+                .unwrap()
+                .len(),
+            1
+        );
+        tx.commit().unwrap();
+        let all = store
+            .find(&Filter {
+                name: Some("a".into()),
+                ..Filter::default()
+            })
+            .unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            all.iter()
+                .find(|r| r.serial == first.serial)
+                .unwrap()
+                .revocation,
+            Some(revocation)
+        );
+    }
+
+    #[test]
+    fn duplicate_serial_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        let tx = store.begin().unwrap();
+        let a = record("a", Kind::Device);
+        tx.insert(&a).unwrap();
+        let mut b = record("b", Kind::Device);
+        b.serial = a.serial.clone();
+        assert!(matches!(tx.insert(&b), Err(StoreError::DuplicateSerial(_))));
+    }
+
+    #[test]
+    fn uncommitted_changes_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).unwrap();
+        {
+            let tx = store.begin().unwrap();
+            tx.insert(&record("a", Kind::Device)).unwrap();
+            assert_eq!(tx.next_crl_number().unwrap(), 1);
+        }
+        assert!(store.find(&Filter::default()).unwrap().is_empty());
+        assert_eq!(store.setting("crl_number").unwrap(), None);
+    }
+}
