@@ -10,6 +10,7 @@ use std::path::Path;
 use aws_lc_rs::encoding::{AsBigEndian, EcPrivateKeyBin};
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
 use pkcs8::der::zeroize::Zeroizing;
+use pkcs8::pkcs5::{self, pbes2};
 use pkcs8::{EncryptedPrivateKeyInfo, LineEnding, PrivateKeyInfo};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 
@@ -64,6 +65,18 @@ impl PassphraseSource for Passphrase {
     }
 }
 
+/// scrypt with N = 2^14, r = 8, p = 1: 16 MiB of memory per attempt.
+/// The crate's default (N = 2^15) needs just over 32 MiB, which OpenSSL's
+/// default memory cap refuses, and operators must be able to read their
+/// CA keys with `openssl pkey`.
+fn scrypt_params() -> pkcs8::Result<pkcs5::scrypt::Params> {
+    pkcs5::scrypt::Params::new(14, 8, 1, 32).map_err(|_| {
+        pkcs8::Error::EncryptedPrivateKey(pkcs5::Error::AlgorithmParametersInvalid {
+            oid: pbes2::SCRYPT_OID,
+        })
+    })
+}
+
 /// Generates a fresh ECDSA P-256 key.
 pub fn generate() -> Result<KeyPair> {
     Ok(KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?)
@@ -77,7 +90,12 @@ pub fn to_pem(key: &KeyPair, passphrase: Option<&Passphrase>) -> Result<Zeroizin
     };
     let encrypt = || -> pkcs8::Result<Zeroizing<String>> {
         let info = PrivateKeyInfo::try_from(der.as_slice())?;
-        let doc = info.encrypt(rand_core::OsRng, pass.as_bytes())?;
+        let mut salt = [0u8; 16];
+        let mut iv = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut salt);
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut iv);
+        let params = pbes2::Parameters::scrypt_aes256cbc(scrypt_params()?, &salt, &iv)?;
+        let doc = info.encrypt_with_params(params, pass.as_bytes())?;
         Ok(doc.to_pem(ENCRYPTED_LABEL, LineEnding::LF)?)
     };
     encrypt().map_err(|e| Error::CorruptKey {

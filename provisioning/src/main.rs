@@ -1,1 +1,736 @@
-fn main() {}
+//! `provisioning`: run the Twofold CA and enroll devices.
+//!
+//! Parses arguments, opens the PKI, calls the library, prints a report.
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use twofold_protocol::{DeviceId, Principal, ServiceName, TrustDomain};
+use twofold_provisioning::atomic::{self, Durability};
+use twofold_provisioning::enrollment::{batch_ids, rfc3339};
+use twofold_provisioning::keys::{Passphrase, PassphraseSource};
+use twofold_provisioning::output::{self, GatewayAddress, files};
+use twofold_provisioning::registry::{CertRecord, Filter, Kind, RevocationReason, Status, Store};
+use twofold_provisioning::{
+    EnrollOptions, EnrollRequest, Error, KeySource, Pki, RevokeTarget, Serial, profile,
+};
+
+const PASSPHRASE_ENV: &str = "TWOFOLD_CA_PASSPHRASE";
+
+/// Run the Twofold certificate authority and enroll devices.
+///
+/// A PKI directory holds three CAs (root, device, server), the CRL and a
+/// registry of every certificate issued. Start with `init`, give the gateway
+/// a certificate with `gateway-cert`, then `enroll` devices.
+#[derive(Parser)]
+#[command(name = "provisioning", version, max_term_width = 100)]
+struct Cli {
+    /// The PKI directory.
+    #[arg(long, global = true, env = "TWOFOLD_PKI", default_value = "pki")]
+    pki: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new PKI: root CA, device CA and server CA (ECDSA P-256).
+    ///
+    /// Refuses to touch an existing PKI. With --encrypt the three CA keys are
+    /// encrypted at rest; the passphrase comes from TWOFOLD_CA_PASSPHRASE or
+    /// a prompt, and is asked again by every command that signs.
+    Init {
+        /// The trust domain named in every identity URI, e.g. iot.example.com.
+        #[arg(long)]
+        trust_domain: String,
+        /// Encrypt the CA keys with a passphrase.
+        #[arg(long)]
+        encrypt: bool,
+    },
+
+    /// Issue a gateway server certificate (EKU serverAuth only).
+    ///
+    /// Writes gateway.pem (leaf + server CA), gateway.key (0600), client-ca.pem
+    /// (the device CA: what the gateway trusts for clients) and crl.pem.
+    GatewayCert {
+        /// DNS names devices use to reach the gateway; the first is the CN.
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+        /// IP addresses devices use to reach the gateway.
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<IpAddr>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = profile::GATEWAY_DAYS)]
+        days: u32,
+    },
+
+    /// Enroll a device (or, with --service, a backend service).
+    ///
+    /// Generates a P-256 key and a client certificate (EKU clientAuth only,
+    /// CN=ID, SAN URI spiffe://<trust-domain>/device/ID). Writes device.key
+    /// (0600), device.pem (leaf + device CA) and server-ca.pem (the only CA a
+    /// device trusts). With --format nostd writes one flashable bundle.bin for
+    /// a microcontroller instead.
+    Enroll {
+        /// The device id: 1-64 characters of a-z, 0-9 and '-'.
+        #[arg(required_unless_present = "service", conflicts_with = "service")]
+        id: Option<String>,
+        /// Issue a backend service certificate for NAME instead.
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = profile::DEVICE_DAYS)]
+        days: u32,
+        /// Replace an active certificate (the old one is revoked as superseded).
+        #[arg(long)]
+        replace: bool,
+        /// pem for Linux agents, nostd for a microcontroller bundle.
+        #[arg(long, value_enum, default_value_t = Format::Pem)]
+        format: Format,
+        /// Gateway address stored in a nostd bundle.
+        #[arg(long, value_name = "HOST:PORT", required_if_eq("format", "nostd"))]
+        gateway: Option<GatewayAddress>,
+    },
+
+    /// Issue a device certificate for a CSR made on the device.
+    ///
+    /// The key never leaves the device. The CSR must carry a valid
+    /// signature, a P-256 key and CN=<device id>. Writes the chain (leaf +
+    /// device CA); give the device the PKI's server-ca.pem too.
+    SignCsr {
+        /// The CSR file, PEM or DER.
+        csr: PathBuf,
+        /// Where to write the certificate chain (PEM).
+        #[arg(long)]
+        out: PathBuf,
+        /// Refuse the CSR unless it is for this device id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = profile::DEVICE_DAYS)]
+        days: u32,
+        /// Replace an active certificate (the old one is revoked as superseded).
+        #[arg(long)]
+        replace: bool,
+    },
+
+    /// Enroll many devices at once: PREFIX-0001, PREFIX-0002, ...
+    ///
+    /// Writes each device's bundle to DIR/<id>/ in the same layout as enroll.
+    /// All certificates are recorded in one transaction: all or none.
+    BulkEnroll {
+        /// How many devices.
+        #[arg(long)]
+        count: u64,
+        /// Id prefix; ids are PREFIX-<number>, zero-padded.
+        #[arg(long)]
+        prefix: String,
+        /// First number.
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = profile::DEVICE_DAYS)]
+        days: u32,
+        /// Replace active certificates (the old ones are revoked as superseded).
+        #[arg(long)]
+        replace: bool,
+    },
+
+    /// Revoke a certificate and regenerate the CRL (PKI/crl.pem).
+    Revoke {
+        #[command(flatten)]
+        target: Target,
+        /// Why.
+        #[arg(long, value_enum, default_value_t = RevocationReason::Unspecified)]
+        reason: RevocationReason,
+    },
+
+    /// List issued certificates.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only certificates with this status.
+        #[arg(long, value_enum)]
+        status: Option<Status>,
+        /// Only active certificates expiring within this long, e.g. 30d, 12h.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        expiring_within: Option<std::time::Duration>,
+        /// Only certificates of this kind.
+        #[arg(long, value_enum)]
+        kind: Option<KindArg>,
+    },
+
+    /// Show the certificates of one device, service or serial.
+    Show {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+
+    /// Sign a fresh CRL (next number, new 30-day window) and write it out.
+    ///
+    /// Also updates PKI/crl.pem. Run it regularly (e.g. daily) so the
+    /// gateway never holds an outdated CRL.
+    Crl {
+        /// Where to write the CRL.
+        #[arg(long)]
+        out: PathBuf,
+        /// DER instead of PEM.
+        #[arg(long)]
+        der: bool,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// A device id.
+    id: Option<String>,
+    /// A service name.
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
+    /// A certificate serial (hex, as `list` or `openssl x509 -serial` show it).
+    #[arg(long, value_name = "SERIAL")]
+    serial: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Pem,
+    Nostd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Device,
+    Service,
+    Gateway,
+    Ca,
+}
+
+/// Passphrases from TWOFOLD_CA_PASSPHRASE, else a prompt on the terminal.
+struct CliPassphrase;
+
+impl PassphraseSource for CliPassphrase {
+    fn passphrase(&self, file: &Path) -> twofold_provisioning::Result<Option<Passphrase>> {
+        if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
+            return Passphrase::new(p).map(Some);
+        }
+        if !std::io::stdin().is_terminal() {
+            return Ok(None);
+        }
+        let p = rpassword::prompt_password(format!("Passphrase for {}: ", file.display()))
+            .map_err(|source| Error::Io {
+                path: "/dev/tty".into(),
+                source,
+            })?;
+        Passphrase::new(p).map(Some)
+    }
+}
+
+fn new_passphrase() -> anyhow::Result<Passphrase> {
+    if let Ok(p) = std::env::var(PASSPHRASE_ENV) {
+        return Ok(Passphrase::new(p)?);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "--encrypt needs a passphrase: set {PASSPHRASE_ENV} or run on a terminal to be prompted"
+        );
+    }
+    let first = rpassword::prompt_password("New CA key passphrase: ")?;
+    let again = rpassword::prompt_password("Repeat the passphrase: ")?;
+    if first != again {
+        bail!("the two passphrases differ; nothing was created");
+    }
+    Ok(Passphrase::new(first)?)
+}
+
+fn device_id(s: &str) -> Result<DeviceId, Error> {
+    DeviceId::parse(s).map_err(|reason| Error::InvalidName {
+        what: "device id",
+        value: s.into(),
+        reason,
+    })
+}
+
+fn service_name(s: &str) -> Result<ServiceName, Error> {
+    ServiceName::parse(s).map_err(|reason| Error::InvalidName {
+        what: "service name",
+        value: s.into(),
+        reason,
+    })
+}
+
+fn open(cli: &Cli) -> Result<Pki, Error> {
+    Pki::open(&cli.pki, Box::new(CliPassphrase))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Init {
+            trust_domain,
+            encrypt,
+        } => {
+            let td =
+                TrustDomain::parse(trust_domain).map_err(|reason| Error::InvalidTrustDomain {
+                    value: trust_domain.clone(),
+                    reason,
+                })?;
+            let passphrase = if *encrypt {
+                Some(new_passphrase()?)
+            } else {
+                None
+            };
+            let pki = Pki::init(&cli.pki, td, passphrase)?;
+            println!(
+                "created PKI for trust domain {} in {}",
+                pki.trust_domain(),
+                pki.dir().display()
+            );
+            println!("  root CA    {}", pki.dir().join("root-ca.pem").display());
+            println!(
+                "  device CA  {}  (issues device and service certificates, signs the CRL)",
+                pki.dir().join("device-ca.pem").display()
+            );
+            println!(
+                "  server CA  {}  (issues gateway certificates; devices trust only this)",
+                pki.dir().join("server-ca.pem").display()
+            );
+            println!(
+                "  CA keys    {}",
+                if *encrypt {
+                    "encrypted with your passphrase"
+                } else {
+                    "not encrypted (use --encrypt to protect them)"
+                }
+            );
+            println!(
+                "next: provisioning --pki {} gateway-cert <gateway-dns-name> --out gateway/",
+                cli.pki.display()
+            );
+            println!("note: root-ca.key is not needed after init; keep it offline.");
+        }
+        Command::GatewayCert {
+            names,
+            ips,
+            out,
+            days,
+        } => {
+            if names.is_empty() && ips.is_empty() {
+                bail!("give at least one DNS name or --ip address for the gateway");
+            }
+            let mut pki = open(cli)?;
+            let cert = pki.issue_gateway(names, ips, *days)?;
+            output::write_gateway(out, &cert, &pki.device_ca_pem()?, &pki.crl_pem()?)?;
+            println!("issued gateway certificate {}", cert.record.name);
+            print_record_summary(&cert.record);
+            println!(
+                "  files        {}",
+                file_list(
+                    out,
+                    &[
+                        files::GATEWAY_KEY,
+                        files::GATEWAY_CHAIN,
+                        files::CLIENT_CA,
+                        files::CRL
+                    ]
+                )
+            );
+        }
+        Command::Enroll {
+            id,
+            service,
+            out,
+            days,
+            replace,
+            format,
+            gateway,
+        } => {
+            let principal = match (id, service) {
+                (Some(id), None) => Principal::Device(device_id(id)?),
+                (None, Some(name)) => Principal::Service(service_name(name)?),
+                _ => bail!("give either a device ID or --service NAME"),
+            };
+            if *format == Format::Nostd && matches!(principal, Principal::Service(_)) {
+                bail!("--format nostd is for microcontroller devices, not services");
+            }
+            let mut pki = open(cli)?;
+            let options = EnrollOptions {
+                days: *days,
+                replace: *replace,
+            };
+            let request = EnrollRequest {
+                principal,
+                key: KeySource::Generate,
+            };
+            let e = pki
+                .enroll(vec![request], options, &mut |_| {})?
+                .pop()
+                .context("nothing was issued")?;
+            let server_ca = pki.server_ca_pem()?;
+            match (format, gateway) {
+                (Format::Nostd, Some(gw)) => output::write_nostd(out, &e, &server_ca, gw)?,
+                _ => output::write_device(out, &e, &server_ca, Durability::Sync)?,
+            }
+            println!("enrolled {} {}", principal.kind(), principal.name());
+            print_record_summary(&e.record);
+            for old in &e.superseded {
+                println!("  superseded   {old} (revoked, listed in the CRL)");
+            }
+            let written: &[&str] = match format {
+                Format::Nostd => &[files::NOSTD_BUNDLE],
+                Format::Pem => &[files::DEVICE_KEY, files::DEVICE_CHAIN, files::SERVER_CA],
+            };
+            println!("  files        {}", file_list(out, written));
+        }
+        Command::SignCsr {
+            csr,
+            out,
+            id,
+            days,
+            replace,
+        } => {
+            let expected = id.as_deref().map(device_id).transpose()?;
+            let mut pki = open(cli)?;
+            let bytes = std::fs::read(csr).map_err(|source| Error::Io {
+                path: csr.clone(),
+                source,
+            })?;
+            let request =
+                twofold_provisioning::csr::parse(&bytes, pki.trust_domain(), expected.as_ref())
+                    .map_err(|reason| Error::Csr {
+                        file: csr.clone(),
+                        reason,
+                    })?;
+            let e = pki.sign_csr(
+                request,
+                EnrollOptions {
+                    days: *days,
+                    replace: *replace,
+                },
+            )?;
+            atomic::write(
+                out,
+                e.chain_pem.as_bytes(),
+                atomic::PUBLIC,
+                Durability::Sync,
+            )?;
+            println!("signed CSR for device {}", e.record.name);
+            print_record_summary(&e.record);
+            println!("  files        {}", out.display());
+            println!(
+                "give the device {} and {}",
+                out.display(),
+                pki.dir().join("server-ca.pem").display()
+            );
+        }
+        Command::BulkEnroll {
+            count,
+            prefix,
+            start,
+            out,
+            days,
+            replace,
+        } => {
+            bulk_enroll(
+                cli,
+                *count,
+                prefix,
+                *start,
+                out,
+                EnrollOptions {
+                    days: *days,
+                    replace: *replace,
+                },
+            )?;
+        }
+        Command::Revoke { target, reason } => {
+            let target = revoke_target(target)?;
+            let mut pki = open(cli)?;
+            let record = pki.revoke(target, *reason)?;
+            println!(
+                "revoked {} {} (serial {}, reason {})",
+                record.kind,
+                record.name,
+                record.serial,
+                reason.as_str()
+            );
+            println!(
+                "  CRL          {} regenerated; give it to the gateway",
+                pki.dir().join("crl.pem").display()
+            );
+        }
+        Command::List {
+            json,
+            status,
+            expiring_within,
+            kind,
+        } => {
+            let pki = open(cli)?;
+            let now = twofold_provisioning::registry::now();
+            let mut records = pki.store().find(&Filter::default())?;
+            records.retain(|r| {
+                let kind_ok = match kind {
+                    None => true,
+                    Some(KindArg::Device) => r.kind == Kind::Device,
+                    Some(KindArg::Service) => r.kind == Kind::Service,
+                    Some(KindArg::Gateway) => r.kind == Kind::Gateway,
+                    Some(KindArg::Ca) => {
+                        matches!(r.kind, Kind::RootCa | Kind::DeviceCa | Kind::ServerCa)
+                    }
+                };
+                let status_ok = status.is_none_or(|s| r.status(now) == s);
+                let expiry_ok = expiring_within.is_none_or(|within| {
+                    r.status(now) == Status::Active && r.not_after <= now + within
+                });
+                kind_ok && status_ok && expiry_ok
+            });
+            if *json {
+                let rows: Vec<_> = records.iter().map(|r| record_json(r, now, false)).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_table(&records, now);
+            }
+        }
+        Command::Show { target, json } => {
+            let pki = open(cli)?;
+            let now = twofold_provisioning::registry::now();
+            let records = match revoke_target(target)? {
+                RevokeTarget::Principal(p) => pki.history(&p)?,
+                RevokeTarget::Serial(s) => {
+                    let found = pki.store().find(&Filter {
+                        serial: Some(s.clone()),
+                        ..Filter::default()
+                    })?;
+                    if found.is_empty() {
+                        return Err(Error::UnknownSerial {
+                            serial: s.to_string(),
+                        }
+                        .into());
+                    }
+                    found
+                }
+            };
+            if *json {
+                let rows: Vec<_> = records.iter().map(|r| record_json(r, now, true)).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for (i, r) in records.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print_record_detail(r, now);
+                }
+            }
+        }
+        Command::Crl { out, der } => {
+            let mut pki = open(cli)?;
+            let crl = pki.refresh_crl()?;
+            if *der {
+                atomic::write(out, crl.der(), atomic::PUBLIC, Durability::Sync)?;
+            } else {
+                atomic::write(out, crl.pem()?.as_bytes(), atomic::PUBLIC, Durability::Sync)?;
+            }
+            println!(
+                "wrote a fresh CRL to {} (and {})",
+                out.display(),
+                pki.dir().join("crl.pem").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn revoke_target(t: &Target) -> anyhow::Result<RevokeTarget> {
+    Ok(match (&t.id, &t.service, &t.serial) {
+        (Some(id), None, None) => RevokeTarget::Principal(Principal::Device(device_id(id)?)),
+        (None, Some(name), None) => {
+            RevokeTarget::Principal(Principal::Service(service_name(name)?))
+        }
+        (None, None, Some(serial)) => RevokeTarget::Serial(serial.parse::<Serial>()?),
+        _ => bail!("give exactly one of a device ID, --service NAME or --serial SERIAL"),
+    })
+}
+
+fn bulk_enroll(
+    cli: &Cli,
+    count: u64,
+    prefix: &str,
+    start: u64,
+    out: &Path,
+    options: EnrollOptions,
+) -> anyhow::Result<()> {
+    let ids = batch_ids(prefix, start, count)?;
+    let mut pki = open(cli)?;
+    let started = Instant::now();
+    let bar = indicatif::ProgressBar::new(count);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:8} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("signing");
+    let requests = ids
+        .iter()
+        .map(|id| EnrollRequest {
+            principal: Principal::Device(*id),
+            key: KeySource::Generate,
+        })
+        .collect();
+    let issued = pki.enroll(requests, options, &mut |n| bar.set_position(n as u64))?;
+    let signed = started.elapsed();
+    bar.set_message("writing");
+    bar.set_position(0);
+    output::create_dir(out)?;
+    let server_ca = pki.server_ca_pem()?;
+    for (i, e) in issued.iter().enumerate() {
+        output::write_device(
+            &out.join(&e.record.name),
+            e,
+            &server_ca,
+            Durability::Deferred,
+        )?;
+        bar.set_position(i as u64 + 1);
+    }
+    // One filesystem sync for the whole batch instead of one per file.
+    let dir = std::fs::File::open(out).with_context(|| format!("opening {}", out.display()))?;
+    rustix::fs::syncfs(&dir).with_context(|| format!("syncing {}", out.display()))?;
+    bar.finish_and_clear();
+    let total = started.elapsed();
+    println!(
+        "enrolled {} devices {}..{} in {:.2}s ({:.2}s signing and recording, {:.2}s writing files)",
+        issued.len(),
+        ids.first().map(|i| i.as_str()).unwrap_or_default(),
+        ids.last().map(|i| i.as_str()).unwrap_or_default(),
+        total.as_secs_f64(),
+        signed.as_secs_f64(),
+        (total - signed).as_secs_f64(),
+    );
+    println!(
+        "  bundles      {}/<id>/{{{},{},{}}}",
+        out.display(),
+        files::DEVICE_KEY,
+        files::DEVICE_CHAIN,
+        files::SERVER_CA
+    );
+    let superseded: usize = issued.iter().map(|e| e.superseded.len()).sum();
+    if superseded > 0 {
+        println!("  superseded   {superseded} earlier certificates (revoked, listed in the CRL)");
+    }
+    Ok(())
+}
+
+fn file_list(dir: &Path, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| dir.join(n).display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn print_record_summary(r: &CertRecord) {
+    if let Some(identity) = &r.identity {
+        println!("  identity     {identity}");
+    }
+    println!("  serial       {}", r.serial);
+    println!(
+        "  valid        {} to {}",
+        rfc3339(r.not_before),
+        rfc3339(r.not_after)
+    );
+    println!("  fingerprint  sha256:{}", r.fingerprint);
+}
+
+fn status_text(r: &CertRecord, now: time::OffsetDateTime) -> String {
+    match (r.status(now), r.revocation) {
+        (Status::Revoked, Some(rev)) => format!("revoked ({})", rev.reason.as_str()),
+        (Status::Active, _) => "active".into(),
+        (Status::Expired, _) => "expired".into(),
+        (Status::Revoked, None) => "revoked".into(),
+    }
+}
+
+fn print_table(records: &[CertRecord], now: time::OffsetDateTime) {
+    let name_w = records
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<9}  {:<name_w$}  {:<32}  {:<30}  NOT AFTER",
+        "KIND", "NAME", "SERIAL", "STATUS"
+    );
+    for r in records {
+        println!(
+            "{:<9}  {:<name_w$}  {:<32}  {:<30}  {}",
+            r.kind.as_str(),
+            r.name,
+            r.serial.to_string(),
+            status_text(r, now),
+            rfc3339(r.not_after)
+        );
+    }
+    println!("{} certificates", records.len());
+}
+
+fn print_record_detail(r: &CertRecord, now: time::OffsetDateTime) {
+    println!("{} {}", r.kind, r.name);
+    print_record_summary(r);
+    println!("  status       {}", status_text(r, now));
+    if let Some(rev) = r.revocation {
+        println!("  revoked at   {}", rfc3339(rev.at));
+    }
+    println!("  issued at    {}", rfc3339(r.issued_at));
+}
+
+fn record_json(r: &CertRecord, now: time::OffsetDateTime, with_pem: bool) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "serial": r.serial.to_string(),
+        "kind": r.kind,
+        "name": r.name,
+        "identity": r.identity,
+        "status": r.status(now),
+        "not_before": rfc3339(r.not_before),
+        "not_after": rfc3339(r.not_after),
+        "fingerprint_sha256": r.fingerprint,
+        "issued_at": rfc3339(r.issued_at),
+        "revoked_at": r.revocation.map(|x| rfc3339(x.at)),
+        "revocation_reason": r.revocation.map(|x| x.reason),
+    });
+    if with_pem {
+        v["certificate_pem"] =
+            twofold_provisioning::enrollment::pem_encode("CERTIFICATE", &r.der).into();
+    }
+    v
+}
