@@ -131,7 +131,7 @@ pub fn parse(
                     GeneralName::URI(uri) if *uri == identity => {}
                     other => {
                         return Err(CsrError::SanMismatch {
-                            found: other.to_string(),
+                            found: describe(other),
                             expected: format!("URI:{identity}"),
                         });
                     }
@@ -146,6 +146,23 @@ pub fn parse(
         device_id,
         public_key,
     })
+}
+
+/// A SAN entry as openssl prints it.
+fn describe(name: &GeneralName<'_>) -> String {
+    match name {
+        GeneralName::URI(uri) => format!("URI:{uri}"),
+        GeneralName::DNSName(dns) => format!("DNS:{dns}"),
+        GeneralName::RFC822Name(email) => format!("email:{email}"),
+        GeneralName::IPAddress(bytes) => match bytes.len() {
+            4 => format!(
+                "IP:{}",
+                std::net::Ipv4Addr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+            ),
+            _ => format!("IP:{}", hex::encode(bytes)),
+        },
+        other => format!("{other}"),
+    }
 }
 
 fn to_der(bytes: &[u8]) -> Result<Vec<u8>, CsrError> {
