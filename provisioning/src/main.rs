@@ -349,6 +349,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 bail!("give at least one DNS name or --ip address for the gateway");
             }
             let mut pki = open(cli)?;
+            refuse_existing(
+                out,
+                &[files::GATEWAY_KEY, files::GATEWAY_CHAIN],
+                false,
+                "write it to another --out (the old certificate stays valid until it expires)",
+            )?;
             let cert = pki.issue_gateway(names, ips, *days)?;
             output::write_gateway(out, &cert, &pki.device_ca_pem()?, &pki.crl_pem()?)?;
             println!("issued gateway certificate {}", cert.record.name);
@@ -384,6 +390,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 bail!("--format nostd is for microcontroller devices, not services");
             }
             let mut pki = open(cli)?;
+            let written: &[&str] = match format {
+                Format::Nostd => &[files::NOSTD_BUNDLE],
+                Format::Pem => &[files::DEVICE_KEY, files::DEVICE_CHAIN, files::SERVER_CA],
+            };
+            refuse_existing(
+                out,
+                written,
+                *replace,
+                "choose another --out, or pass --replace to re-enroll",
+            )?;
             let options = EnrollOptions {
                 days: *days,
                 replace: *replace,
@@ -406,10 +422,6 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             for old in &e.superseded {
                 println!("  superseded   {old} (revoked, listed in the CRL)");
             }
-            let written: &[&str] = match format {
-                Format::Nostd => &[files::NOSTD_BUNDLE],
-                Format::Pem => &[files::DEVICE_KEY, files::DEVICE_CHAIN, files::SERVER_CA],
-            };
             println!("  files        {}", file_list(out, written));
         }
         Command::SignCsr {
@@ -421,6 +433,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         } => {
             let expected = id.as_deref().map(device_id).transpose()?;
             let mut pki = open(cli)?;
+            if out.exists() && !*replace {
+                bail!(
+                    "{} already exists; choose another --out, or pass --replace to re-enroll",
+                    out.display()
+                );
+            }
             let bytes = std::fs::read(csr).map_err(|source| Error::Io {
                 path: csr.clone(),
                 source,
@@ -590,6 +608,14 @@ fn bulk_enroll(
     options: EnrollOptions,
 ) -> anyhow::Result<()> {
     let ids = batch_ids(prefix, start, count)?;
+    if let Some(id) = ids.iter().find(|id| out.join(id.as_str()).exists()) {
+        if !options.replace {
+            bail!(
+                "{} already exists; choose another --out, or pass --replace to re-enroll",
+                out.join(id.as_str()).display()
+            );
+        }
+    }
     let mut pki = open(cli)?;
     let started = Instant::now();
     let bar = indicatif::ProgressBar::new(count);
@@ -648,6 +674,16 @@ fn bulk_enroll(
         println!("  superseded   {superseded} earlier certificates (revoked, listed in the CRL)");
     }
     Ok(())
+}
+
+/// Refuses to overwrite an existing bundle (it may hold another device's
+/// key) unless the operator asked for a replacement. Checked before
+/// anything is issued, so a refusal changes nothing.
+fn refuse_existing(dir: &Path, names: &[&str], allowed: bool, hint: &str) -> anyhow::Result<()> {
+    match names.iter().map(|n| dir.join(n)).find(|p| p.exists()) {
+        Some(path) if !allowed => bail!("{} already exists; {hint}", path.display()),
+        _ => Ok(()),
+    }
 }
 
 fn file_list(dir: &Path, names: &[&str]) -> String {

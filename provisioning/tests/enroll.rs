@@ -316,19 +316,15 @@ fn bulk_enroll_writes_one_bundle_per_device() {
         assert!(ok, "{text}");
     }
     // The same ids again are refused as a whole; with --replace they are reissued.
-    let stderr = env.fails(&[
-        "bulk-enroll",
-        "--count",
-        "12",
-        "--prefix",
-        "pump",
-        "--out",
-        "fleet",
-    ]);
+    let again = ["bulk-enroll", "--count", "12", "--prefix", "pump", "--out"];
+    let stderr = env.fails(&[&again[..], &["fleet"]].concat());
+    assert!(stderr.contains("fleet/pump-01 already exists"), "{stderr}");
+    let stderr = env.fails(&[&again[..], &["elsewhere"]].concat());
     assert!(
         stderr.contains("device pump-01 already has an active certificate"),
         "{stderr}"
     );
+    assert!(!env.path("elsewhere").exists());
     env.ok(&[
         "bulk-enroll",
         "--count",

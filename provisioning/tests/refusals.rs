@@ -116,7 +116,7 @@ fn a_second_active_enrollment_needs_replace() {
     let first_files = env.snapshot("dev");
     refused(
         &env,
-        &["enroll", "sensor-1", "--out", "dev"],
+        &["enroll", "sensor-1", "--out", "dev2"],
         "pass --replace to issue a new one",
     );
     assert_eq!(
@@ -263,4 +263,57 @@ fn bad_numbers_and_addresses_are_refused() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(!env.path("m").exists() && !env.path("gw").exists());
     }
+}
+
+#[test]
+fn an_existing_bundle_is_never_overwritten_by_accident() {
+    let env = Env::with_pki();
+    env.ok(&["enroll", "sensor-1", "--out", "dev"]);
+    let bundle = env.snapshot("dev");
+    refused(
+        &env,
+        &["enroll", "sensor-2", "--out", "dev"],
+        "dev/device.key already exists; choose another --out",
+    );
+    assert_eq!(bundle, env.snapshot("dev"));
+    assert_eq!(
+        env.list().iter().filter(|r| r["kind"] == "device").count(),
+        1,
+        "nothing was issued"
+    );
+
+    env.ok(&["gateway-cert", "localhost", "--out", "gw"]);
+    refused(
+        &env,
+        &["gateway-cert", "localhost", "--out", "gw"],
+        "gw/gateway.key already exists; write it to another --out",
+    );
+
+    env.ok(&[
+        "bulk-enroll",
+        "--count",
+        "2",
+        "--prefix",
+        "b",
+        "--out",
+        "fleet",
+    ]);
+    std::fs::remove_dir_all(env.path("fleet/b-2")).unwrap();
+    refused(
+        &env,
+        &[
+            "bulk-enroll",
+            "--count",
+            "2",
+            "--prefix",
+            "b",
+            "--out",
+            "fleet",
+        ],
+        "fleet/b-1 already exists",
+    );
+
+    // --replace re-enrolls into the same place.
+    env.ok(&["enroll", "sensor-1", "--out", "dev", "--replace"]);
+    assert_ne!(bundle, env.snapshot("dev"));
 }
