@@ -90,12 +90,8 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Lifetime in days.
-        #[arg(long, default_value_t = profile::DEVICE_DAYS)]
-        days: u32,
-        /// Replace an active certificate (the old one is revoked as superseded).
-        #[arg(long)]
-        replace: bool,
+        #[command(flatten)]
+        issue: IssueArgs,
         /// pem for Linux agents, nostd for a microcontroller bundle.
         #[arg(long, value_enum, default_value_t = Format::Pem)]
         format: Format,
@@ -118,12 +114,8 @@ enum Command {
         /// Refuse the CSR unless it is for this device id.
         #[arg(long)]
         id: Option<String>,
-        /// Lifetime in days.
-        #[arg(long, default_value_t = profile::DEVICE_DAYS)]
-        days: u32,
-        /// Replace an active certificate (the old one is revoked as superseded).
-        #[arg(long)]
-        replace: bool,
+        #[command(flatten)]
+        issue: IssueArgs,
     },
 
     /// Enroll many devices at once: PREFIX-0001, PREFIX-0002, ...
@@ -143,12 +135,8 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Lifetime in days.
-        #[arg(long, default_value_t = profile::DEVICE_DAYS)]
-        days: u32,
-        /// Replace active certificates (the old ones are revoked as superseded).
-        #[arg(long)]
-        replace: bool,
+        #[command(flatten)]
+        issue: IssueArgs,
     },
 
     /// Revoke a certificate and regenerate the CRL (PKI/crl.pem).
@@ -197,6 +185,27 @@ enum Command {
         #[arg(long)]
         der: bool,
     },
+}
+
+/// Options of every command that issues client certificates.
+#[derive(Args)]
+struct IssueArgs {
+    /// Lifetime in days.
+    #[arg(long, default_value_t = profile::DEVICE_DAYS)]
+    days: u32,
+    /// Replace an active certificate (the old one is revoked as superseded)
+    /// and overwrite the files in --out.
+    #[arg(long)]
+    replace: bool,
+}
+
+impl IssueArgs {
+    fn options(&self) -> EnrollOptions {
+        EnrollOptions {
+            days: self.days,
+            replace: self.replace,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -376,8 +385,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             id,
             service,
             out,
-            days,
-            replace,
+            issue,
             format,
             gateway,
         } => {
@@ -397,13 +405,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             refuse_existing(
                 out,
                 written,
-                *replace,
+                issue.replace,
                 "choose another --out, or pass --replace to re-enroll",
             )?;
-            let options = EnrollOptions {
-                days: *days,
-                replace: *replace,
-            };
+            let options = issue.options();
             let request = EnrollRequest {
                 principal,
                 key: KeySource::Generate,
@@ -428,12 +433,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             csr,
             out,
             id,
-            days,
-            replace,
+            issue,
         } => {
             let expected = id.as_deref().map(device_id).transpose()?;
             let mut pki = open(cli)?;
-            if out.exists() && !*replace {
+            if out.exists() && !issue.replace {
                 bail!(
                     "{} already exists; choose another --out, or pass --replace to re-enroll",
                     out.display()
@@ -449,13 +453,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         file: csr.clone(),
                         reason,
                     })?;
-            let e = pki.sign_csr(
-                request,
-                EnrollOptions {
-                    days: *days,
-                    replace: *replace,
-                },
-            )?;
+            let e = pki.sign_csr(request, issue.options())?;
             atomic::write(
                 out,
                 e.chain_pem.as_bytes(),
@@ -476,20 +474,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             prefix,
             start,
             out,
-            days,
-            replace,
+            issue,
         } => {
-            bulk_enroll(
-                cli,
-                *count,
-                prefix,
-                *start,
-                out,
-                EnrollOptions {
-                    days: *days,
-                    replace: *replace,
-                },
-            )?;
+            bulk_enroll(cli, *count, prefix, *start, out, issue.options())?;
         }
         Command::Revoke { target, reason } => {
             let target = revoke_target(target)?;

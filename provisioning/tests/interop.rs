@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Env, PASSPHRASE_ENV, mode, openssl, openssl_ok};
+use common::{Env, mode, openssl, openssl_ok};
 
 #[test]
 fn init_writes_a_private_pki_directory() {
@@ -273,12 +273,10 @@ fn crl_command_writes_pem_or_der_with_a_new_number() {
 #[test]
 fn encrypted_ca_keys_are_standard_pkcs8_and_need_the_passphrase() {
     let env = Env::empty();
-    let init = env
-        .command()
-        .args(["init", "--trust-domain", "iot.example", "--encrypt"])
-        .env(PASSPHRASE_ENV, "correct horse")
-        .output()
-        .unwrap();
+    let init = env.run_with_passphrase(
+        &["init", "--trust-domain", "iot.example", "--encrypt"],
+        "correct horse",
+    );
     assert!(
         init.status.success(),
         "{}",
@@ -321,12 +319,7 @@ fn encrypted_ca_keys_are_standard_pkcs8_and_need_the_passphrase() {
         no_pass.contains("device-ca.key is encrypted and no passphrase was given"),
         "{no_pass}"
     );
-    let wrong = env
-        .command()
-        .args(["enroll", "sensor-1", "--out", "dev"])
-        .env(PASSPHRASE_ENV, "wrong")
-        .output()
-        .unwrap();
+    let wrong = env.run_with_passphrase(&["enroll", "sensor-1", "--out", "dev"], "wrong");
     assert_eq!(wrong.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(
@@ -340,12 +333,7 @@ fn encrypted_ca_keys_are_standard_pkcs8_and_need_the_passphrase() {
         "a refused command changed the PKI"
     );
 
-    let right = env
-        .command()
-        .args(["enroll", "sensor-1", "--out", "dev"])
-        .env(PASSPHRASE_ENV, "correct horse")
-        .output()
-        .unwrap();
+    let right = env.run_with_passphrase(&["enroll", "sensor-1", "--out", "dev"], "correct horse");
     assert!(
         right.status.success(),
         "{}",

@@ -50,6 +50,15 @@ impl Env {
             .expect("run provisioning")
     }
 
+    /// Runs with TWOFOLD_CA_PASSPHRASE set.
+    pub fn run_with_passphrase(&self, args: &[&str], passphrase: &str) -> Output {
+        self.command()
+            .args(args)
+            .env(PASSPHRASE_ENV, passphrase)
+            .output()
+            .expect("run provisioning")
+    }
+
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
