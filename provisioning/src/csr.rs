@@ -35,6 +35,8 @@ pub enum CsrError {
     BadSignature,
     /// A key type Twofold does not issue for.
     UnsupportedKey(String),
+    /// A supported key, but signed with a hash this CA does not accept.
+    UnsupportedSignature(String),
     /// No subject CN to take the device id from.
     NoCommonName,
     /// The CN is not a valid device id.
@@ -55,6 +57,11 @@ impl fmt::Display for CsrError {
             CsrError::UnsupportedKey(kind) => {
                 write!(f, "key is {kind}; Twofold issues certificates for ECDSA P-256 keys only")
             }
+            CsrError::UnsupportedSignature(alg) => write!(
+                f,
+                "request is signed with {alg}; re-create it with ECDSA and SHA-256 \
+                 (openssl req -sha256)"
+            ),
             CsrError::NoCommonName => {
                 f.write_str("subject has no CN; make the request with CN=<device id>")
             }
@@ -94,7 +101,16 @@ pub fn parse(
     match csr.verify_signature() {
         Ok(()) => {}
         Err(X509Error::SignatureUnsupportedAlgorithm) => {
-            return Err(CsrError::UnsupportedKey(key_kind(&csr)));
+            let kind = key_kind(&csr);
+            return Err(if kind == "ECDSA P-256" {
+                let oid = &csr.signature_algorithm.algorithm;
+                let name = x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|_| oid.to_id_string());
+                CsrError::UnsupportedSignature(name)
+            } else {
+                CsrError::UnsupportedKey(kind)
+            });
         }
         Err(_) => return Err(CsrError::BadSignature),
     }

@@ -89,7 +89,7 @@ fn label(p: &Principal) -> String {
     format!("{} {}", p.kind(), p.name())
 }
 
-impl Pki {
+impl<S: Store> Pki<S> {
     /// Issues one certificate per request, all or none.
     ///
     /// `progress` is called after each certificate is signed.
@@ -376,12 +376,25 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.to_string())
 }
 
+/// The largest batch: one transaction holds the registry's write lock for
+/// the whole batch, and other commands wait for it (60 s at most).
+pub const MAX_BATCH: u64 = 100_000;
+
 /// Ids `PREFIX-0001` … for a batch, zero-padded to the width of the last.
 pub fn batch_ids(prefix: &str, start: u64, count: u64) -> Result<Vec<DeviceId>> {
     if count == 0 {
         return Err(Error::EmptyBatch);
     }
-    let last = start.saturating_add(count - 1);
+    if count > MAX_BATCH {
+        return Err(Error::BatchTooLarge {
+            count,
+            max: MAX_BATCH,
+        });
+    }
+    let last = start.checked_add(count - 1).ok_or(Error::BatchTooLarge {
+        count,
+        max: MAX_BATCH,
+    })?;
     let width = last.to_string().len();
     (start..=last)
         .map(|n| {
@@ -413,5 +426,13 @@ mod tests {
             Err(Error::InvalidName { .. })
         ));
         assert!(matches!(batch_ids("p", 1, 0), Err(Error::EmptyBatch)));
+        assert!(matches!(
+            batch_ids("p", 1, MAX_BATCH + 1),
+            Err(Error::BatchTooLarge { .. })
+        ));
+        assert!(matches!(
+            batch_ids("p", u64::MAX, 2),
+            Err(Error::BatchTooLarge { .. })
+        ));
     }
 }

@@ -112,6 +112,18 @@ pub enum Error {
     #[error("--count must be at least 1")]
     EmptyBatch,
 
+    #[error(
+        "--count {count} is too large (or runs past the largest number); enroll at most {max} per \
+         command, in several commands with --start"
+    )]
+    BatchTooLarge { count: u64, max: u64 },
+
+    #[error(
+        "the issuing CA expires {not_after}, within a day; no certificate can be issued from it. \
+         Create a new PKI and re-enroll, well before a CA expires"
+    )]
+    CaExpiring { not_after: time::OffsetDateTime },
+
     #[error("registry: {0}")]
     Store(#[from] StoreError),
 

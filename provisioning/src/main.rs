@@ -358,14 +358,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 bail!("give at least one DNS name or --ip address for the gateway");
             }
             let mut pki = open(cli)?;
-            refuse_existing(
+            let out_dir = prepare_out(
                 out,
                 &[files::GATEWAY_KEY, files::GATEWAY_CHAIN],
-                false,
+                None,
                 "write it to another --out (the old certificate stays valid until it expires)",
             )?;
             let cert = pki.issue_gateway(names, ips, *days)?;
-            output::write_gateway(out, &cert, &pki.device_ca_pem()?, &pki.crl_pem()?)?;
+            out_dir.keep();
+            let written = output::write_gateway(out, &cert, &pki.device_ca_pem()?, &pki.crl_pem()?);
+            written_or_explain(written, &cert.record)?;
             println!("issued gateway certificate {}", cert.record.name);
             print_record_summary(&cert.record);
             println!(
@@ -402,10 +404,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 Format::Nostd => &[files::NOSTD_BUNDLE],
                 Format::Pem => &[files::DEVICE_KEY, files::DEVICE_CHAIN, files::SERVER_CA],
             };
-            refuse_existing(
+            let out_dir = prepare_out(
                 out,
                 written,
-                issue.replace,
+                issue.replace.then_some(principal.name()),
                 "choose another --out, or pass --replace to re-enroll",
             )?;
             let options = issue.options();
@@ -417,11 +419,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 .enroll(vec![request], options, &mut |_| {})?
                 .pop()
                 .context("nothing was issued")?;
+            out_dir.keep();
             let server_ca = pki.server_ca_pem()?;
-            match (format, gateway) {
-                (Format::Nostd, Some(gw)) => output::write_nostd(out, &e, &server_ca, gw)?,
-                _ => output::write_device(out, &e, &server_ca, Durability::Sync)?,
-            }
+            let result = match (format, gateway) {
+                (Format::Nostd, Some(gw)) => output::write_nostd(out, &e, &server_ca, gw),
+                _ => output::write_device(out, &e, &server_ca, Durability::Sync),
+            };
+            written_or_explain(result, &e.record)?;
             println!("enrolled {} {}", principal.kind(), principal.name());
             print_record_summary(&e.record);
             for old in &e.superseded {
@@ -436,6 +440,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             issue,
         } => {
             let expected = id.as_deref().map(device_id).transpose()?;
+            if issue.replace && expected.is_none() {
+                bail!(
+                    "sign-csr --replace needs --id: name the device whose certificate the CSR replaces"
+                );
+            }
             let mut pki = open(cli)?;
             if out.exists() && !issue.replace {
                 bail!(
@@ -454,12 +463,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                         reason,
                     })?;
             let e = pki.sign_csr(request, issue.options())?;
-            atomic::write(
+            let written = atomic::write(
                 out,
                 e.chain_pem.as_bytes(),
                 atomic::PUBLIC,
                 Durability::Sync,
-            )?;
+            );
+            written_or_explain(written, &e.record)?;
             println!("signed CSR for device {}", e.record.name);
             print_record_summary(&e.record);
             println!("  files        {}", out.display());
@@ -514,9 +524,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     }
                 };
                 let status_ok = status.is_none_or(|s| r.status(now) == s);
-                let expiry_ok = expiring_within.is_none_or(|within| {
-                    r.status(now) == Status::Active && r.not_after <= now + within
+                // A window past the end of time means "no limit", never a panic.
+                let horizon = expiring_within.and_then(|w| {
+                    time::Duration::try_from(w)
+                        .ok()
+                        .and_then(|w| now.checked_add(w))
                 });
+                let expiry_ok = expiring_within.is_none()
+                    || (r.status(now) == Status::Active
+                        && horizon.is_none_or(|h| r.not_after <= h));
                 kind_ok && status_ok && expiry_ok
             });
             if *json {
@@ -595,12 +611,13 @@ fn bulk_enroll(
     options: EnrollOptions,
 ) -> anyhow::Result<()> {
     let ids = batch_ids(prefix, start, count)?;
-    if let Some(id) = ids.iter().find(|id| out.join(id.as_str()).exists()) {
-        if !options.replace {
-            bail!(
-                "{} already exists; choose another --out, or pass --replace to re-enroll",
-                out.join(id.as_str()).display()
-            );
+    let bundle = [files::DEVICE_KEY, files::DEVICE_CHAIN, files::SERVER_CA];
+    let out_dir = NewDir::create(out)?;
+    for id in &ids {
+        let dir = out.join(id.as_str());
+        if dir.exists() {
+            let hint = "choose another --out, or pass --replace to re-enroll";
+            prepare_out(&dir, &bundle, options.replace.then_some(id.as_str()), hint)?.keep();
         }
     }
     let mut pki = open(cli)?;
@@ -621,18 +638,27 @@ fn bulk_enroll(
         })
         .collect();
     let issued = pki.enroll(requests, options, &mut |n| bar.set_position(n as u64))?;
+    out_dir.keep();
     let signed = started.elapsed();
     bar.set_message("writing");
     bar.set_position(0);
-    output::create_dir(out)?;
     let server_ca = pki.server_ca_pem()?;
     for (i, e) in issued.iter().enumerate() {
-        output::write_device(
+        let written = output::write_device(
             &out.join(&e.record.name),
             e,
             &server_ca,
             Durability::Deferred,
-        )?;
+        );
+        if let Err(err) = written {
+            bail!(
+                "all {} certificates were recorded, but writing the bundle of {} failed ({err}); \
+                 {} bundles are missing. Fix the cause and re-run the same command with --replace",
+                issued.len(),
+                e.record.name,
+                issued.len() - i
+            );
+        }
         bar.set_position(i as u64 + 1);
     }
     // One filesystem sync for the whole batch instead of one per file.
@@ -663,14 +689,93 @@ fn bulk_enroll(
     Ok(())
 }
 
-/// Refuses to overwrite an existing bundle (it may hold another device's
-/// key) unless the operator asked for a replacement. Checked before
-/// anything is issued, so a refusal changes nothing.
-fn refuse_existing(dir: &Path, names: &[&str], allowed: bool, hint: &str) -> anyhow::Result<()> {
-    match names.iter().map(|n| dir.join(n)).find(|p| p.exists()) {
-        Some(path) if !allowed => bail!("{} already exists; {hint}", path.display()),
-        _ => Ok(()),
+/// Refuses to overwrite an existing bundle, which may hold another
+/// device's key. With --replace it may be overwritten only when it is the
+/// bundle of the same identity. Checked before anything is issued, so a
+/// refusal changes nothing. Also creates `dir`, so that an unwritable
+/// --out fails now rather than after the certificate is recorded.
+fn prepare_out(
+    dir: &Path,
+    names: &[&str],
+    replacing: Option<&str>,
+    hint: &str,
+) -> anyhow::Result<NewDir> {
+    if let Some(path) = names.iter().map(|n| dir.join(n)).find(|p| p.exists()) {
+        let owner = bundle_owner(dir);
+        match (replacing, owner.as_deref()) {
+            (Some(name), Some(owner)) if owner == name => {}
+            (Some(name), Some(owner)) => bail!(
+                "{} holds the bundle of {owner}, not {name}; choose another --out",
+                dir.display()
+            ),
+            (Some(_), None) => bail!(
+                "{} already exists and its owner cannot be read; choose another --out",
+                path.display()
+            ),
+            (None, _) => bail!("{} already exists; {hint}", path.display()),
+        }
     }
+    NewDir::create(dir)
+}
+
+/// An output directory this command created: removed again (if still
+/// empty) when the command fails before writing into it.
+struct NewDir(Option<PathBuf>);
+
+impl NewDir {
+    fn create(dir: &Path) -> anyhow::Result<NewDir> {
+        let created = !dir.exists();
+        output::create_dir(dir)?;
+        Ok(NewDir(created.then(|| dir.to_owned())))
+    }
+
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NewDir {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            // remove_dir only removes an empty directory: nothing is lost.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Whose bundle a directory holds: the CN of device.pem, or the device id
+/// in bundle.bin.
+fn bundle_owner(dir: &Path) -> Option<String> {
+    if let Ok(pem_bytes) = std::fs::read(dir.join(files::DEVICE_CHAIN)) {
+        let leaf = pem::parse(pem_bytes).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.contents()).ok()?;
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()?
+            .as_str()
+            .ok()?
+            .to_owned();
+        return Some(cn);
+    }
+    let bytes = std::fs::read(dir.join(files::NOSTD_BUNDLE)).ok()?;
+    twofold_protocol::Bundle::decode(&bytes)
+        .ok()
+        .map(|b| b.device_id.to_string())
+}
+
+/// Explains a failure to write files after the certificate was recorded.
+fn written_or_explain(
+    result: twofold_provisioning::Result<()>,
+    record: &CertRecord,
+) -> anyhow::Result<()> {
+    result.with_context(|| {
+        format!(
+            "certificate {} for {} {} was recorded but its files could not be written; \
+             fix the cause and re-run with --replace (this revokes {})",
+            record.serial, record.kind, record.name, record.serial
+        )
+    })
 }
 
 fn file_list(dir: &Path, names: &[&str]) -> String {

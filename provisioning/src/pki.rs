@@ -40,10 +40,10 @@ pub(crate) const REGISTRY: &str = "registry.db";
 
 const TRUST_DOMAIN_SETTING: &str = "trust_domain";
 
-/// An open PKI directory.
-pub struct Pki {
+/// An open PKI directory, with its registry in `S` (SQLite by default).
+pub struct Pki<S: Store = SqliteStore> {
     dir: PathBuf,
-    pub(crate) store: SqliteStore,
+    pub(crate) store: S,
     trust_domain: TrustDomain,
     passphrase: Box<dyn PassphraseSource>,
 }
@@ -85,7 +85,7 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
 
-impl Pki {
+impl Pki<SqliteStore> {
     /// Creates a new PKI at `dir`: root, device and server CAs (ECDSA
     /// P-256), an empty CRL and the registry. Refuses an existing PKI or a
     /// non-empty directory. Everything is built in a temporary directory
@@ -165,6 +165,17 @@ impl Pki {
             }
         }
         let store = SqliteStore::open(&dir.join(REGISTRY))?;
+        Pki::with_store(dir, store, passphrase)
+    }
+}
+
+impl<S: Store> Pki<S> {
+    /// Opens the PKI at `dir` with its registry in `store`.
+    pub fn with_store(
+        dir: &Path,
+        store: S,
+        passphrase: Box<dyn PassphraseSource>,
+    ) -> Result<Pki<S>> {
         let td = store
             .setting(TRUST_DOMAIN_SETTING)?
             .ok_or_else(|| StoreError::Corrupt("no trust domain recorded".into()))?;
@@ -189,7 +200,7 @@ impl Pki {
     }
 
     /// The registry, for reading.
-    pub fn store(&self) -> &SqliteStore {
+    pub fn store(&self) -> &S {
         &self.store
     }
 

@@ -58,6 +58,11 @@ impl Validity {
             });
         }
         let now = now.replace_nanosecond(0).unwrap_or(now);
+        if issuer_not_after <= now + Duration::days(1) {
+            return Err(Error::CaExpiring {
+                not_after: issuer_not_after,
+            });
+        }
         Ok(Validity {
             not_before: now - BACKDATE,
             not_after: (now + Duration::days(i64::from(days))).min(issuer_not_after),

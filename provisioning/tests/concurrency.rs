@@ -140,7 +140,7 @@ fn a_killed_bulk_enroll_leaves_the_registry_as_it_was() {
         &[
             "bulk-enroll",
             "--count",
-            "200000",
+            "100000",
             "--prefix",
             "k",
             "--out",

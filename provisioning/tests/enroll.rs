@@ -318,7 +318,10 @@ fn bulk_enroll_writes_one_bundle_per_device() {
     // The same ids again are refused as a whole; with --replace they are reissued.
     let again = ["bulk-enroll", "--count", "12", "--prefix", "pump", "--out"];
     let stderr = env.fails(&[&again[..], &["fleet"]].concat());
-    assert!(stderr.contains("fleet/pump-01 already exists"), "{stderr}");
+    assert!(
+        stderr.contains("fleet/pump-01/device.key already exists"),
+        "{stderr}"
+    );
     let stderr = env.fails(&[&again[..], &["elsewhere"]].concat());
     assert!(
         stderr.contains("device pump-01 already has an active certificate"),

@@ -310,7 +310,7 @@ fn an_existing_bundle_is_never_overwritten_by_accident() {
             "--out",
             "fleet",
         ],
-        "fleet/b-1 already exists",
+        "fleet/b-1/device.key already exists",
     );
 
     // --replace re-enrolls into the same place.
