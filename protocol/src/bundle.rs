@@ -85,6 +85,8 @@ pub enum BundleError {
     NoBundle,
     /// A bundle of a format this firmware does not read.
     UnsupportedVersion(u8),
+    /// The reserved header bytes are not zero: written by something else.
+    ReservedNotZero,
     /// The header's length runs past the end of the data.
     LengthOutOfRange {
         /// The length in the header.
@@ -123,6 +125,9 @@ impl fmt::Display for BundleError {
                 f,
                 "bundle claims a {body_len}-byte body but only {available} bytes follow the header"
             ),
+            BundleError::ReservedNotZero => {
+                f.write_str("bundle header reserved bytes are not zero")
+            }
             BundleError::CrcMismatch => {
                 f.write_str("bundle CRC mismatch (torn or corrupted write)")
             }
@@ -172,6 +177,9 @@ impl<'a> Bundle<'a> {
         }
         if header[4] != Self::VERSION {
             return Err(BundleError::UnsupportedVersion(header[4]));
+        }
+        if header[5..8] != [0, 0, 0] {
+            return Err(BundleError::ReservedNotZero);
         }
         let body_len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         let available = data.len() - HEADER_LEN;
@@ -258,6 +266,9 @@ mod tests {
         let mut torn = flash;
         torn[n - 10] ^= 1;
         assert_eq!(Bundle::decode(&torn), Err(BundleError::CrcMismatch));
+        let mut reserved = flash;
+        reserved[6] = 1;
+        assert_eq!(Bundle::decode(&reserved), Err(BundleError::ReservedNotZero));
         let mut newer = flash;
         newer[4] = 2;
         assert_eq!(
@@ -279,6 +290,22 @@ mod tests {
         b.private_key = &[1u8; 31];
         let mut buf = [0u8; 256];
         assert_eq!(b.encode(&mut buf), Err(BundleError::BadKeyLength(31)));
+    }
+
+    #[test]
+    fn decode_refuses_a_bad_key_length() {
+        // Frame a body whose key is 31 bytes, bypassing encode's own check.
+        let mut b = sample();
+        b.private_key = &[1u8; 31];
+        let mut body = [0u8; 256];
+        let body_len = postcard::to_slice(&b, &mut body).unwrap().len();
+        let mut framed = [0u8; 300];
+        framed[..5].copy_from_slice(b"TWFB\x01");
+        framed[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
+        framed[12..12 + body_len].copy_from_slice(&body[..body_len]);
+        let crc = CRC.checksum(&framed[..12 + body_len]);
+        framed[12 + body_len..16 + body_len].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Bundle::decode(&framed), Err(BundleError::BadKeyLength(31)));
     }
 
     #[test]

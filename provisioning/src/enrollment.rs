@@ -321,7 +321,8 @@ fn write_crl(
     ca: &CaIssuer,
     now: OffsetDateTime,
 ) -> Result<rcgen::CertificateRevocationList> {
-    let crl = crl::sign(tx, &ca.issuer, now)?;
+    let published = std::fs::read(path).ok();
+    let crl = crl::sign(tx, &ca.issuer, now, published.as_deref())?;
     atomic::write(
         path,
         crl.pem()?.as_bytes(),

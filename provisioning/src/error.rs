@@ -91,7 +91,10 @@ pub enum Error {
     )]
     PassphraseRequired { file: PathBuf },
 
-    #[error("wrong passphrase for {file}")]
+    #[error(
+        "wrong passphrase for {file} (or the file is damaged); check TWOFOLD_CA_PASSPHRASE or what you \
+         typed. Nothing was changed"
+    )]
     WrongPassphrase { file: PathBuf },
 
     #[error("the passphrase is empty; choose a non-empty passphrase")]
@@ -123,6 +126,9 @@ pub enum Error {
          Create a new PKI and re-enroll, well before a CA expires"
     )]
     CaExpiring { not_after: time::OffsetDateTime },
+
+    #[error("cannot build the microcontroller bundle: {0}")]
+    Bundle(String),
 
     #[error("registry: {0}")]
     Store(#[from] StoreError),

@@ -272,6 +272,31 @@ fn new_passphrase() -> anyhow::Result<Passphrase> {
     Ok(Passphrase::new(first)?)
 }
 
+/// An `init` killed mid-way leaves its staging directory, with CA keys in
+/// it, beside the PKI. Say so rather than delete it: another init may be
+/// running right now.
+fn warn_about_interrupted_inits(pki: &Path) {
+    let parent = match pki.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".twofold-init-")
+        {
+            eprintln!(
+                "warning: {} is left from an interrupted init and holds CA keys; delete it once no init is running",
+                entry.path().display()
+            );
+        }
+    }
+}
+
 fn device_id(s: &str) -> Result<DeviceId, Error> {
     DeviceId::parse(s).map_err(|reason| Error::InvalidName {
         what: "device id",
@@ -314,6 +339,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     value: trust_domain.clone(),
                     reason,
                 })?;
+            warn_about_interrupted_inits(&cli.pki);
             let passphrase = if *encrypt {
                 Some(new_passphrase()?)
             } else {
@@ -396,6 +422,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 (None, Some(name)) => Principal::Service(service_name(name)?),
                 _ => bail!("give either a device ID or --service NAME"),
             };
+            if *format == Format::Pem && gateway.is_some() {
+                bail!("--gateway is stored only in a microcontroller bundle; add --format nostd");
+            }
             if *format == Format::Nostd && matches!(principal, Principal::Service(_)) {
                 bail!("--format nostd is for microcontroller devices, not services");
             }

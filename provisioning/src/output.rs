@@ -46,6 +46,9 @@ impl std::str::FromStr for GatewayAddress {
         if host.is_empty() {
             return Err("the host part is empty".into());
         }
+        if host.parse::<std::net::IpAddr>().is_err() {
+            crate::profile::check_dns_name(host).map_err(|e| e.to_string())?;
+        }
         let port: u16 = port
             .parse()
             .map_err(|_| format!("port {port:?} is not a number from 1 to 65535"))?;
@@ -141,10 +144,7 @@ pub fn write_nostd(
     let mut buf = pkcs8::der::zeroize::Zeroizing::new(vec![0u8; 16 * 1024]);
     let len = bundle
         .encode(&mut buf)
-        .map_err(|err| Error::CorruptCertificate {
-            file: dir.join(files::NOSTD_BUNDLE),
-            detail: err.to_string(),
-        })?;
+        .map_err(|err| Error::Bundle(err.to_string()))?;
     create_dir(dir)?;
     atomic::write(
         &dir.join(files::NOSTD_BUNDLE),
@@ -207,5 +207,7 @@ mod tests {
         assert!("gw:0".parse::<GatewayAddress>().is_err());
         assert!("gw:99999".parse::<GatewayAddress>().is_err());
         assert!(":8883".parse::<GatewayAddress>().is_err());
+        assert!("gw example:8883".parse::<GatewayAddress>().is_err());
+        assert!("10.0.0.7:8883".parse::<GatewayAddress>().is_ok());
     }
 }

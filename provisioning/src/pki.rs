@@ -324,7 +324,7 @@ fn build(dir: &Path, td: &TrustDomain, passphrase: Option<&Passphrase>) -> Resul
         write_ca(kind, &params, &cert, &key, serial)?;
         if which == Intermediate::Device {
             let issuer = Issuer::new(params.clone(), key);
-            let crl = crate::crl::sign(&tx, &issuer, now)?;
+            let crl = crate::crl::sign(&tx, &issuer, now, None)?;
             atomic::write(
                 &dir.join(CRL),
                 crl.pem()?.as_bytes(),

@@ -86,6 +86,29 @@ fn concurrent_commands_never_share_a_serial_or_an_identity() {
         .map(|r| r["fingerprint_sha256"].as_str().unwrap())
         .collect();
     assert_eq!(fingerprints.len(), records.len());
+    // The certificates on disk, not just the registry rows, are all distinct
+    // and all registered.
+    let mut on_disk = HashSet::new();
+    for entry in std::fs::read_dir(env.dir.path()).unwrap().flatten() {
+        let dir = entry.path();
+        let mut chains: Vec<_> = vec![dir.join("device.pem")];
+        if let Ok(sub) = std::fs::read_dir(&dir) {
+            chains.extend(sub.flatten().map(|e| e.path().join("device.pem")));
+        }
+        for chain in chains.into_iter().filter(|p| p.is_file()) {
+            let text = openssl_ok(
+                env.dir.path(),
+                &["x509", "-in", chain.to_str().unwrap(), "-noout", "-serial"],
+            );
+            let serial = text.trim().trim_start_matches("serial=").to_lowercase();
+            assert!(
+                serials.contains(serial.as_str()),
+                "{serial} on disk is not in the registry"
+            );
+            assert!(on_disk.insert(serial), "a serial appears twice on disk");
+        }
+    }
+    assert_eq!(on_disk.len(), 201);
     assert_eq!(integrity(&env), "ok");
 }
 

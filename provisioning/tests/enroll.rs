@@ -346,3 +346,32 @@ fn bulk_enroll_writes_one_bundle_per_device() {
         .count();
     assert_eq!(devices, 14);
 }
+
+#[test]
+fn what_a_csr_asks_for_beyond_its_key_and_name_is_ignored() {
+    let env = Env::with_pki();
+    openssl_csr(
+        &env,
+        "greedy",
+        P256,
+        &[
+            "-subj",
+            "/CN=greedy",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ],
+    );
+    env.ok(&["sign-csr", "greedy.csr", "--out", "greedy.pem"]);
+    let text = openssl_ok(
+        env.dir.path(),
+        &["x509", "-in", "greedy.pem", "-noout", "-text"],
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(!text.contains("Certificate Sign"), "{text}");
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    assert!(!text.contains("TLS Web Server Authentication"), "{text}");
+}

@@ -161,6 +161,18 @@ fn openssl_shows_the_profile_of_each_kind() {
     assert!(device.contains("NIST CURVE: P-256"), "{device}");
     assert!(!device.contains("Certificate Sign"), "{device}");
 
+    env.ok(&["enroll", "--service", "billing", "--out", "svc"]);
+    let service = x509_text(&env, "svc/device.pem");
+    assert!(
+        service.contains("URI:spiffe://iot.example/service/billing"),
+        "{service}"
+    );
+    assert!(service.contains("Subject: CN = billing"), "{service}");
+    assert!(
+        service.contains("TLS Web Client Authentication"),
+        "{service}"
+    );
+
     let gateway = x509_text(&env, "gw/gateway.pem");
     assert!(
         gateway.contains("TLS Web Server Authentication"),
@@ -282,6 +294,13 @@ fn encrypted_ca_keys_are_standard_pkcs8_and_need_the_passphrase() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
+    for file in ["root-ca.key", "device-ca.key", "server-ca.key"] {
+        let key = std::fs::read_to_string(env.pki().join(file)).unwrap();
+        assert!(
+            key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+            "{file}"
+        );
+    }
     let key = std::fs::read_to_string(env.pki().join("device-ca.key")).unwrap();
     assert!(
         key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),

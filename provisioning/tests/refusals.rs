@@ -317,3 +317,131 @@ fn an_existing_bundle_is_never_overwritten_by_accident() {
     env.ok(&["enroll", "sensor-1", "--out", "dev", "--replace"]);
     assert_ne!(bundle, env.snapshot("dev"));
 }
+
+#[test]
+fn replace_never_overwrites_another_identitys_bundle() {
+    let env = Env::with_pki();
+    env.ok(&["enroll", "sensor-1", "--out", "dev"]);
+    let before = env.snapshot("dev");
+    refused(
+        &env,
+        &["enroll", "sensor-2", "--out", "dev", "--replace"],
+        "dev holds the bundle of sensor-1, not sensor-2",
+    );
+    assert_eq!(before, env.snapshot("dev"));
+    env.ok(&[
+        "enroll",
+        "mcu-1",
+        "--format",
+        "nostd",
+        "--gateway",
+        "gw:8883",
+        "--out",
+        "mcu",
+    ]);
+    refused(
+        &env,
+        &[
+            "enroll",
+            "mcu-2",
+            "--format",
+            "nostd",
+            "--gateway",
+            "gw:8883",
+            "--out",
+            "mcu",
+            "--replace",
+        ],
+        "mcu holds the bundle of mcu-1, not mcu-2",
+    );
+    env.ok(&[
+        "enroll",
+        "mcu-1",
+        "--format",
+        "nostd",
+        "--gateway",
+        "gw:8883",
+        "--out",
+        "mcu",
+        "--replace",
+    ]);
+    refused(
+        &env,
+        &["enroll", "sensor-3", "--out", "d3", "--gateway", "gw:8883"],
+        "--gateway is stored only in a microcontroller bundle",
+    );
+    assert!(!env.path("d3").exists());
+    std::fs::write(env.path("x.csr"), "irrelevant").unwrap();
+    refused(
+        &env,
+        &["sign-csr", "x.csr", "--out", "x.pem", "--replace"],
+        "sign-csr --replace needs --id",
+    );
+}
+
+#[test]
+fn crl_numbers_never_repeat_even_after_a_lost_commit() {
+    let env = Env::with_pki();
+    env.ok(&[
+        "bulk-enroll",
+        "--count",
+        "2",
+        "--prefix",
+        "n",
+        "--out",
+        "fleet",
+    ]);
+    // Simulate a revoke whose CRL was written but whose commit was lost:
+    // keep the registry from before it, and the CRL from after it.
+    let registry = env.pki().join("registry.db");
+    let saved = std::fs::read(&registry).unwrap();
+    env.ok(&["revoke", "n-1"]);
+    let published = crl_number(&env);
+    std::fs::write(&registry, saved).unwrap();
+    env.ok(&["revoke", "n-2"]);
+    assert!(crl_number(&env) > published, "a CRL number was reused");
+}
+
+fn crl_number(env: &Env) -> u64 {
+    let text = common::openssl_ok(
+        env.dir.path(),
+        &["crl", "-in", "pki/crl.pem", "-noout", "-crlnumber"],
+    );
+    u64::from_str_radix(text.trim().trim_start_matches("crlNumber=0x"), 16).unwrap()
+}
+
+#[test]
+fn the_registry_refuses_to_issue_from_an_expiring_ca_and_huge_batches() {
+    let env = Env::with_pki();
+    refused(
+        &env,
+        &[
+            "bulk-enroll",
+            "--count",
+            "100001",
+            "--prefix",
+            "p",
+            "--out",
+            "f",
+        ],
+        "--count 100001 is too large",
+    );
+    refused(
+        &env,
+        &[
+            "bulk-enroll",
+            "--count",
+            "2",
+            "--start",
+            "18446744073709551615",
+            "--prefix",
+            "p",
+            "--out",
+            "f",
+        ],
+        "runs past the largest number",
+    );
+    // A window reaching past year 9999 means "no limit", not a crash.
+    let out = env.ok(&["list", "--expiring-within", "9000years"]);
+    assert!(out.contains("3 certificates"), "{out}");
+}

@@ -185,6 +185,11 @@ pub struct Filter {
 pub enum StoreError {
     #[error("{0}")]
     Backend(String),
+    #[error(
+        "the registry is locked by another provisioning command that has run for over a minute \
+         (a large bulk-enroll?); retry when it has finished"
+    )]
+    Busy,
     #[error("the registry is corrupt: {0}; restore it from your backup")]
     Corrupt(String),
     #[error("serial {0} is already in the registry")]
@@ -221,8 +226,9 @@ pub trait StoreTx {
     fn revoke(&self, serial: &Serial, revocation: Revocation) -> Result<(), StoreError>;
     /// All revoked device and service certificates that have not expired.
     fn revoked_unexpired(&self, now: OffsetDateTime) -> Result<Vec<CertRecord>, StoreError>;
-    /// Increments and returns the CRL number.
-    fn next_crl_number(&self) -> Result<u64, StoreError>;
+    /// Advances the CRL number to at least `at_least` and returns it:
+    /// one more than the last, or `at_least` if that is larger.
+    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError>;
     /// Writes a setting.
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Makes every change visible at once.

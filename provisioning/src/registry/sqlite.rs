@@ -50,7 +50,12 @@ pub struct SqliteStore {
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            StoreError::Busy
+        }
+        _ => StoreError::Backend(e.to_string()),
+    }
 }
 
 impl SqliteStore {
@@ -277,13 +282,13 @@ impl StoreTx for SqliteTx<'_> {
         rows.map(|r| r.map_err(backend)?.into_record()).collect()
     }
 
-    fn next_crl_number(&self) -> Result<u64, StoreError> {
+    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
         let current = setting(&self.tx, "crl_number")?
             .map(|v| v.parse::<u64>())
             .transpose()
             .map_err(|_| StoreError::Corrupt("crl_number is not a number".into()))?
             .unwrap_or(0);
-        let next = current + 1;
+        let next = current.saturating_add(1).max(at_least);
         self.set_setting("crl_number", &next.to_string())?;
         Ok(next)
     }
@@ -388,7 +393,9 @@ mod tests {
         {
             let tx = store.begin().unwrap();
             tx.insert(&record("a", Kind::Device)).unwrap();
-            assert_eq!(tx.next_crl_number().unwrap(), 1);
+            assert_eq!(tx.next_crl_number(0).unwrap(), 1);
+            assert_eq!(tx.next_crl_number(7).unwrap(), 7);
+            assert_eq!(tx.next_crl_number(0).unwrap(), 8);
         }
         assert!(store.find(&Filter::default()).unwrap().is_empty());
         assert_eq!(store.setting("crl_number").unwrap(), None);

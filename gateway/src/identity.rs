@@ -1,0 +1,133 @@
+//! Who is on the other end: the identity URI in the client certificate.
+
+use sha2::{Digest, Sha256};
+use twofold_protocol::{Identity, Principal, TrustDomain};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// What the audit log records about a certificate.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    /// Lowercase hex, as `provisioning list` shows it.
+    pub serial: String,
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint: String,
+    /// Unix seconds.
+    #[serde(skip)]
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Reads what it can from a DER certificate; `None` if it does not parse.
+    pub fn from_der(der: &[u8]) -> Option<CertInfo> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        Some(CertInfo {
+            subject: cert.subject().to_string(),
+            serial: hex::encode(trim_zeros(cert.raw_serial())),
+            fingerprint: hex::encode(Sha256::digest(der)),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+}
+
+fn trim_zeros(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    &bytes[start..]
+}
+
+/// Why a verified certificate still carries no usable identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate does not parse")]
+    Unparsable,
+    #[error("certificate has no spiffe:// identity URI")]
+    Missing,
+    #[error("certificate has {0} identity URIs; exactly one is allowed")]
+    Several(usize),
+    #[error("identity URI is invalid: {0}")]
+    Invalid(twofold_protocol::IdentityError),
+    #[error("identity is in trust domain {found}, not this gateway's {expected}")]
+    OtherTrustDomain { found: String, expected: String },
+}
+
+/// The principal named by the certificate's single SAN URI in `trust_domain`.
+pub fn principal(der: &[u8], trust_domain: &TrustDomain) -> Result<Principal, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparsable)?;
+    let uris: Vec<&str> = cert
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let uri = match uris.as_slice() {
+        [] => return Err(IdentityError::Missing),
+        [one] => *one,
+        many => return Err(IdentityError::Several(many.len())),
+    };
+    let identity = Identity::parse(uri).map_err(IdentityError::Invalid)?;
+    if identity.trust_domain != *trust_domain {
+        return Err(IdentityError::OtherTrustDomain {
+            found: identity.trust_domain.to_string(),
+            expected: trust_domain.to_string(),
+        });
+    }
+    Ok(identity.principal)
+}
+
+/// Is `client_id` the one this principal must use? A device uses its id; a
+/// service its name, or its name, `-` and an instance suffix.
+pub fn client_id_matches(principal: &Principal, client_id: &str) -> bool {
+    match principal {
+        Principal::Device(id) => client_id == id.as_str(),
+        Principal::Service(name) => {
+            client_id == name.as_str()
+                || client_id
+                    .strip_prefix(name.as_str())
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|suffix| {
+                        !suffix.is_empty()
+                            && suffix.len() <= 32
+                            && suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    })
+        }
+    }
+}
+
+/// The client id used at the broker: namespaced by kind, so a service
+/// instance `billing-1` can never take over the session of a device whose
+/// id is `billing-1`.
+pub fn broker_client_id(principal: &Principal, client_id: &str) -> String {
+    format!("{}:{client_id}", principal.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twofold_protocol::{DeviceId, ServiceName};
+
+    #[test]
+    fn client_ids_bind_to_the_identity() {
+        let dev = Principal::Device(DeviceId::parse("sensor-1").unwrap());
+        assert!(client_id_matches(&dev, "sensor-1"));
+        for other in ["sensor-2", "sensor-1-x", "", "SENSOR-1"] {
+            assert!(!client_id_matches(&dev, other), "{other}");
+        }
+        let svc = Principal::Service(ServiceName::parse("billing").unwrap());
+        for ok in ["billing", "billing-1", "billing-eu-west-2"] {
+            assert!(client_id_matches(&svc, ok), "{ok}");
+        }
+        for bad in ["billing-", "billingx", "billing-A", "billing-1/x", "other"] {
+            assert!(!client_id_matches(&svc, bad), "{bad}");
+        }
+        assert_ne!(broker_client_id(&svc, "billing-1"), broker_client_id(&Principal::Device(DeviceId::parse("billing-1").unwrap()), "billing-1"));
+    }
+}

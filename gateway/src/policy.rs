@@ -1,0 +1,149 @@
+//! Who may publish and subscribe where. Pure functions of the identity and
+//! the topic; the session calls them for every PUBLISH, SUBSCRIBE and will.
+//!
+//! Default policy, templated on the identity:
+//! - a device publishes and subscribes only under `devices/<its id>/`;
+//! - a service subscribes to `devices/<id or +>/…` and publishes only to
+//!   `devices/<id>/commands`.
+//!
+//! Everything else, `#`, `$SYS/…` and other devices' subtrees included, is
+//! denied.
+
+use twofold_protocol::{Channel, DeviceId, Principal, topic::DEVICES};
+
+/// Why an operation was denied, for the audit log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// The topic or filter is not valid MQTT (empty level misuse, wildcard in a topic, NUL).
+    Malformed,
+    /// Outside the subtree this identity may use.
+    OutsideOwnSubtree,
+    /// A service may publish only to `devices/<id>/commands`.
+    ServicePublishesCommandsOnly,
+}
+
+impl Denial {
+    /// A short explanation.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Denial::Malformed => "not a valid MQTT topic or filter",
+            Denial::OutsideOwnSubtree => "outside the identity's own topics",
+            Denial::ServicePublishesCommandsOnly => "services may publish only to devices/<id>/commands",
+        }
+    }
+}
+
+/// Checks MQTT filter syntax: `#` only as the whole last level, `+` only as
+/// a whole level, no NUL, not empty.
+fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains('#') && !l.contains('+'),
+    })
+}
+
+fn valid_topic(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['#', '+', '\0'])
+}
+
+/// `devices/<id>/<rest>` split into the id level and a non-empty rest.
+fn device_levels(s: &str) -> Option<(&str, &str)> {
+    let rest = s.strip_prefix(DEVICES)?.strip_prefix('/')?;
+    let (id, tail) = rest.split_once('/')?;
+    (!tail.is_empty()).then_some((id, tail))
+}
+
+/// May `who` publish to `topic`?
+pub fn may_publish(who: &Principal, topic: &str) -> Result<(), Denial> {
+    if !valid_topic(topic) {
+        return Err(Denial::Malformed);
+    }
+    let (id, tail) = device_levels(topic).ok_or(Denial::OutsideOwnSubtree)?;
+    match who {
+        Principal::Device(me) if id == me.as_str() => Ok(()),
+        Principal::Device(_) => Err(Denial::OutsideOwnSubtree),
+        Principal::Service(_) => {
+            if DeviceId::parse(id).is_ok() && tail == Channel::Commands.as_str() {
+                Ok(())
+            } else {
+                Err(Denial::ServicePublishesCommandsOnly)
+            }
+        }
+    }
+}
+
+/// May `who` subscribe to `filter`?
+pub fn may_subscribe(who: &Principal, filter: &str) -> Result<(), Denial> {
+    if !valid_filter(filter) {
+        return Err(Denial::Malformed);
+    }
+    let (id, _) = device_levels(filter).ok_or(Denial::OutsideOwnSubtree)?;
+    match who {
+        Principal::Device(me) if id == me.as_str() => Ok(()),
+        Principal::Device(_) => Err(Denial::OutsideOwnSubtree),
+        Principal::Service(_) if id == "+" || DeviceId::parse(id).is_ok() => Ok(()),
+        Principal::Service(_) => Err(Denial::OutsideOwnSubtree),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twofold_protocol::ServiceName;
+
+    fn device(id: &str) -> Principal {
+        Principal::Device(DeviceId::parse(id).unwrap())
+    }
+
+    fn service(name: &str) -> Principal {
+        Principal::Service(ServiceName::parse(name).unwrap())
+    }
+
+    #[test]
+    fn a_device_uses_its_own_subtree() {
+        let me = device("sensor-1");
+        for topic in ["devices/sensor-1/telemetry", "devices/sensor-1/replies", "devices/sensor-1/app/x"] {
+            assert_eq!(may_publish(&me, topic), Ok(()), "{topic}");
+        }
+        for filter in ["devices/sensor-1/commands", "devices/sensor-1/#", "devices/sensor-1/+"] {
+            assert_eq!(may_subscribe(&me, filter), Ok(()), "{filter}");
+        }
+    }
+
+    #[test]
+    fn a_device_is_refused_everything_else() {
+        let me = device("sensor-1");
+        for topic in ["devices/sensor-2/telemetry", "devices/sensor-1", "devices/sensor-1/", "$SYS/x", "other", "devices/sensor-10/telemetry"] {
+            assert_eq!(may_publish(&me, topic), Err(Denial::OutsideOwnSubtree), "{topic}");
+        }
+        assert_eq!(may_publish(&me, "devices/sensor-1/#"), Err(Denial::Malformed));
+        assert_eq!(may_publish(&me, "devices/sensor-1/a\0"), Err(Denial::Malformed));
+        for filter in ["#", "+/#", "devices/#", "devices/+/telemetry", "$SYS/#", "devices/sensor-2/#", "devices/+/+"] {
+            assert_eq!(may_subscribe(&me, filter), Err(Denial::OutsideOwnSubtree), "{filter}");
+        }
+        for filter in ["devices/sensor-1/#/x", "devices/sensor-1/a#", "devices/sensor-1/a+", ""] {
+            assert_eq!(may_subscribe(&me, filter), Err(Denial::Malformed), "{filter}");
+        }
+    }
+
+    #[test]
+    fn a_service_reads_all_devices_and_writes_commands() {
+        let svc = service("billing");
+        for filter in ["devices/+/telemetry", "devices/+/#", "devices/sensor-1/replies"] {
+            assert_eq!(may_subscribe(&svc, filter), Ok(()), "{filter}");
+        }
+        for filter in ["#", "devices/#", "$SYS/#", "devices/Bad/telemetry"] {
+            assert_eq!(may_subscribe(&svc, filter), Err(Denial::OutsideOwnSubtree), "{filter}");
+        }
+        assert_eq!(may_publish(&svc, "devices/sensor-1/commands"), Ok(()));
+        for topic in ["devices/sensor-1/telemetry", "devices/sensor-1/commands/x", "devices/BAD/commands"] {
+            assert_eq!(may_publish(&svc, topic), Err(Denial::ServicePublishesCommandsOnly), "{topic}");
+        }
+        assert_eq!(may_publish(&svc, "$SYS/x"), Err(Denial::OutsideOwnSubtree));
+    }
+}

@@ -1,0 +1,117 @@
+//! Certificate revocation lists: parsed, checked, and swapped atomically.
+//!
+//! rustls checks the CRLs on every full handshake. The gateway also keeps
+//! the set of revoked serials so it can check resumed sessions (whose
+//! certificate rustls does not verify again) and close live sessions the
+//! moment their certificate appears on a new CRL.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+/// Why a CRL file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CrlError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path}: no CRL found (expected PEM blocks labelled X509 CRL)")]
+    Empty { path: String },
+    #[error("{path}: CRL does not parse: {detail}")]
+    Malformed { path: String, detail: String },
+    #[error("{path}: CRL issued by {issuer} is not signed by any client CA")]
+    UnknownIssuer { path: String, issuer: String },
+    #[error("{path}: CRL number {new} is lower than the one in force ({current}); refusing to go back")]
+    NumberWentBack { path: String, new: u64, current: u64 },
+}
+
+/// The CRLs in force.
+#[derive(Clone, Debug, Default)]
+pub struct RevocationList {
+    /// For rustls' verifier.
+    pub ders: Vec<CertificateRevocationListDer<'static>>,
+    /// Revoked serials, lowercase hex without leading zeros.
+    revoked: HashSet<String>,
+    /// The highest CRL number, when the CRLs carry one.
+    pub number: Option<u64>,
+    /// The newest `thisUpdate`, Unix seconds.
+    pub this_update: Option<i64>,
+}
+
+impl RevocationList {
+    /// Reads PEM CRLs from `path` and checks each one's signature against
+    /// one of `client_cas`. With `current`, also refuses a CRL number lower
+    /// than the one in force.
+    pub fn load(
+        path: &Path,
+        client_cas: &[CertificateDer<'static>],
+        current: Option<&RevocationList>,
+    ) -> Result<RevocationList, CrlError> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| CrlError::Io { path: name.clone(), source })?;
+        let blocks = pem::parse_many(&bytes).map_err(|e| CrlError::Malformed { path: name.clone(), detail: e.to_string() })?;
+        let ders: Vec<Vec<u8>> = blocks.into_iter().filter(|b| b.tag() == "X509 CRL").map(|b| b.into_contents()).collect();
+        if ders.is_empty() {
+            return Err(CrlError::Empty { path: name });
+        }
+        let list = Self::from_ders(&name, ders, client_cas)?;
+        if let (Some(current), Some(new)) = (current.and_then(|c| c.number), list.number)
+            && new < current
+        {
+            return Err(CrlError::NumberWentBack { path: name, new, current });
+        }
+        Ok(list)
+    }
+
+    fn from_ders(name: &str, ders: Vec<Vec<u8>>, client_cas: &[CertificateDer<'static>]) -> Result<RevocationList, CrlError> {
+        let cas: Vec<X509Certificate<'_>> =
+            client_cas.iter().filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c)).collect();
+        let mut list = RevocationList::default();
+        for der in &ders {
+            let malformed = |detail: String| CrlError::Malformed { path: name.to_owned(), detail };
+            let (rest, crl) = CertificateRevocationList::from_der(der).map_err(|e| malformed(e.to_string()))?;
+            if !rest.is_empty() {
+                return Err(malformed(format!("{} bytes after the CRL", rest.len())));
+            }
+            let signed = cas
+                .iter()
+                .any(|ca| ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok());
+            if !signed {
+                return Err(CrlError::UnknownIssuer { path: name.to_owned(), issuer: crl.issuer().to_string() });
+            }
+            for revoked in crl.iter_revoked_certificates() {
+                list.revoked.insert(serial_hex(revoked.raw_serial()));
+            }
+            if let Some(n) = crl.crl_number().and_then(|n| n.to_string().parse::<u64>().ok()) {
+                list.number = Some(list.number.map_or(n, |m| m.max(n)));
+            }
+            let this_update = crl.last_update().timestamp();
+            list.this_update = Some(list.this_update.map_or(this_update, |t| t.max(this_update)));
+        }
+        list.ders = ders.into_iter().map(CertificateRevocationListDer::from).collect();
+        Ok(list)
+    }
+
+    /// Is the certificate with this serial (lowercase hex) revoked?
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.contains(serial)
+    }
+
+    /// How many certificates are revoked.
+    pub fn len(&self) -> usize {
+        self.revoked.len()
+    }
+
+    /// Whether no certificate is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.revoked.is_empty()
+    }
+}
+
+/// A serial as lowercase hex without leading zero bytes.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len().saturating_sub(1));
+    hex::encode(&raw[start..])
+}

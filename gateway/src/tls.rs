@@ -1,0 +1,212 @@
+//! TLS termination: rustls with the aws-lc-rs provider, TLS 1.3 and 1.2
+//! only, client certificates required and checked against the client CAs
+//! and their CRLs.
+//!
+//! Each connection gets its own `ServerConfig` around a verifier that
+//! remembers the certificate the client presented, so a refused handshake
+//! can still be audited with the certificate's subject, serial and
+//! fingerprint. Everything expensive (keys, roots, CRLs, the session
+//! cache) is shared.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+
+use crate::revocation::RevocationList;
+
+/// Why TLS material was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {detail}")]
+    File { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Crl(#[from] crate::revocation::CrlError),
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+fn file_error(path: &Path, detail: impl std::fmt::Display) -> TlsSetupError {
+    TlsSetupError::File { path: path.to_owned(), detail: detail.to_string() }
+}
+
+/// Reads every certificate in a PEM file; refuses a file with none.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no CERTIFICATE found"));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable private key: {e}")))
+}
+
+/// The files that make up the gateway's TLS identity and trust.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub crl: PathBuf,
+}
+
+/// Shared TLS state; cheap to clone, rebuilt when a file changes.
+#[derive(Clone)]
+pub struct TlsContext {
+    provider: Arc<CryptoProvider>,
+    resolver: Arc<FixedCert>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    sessions: Arc<ServerSessionMemoryCache>,
+    max_fragment_size: Option<usize>,
+    pub client_cas: Vec<CertificateDer<'static>>,
+    pub revocations: Arc<RevocationList>,
+}
+
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// How many TLS sessions are cached for resumption.
+const SESSION_CACHE: usize = 64 * 1024;
+
+impl TlsContext {
+    /// Loads and checks every file. `max_fragment_size` caps the TLS
+    /// records the gateway sends (the MCU profile).
+    pub fn load(files: &TlsFiles, max_fragment_size: Option<usize>, previous: Option<&TlsContext>) -> Result<TlsContext, TlsSetupError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let chain = load_certs(&files.cert)?;
+        let key = load_key(&files.key)?;
+        let certified = CertifiedKey::from_der(chain, key, &provider)
+            .map_err(|e| file_error(&files.key, format!("does not match {}: {e}", files.cert.display())))?;
+        let client_cas = load_certs(&files.client_ca)?;
+        let revocations = RevocationList::load(&files.crl, &client_cas, previous.map(|p| p.revocations.as_ref()))?;
+        let sessions = previous.map(|p| p.sessions.clone()).unwrap_or_else(|| ServerSessionMemoryCache::new(SESSION_CACHE));
+        let mut context = TlsContext {
+            verifier: Arc::new(NoClients),
+            provider,
+            resolver: Arc::new(FixedCert(Arc::new(certified))),
+            sessions,
+            max_fragment_size,
+            client_cas,
+            revocations: Arc::new(revocations),
+        };
+        context.verifier = context.build_verifier(&files.client_ca)?;
+        // Build one config now so that a bad combination fails at load time.
+        context.config().map(|_| ())?;
+        Ok(context)
+    }
+
+    fn build_verifier(&self, ca_path: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsSetupError> {
+        let mut roots = RootCertStore::empty();
+        for ca in &self.client_cas {
+            roots.add(ca.clone()).map_err(|e| file_error(ca_path, format!("not a usable CA certificate: {e}")))?;
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .with_crls(self.revocations.ders.iter().cloned())
+            // The CRLs cover the leaves the client CAs issue; the CAs
+            // themselves are covered by no CRL this gateway holds.
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))
+    }
+
+    /// A config for one connection, and the slot where the certificate
+    /// the client presents will be recorded.
+    pub fn config(&self) -> Result<(Arc<ServerConfig>, PresentedCert), TlsSetupError> {
+        let presented = PresentedCert::default();
+        let verifier = Arc::new(Capturing { inner: self.verifier.clone(), presented: presented.clone() });
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.resolver.clone());
+        config.session_storage = self.sessions.clone();
+        config.max_fragment_size = self.max_fragment_size;
+        Ok((Arc::new(config), presented))
+    }
+}
+
+/// The end-entity certificate a client presented, if any.
+#[derive(Clone, Default, Debug)]
+pub struct PresentedCert(Arc<Mutex<Option<CertificateDer<'static>>>>);
+
+impl PresentedCert {
+    /// The DER, if the client presented a certificate.
+    pub fn get(&self) -> Option<CertificateDer<'static>> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+/// Placeholder verifier used only while a context is being built.
+#[derive(Debug)]
+struct NoClients;
+
+impl ClientCertVerifier for NoClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+        Err(rustls::Error::General("no client CA loaded".into()))
+    }
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no client CA loaded".into()))
+    }
+    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no client CA loaded".into()))
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        Vec::new()
+    }
+}
+
+/// Delegates every decision to webpki and records what was presented.
+#[derive(Debug)]
+struct Capturing {
+    inner: Arc<dyn ClientCertVerifier>,
+    presented: PresentedCert,
+}
+
+impl ClientCertVerifier for Capturing {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+        if let Ok(mut slot) = self.presented.0.lock() {
+            *slot = Some(end_entity.clone().into_owned());
+        }
+        self.inner.verify_client_cert(end_entity, intermediates, now)
+    }
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
