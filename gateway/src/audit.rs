@@ -93,13 +93,19 @@ pub struct Audit {
 impl Audit {
     /// Appends to `path`.
     pub fn to_file(path: &Path) -> std::io::Result<Audit> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         Ok(Audit::to_writer(Box::new(file)))
     }
 
     /// Writes to any sink (stdout, a buffer in tests).
     pub fn to_writer(sink: Box<dyn Write + Send>) -> Audit {
-        Audit { sink: Arc::new(Mutex::new(sink)), refusals: Arc::new(Default::default()) }
+        Audit {
+            sink: Arc::new(Mutex::new(sink)),
+            refusals: Arc::new(Default::default()),
+        }
     }
 
     /// Records an event: one line, flushed, and a tracing event.
@@ -113,7 +119,9 @@ impl Audit {
         } else {
             tracing::info!(event = ?event.event, peer = %event.peer, identity = ?event.identity, "session");
         }
-        let Ok(mut line) = serde_json::to_vec(event) else { return };
+        let Ok(mut line) = serde_json::to_vec(event) else {
+            return;
+        };
         line.push(b'\n');
         if let Ok(mut sink) = self.sink.lock() {
             // An audit line that cannot be written is reported, never fatal.
@@ -125,6 +133,10 @@ impl Audit {
 
     /// Refusals so far, by reason.
     pub fn refusals(&self) -> Vec<(Reason, u64)> {
-        Reason::ALL.iter().zip(self.refusals.iter()).map(|(r, n)| (*r, n.load(Ordering::Relaxed))).collect()
+        Reason::ALL
+            .iter()
+            .zip(self.refusals.iter())
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .collect()
     }
 }

@@ -32,7 +32,10 @@ impl CertInfo {
 }
 
 fn trim_zeros(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len().saturating_sub(1));
+    let start = bytes
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
     &bytes[start..]
 }
 
@@ -96,7 +99,9 @@ pub fn client_id_matches(principal: &Principal, client_id: &str) -> bool {
                     .is_some_and(|suffix| {
                         !suffix.is_empty()
                             && suffix.len() <= 32
-                            && suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                            && suffix
+                                .bytes()
+                                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     })
         }
     }
@@ -128,6 +133,12 @@ mod tests {
         for bad in ["billing-", "billingx", "billing-A", "billing-1/x", "other"] {
             assert!(!client_id_matches(&svc, bad), "{bad}");
         }
-        assert_ne!(broker_client_id(&svc, "billing-1"), broker_client_id(&Principal::Device(DeviceId::parse("billing-1").unwrap()), "billing-1"));
+        assert_ne!(
+            broker_client_id(&svc, "billing-1"),
+            broker_client_id(
+                &Principal::Device(DeviceId::parse("billing-1").unwrap()),
+                "billing-1"
+            )
+        );
     }
 }

@@ -1,8 +1,23 @@
-//! The Twofold gateway: terminates mutual TLS, binds each MQTT session to the
-//! identity in the client certificate, enforces topic policy and relays
-//! through a broker.
+//! The Twofold gateway: what runs in the cloud.
 //!
-//! Not built yet: this crate is a placeholder so the workspace has its final
-//! shape. The work is tracked in the gateway issue; nothing here accepts
-//! connections.
+//! Every device connects over mutual TLS ([`tls`]). The gateway reads the
+//! identity URI from the client certificate ([`identity`]), binds the MQTT
+//! session to it (the client id must be the device id), checks every
+//! PUBLISH and SUBSCRIBE against a policy templated on the identity
+//! ([`policy`]), and relays the session to a broker ([`broker`]): an
+//! embedded rumqttd on loopback by default. Revocation is live
+//! ([`revocation`]): a new CRL applies to new handshakes at once and closes
+//! sessions whose certificate it lists. Every refusal is written to the
+//! audit log with a reason from a fixed set ([`reason`], [`audit`]).
 #![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod broker;
+pub mod config;
+pub mod identity;
+pub mod policy;
+pub mod reason;
+pub mod revocation;
+pub mod server;
+pub mod session;
+pub mod tls;

@@ -1,1 +1,176 @@
-fn main() {}
+//! `gateway`: parse arguments and the config file, start the broker, serve.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::watch;
+use twofold_gateway::audit::Audit;
+use twofold_gateway::broker::{self, BrokerTarget, Credential, EmbeddedLimits};
+use twofold_gateway::config::{BrokerChoice, File};
+use twofold_gateway::server::Gateway;
+use twofold_gateway::session::Limits;
+use twofold_gateway::tls::TlsFiles;
+
+/// The Twofold gateway: mutual-TLS MQTT for devices, bound to the identity
+/// in each client certificate.
+///
+/// Settings come from --config (TOML; see gateway/gateway.example.toml);
+/// flags override the file.
+#[derive(Parser)]
+#[command(name = "gateway", version, max_term_width = 100)]
+struct Cli {
+    /// The config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:8883.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Server certificate chain (PEM), as written by `provisioning gateway-cert`.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// CA certificates trusted for client certificates (PEM).
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// The CRL (PEM); reloaded when it changes.
+    #[arg(long)]
+    crl: Option<PathBuf>,
+    /// The trust domain of device identities.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// `embedded` or mqtt://HOST:PORT.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Audit log file (JSON lines); stdout when absent.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // rumqttd logs every ordinary disconnect as an ERROR; its
+                // logs are off unless RUST_LOG asks for them.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut file = match &cli.config {
+        Some(path) => File::read(path)?,
+        None => File::default(),
+    };
+    file.listen = cli.listen.or(file.listen);
+    file.cert = cli.cert.or(file.cert);
+    file.key = cli.key.or(file.key);
+    file.client_ca = cli.client_ca.or(file.client_ca);
+    file.crl = cli.crl.or(file.crl);
+    file.trust_domain = cli.trust_domain.or(file.trust_domain);
+    file.broker = cli.broker.or(file.broker);
+    file.audit_log = cli.audit_log.or(file.audit_log);
+    let config = file.check()?;
+
+    let audit = match &config.audit_log {
+        Some(path) => Audit::to_file(path)
+            .with_context(|| format!("audit_log: cannot open {}", path.display()))?,
+        None => Audit::to_writer(Box::new(std::io::stdout())),
+    };
+    let broker = match &config.broker {
+        BrokerChoice::Embedded => {
+            let limits = EmbeddedLimits {
+                max_payload_size: config.max_packet_size,
+                segment_size: config.embedded_segment_size,
+                segment_count: config.embedded_segment_count,
+                ..EmbeddedLimits::default()
+            };
+            tokio::task::spawn_blocking(move || broker::start_embedded(&limits)).await??
+        }
+        BrokerChoice::External {
+            addr,
+            username,
+            password,
+        } => {
+            let resolved = tokio::net::lookup_host(addr.as_str())
+                .await
+                .with_context(|| format!("broker: cannot resolve {addr}"))?
+                .next()
+                .with_context(|| format!("broker: {addr} has no address"))?;
+            let credential = match (username, password) {
+                (Some(u), p) => Some(Credential {
+                    username: u.clone(),
+                    password: p.clone().unwrap_or_default(),
+                }),
+                (None, _) => None,
+            };
+            BrokerTarget {
+                v4: resolved,
+                v5: resolved,
+                credential,
+            }
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: cannot bind {}", config.listen))?;
+
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
+
+    let gateway = Gateway {
+        trust_domain: config.trust_domain,
+        files: TlsFiles {
+            cert: config.cert,
+            key: config.key,
+            client_ca: config.client_ca,
+            crl: config.crl,
+        },
+        max_fragment_size: config.max_tls_record,
+        broker,
+        audit,
+        handshake_timeout: config.handshake_timeout,
+        max_handshakes: config.max_concurrent_handshakes,
+        limits: Limits {
+            max_packet_size: config.max_packet_size,
+            connect_timeout: config.handshake_timeout,
+        },
+    };
+    gateway
+        .serve(listener, stopped, Duration::from_secs(5))
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

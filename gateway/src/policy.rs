@@ -28,7 +28,9 @@ impl Denial {
         match self {
             Denial::Malformed => "not a valid MQTT topic or filter",
             Denial::OutsideOwnSubtree => "outside the identity's own topics",
-            Denial::ServicePublishesCommandsOnly => "services may publish only to devices/<id>/commands",
+            Denial::ServicePublishesCommandsOnly => {
+                "services may publish only to devices/<id>/commands"
+            }
         }
     }
 }
@@ -107,10 +109,18 @@ mod tests {
     #[test]
     fn a_device_uses_its_own_subtree() {
         let me = device("sensor-1");
-        for topic in ["devices/sensor-1/telemetry", "devices/sensor-1/replies", "devices/sensor-1/app/x"] {
+        for topic in [
+            "devices/sensor-1/telemetry",
+            "devices/sensor-1/replies",
+            "devices/sensor-1/app/x",
+        ] {
             assert_eq!(may_publish(&me, topic), Ok(()), "{topic}");
         }
-        for filter in ["devices/sensor-1/commands", "devices/sensor-1/#", "devices/sensor-1/+"] {
+        for filter in [
+            "devices/sensor-1/commands",
+            "devices/sensor-1/#",
+            "devices/sensor-1/+",
+        ] {
             assert_eq!(may_subscribe(&me, filter), Ok(()), "{filter}");
         }
     }
@@ -118,31 +128,85 @@ mod tests {
     #[test]
     fn a_device_is_refused_everything_else() {
         let me = device("sensor-1");
-        for topic in ["devices/sensor-2/telemetry", "devices/sensor-1", "devices/sensor-1/", "$SYS/x", "other", "devices/sensor-10/telemetry"] {
-            assert_eq!(may_publish(&me, topic), Err(Denial::OutsideOwnSubtree), "{topic}");
+        for topic in [
+            "devices/sensor-2/telemetry",
+            "devices/sensor-1",
+            "devices/sensor-1/",
+            "$SYS/x",
+            "other",
+            "devices/sensor-10/telemetry",
+        ] {
+            assert_eq!(
+                may_publish(&me, topic),
+                Err(Denial::OutsideOwnSubtree),
+                "{topic}"
+            );
         }
-        assert_eq!(may_publish(&me, "devices/sensor-1/#"), Err(Denial::Malformed));
-        assert_eq!(may_publish(&me, "devices/sensor-1/a\0"), Err(Denial::Malformed));
-        for filter in ["#", "+/#", "devices/#", "devices/+/telemetry", "$SYS/#", "devices/sensor-2/#", "devices/+/+"] {
-            assert_eq!(may_subscribe(&me, filter), Err(Denial::OutsideOwnSubtree), "{filter}");
+        assert_eq!(
+            may_publish(&me, "devices/sensor-1/#"),
+            Err(Denial::Malformed)
+        );
+        assert_eq!(
+            may_publish(&me, "devices/sensor-1/a\0"),
+            Err(Denial::Malformed)
+        );
+        for filter in [
+            "#",
+            "+/#",
+            "devices/#",
+            "devices/+/telemetry",
+            "$SYS/#",
+            "devices/sensor-2/#",
+            "devices/+/+",
+        ] {
+            assert_eq!(
+                may_subscribe(&me, filter),
+                Err(Denial::OutsideOwnSubtree),
+                "{filter}"
+            );
         }
-        for filter in ["devices/sensor-1/#/x", "devices/sensor-1/a#", "devices/sensor-1/a+", ""] {
-            assert_eq!(may_subscribe(&me, filter), Err(Denial::Malformed), "{filter}");
+        for filter in [
+            "devices/sensor-1/#/x",
+            "devices/sensor-1/a#",
+            "devices/sensor-1/a+",
+            "",
+        ] {
+            assert_eq!(
+                may_subscribe(&me, filter),
+                Err(Denial::Malformed),
+                "{filter}"
+            );
         }
     }
 
     #[test]
     fn a_service_reads_all_devices_and_writes_commands() {
         let svc = service("billing");
-        for filter in ["devices/+/telemetry", "devices/+/#", "devices/sensor-1/replies"] {
+        for filter in [
+            "devices/+/telemetry",
+            "devices/+/#",
+            "devices/sensor-1/replies",
+        ] {
             assert_eq!(may_subscribe(&svc, filter), Ok(()), "{filter}");
         }
         for filter in ["#", "devices/#", "$SYS/#", "devices/Bad/telemetry"] {
-            assert_eq!(may_subscribe(&svc, filter), Err(Denial::OutsideOwnSubtree), "{filter}");
+            assert_eq!(
+                may_subscribe(&svc, filter),
+                Err(Denial::OutsideOwnSubtree),
+                "{filter}"
+            );
         }
         assert_eq!(may_publish(&svc, "devices/sensor-1/commands"), Ok(()));
-        for topic in ["devices/sensor-1/telemetry", "devices/sensor-1/commands/x", "devices/BAD/commands"] {
-            assert_eq!(may_publish(&svc, topic), Err(Denial::ServicePublishesCommandsOnly), "{topic}");
+        for topic in [
+            "devices/sensor-1/telemetry",
+            "devices/sensor-1/commands/x",
+            "devices/BAD/commands",
+        ] {
+            assert_eq!(
+                may_publish(&svc, topic),
+                Err(Denial::ServicePublishesCommandsOnly),
+                "{topic}"
+            );
         }
         assert_eq!(may_publish(&svc, "$SYS/x"), Err(Denial::OutsideOwnSubtree));
     }

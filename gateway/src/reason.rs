@@ -109,7 +109,10 @@ mod tests {
 
     #[test]
     fn classifies_rustls_errors() {
-        assert_eq!(Reason::from_tls(&TlsError::NoCertificatesPresented), Reason::NoCertificate);
+        assert_eq!(
+            Reason::from_tls(&TlsError::NoCertificatesPresented),
+            Reason::NoCertificate
+        );
         let cases = [
             (CertificateError::Expired, Reason::Expired),
             (CertificateError::NotValidYet, Reason::NotYetValid),
@@ -122,7 +125,9 @@ mod tests {
             assert_eq!(Reason::from_tls(&TlsError::InvalidCertificate(e)), want);
         }
         assert_eq!(
-            Reason::from_tls(&TlsError::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered)),
+            Reason::from_tls(&TlsError::PeerIncompatible(
+                rustls::PeerIncompatible::Tls12NotOffered
+            )),
             Reason::ProtocolError
         );
     }
@@ -131,6 +136,9 @@ mod tests {
     fn labels_are_snake_case_and_unique() {
         let labels: std::collections::HashSet<_> = Reason::ALL.iter().map(Reason::as_str).collect();
         assert_eq!(labels.len(), Reason::ALL.len());
-        assert_eq!(serde_json::to_string(&Reason::ClientIdMismatch).unwrap(), "\"client_id_mismatch\"");
+        assert_eq!(
+            serde_json::to_string(&Reason::ClientIdMismatch).unwrap(),
+            "\"client_id_mismatch\""
+        );
     }
 }

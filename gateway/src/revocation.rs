@@ -16,15 +16,24 @@ use x509_parser::revocation_list::CertificateRevocationList;
 #[derive(Debug, thiserror::Error)]
 pub enum CrlError {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: no CRL found (expected PEM blocks labelled X509 CRL)")]
     Empty { path: String },
     #[error("{path}: CRL does not parse: {detail}")]
     Malformed { path: String, detail: String },
     #[error("{path}: CRL issued by {issuer} is not signed by any client CA")]
     UnknownIssuer { path: String, issuer: String },
-    #[error("{path}: CRL number {new} is lower than the one in force ({current}); refusing to go back")]
-    NumberWentBack { path: String, new: u64, current: u64 },
+    #[error(
+        "{path}: CRL number {new} is lower than the one in force ({current}); refusing to go back"
+    )]
+    NumberWentBack {
+        path: String,
+        new: u64,
+        current: u64,
+    },
 }
 
 /// The CRLs in force.
@@ -50,9 +59,19 @@ impl RevocationList {
         current: Option<&RevocationList>,
     ) -> Result<RevocationList, CrlError> {
         let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| CrlError::Io { path: name.clone(), source })?;
-        let blocks = pem::parse_many(&bytes).map_err(|e| CrlError::Malformed { path: name.clone(), detail: e.to_string() })?;
-        let ders: Vec<Vec<u8>> = blocks.into_iter().filter(|b| b.tag() == "X509 CRL").map(|b| b.into_contents()).collect();
+        let bytes = std::fs::read(path).map_err(|source| CrlError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let blocks = pem::parse_many(&bytes).map_err(|e| CrlError::Malformed {
+            path: name.clone(),
+            detail: e.to_string(),
+        })?;
+        let ders: Vec<Vec<u8>> = blocks
+            .into_iter()
+            .filter(|b| b.tag() == "X509 CRL")
+            .map(|b| b.into_contents())
+            .collect();
         if ders.is_empty() {
             return Err(CrlError::Empty { path: name });
         }
@@ -60,37 +79,60 @@ impl RevocationList {
         if let (Some(current), Some(new)) = (current.and_then(|c| c.number), list.number)
             && new < current
         {
-            return Err(CrlError::NumberWentBack { path: name, new, current });
+            return Err(CrlError::NumberWentBack {
+                path: name,
+                new,
+                current,
+            });
         }
         Ok(list)
     }
 
-    fn from_ders(name: &str, ders: Vec<Vec<u8>>, client_cas: &[CertificateDer<'static>]) -> Result<RevocationList, CrlError> {
-        let cas: Vec<X509Certificate<'_>> =
-            client_cas.iter().filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c)).collect();
+    fn from_ders(
+        name: &str,
+        ders: Vec<Vec<u8>>,
+        client_cas: &[CertificateDer<'static>],
+    ) -> Result<RevocationList, CrlError> {
+        let cas: Vec<X509Certificate<'_>> = client_cas
+            .iter()
+            .filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c))
+            .collect();
         let mut list = RevocationList::default();
         for der in &ders {
-            let malformed = |detail: String| CrlError::Malformed { path: name.to_owned(), detail };
-            let (rest, crl) = CertificateRevocationList::from_der(der).map_err(|e| malformed(e.to_string()))?;
+            let malformed = |detail: String| CrlError::Malformed {
+                path: name.to_owned(),
+                detail,
+            };
+            let (rest, crl) =
+                CertificateRevocationList::from_der(der).map_err(|e| malformed(e.to_string()))?;
             if !rest.is_empty() {
                 return Err(malformed(format!("{} bytes after the CRL", rest.len())));
             }
-            let signed = cas
-                .iter()
-                .any(|ca| ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok());
+            let signed = cas.iter().any(|ca| {
+                ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
+            });
             if !signed {
-                return Err(CrlError::UnknownIssuer { path: name.to_owned(), issuer: crl.issuer().to_string() });
+                return Err(CrlError::UnknownIssuer {
+                    path: name.to_owned(),
+                    issuer: crl.issuer().to_string(),
+                });
             }
             for revoked in crl.iter_revoked_certificates() {
                 list.revoked.insert(serial_hex(revoked.raw_serial()));
             }
-            if let Some(n) = crl.crl_number().and_then(|n| n.to_string().parse::<u64>().ok()) {
+            if let Some(n) = crl
+                .crl_number()
+                .and_then(|n| n.to_string().parse::<u64>().ok())
+            {
                 list.number = Some(list.number.map_or(n, |m| m.max(n)));
             }
             let this_update = crl.last_update().timestamp();
             list.this_update = Some(list.this_update.map_or(this_update, |t| t.max(this_update)));
         }
-        list.ders = ders.into_iter().map(CertificateRevocationListDer::from).collect();
+        list.ders = ders
+            .into_iter()
+            .map(CertificateRevocationListDer::from)
+            .collect();
         Ok(list)
     }
 
@@ -112,6 +154,9 @@ impl RevocationList {
 
 /// A serial as lowercase hex without leading zero bytes.
 pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len().saturating_sub(1));
+    let start = raw
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[start..])
 }

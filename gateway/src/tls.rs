@@ -16,7 +16,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
@@ -34,7 +36,10 @@ pub enum TlsSetupError {
 }
 
 fn file_error(path: &Path, detail: impl std::fmt::Display) -> TlsSetupError {
-    TlsSetupError::File { path: path.to_owned(), detail: detail.to_string() }
+    TlsSetupError::File {
+        path: path.to_owned(),
+        detail: detail.to_string(),
+    }
 }
 
 /// Reads every certificate in a PEM file; refuses a file with none.
@@ -51,7 +56,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupE
 
 /// Reads a private key from a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable private key: {e}")))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| file_error(path, format!("no usable private key: {e}")))
 }
 
 /// The files that make up the gateway's TLS identity and trust.
@@ -90,15 +96,29 @@ const SESSION_CACHE: usize = 64 * 1024;
 impl TlsContext {
     /// Loads and checks every file. `max_fragment_size` caps the TLS
     /// records the gateway sends (the MCU profile).
-    pub fn load(files: &TlsFiles, max_fragment_size: Option<usize>, previous: Option<&TlsContext>) -> Result<TlsContext, TlsSetupError> {
+    pub fn load(
+        files: &TlsFiles,
+        max_fragment_size: Option<usize>,
+        previous: Option<&TlsContext>,
+    ) -> Result<TlsContext, TlsSetupError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let chain = load_certs(&files.cert)?;
         let key = load_key(&files.key)?;
-        let certified = CertifiedKey::from_der(chain, key, &provider)
-            .map_err(|e| file_error(&files.key, format!("does not match {}: {e}", files.cert.display())))?;
+        let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+            file_error(
+                &files.key,
+                format!("does not match {}: {e}", files.cert.display()),
+            )
+        })?;
         let client_cas = load_certs(&files.client_ca)?;
-        let revocations = RevocationList::load(&files.crl, &client_cas, previous.map(|p| p.revocations.as_ref()))?;
-        let sessions = previous.map(|p| p.sessions.clone()).unwrap_or_else(|| ServerSessionMemoryCache::new(SESSION_CACHE));
+        let revocations = RevocationList::load(
+            &files.crl,
+            &client_cas,
+            previous.map(|p| p.revocations.as_ref()),
+        )?;
+        let sessions = previous
+            .map(|p| p.sessions.clone())
+            .unwrap_or_else(|| ServerSessionMemoryCache::new(SESSION_CACHE));
         let mut context = TlsContext {
             verifier: Arc::new(NoClients),
             provider,
@@ -117,7 +137,9 @@ impl TlsContext {
     fn build_verifier(&self, ca_path: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsSetupError> {
         let mut roots = RootCertStore::empty();
         for ca in &self.client_cas {
-            roots.add(ca.clone()).map_err(|e| file_error(ca_path, format!("not a usable CA certificate: {e}")))?;
+            roots
+                .add(ca.clone())
+                .map_err(|e| file_error(ca_path, format!("not a usable CA certificate: {e}")))?;
         }
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .with_crls(self.revocations.ders.iter().cloned())
@@ -132,7 +154,10 @@ impl TlsContext {
     /// the client presents will be recorded.
     pub fn config(&self) -> Result<(Arc<ServerConfig>, PresentedCert), TlsSetupError> {
         let presented = PresentedCert::default();
-        let verifier = Arc::new(Capturing { inner: self.verifier.clone(), presented: presented.clone() });
+        let verifier = Arc::new(Capturing {
+            inner: self.verifier.clone(),
+            presented: presented.clone(),
+        });
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
@@ -163,13 +188,28 @@ impl ClientCertVerifier for NoClients {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
-    fn verify_client_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         Err(rustls::Error::General("no client CA loaded".into()))
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("no client CA loaded".into()))
     }
-    fn verify_tls13_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("no client CA loaded".into()))
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -194,16 +234,32 @@ impl ClientCertVerifier for Capturing {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         if let Ok(mut slot) = self.presented.0.lock() {
             *slot = Some(end_entity.clone().into_owned());
         }
-        self.inner.verify_client_cert(end_entity, intermediates, now)
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
     }
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -1,0 +1,299 @@
+//! The accept loop: one task per connection, handshakes bounded in time
+//! and in number, live reload of the TLS files, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::server::Acceptor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::LazyConfigAcceptor;
+use twofold_protocol::{Identity, TrustDomain};
+
+use crate::audit::{Audit, Event};
+use crate::broker::BrokerTarget;
+use crate::identity::{self, CertInfo};
+use crate::reason::Reason;
+use crate::revocation::RevocationList;
+use crate::session::{self, Limits, Peer};
+use crate::tls::{TlsContext, TlsFiles};
+
+/// Everything the accept loop needs.
+pub struct Gateway {
+    pub trust_domain: TrustDomain,
+    pub files: TlsFiles,
+    pub max_fragment_size: Option<usize>,
+    pub broker: BrokerTarget,
+    pub audit: Audit,
+    pub handshake_timeout: Duration,
+    pub max_handshakes: usize,
+    pub limits: Limits,
+}
+
+/// Shared state that a reload replaces.
+struct Live {
+    tls: RwLock<Arc<TlsContext>>,
+    revocations: watch::Sender<Arc<RevocationList>>,
+}
+
+impl Gateway {
+    /// Serves on `listener` until `shutdown` turns true, then tells every
+    /// session to close and waits up to `grace` for them.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        mut shutdown: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let tls = TlsContext::load(&self.files, self.max_fragment_size, None)?;
+        let (revocations, _) = watch::channel(tls.revocations.clone());
+        let live = Arc::new(Live {
+            tls: RwLock::new(Arc::new(tls)),
+            revocations,
+        });
+        let gateway = Arc::new(self);
+        tokio::spawn(watch_files(gateway.clone(), live.clone()));
+        let handshakes = Arc::new(Semaphore::new(gateway.max_handshakes));
+        let sessions = tokio_util_free::Tracker::default();
+        tracing::info!(listen = %listener.local_addr()?, "gateway listening");
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (tcp, addr) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::error!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let gateway = gateway.clone();
+                    let live = live.clone();
+                    let handshakes = handshakes.clone();
+                    let shutdown = shutdown.clone();
+                    sessions.spawn(async move { connection(gateway, live, handshakes, tcp, addr, shutdown).await });
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        tracing::info!(sessions = sessions.len(), "shutting down: closing sessions");
+        sessions.wait(grace).await;
+        Ok(())
+    }
+}
+
+/// Reloads the TLS files when they change (polled every second, and at
+/// once on SIGHUP). A broken new file is refused and the old one stays.
+async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
+    let stamp = |files: &TlsFiles| -> Vec<Option<(SystemTime, u64)>> {
+        [&files.cert, &files.key, &files.client_ca, &files.crl]
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    };
+    let mut last = stamp(&gateway.files);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let now = stamp(&gateway.files);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        let current = live.tls.read().map(|g| g.clone());
+        let Ok(current) = current else { continue };
+        match TlsContext::load(&gateway.files, gateway.max_fragment_size, Some(&current)) {
+            Ok(next) => {
+                let next = Arc::new(next);
+                tracing::info!(crl_number = ?next.revocations.number, revoked = next.revocations.len(), "TLS files reloaded");
+                let _ = live.revocations.send(next.revocations.clone());
+                if let Ok(mut slot) = live.tls.write() {
+                    *slot = next;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "REFUSED new TLS files; the previous ones stay in force")
+            }
+        }
+    }
+}
+
+async fn connection(
+    gateway: Arc<Gateway>,
+    live: Arc<Live>,
+    handshakes: Arc<Semaphore>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let tls = match live.tls.read() {
+        Ok(g) => g.clone(),
+        Err(_) => return,
+    };
+    let Ok((config, presented)) = tls.config() else {
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + gateway.handshake_timeout;
+    // Waiting for a ClientHello costs nothing, so it holds no permit: a
+    // thousand silent sockets cannot crowd out a real device. The permit
+    // bounds the handshakes doing cryptography at once.
+    let hello =
+        tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)).await;
+    let accepted = match hello {
+        Err(elapsed) => Err(elapsed),
+        Ok(Err(e)) => Ok(Err(e)),
+        Ok(Ok(start)) => {
+            let Ok(_permit) = handshakes.acquire().await else {
+                return;
+            };
+            tokio::time::timeout_at(deadline, start.into_stream(config)).await
+        }
+    };
+    let presented_info = || presented.get().and_then(|c| CertInfo::from_der(&c));
+    let stream = match accepted {
+        Err(_) => {
+            let detail = format!("no TLS handshake within {:?}", gateway.handshake_timeout);
+            gateway.audit.record(
+                &Event::refused(addr, Reason::HandshakeTimeout, detail)
+                    .with_certificate(presented_info()),
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            let tls_error = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+            match tls_error {
+                Some(tls_error) => {
+                    let reason = Reason::from_tls(tls_error);
+                    gateway.audit.record(
+                        &Event::refused(addr, reason, tls_error.to_string())
+                            .with_certificate(presented_info()),
+                    );
+                }
+                // The peer went away mid-handshake: nothing to refuse.
+                None => tracing::debug!(peer = %addr, error = %e, "handshake aborted"),
+            }
+            return;
+        }
+        Ok(Ok(stream)) => stream,
+    };
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.clone().into_owned());
+    let Some(leaf) = leaf else {
+        gateway.audit.record(&Event::refused(
+            addr,
+            Reason::NoCertificate,
+            "no client certificate",
+        ));
+        return;
+    };
+    let Some(cert) = CertInfo::from_der(&leaf) else {
+        gateway.audit.record(&Event::refused(
+            addr,
+            Reason::BadIdentity,
+            "client certificate does not parse",
+        ));
+        return;
+    };
+    // A resumed session skips certificate verification in rustls, so the
+    // revocation check is repeated here against the CRL in force now.
+    if live.revocations.borrow().is_revoked(&cert.serial) {
+        gateway.audit.record(
+            &Event::refused(
+                addr,
+                Reason::Revoked,
+                "certificate is on the CRL (resumed session)",
+            )
+            .with_certificate(Some(cert)),
+        );
+        return;
+    }
+    let principal = match identity::principal(&leaf, &gateway.trust_domain) {
+        Ok(p) => p,
+        Err(e) => {
+            gateway.audit.record(
+                &Event::refused(addr, Reason::BadIdentity, e.to_string())
+                    .with_certificate(Some(cert)),
+            );
+            return;
+        }
+    };
+    let identity = Identity {
+        trust_domain: gateway.trust_domain,
+        principal,
+    }
+    .to_string();
+    let peer = Peer {
+        principal,
+        identity,
+        cert,
+        addr,
+    };
+    session::run(
+        stream,
+        peer,
+        gateway.broker.clone(),
+        gateway.limits.clone(),
+        gateway.audit.clone(),
+        live.revocations.subscribe(),
+        shutdown,
+    )
+    .await;
+}
+
+/// A count of running connection tasks, to wait for at shutdown. (Written
+/// here instead of pulling in tokio-util for one counter.)
+mod tokio_util_free {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[derive(Default, Clone)]
+    pub struct Tracker(Arc<(AtomicUsize, tokio::sync::Notify)>);
+
+    impl Tracker {
+        pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+            let inner = self.0.clone();
+            inner.0.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                task.await;
+                if inner.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    inner.1.notify_waiters();
+                }
+            });
+        }
+
+        pub fn len(&self) -> usize {
+            self.0.0.load(Ordering::SeqCst)
+        }
+
+        pub async fn wait(&self, grace: Duration) {
+            let _ = tokio::time::timeout(grace, async {
+                while self.len() > 0 {
+                    let notified = self.0.1.notified();
+                    if self.len() == 0 {
+                        break;
+                    }
+                    notified.await;
+                }
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,683 @@
+//! One device session after the TLS handshake: bind the MQTT CONNECT to the
+//! certificate's identity, then relay packets both ways, checking every
+//! PUBLISH, SUBSCRIBE and will against the policy.
+//!
+//! Packets are framed and decoded with rumqttc's codecs (3.1.1 and 5). The
+//! device's frames are forwarded unchanged once checked; only the CONNECT
+//! is rewritten (broker-side client id and credential). Broker → device
+//! bytes are copied as they come, except the MQTT 5 CONNACK, from which
+//! topic aliases are removed so that every PUBLISH names its topic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes;
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use twofold_protocol::Principal;
+
+use crate::audit::{Audit, Event, EventKind};
+use crate::broker::BrokerTarget;
+use crate::identity::{self, CertInfo};
+use crate::policy;
+use crate::reason::Reason;
+use crate::revocation::RevocationList;
+
+/// Who is connected, as established by the handshake.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub principal: Principal,
+    /// The identity URI, for the audit log.
+    pub identity: String,
+    pub cert: CertInfo,
+    pub addr: SocketAddr,
+}
+
+/// Session limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// The largest MQTT packet accepted from a device, CONNECT included.
+    pub max_packet_size: usize,
+    /// How long a device has to send CONNECT after the handshake.
+    pub connect_timeout: Duration,
+}
+
+/// The MQTT protocol version of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V311,
+    V5,
+}
+
+enum FrameError {
+    Closed,
+    TooLarge(usize),
+    Malformed(String),
+}
+
+/// Reads one complete MQTT packet into a frame, reading more as needed.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<BytesMut, FrameError> {
+    loop {
+        match mqttbytes::check(buf.iter(), max) {
+            Ok(header) => return Ok(buf.split_to(header.frame_length())),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
+                return Err(FrameError::TooLarge(n));
+            }
+            Err(e) => return Err(FrameError::Malformed(e.to_string())),
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(FrameError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The protocol level of a CONNECT frame: the byte after the length-prefixed
+/// protocol name. Read by hand because the codec to decode the rest with
+/// depends on it.
+fn protocol_level(frame: &[u8]) -> Option<u8> {
+    let header_len = 1 + frame.iter().skip(1).position(|b| b & 0x80 == 0)? + 1;
+    let name = frame.get(header_len..header_len + 6)?;
+    (name == b"\x00\x04MQTT")
+        .then(|| frame.get(header_len + 6).copied())
+        .flatten()
+}
+
+fn encode_v4(packet: v4::Packet) -> Bytes {
+    let mut out = BytesMut::new();
+    let _ = packet.write(&mut out, usize::MAX);
+    out.freeze()
+}
+
+fn encode_v5(packet: v5::Packet) -> Bytes {
+    let mut out = BytesMut::new();
+    let _ = packet.write(&mut out, None);
+    out.freeze()
+}
+
+fn v4_connack(code: v4::ConnectReturnCode) -> Bytes {
+    encode_v4(v4::Packet::ConnAck(v4::ConnAck {
+        session_present: false,
+        code,
+    }))
+}
+
+fn v5_connack(code: v5::ConnectReturnCode) -> Bytes {
+    encode_v5(v5::Packet::ConnAck(v5::ConnAck {
+        session_present: false,
+        code,
+        properties: None,
+    }))
+}
+
+fn v5_disconnect(reason_code: v5::DisconnectReasonCode) -> Bytes {
+    encode_v5(v5::Packet::Disconnect(v5::Disconnect {
+        reason_code,
+        properties: None,
+    }))
+}
+
+/// The parts of a CONNECT the gateway decides on, and the rewritten frame.
+struct Connect {
+    client_id: String,
+    will_topic: Option<String>,
+    forward: Bytes,
+}
+
+/// Decodes a CONNECT and rewrites it for the broker.
+fn rewrite_connect(
+    version: Version,
+    frame: BytesMut,
+    peer: &Peer,
+    broker: &BrokerTarget,
+    max: usize,
+) -> Result<Connect, String> {
+    let mut frame = frame;
+    match version {
+        Version::V311 => {
+            let v4::Packet::Connect(mut c) =
+                v4::Packet::read(&mut frame, max).map_err(|e| e.to_string())?
+            else {
+                return Err("not a CONNECT".into());
+            };
+            let client_id = c.client_id.clone();
+            let will_topic = c.last_will.as_ref().map(|w| w.topic.clone());
+            c.client_id = identity::broker_client_id(&peer.principal, &client_id);
+            c.login = broker
+                .credential
+                .as_ref()
+                .map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
+            Ok(Connect {
+                client_id,
+                will_topic,
+                forward: encode_v4(v4::Packet::Connect(c)),
+            })
+        }
+        Version::V5 => {
+            let v5::Packet::Connect(mut c, will, _) =
+                v5::Packet::read(&mut frame, Some(max as u32)).map_err(|e| e.to_string())?
+            else {
+                return Err("not a CONNECT".into());
+            };
+            let client_id = c.client_id.clone();
+            let will_topic = match &will {
+                Some(w) => Some(
+                    String::from_utf8(w.topic.to_vec())
+                        .map_err(|_| "will topic is not UTF-8".to_owned())?,
+                ),
+                None => None,
+            };
+            c.client_id = identity::broker_client_id(&peer.principal, &client_id);
+            let login = broker
+                .credential
+                .as_ref()
+                .map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
+            Ok(Connect {
+                client_id,
+                will_topic,
+                forward: encode_v5(v5::Packet::Connect(c, will, login)),
+            })
+        }
+    }
+}
+
+/// What to do with one packet from the device.
+enum Verdict {
+    Forward,
+    /// Refuse it: audit, optionally answer the device, optionally close.
+    Refuse {
+        reason: Reason,
+        detail: String,
+        reply: Option<Bytes>,
+        close: bool,
+    },
+}
+
+fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Verdict {
+    Verdict::Refuse {
+        reason,
+        detail,
+        reply,
+        close,
+    }
+}
+
+/// Checks one packet from the device against the policy.
+fn inspect(version: Version, principal: &Principal, frame: &BytesMut, max: usize) -> Verdict {
+    let packet_type = frame.first().map(|b| b >> 4).unwrap_or(0);
+    match packet_type {
+        // CONNECT again, or AUTH (enhanced authentication is not offered).
+        1 | 15 => {
+            let reply = (version == Version::V5)
+                .then(|| v5_disconnect(v5::DisconnectReasonCode::ProtocolError));
+            deny(
+                Reason::ProtocolError,
+                "unexpected CONNECT or AUTH in a session".into(),
+                reply,
+                true,
+            )
+        }
+        3 => inspect_publish(version, principal, frame.clone(), max),
+        8 => inspect_subscribe(version, principal, frame.clone(), max),
+        _ => Verdict::Forward,
+    }
+}
+
+fn malformed(version: Version, what: &str, e: impl std::fmt::Display) -> Verdict {
+    let reply =
+        (version == Version::V5).then(|| v5_disconnect(v5::DisconnectReasonCode::MalformedPacket));
+    deny(
+        Reason::ProtocolError,
+        format!("malformed {what}: {e}"),
+        reply,
+        true,
+    )
+}
+
+fn inspect_publish(
+    version: Version,
+    principal: &Principal,
+    mut frame: BytesMut,
+    max: usize,
+) -> Verdict {
+    match version {
+        Version::V311 => {
+            let p = match v4::Packet::read(&mut frame, max) {
+                Ok(v4::Packet::Publish(p)) => p,
+                Ok(_) => return malformed(version, "PUBLISH", "not a PUBLISH"),
+                Err(e) => return malformed(version, "PUBLISH", e),
+            };
+            match policy::may_publish(principal, &p.topic) {
+                Ok(()) => Verdict::Forward,
+                // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
+                Err(d) => deny(
+                    Reason::PolicyDenied,
+                    format!("PUBLISH to {:?}: {}", p.topic, d.as_str()),
+                    None,
+                    true,
+                ),
+            }
+        }
+        Version::V5 => {
+            let p = match v5::Packet::read(&mut frame, Some(max as u32)) {
+                Ok(v5::Packet::Publish(p)) => p,
+                Ok(_) => return malformed(version, "PUBLISH", "not a PUBLISH"),
+                Err(e) => return malformed(version, "PUBLISH", e),
+            };
+            if p.properties
+                .as_ref()
+                .is_some_and(|props| props.topic_alias.is_some())
+            {
+                let reply = Some(v5_disconnect(v5::DisconnectReasonCode::TopicAliasInvalid));
+                return deny(
+                    Reason::ProtocolError,
+                    "topic aliases are not accepted".into(),
+                    reply,
+                    true,
+                );
+            }
+            let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                return malformed(version, "PUBLISH", "topic is not UTF-8");
+            };
+            match policy::may_publish(principal, topic) {
+                Ok(()) => Verdict::Forward,
+                Err(d) => {
+                    let detail = format!("PUBLISH to {topic:?}: {}", d.as_str());
+                    match p.qos {
+                        QoS::AtMostOnce => deny(
+                            Reason::PolicyDenied,
+                            detail,
+                            Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
+                            true,
+                        ),
+                        QoS::AtLeastOnce => {
+                            let ack = v5::PubAck {
+                                pkid: p.pkid,
+                                reason: v5::PubAckReason::NotAuthorized,
+                                properties: None,
+                            };
+                            deny(
+                                Reason::PolicyDenied,
+                                detail,
+                                Some(encode_v5(v5::Packet::PubAck(ack))),
+                                false,
+                            )
+                        }
+                        QoS::ExactlyOnce => {
+                            let rec = v5::PubRec {
+                                pkid: p.pkid,
+                                reason: v5::PubRecReason::NotAuthorized,
+                                properties: None,
+                            };
+                            deny(
+                                Reason::PolicyDenied,
+                                detail,
+                                Some(encode_v5(v5::Packet::PubRec(rec))),
+                                false,
+                            )
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn inspect_subscribe(
+    version: Version,
+    principal: &Principal,
+    mut frame: BytesMut,
+    max: usize,
+) -> Verdict {
+    let (pkid, filters): (u16, Vec<String>) = match version {
+        Version::V311 => match v4::Packet::read(&mut frame, max) {
+            Ok(v4::Packet::Subscribe(s)) => {
+                (s.pkid, s.filters.into_iter().map(|f| f.path).collect())
+            }
+            Ok(_) => return malformed(version, "SUBSCRIBE", "not a SUBSCRIBE"),
+            Err(e) => return malformed(version, "SUBSCRIBE", e),
+        },
+        Version::V5 => match v5::Packet::read(&mut frame, Some(max as u32)) {
+            Ok(v5::Packet::Subscribe(s)) => {
+                (s.pkid, s.filters.into_iter().map(|f| f.path).collect())
+            }
+            Ok(_) => return malformed(version, "SUBSCRIBE", "not a SUBSCRIBE"),
+            Err(e) => return malformed(version, "SUBSCRIBE", e),
+        },
+    };
+    let denied: Vec<String> = filters
+        .iter()
+        .filter_map(|f| {
+            policy::may_subscribe(principal, f)
+                .err()
+                .map(|d| format!("{f:?}: {}", d.as_str()))
+        })
+        .collect();
+    if denied.is_empty() {
+        return Verdict::Forward;
+    }
+    let detail = format!("SUBSCRIBE {}", denied.join(", "));
+    match version {
+        Version::V311 => deny(Reason::PolicyDenied, detail, None, true),
+        // A SUBSCRIBE with any denied filter is refused as a whole.
+        Version::V5 => {
+            let ack = v5::SubAck {
+                pkid,
+                return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; filters.len()],
+                properties: None,
+            };
+            deny(
+                Reason::PolicyDenied,
+                detail,
+                Some(encode_v5(v5::Packet::SubAck(ack))),
+                false,
+            )
+        }
+    }
+}
+
+/// Removes topic alias support from a broker's MQTT 5 CONNACK.
+fn strip_topic_aliases(frame: BytesMut) -> Bytes {
+    let mut frame = frame;
+    let original = frame.clone().freeze();
+    match v5::Packet::read(&mut frame, None) {
+        Ok(v5::Packet::ConnAck(mut ack)) => {
+            if let Some(props) = ack.properties.as_mut() {
+                props.topic_alias_max = None;
+                props.assigned_client_identifier = None;
+            }
+            encode_v5(v5::Packet::ConnAck(ack))
+        }
+        _ => original,
+    }
+}
+
+/// Runs a session to its end. Every refusal is audited exactly once.
+pub async fn run<S>(
+    stream: S,
+    peer: Peer,
+    broker: BrokerTarget,
+    limits: Limits,
+    audit: Audit,
+    mut revocations: watch::Receiver<Arc<RevocationList>>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let refuse = |reason: Reason, detail: String, client_id: Option<&str>| {
+        let mut e = Event::refused(peer.addr, reason, detail)
+            .with_certificate(Some(peer.cert.clone()))
+            .with_identity(peer.identity.clone());
+        if let Some(id) = client_id {
+            e = e.with_client_id(id);
+        }
+        audit.record(&e);
+    };
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let max = limits.max_packet_size;
+    let mut buf = BytesMut::with_capacity(4096);
+
+    let frame = match tokio::time::timeout(
+        limits.connect_timeout,
+        read_frame(&mut rd, &mut buf, max),
+    )
+    .await
+    {
+        Err(_) => {
+            return refuse(
+                Reason::HandshakeTimeout,
+                format!("no CONNECT within {:?}", limits.connect_timeout),
+                None,
+            );
+        }
+        Ok(Err(FrameError::Closed)) => return,
+        Ok(Err(FrameError::TooLarge(n))) => {
+            return refuse(
+                Reason::ProtocolError,
+                format!("first packet is {n} bytes; the limit is {max}"),
+                None,
+            );
+        }
+        Ok(Err(FrameError::Malformed(e))) => {
+            return refuse(
+                Reason::ProtocolError,
+                format!("malformed packet: {e}"),
+                None,
+            );
+        }
+        Ok(Ok(frame)) => frame,
+    };
+    if frame.first().map(|b| b >> 4) != Some(1) {
+        return refuse(
+            Reason::ProtocolError,
+            "the first packet is not CONNECT".into(),
+            None,
+        );
+    }
+    let version = match protocol_level(&frame) {
+        Some(4) => Version::V311,
+        Some(5) => Version::V5,
+        other => {
+            let _ = wr
+                .write_all(&v4_connack(v4::ConnectReturnCode::RefusedProtocolVersion))
+                .await;
+            let detail = format!("MQTT protocol level {other:?}; only 4 (3.1.1) and 5 are spoken");
+            return refuse(Reason::ProtocolError, detail, None);
+        }
+    };
+    let connect = match rewrite_connect(version, frame, &peer, &broker, max) {
+        Ok(c) => c,
+        Err(e) => {
+            return refuse(
+                Reason::ProtocolError,
+                format!("malformed CONNECT: {e}"),
+                None,
+            );
+        }
+    };
+    let client_id = connect.client_id.clone();
+    if !identity::client_id_matches(&peer.principal, &client_id) {
+        let reply = match version {
+            Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
+            Version::V5 => v5_connack(v5::ConnectReturnCode::ClientIdentifierNotValid),
+        };
+        let _ = wr.write_all(&reply).await;
+        let _ = wr.shutdown().await;
+        let expected = match &peer.principal {
+            Principal::Device(id) => format!("{:?}", id.as_str()),
+            Principal::Service(name) => {
+                format!("{:?} or \"{}-<instance>\"", name.as_str(), name.as_str())
+            }
+        };
+        return refuse(
+            Reason::ClientIdMismatch,
+            format!("client id {client_id:?}; the certificate requires {expected}"),
+            Some(&client_id),
+        );
+    }
+    if let Some(topic) = &connect.will_topic
+        && let Err(d) = policy::may_publish(&peer.principal, topic)
+    {
+        let reply = match version {
+            Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
+            Version::V5 => v5_connack(v5::ConnectReturnCode::NotAuthorized),
+        };
+        let _ = wr.write_all(&reply).await;
+        let _ = wr.shutdown().await;
+        return refuse(
+            Reason::PolicyDenied,
+            format!("will topic {topic:?}: {}", d.as_str()),
+            Some(&client_id),
+        );
+    }
+
+    let addr = match version {
+        Version::V311 => broker.v4,
+        Version::V5 => broker.v5,
+    };
+    let upstream =
+        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::error!(broker = %addr, %error, "cannot reach the broker");
+                let reply = match version {
+                    Version::V311 => v4_connack(v4::ConnectReturnCode::ServiceUnavailable),
+                    Version::V5 => v5_connack(v5::ConnectReturnCode::ServerUnavailable),
+                };
+                let _ = wr.write_all(&reply).await;
+                return;
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    let (mut up_rd, mut up_wr) = upstream.into_split();
+    if up_wr.write_all(&connect.forward).await.is_err() {
+        return;
+    }
+    audit.record(
+        &Event::new(EventKind::Connected, peer.addr)
+            .with_identity(peer.identity.clone())
+            .with_client_id(client_id.clone())
+            .with_certificate(Some(peer.cert.clone())),
+    );
+
+    // One writer owns the device side; the broker pump and the policy's
+    // answers both go through it.
+    let (to_device, mut outbox) = mpsc::channel::<Bytes>(64);
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = outbox.recv().await {
+            if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let pump_out = to_device.clone();
+    let mut pump = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        if version == Version::V5 {
+            match read_frame(&mut up_rd, &mut buf, usize::MAX).await {
+                Ok(connack) => {
+                    if pump_out.send(strip_topic_aliases(connack)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        loop {
+            if !buf.is_empty() && pump_out.send(buf.split().freeze()).await.is_err() {
+                return;
+            }
+            match up_rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            read = read_frame(&mut rd, &mut buf, max) => match read {
+                Ok(frame) => match inspect(version, &peer.principal, &frame, max) {
+                    Verdict::Forward => {
+                        if up_wr.write_all(&frame).await.is_err() {
+                            break;
+                        }
+                    }
+                    Verdict::Refuse { reason, detail, reply, close } => {
+                        refuse(reason, detail, Some(&client_id));
+                        if let Some(reply) = reply {
+                            let _ = to_device.send(reply).await;
+                        }
+                        if close {
+                            break;
+                        }
+                    }
+                },
+                Err(FrameError::Closed) => break,
+                Err(FrameError::TooLarge(n)) => {
+                    if version == Version::V5 {
+                        let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge)).await;
+                    }
+                    refuse(Reason::ProtocolError, format!("packet of {n} bytes; the limit is {max}"), Some(&client_id));
+                    break;
+                }
+                Err(FrameError::Malformed(e)) => {
+                    if version == Version::V5 {
+                        let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::MalformedPacket)).await;
+                    }
+                    refuse(Reason::ProtocolError, format!("malformed packet: {e}"), Some(&client_id));
+                    break;
+                }
+            },
+            _ = &mut pump => break,
+            _ = shutdown.changed() => {
+                if version == Version::V5 {
+                    let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::ServerShuttingDown)).await;
+                }
+                break;
+            }
+            changed = revocations.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                } else if revocations.borrow_and_update().is_revoked(&peer.cert.serial) {
+                    if version == Version::V5 {
+                        let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::AdministrativeAction)).await;
+                    }
+                    refuse(Reason::Revoked, "certificate revoked while connected; session closed".into(), Some(&client_id));
+                    break;
+                }
+            }
+        }
+    }
+    pump.abort();
+    drop(to_device);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    audit.record(
+        &Event::new(EventKind::Disconnected, peer.addr)
+            .with_identity(peer.identity.clone())
+            .with_client_id(client_id),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_protocol_level() {
+        let mut c = v4::Connect::new("a");
+        let frame = encode_v4(v4::Packet::Connect(c.clone()));
+        assert_eq!(protocol_level(&frame), Some(4));
+        c.protocol = mqttbytes::Protocol::V5;
+        let v5c = v5::Connect {
+            keep_alive: 10,
+            client_id: "a".into(),
+            clean_start: true,
+            properties: None,
+        };
+        assert_eq!(
+            protocol_level(&encode_v5(v5::Packet::Connect(v5c, None, None))),
+            Some(5)
+        );
+        assert_eq!(protocol_level(b"\x10\x0c\x00\x06MQIsdp\x03"), None);
+        assert_eq!(protocol_level(b"\x10"), None);
+        assert_eq!(protocol_level(&[0x10, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+}
