@@ -228,6 +228,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../gateway.example.toml");
+        let file: File = toml::from_str(text).unwrap();
+        assert_eq!(file.trust_domain.as_deref(), Some("iot.example.com"));
+        assert_eq!(file.limits.max_concurrent_handshakes, Some(256));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let e = parse("listen = \"x\"\ntrust_domian = \"a\"\n").unwrap_err();
         assert!(e.problem.contains("trust_domian"), "{e}");

@@ -61,6 +61,27 @@ enum FrameError {
     Malformed(String),
 }
 
+/// Reads the first packet, refusing at its first byte anything that is not
+/// a CONNECT (instead of waiting for the rest of a frame that never comes).
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<BytesMut, FrameError> {
+    while buf.is_empty() {
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(FrameError::Closed),
+            Ok(_) => {}
+        }
+    }
+    if buf[0] != 0x10 {
+        return Err(FrameError::Malformed(
+            "the first packet is not CONNECT".into(),
+        ));
+    }
+    read_frame(rd, buf, max).await
+}
+
 /// Reads one complete MQTT packet into a frame, reading more as needed.
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -428,43 +449,35 @@ pub async fn run<S>(
     let max = limits.max_packet_size;
     let mut buf = BytesMut::with_capacity(4096);
 
-    let frame = match tokio::time::timeout(
-        limits.connect_timeout,
-        read_frame(&mut rd, &mut buf, max),
-    )
-    .await
-    {
-        Err(_) => {
-            return refuse(
-                Reason::HandshakeTimeout,
-                format!("no CONNECT within {:?}", limits.connect_timeout),
-                None,
-            );
-        }
-        Ok(Err(FrameError::Closed)) => return,
-        Ok(Err(FrameError::TooLarge(n))) => {
-            return refuse(
-                Reason::ProtocolError,
-                format!("first packet is {n} bytes; the limit is {max}"),
-                None,
-            );
-        }
-        Ok(Err(FrameError::Malformed(e))) => {
-            return refuse(
-                Reason::ProtocolError,
-                format!("malformed packet: {e}"),
-                None,
-            );
-        }
-        Ok(Ok(frame)) => frame,
-    };
-    if frame.first().map(|b| b >> 4) != Some(1) {
-        return refuse(
-            Reason::ProtocolError,
-            "the first packet is not CONNECT".into(),
-            None,
-        );
-    }
+    let frame =
+        match tokio::time::timeout(limits.connect_timeout, read_connect(&mut rd, &mut buf, max))
+            .await
+        {
+            Err(_) => {
+                return refuse(
+                    Reason::HandshakeTimeout,
+                    format!("no CONNECT within {:?}", limits.connect_timeout),
+                    None,
+                );
+            }
+            Ok(Err(FrameError::Closed)) => return,
+            Ok(Err(FrameError::TooLarge(n))) => {
+                return refuse(
+                    Reason::ProtocolError,
+                    format!("first packet is {n} bytes; the limit is {max}"),
+                    None,
+                );
+            }
+            Ok(Err(FrameError::Malformed(e))) => {
+                return refuse(
+                    Reason::ProtocolError,
+                    format!("malformed packet: {e}"),
+                    None,
+                );
+            }
+            Ok(Ok(frame)) => frame,
+        };
+
     let version = match protocol_level(&frame) {
         Some(4) => Version::V311,
         Some(5) => Version::V5,
