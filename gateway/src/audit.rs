@@ -4,13 +4,13 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::identity::CertInfo;
+use crate::metrics::Metrics;
 use crate::reason::Reason;
 
 /// What happened.
@@ -87,7 +87,7 @@ impl Event {
 #[derive(Clone)]
 pub struct Audit {
     sink: Arc<Mutex<Box<dyn Write + Send>>>,
-    refusals: Arc<[AtomicU64; Reason::ALL.len()]>,
+    metrics: Arc<Metrics>,
 }
 
 impl Audit {
@@ -104,7 +104,7 @@ impl Audit {
     pub fn to_writer(sink: Box<dyn Write + Send>) -> Audit {
         Audit {
             sink: Arc::new(Mutex::new(sink)),
-            refusals: Arc::new(Default::default()),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -113,8 +113,7 @@ impl Audit {
         if let Some(reason) = event.reason
             && event.event == EventKind::Refused
         {
-            let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-            self.refusals[i].fetch_add(1, Ordering::Relaxed);
+            self.metrics.refused(reason);
             tracing::warn!(reason = reason.as_str(), peer = %event.peer, identity = ?event.identity, detail = ?event.detail, "refused");
         } else {
             tracing::info!(event = ?event.event, peer = %event.peer, identity = ?event.identity, "session");
@@ -131,12 +130,8 @@ impl Audit {
         }
     }
 
-    /// Refusals so far, by reason.
-    pub fn refusals(&self) -> Vec<(Reason, u64)> {
-        Reason::ALL
-            .iter()
-            .zip(self.refusals.iter())
-            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
-            .collect()
+    /// The metrics this log's refusals are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 }

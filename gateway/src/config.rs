@@ -20,6 +20,8 @@ pub struct File {
     pub crl: Option<PathBuf>,
     /// Where audit events go; stdout when absent.
     pub audit_log: Option<PathBuf>,
+    /// Where `/metrics` and `/healthz` are served; off when absent.
+    pub metrics: Option<String>,
     /// `embedded` (default) or `mqtt://host:port`.
     pub broker: Option<String>,
     pub broker_username: Option<String>,
@@ -61,6 +63,7 @@ pub struct Config {
     pub client_ca: PathBuf,
     pub crl: PathBuf,
     pub audit_log: Option<PathBuf>,
+    pub metrics: Option<SocketAddr>,
     pub broker: BrokerChoice,
     pub handshake_timeout: Duration,
     pub max_concurrent_handshakes: usize,
@@ -129,6 +132,15 @@ impl File {
                 ));
             }
             Ok(path)
+        };
+        let metrics = match self.metrics.as_deref() {
+            None => None,
+            Some(m) => Some(m.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "metrics",
+                    format!("{m:?} is not an address like 127.0.0.1:9100"),
+                )
+            })?),
         };
         let cert = file("cert", self.cert)?;
         let key = file("key", self.key)?;
@@ -208,6 +220,7 @@ impl File {
             client_ca,
             crl,
             audit_log: self.audit_log,
+            metrics,
             broker,
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_concurrent_handshakes,

@@ -48,6 +48,9 @@ struct Cli {
     /// Audit log file (JSON lines); stdout when absent.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Serve /metrics and /healthz on this address, e.g. 127.0.0.1:9100.
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +93,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     file.trust_domain = cli.trust_domain.or(file.trust_domain);
     file.broker = cli.broker.or(file.broker);
     file.audit_log = cli.audit_log.or(file.audit_log);
+    file.metrics = cli.metrics.or(file.metrics);
     let config = file.check()?;
 
     let audit = match &config.audit_log {
@@ -168,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_packet_size: config.max_packet_size,
             connect_timeout: config.handshake_timeout,
         },
+        metrics: config.metrics,
     };
     gateway
         .serve(listener, stopped, Duration::from_secs(5))

@@ -29,6 +29,8 @@ pub struct Gateway {
     pub handshake_timeout: Duration,
     pub max_handshakes: usize,
     pub limits: Limits,
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Shared state that a reload replaces.
@@ -54,6 +56,20 @@ impl Gateway {
         });
         let gateway = Arc::new(self);
         tokio::spawn(watch_files(gateway.clone(), live.clone()));
+        if let Some(addr) = gateway.metrics {
+            let metrics = gateway.audit.metrics().clone();
+            let crl = live.revocations.subscribe();
+            let broker = gateway.broker.v4;
+            // Bind now so that a bad address fails start-up, not later.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics: cannot bind {addr}: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = crate::metrics::serve(listener, metrics, crl, broker).await {
+                    tracing::error!(error = %e, "metrics endpoint stopped");
+                }
+            });
+        }
         let handshakes = Arc::new(Semaphore::new(gateway.max_handshakes));
         let sessions = tokio_util_free::Tracker::default();
         tracing::info!(listen = %listener.local_addr()?, "gateway listening");
@@ -161,6 +177,8 @@ async fn connection(
         }
     };
     let presented_info = || presented.get().and_then(|c| CertInfo::from_der(&c));
+    let metrics = gateway.audit.metrics();
+    metrics.handshake(matches!(accepted, Ok(Ok(_))));
     let stream = match accepted {
         Err(_) => {
             let detail = format!("no TLS handshake within {:?}", gateway.handshake_timeout);

@@ -25,6 +25,7 @@ use twofold_protocol::Principal;
 use crate::audit::{Audit, Event, EventKind};
 use crate::broker::BrokerTarget;
 use crate::identity::{self, CertInfo};
+use crate::metrics::Direction;
 use crate::policy;
 use crate::reason::Reason;
 use crate::revocation::RevocationList;
@@ -408,6 +409,25 @@ fn inspect_subscribe(
     }
 }
 
+/// The length of the whole packets at the start of `buf`, and how many of
+/// them are PUBLISH. Bytes the codec cannot frame are passed on as they
+/// are: they come from the broker, which the gateway trusts.
+fn scan_frames(buf: &[u8]) -> (usize, u64) {
+    let mut at = 0;
+    let mut publishes = 0;
+    while at < buf.len() {
+        match mqttbytes::check(buf[at..].iter(), usize::MAX) {
+            Ok(header) => {
+                publishes += u64::from(buf[at] >> 4 == 3);
+                at += header.frame_length();
+            }
+            Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+            Err(_) => return (buf.len(), publishes),
+        }
+    }
+    (at, publishes)
+}
+
 /// Removes topic alias support from a broker's MQTT 5 CONNACK.
 fn strip_topic_aliases(frame: BytesMut) -> Bytes {
     let mut frame = frame;
@@ -568,6 +588,8 @@ pub async fn run<S>(
             .with_certificate(Some(peer.cert.clone())),
     );
 
+    let metrics = audit.metrics().clone();
+    metrics.session_started(peer.cert.not_after);
     // One writer owns the device side; the broker pump and the policy's
     // answers both go through it.
     let (to_device, mut outbox) = mpsc::channel::<Bytes>(64);
@@ -580,6 +602,7 @@ pub async fn run<S>(
         let _ = wr.shutdown().await;
     });
     let pump_out = to_device.clone();
+    let pump_metrics = metrics.clone();
     let mut pump = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(16 * 1024);
         if version == Version::V5 {
@@ -593,8 +616,17 @@ pub async fn run<S>(
             }
         }
         loop {
-            if !buf.is_empty() && pump_out.send(buf.split().freeze()).await.is_err() {
-                return;
+            // Forward whole packets only, counting the PUBLISHes among them.
+            let (complete, publishes) = scan_frames(&buf);
+            if complete > 0 {
+                pump_metrics.relayed(Direction::Out, publishes, complete as u64);
+                if pump_out
+                    .send(buf.split_to(complete).freeze())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             match up_rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -609,6 +641,8 @@ pub async fn run<S>(
             read = read_frame(&mut rd, &mut buf, max) => match read {
                 Ok(frame) => match inspect(version, &peer.principal, &frame, max) {
                     Verdict::Forward => {
+                        let publishes = u64::from(frame.first().is_some_and(|b| b >> 4 == 3));
+                        metrics.relayed(Direction::In, publishes, frame.len() as u64);
                         if up_wr.write_all(&frame).await.is_err() {
                             break;
                         }
@@ -660,6 +694,7 @@ pub async fn run<S>(
         }
     }
     pump.abort();
+    metrics.session_ended(peer.cert.not_after);
     drop(to_device);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     audit.record(

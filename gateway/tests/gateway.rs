@@ -548,3 +548,62 @@ fn oversized_and_malformed_mqtt_are_protocol_errors() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn metrics_pass_promtool_and_count_what_happened() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let metrics_port = free_port();
+    let gw = Gateway::start(&fleet, &format!("metrics = \"127.0.0.1:{metrics_port}\""));
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &pub_args("sensor-1", "devices/sensor-1/telemetry", &[]),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &pub_args("intruder", "devices/intruder/telemetry", &[]),
+    );
+    gw.refusal("client_id_mismatch");
+
+    let (status, body) = http_get(metrics_addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}\n{body}",
+        text(&checked)
+    );
+    for line in [
+        "twofold_gateway_refusals_total{reason=\"client_id_mismatch\"} 1",
+        "twofold_gateway_refusals_total{reason=\"revoked\"} 0",
+        "twofold_gateway_handshakes_total{outcome=\"ok\"} 2",
+        "twofold_gateway_messages_total{direction=\"in\"} 1",
+        "twofold_gateway_crl_number 1",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in\n{body}"
+        );
+    }
+    let (status, body) = http_get(metrics_addr, "/healthz");
+    assert!(status.contains("200") && body == "ok\n", "{status} {body}");
+}
