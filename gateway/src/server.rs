@@ -133,7 +133,8 @@ async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
             Ok(next) => {
                 let next = Arc::new(next);
                 tracing::info!(crl_number = ?next.revocations.number, revoked = next.revocations.len(), "TLS files reloaded");
-                let _ = live.revocations.send(next.revocations.clone());
+                // send_replace stores the value even when no session is listening yet.
+                live.revocations.send_replace(next.revocations.clone());
                 if let Ok(mut slot) = live.tls.write() {
                     *slot = next;
                 }

@@ -607,3 +607,184 @@ fn metrics_pass_promtool_and_count_what_happened() {
     let (status, body) = http_get(metrics_addr, "/healthz");
     assert!(status.contains("200") && body == "ok\n", "{status} {body}");
 }
+
+#[test]
+fn a_resumed_tls_session_is_still_checked_against_the_current_crl() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let ca_file = fleet.path("openssl-ca.pem");
+    let s_client = |extra: &[&str]| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_client", "-connect", &gw.addr.to_string(), "-CAfile"])
+            .arg(&ca_file)
+            .arg("-cert")
+            .arg(&dev.cert)
+            .arg("-key")
+            .arg(&dev.key)
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        // Stay a moment so the session ticket arrives, then hang up.
+        let stdin = child.stdin.take();
+        std::thread::sleep(Duration::from_millis(700));
+        drop(stdin);
+        finish(child, 10)
+    };
+    let sess = fleet.path("session.pem");
+    let first = s_client(&["-sess_out", sess.to_str().unwrap()]);
+    assert!(text(&first).contains("New, TLSv1.3"), "{}", text(&first));
+    fleet.revoke("sensor-1");
+    std::thread::sleep(Duration::from_millis(1500)); // the gateway polls the CRL every second
+    let second = s_client(&["-sess_in", sess.to_str().unwrap()]);
+    assert!(
+        text(&second).contains("Reused, TLSv1.3"),
+        "the session was not resumed: {}",
+        text(&second)
+    );
+    let e = gw.refusal("revoked");
+    assert!(e["detail"].as_str().unwrap().contains("resumed"), "{e}");
+}
+
+#[test]
+fn sigterm_closes_sessions_and_exits() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let mut gw = Gateway::start(&fleet, "");
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &dev,
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "sensor-1",
+            "-t",
+            "devices/sensor-1/commands",
+        ],
+    );
+    wait_connected(&gw, "sensor-1");
+    let kill = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = gw.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not exit after SIGTERM:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", gw.log());
+    // The subscriber ended by itself (an exit code, not our kill signal):
+    // the gateway closed its session.
+    let out = finish(sub, 10);
+    assert!(
+        out.status.code().is_some(),
+        "the session was left open: {}",
+        text(&out)
+    );
+    assert!(
+        gw.events()
+            .iter()
+            .any(|e| e["event"] == "disconnected" && e["client_id"] == "sensor-1")
+    );
+}
+
+#[test]
+fn relays_to_an_external_mosquitto_broker() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let port = free_port();
+    let passwords = fleet.path("mosquitto.passwd");
+    std::fs::write(&passwords, "").unwrap();
+    let made = Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwords)
+        .args(["gateway", "s3cret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let conf = fleet.path("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n", passwords.display()),
+    )
+    .unwrap();
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto (Debian package mosquitto)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mosquitto did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gw = Gateway::start(
+        &fleet,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{port}\"\nbroker_username = \"gateway\"\nbroker_password = \"s3cret\""
+        ),
+    );
+    let mut sub = Command::new("mosquitto_sub");
+    sub.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-u",
+        "gateway",
+        "-P",
+        "s3cret",
+        "-t",
+        "devices/#",
+        "-C",
+        "1",
+        "-v",
+    ]);
+    let sub = sub
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &pub_args("sensor-1", "devices/sensor-1/telemetry", &[]),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let received = finish(sub, 10);
+    assert!(
+        String::from_utf8_lossy(&received.stdout).contains("devices/sensor-1/telemetry reading"),
+        "{}",
+        text(&received)
+    );
+    // Policy still applies on this path.
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &pub_args("sensor-1", "devices/other/telemetry", &[]),
+    );
+    assert!(!out.status.success());
+    gw.refusal("policy_denied");
+    let _ = broker.kill();
+    let _ = broker.wait();
+}

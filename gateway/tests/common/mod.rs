@@ -245,7 +245,11 @@ impl Gateway {
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(addr).is_err() {
+        // Wait for this gateway's own "listening" line: another test's
+        // gateway could hold the same port for a moment.
+        while !gateway.log().contains(&format!("listen=127.0.0.1:{port}"))
+            || TcpStream::connect(addr).is_err()
+        {
             if let Some(status) = gateway.child.try_wait().unwrap() {
                 panic!("gateway exited with {status}:\n{}", gateway.log());
             }
