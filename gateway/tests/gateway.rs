@@ -788,3 +788,136 @@ fn relays_to_an_external_mosquitto_broker() {
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+#[test]
+fn qos1_messages_all_arrive_through_the_relay() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ops = fleet.service("ops");
+    let gw = Gateway::start(&fleet, "");
+    const N: usize = 2000;
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &ops,
+        &[
+            "-i",
+            "ops",
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            &N.to_string(),
+        ],
+    );
+    wait_connected(&gw, "ops");
+    // mosquitto_pub -l sends every stdin line as one QoS 1 message.
+    let mut publisher = Command::new("mosquitto_pub");
+    publisher
+        .args(["-h", "localhost", "-p", &gw.port(), "--cafile"])
+        .arg(fleet.path("openssl-ca.pem"))
+        .arg("--cert")
+        .arg(&dev.cert)
+        .arg("--key")
+        .arg(&dev.key)
+        .args([
+            "-i",
+            "sensor-1",
+            "-t",
+            "devices/sensor-1/telemetry",
+            "-q",
+            "1",
+            "-l",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut publisher = publisher.spawn().unwrap();
+    let lines: String = (0..N).map(|i| format!("seq-{i}\n")).collect();
+    publisher
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    let published = finish(publisher, 60);
+    assert!(published.status.success(), "{}", text(&published));
+    let out = finish(sub, 60);
+    let received: std::collections::HashSet<&str> =
+        std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    let missing: Vec<usize> = (0..N)
+        .filter(|i| !received.contains(format!("seq-{i}").as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {N} QoS 1 messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[test]
+fn a_new_server_certificate_is_used_without_dropping_sessions() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &dev,
+        &["-i", "sensor-1", "-t", "devices/sensor-1/commands"],
+    );
+    wait_connected(&gw, "sensor-1");
+    let served_pem = fleet.path("served.pem");
+    let served_serial = || {
+        let mut s_client = Command::new("openssl");
+        s_client.args(["s_client", "-connect", &gw.addr.to_string(), "-showcerts"]);
+        let out = run_bounded(s_client, 10);
+        let pem = text(&out);
+        let start = pem
+            .find("-----BEGIN CERTIFICATE-----")
+            .expect("a certificate");
+        let end =
+            pem.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+        std::fs::write(&served_pem, &pem[start..end]).unwrap();
+        let mut x509 = Command::new("openssl");
+        x509.args(["x509", "-noout", "-serial", "-in"])
+            .arg(&served_pem);
+        text(&run_bounded(x509, 10)).trim().to_lowercase()
+    };
+    let before = served_serial();
+    // Rotate: a new certificate and key, each file replaced atomically.
+    let new = fleet
+        .pki
+        .issue_gateway(&["localhost".into()], &["127.0.0.1".parse().unwrap()], 30)
+        .unwrap();
+    let rotated = fleet.path("rotated");
+    twofold_provisioning::output::write_gateway(
+        &rotated,
+        &new,
+        &fleet.pki.device_ca_pem().unwrap(),
+        &fleet.pki.crl_pem().unwrap(),
+    )
+    .unwrap();
+    for file in ["gateway.key", "gateway.pem"] {
+        std::fs::rename(rotated.join(file), fleet.path("gw").join(file)).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while served_serial() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was never served:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(served_serial(), format!("serial={}", new.record.serial));
+    let mut sub = sub;
+    assert!(
+        sub.try_wait().unwrap().is_none(),
+        "rotation dropped a healthy session"
+    );
+    let _ = sub.kill();
+    let _ = sub.wait();
+}
