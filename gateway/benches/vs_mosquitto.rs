@@ -1,0 +1,610 @@
+//! Twofold's gateway and mosquitto side by side: same certificates, same
+//! load, same machine, one run. Prints a table with ratios.
+//!
+//!     cargo bench -p twofold-gateway --bench vs_mosquitto            # full
+//!     cargo bench -p twofold-gateway --bench vs_mosquitto -- --quick # smoke
+//!
+//! Both servers require client certificates (mosquitto with
+//! `require_certificate true`, TCP_NODELAY on). The load generator runs in
+//! this process on the same cores, so compare the ratios, not the absolute
+//! numbers.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{self, Packet};
+use rumqttc::mqttbytes::{self, QoS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use twofold_protocol::{DeviceId, Principal, ServiceName, TrustDomain};
+use twofold_provisioning::{EnrollOptions, EnrollRequest, KeySource, Pki, output};
+
+struct Sizes {
+    connects: usize,
+    idle: usize,
+    publishers: usize,
+    messages: usize,
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = if quick {
+        Sizes {
+            connects: 300,
+            idle: 500,
+            publishers: 20,
+            messages: 100,
+        }
+    } else {
+        Sizes {
+            connects: 2000,
+            idle: 5000,
+            publishers: 100,
+            messages: 500,
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    println!(
+        "preparing a PKI with {} device identities...",
+        sizes.idle.max(sizes.connects)
+    );
+    let fleet = Fleet::new(dir.path(), sizes.idle.max(sizes.connects));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let mut results = Vec::new();
+    for kind in [Kind::Twofold, Kind::Mosquitto] {
+        let server = Server::start(kind, &fleet);
+        println!(
+            "\n== {} (pid {}) on {}",
+            kind.name(),
+            server.pid(),
+            server.addr
+        );
+        let r = runtime.block_on(measure(&fleet, &server, &sizes));
+        println!("{r:#?}");
+        results.push(r);
+    }
+    print_table(&results[0], &results[1], &sizes);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Twofold,
+    Mosquitto,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Twofold => "twofold gateway (embedded rumqttd)",
+            Kind::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// Certificates for everyone, on disk and as rustls client configs.
+struct Fleet {
+    dir: PathBuf,
+    devices: Vec<(String, Arc<rustls::ClientConfig>)>,
+    subscriber: (String, Arc<rustls::ClientConfig>),
+}
+
+impl Fleet {
+    fn new(dir: &Path, devices: usize) -> Fleet {
+        let mut pki = Pki::init(
+            &dir.join("pki"),
+            TrustDomain::parse("bench.example").unwrap(),
+            None,
+        )
+        .expect("init");
+        let gw = pki
+            .issue_gateway(&["localhost".into()], &["127.0.0.1".parse().unwrap()], 30)
+            .unwrap();
+        output::write_gateway(
+            &dir.join("gw"),
+            &gw,
+            &pki.device_ca_pem().unwrap(),
+            &pki.crl_pem().unwrap(),
+        )
+        .unwrap();
+        let server_ca = pki.server_ca_pem().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let roots = Arc::new(roots);
+        let mut requests: Vec<EnrollRequest> = (0..devices)
+            .map(|i| EnrollRequest {
+                principal: Principal::Device(DeviceId::parse(&format!("dev-{i}")).unwrap()),
+                key: KeySource::Generate,
+            })
+            .collect();
+        requests.push(EnrollRequest {
+            principal: Principal::Service(ServiceName::parse("bench").unwrap()),
+            key: KeySource::Generate,
+        });
+        let issued = pki
+            .enroll(
+                requests,
+                EnrollOptions {
+                    days: 30,
+                    replace: false,
+                },
+                &mut |_| {},
+            )
+            .unwrap();
+        let config = |e: &twofold_provisioning::Enrollment| {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(e.chain_pem.as_bytes())
+                    .map(|c| c.unwrap())
+                    .collect();
+            let key_pem =
+                twofold_provisioning::keys::to_pem(e.key.as_ref().unwrap(), None).unwrap();
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+            // Every connect is a full handshake.
+            c.resumption = rustls::client::Resumption::disabled();
+            Arc::new(c)
+        };
+        let mut devices: Vec<(String, Arc<rustls::ClientConfig>)> = issued
+            .iter()
+            .map(|e| (e.record.name.clone(), config(e)))
+            .collect();
+        let subscriber = devices.pop().unwrap();
+        // mosquitto (OpenSSL) needs the root as anchor for client certificates.
+        let root = std::fs::read_to_string(dir.join("pki/root-ca.pem")).unwrap();
+        std::fs::write(
+            dir.join("mosquitto-ca.pem"),
+            format!("{}{root}", pki.device_ca_pem().unwrap()),
+        )
+        .unwrap();
+        Fleet {
+            dir: dir.to_owned(),
+            devices,
+            subscriber: ("bench".into(), subscriber.1),
+        }
+    }
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(kind: Kind, fleet: &Fleet) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = &fleet.dir;
+        let child = match kind {
+            Kind::Twofold => Command::new(env!("CARGO_BIN_EXE_gateway"))
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--trust-domain",
+                    "bench.example",
+                ])
+                .arg("--cert")
+                .arg(d.join("gw/gateway.pem"))
+                .arg("--key")
+                .arg(d.join("gw/gateway.key"))
+                .arg("--client-ca")
+                .arg(d.join("gw/client-ca.pem"))
+                .arg("--crl")
+                .arg(d.join("gw/crl.pem"))
+                .arg("--audit-log")
+                .arg(d.join("audit.jsonl"))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("gateway"),
+            Kind::Mosquitto => {
+                let conf = d.join("mosquitto.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\ncrlfile {}\nrequire_certificate true\n\
+                         use_identity_as_username true\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 0\nlog_dest none\n\
+                         user {}\n",
+                        d.join("mosquitto-ca.pem").display(),
+                        d.join("gw/gateway.pem").display(),
+                        d.join("gw/gateway.key").display(),
+                        d.join("gw/crl.pem").display(),
+                        // Started as root, mosquitto would switch to its own
+                        // user, which cannot read the 0700 bundle directory.
+                        std::env::var("USER").unwrap_or_else(|_| "root".into())
+                    ),
+                )
+                .unwrap();
+                Command::new("mosquitto")
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("mosquitto")
+            }
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "{} did not start", kind.name());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// User + system CPU seconds of the server process so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Results {
+    connects_per_cpu_second: f64,
+    connects_per_wall_second: f64,
+    idle_kib_per_connection: f64,
+    qos1: Throughput,
+    qos0: Throughput,
+}
+
+#[derive(Debug)]
+struct Throughput {
+    sent: u64,
+    delivered: u64,
+    per_second: f64,
+}
+
+type Stream = TlsStream<TcpStream>;
+
+async fn read_packet(s: &mut Stream, buf: &mut BytesMut) -> std::io::Result<Packet> {
+    loop {
+        match Packet::read(buf, 1 << 20) {
+            Ok(p) => return Ok(p),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+        if s.read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+async fn write_packet(s: &mut Stream, p: Packet) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    p.write(&mut out, usize::MAX)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    s.write_all(&out).await
+}
+
+async fn connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    client_id: &str,
+) -> std::io::Result<(Stream, BytesMut)> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut tls = TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let mut connect = v4::Connect::new(client_id);
+    connect.keep_alive = 600;
+    write_packet(&mut tls, Packet::Connect(connect)).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    match read_packet(&mut tls, &mut buf).await? {
+        Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => Ok((tls, buf)),
+        other => Err(std::io::Error::other(format!("CONNECT refused: {other:?}"))),
+    }
+}
+
+async fn measure(fleet: &Fleet, server: &Server, sizes: &Sizes) -> Results {
+    let addr = server.addr;
+    // 1. Full handshakes + CONNECT/CONNACK + DISCONNECT, 32 at a time.
+    let cpu0 = server.cpu_seconds();
+    let wall0 = Instant::now();
+    let gate = Arc::new(Semaphore::new(32));
+    let failed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..sizes.connects {
+        let (id, config) = fleet.devices[i % fleet.devices.len()].clone();
+        let gate = gate.clone();
+        let failed = failed.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await;
+            match connect(addr, config, &id).await {
+                Ok((mut s, _)) => {
+                    let _ = write_packet(&mut s, Packet::Disconnect).await;
+                    let _ = s.shutdown().await;
+                }
+                Err(_) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu = (server.cpu_seconds() - cpu0).max(0.01);
+    let ok = (sizes.connects as u64 - failed.load(Ordering::Relaxed)) as f64;
+    println!("connects: {ok} ok in {wall:.2}s wall, {cpu:.2}s server CPU");
+
+    // 2. Idle sessions held open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = server.rss_kib();
+    let gate = Arc::new(Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for i in 0..sizes.idle {
+        let (id, config) = fleet.devices[i % fleet.devices.len()].clone();
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await;
+            connect(addr, config, &id).await.ok()
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        if let Ok(Some(s)) = t.await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = server.rss_kib();
+    let idle_kib = (rss1.saturating_sub(rss0)) as f64 / held.len().max(1) as f64;
+    println!(
+        "idle: {} sessions, RSS {rss0} KiB -> {rss1} KiB",
+        held.len()
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let qos1 = throughput(fleet, addr, sizes, QoS::AtLeastOnce).await;
+    let qos0 = throughput(fleet, addr, sizes, QoS::AtMostOnce).await;
+    Results {
+        connects_per_cpu_second: ok / cpu,
+        connects_per_wall_second: ok / wall,
+        idle_kib_per_connection: idle_kib,
+        qos1,
+        qos0,
+    }
+}
+
+/// `publishers` devices each publish `messages` to their telemetry topic;
+/// one subscriber on devices/+/telemetry counts what arrives.
+async fn throughput(fleet: &Fleet, addr: SocketAddr, sizes: &Sizes, qos: QoS) -> Throughput {
+    let expected = (sizes.publishers * sizes.messages) as u64;
+    let (mut sub, mut sub_buf) = connect(addr, fleet.subscriber.1.clone(), &fleet.subscriber.0)
+        .await
+        .expect("subscriber connects");
+    let subscribe = v4::Subscribe {
+        pkid: 1,
+        filters: vec![v4::SubscribeFilter::new(
+            "devices/+/telemetry".into(),
+            QoS::AtLeastOnce,
+        )],
+    };
+    write_packet(&mut sub, Packet::Subscribe(subscribe))
+        .await
+        .unwrap();
+    loop {
+        if let Packet::SubAck(_) = read_packet(&mut sub, &mut sub_buf).await.unwrap() {
+            break;
+        }
+    }
+    let counter = tokio::spawn(async move {
+        let mut seen = HashSet::new();
+        let mut last = Instant::now();
+        while (seen.len() as u64) < expected {
+            match tokio::time::timeout(Duration::from_secs(5), read_packet(&mut sub, &mut sub_buf))
+                .await
+            {
+                Ok(Ok(Packet::Publish(p))) => {
+                    if p.qos == QoS::AtLeastOnce {
+                        let _ =
+                            write_packet(&mut sub, Packet::PubAck(v4::PubAck::new(p.pkid))).await;
+                    }
+                    seen.insert(p.payload);
+                    last = Instant::now();
+                }
+                Ok(Ok(_)) => {}
+                // Nothing for 5 s, or the connection ended: what arrived is all that will.
+                _ => break,
+            }
+        }
+        (seen.len() as u64, last)
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..sizes.publishers {
+        let (id, config) = fleet.devices[p].clone();
+        let messages = sizes.messages;
+        tasks.push(tokio::spawn(async move {
+            let Ok((stream, buf)) = connect(addr, config, &id).await else {
+                return 0u64;
+            };
+            publish_all(stream, buf, &id, messages, qos).await
+        }));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await.unwrap_or(0);
+    }
+    let (delivered, last) = counter.await.unwrap_or((0, start));
+    let seconds = last.duration_since(start).as_secs_f64().max(0.001);
+    println!("{qos:?}: sent {sent}, delivered {delivered} in {seconds:.2}s");
+    Throughput {
+        sent,
+        delivered,
+        per_second: delivered as f64 / seconds,
+    }
+}
+
+/// Publishes with at most 16 QoS 1 messages awaiting PUBACK.
+async fn publish_all(
+    stream: Stream,
+    mut buf: BytesMut,
+    id: &str,
+    messages: usize,
+    qos: QoS,
+) -> u64 {
+    let topic = format!("devices/{id}/telemetry");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let window = Arc::new(Semaphore::new(16));
+    let acks = if qos == QoS::AtLeastOnce {
+        let window = window.clone();
+        Some(tokio::spawn(async move {
+            let mut acked = 0u64;
+            while (acked as usize) < messages {
+                let packet = loop {
+                    match Packet::read(&mut buf, 1 << 20) {
+                        Ok(p) => break Some(p),
+                        Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                        Err(_) => break None,
+                    }
+                    match rd.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => break None,
+                        Ok(_) => {}
+                    }
+                };
+                match packet {
+                    Some(Packet::PubAck(_)) => {
+                        acked += 1;
+                        window.add_permits(1);
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            acked
+        }))
+    } else {
+        None
+    };
+    let mut sent = 0u64;
+    for seq in 0..messages {
+        if qos == QoS::AtLeastOnce {
+            match window.acquire().await {
+                Ok(p) => p.forget(),
+                Err(_) => break,
+            }
+        }
+        let payload = format!("{id}:{seq:08}:{}", "x".repeat(40));
+        let mut publish = v4::Publish::new(topic.clone(), qos, payload);
+        publish.pkid = if qos == QoS::AtLeastOnce {
+            (seq % 60000 + 1) as u16
+        } else {
+            0
+        };
+        let mut out = BytesMut::new();
+        if publish.write(&mut out).is_err() || wr.write_all(&out).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let _ = wr.flush().await;
+    if let Some(acks) = acks {
+        let acked = tokio::time::timeout(Duration::from_secs(60), acks)
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0);
+        sent = sent.min(acked.max(sent));
+    } else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sent
+}
+
+fn print_table(t: &Results, m: &Results, sizes: &Sizes) {
+    let ratio = |a: f64, b: f64| {
+        if b > 0.0 {
+            format!("{:.2}x", a / b)
+        } else {
+            "-".into()
+        }
+    };
+    println!("\n| measure | twofold | mosquitto | twofold / mosquitto |");
+    println!("|---|---|---|---|");
+    println!(
+        "| connects per server CPU-second ({} full mTLS handshakes + CONNECT) | {:.0} | {:.0} | {} |",
+        sizes.connects,
+        t.connects_per_cpu_second,
+        m.connects_per_cpu_second,
+        ratio(t.connects_per_cpu_second, m.connects_per_cpu_second)
+    );
+    println!(
+        "| connects per wall second (32 at a time) | {:.0} | {:.0} | {} |",
+        t.connects_per_wall_second,
+        m.connects_per_wall_second,
+        ratio(t.connects_per_wall_second, m.connects_per_wall_second)
+    );
+    println!(
+        "| memory per idle connection, KiB ({} sessions) | {:.1} | {:.1} | {} |",
+        sizes.idle,
+        t.idle_kib_per_connection,
+        m.idle_kib_per_connection,
+        ratio(t.idle_kib_per_connection, m.idle_kib_per_connection)
+    );
+    for (name, a, b) in [("QoS 1", &t.qos1, &m.qos1), ("QoS 0", &t.qos0, &m.qos0)] {
+        println!(
+            "| {name} delivered per second ({} publishers x {}) | {:.0} (lost {}) | {:.0} (lost {}) | {} |",
+            sizes.publishers,
+            sizes.messages,
+            a.per_second,
+            a.sent.saturating_sub(a.delivered),
+            b.per_second,
+            b.sent.saturating_sub(b.delivered),
+            ratio(a.per_second, b.per_second)
+        );
+    }
+}
