@@ -467,7 +467,7 @@ pub async fn run<S>(
     };
     let (mut rd, mut wr) = tokio::io::split(stream);
     let max = limits.max_packet_size;
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(512);
 
     let frame =
         match tokio::time::timeout(limits.connect_timeout, read_connect(&mut rd, &mut buf, max))
@@ -592,7 +592,7 @@ pub async fn run<S>(
     metrics.session_started(peer.cert.not_after);
     // One writer owns the device side; the broker pump and the policy's
     // answers both go through it.
-    let (to_device, mut outbox) = mpsc::channel::<Bytes>(64);
+    let (to_device, mut outbox) = mpsc::channel::<Bytes>(16);
     let writer = tokio::spawn(async move {
         while let Some(bytes) = outbox.recv().await {
             if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
@@ -604,7 +604,7 @@ pub async fn run<S>(
     let pump_out = to_device.clone();
     let pump_metrics = metrics.clone();
     let mut pump = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut buf = BytesMut::with_capacity(512);
         if version == Version::V5 {
             match read_frame(&mut up_rd, &mut buf, usize::MAX).await {
                 Ok(connack) => {

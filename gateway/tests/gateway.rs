@@ -140,6 +140,33 @@ fn a_device_cannot_publish_or_subscribe_outside_its_topics() {
         })
         .unwrap_or_else(|| panic!("no policy_denied for {filter}; audit: {:#?}", gw.events()));
     }
+    // MQTT 5: the SUBSCRIBE is answered with SUBACK "not authorized" and
+    // the session stays open.
+    let before = gw
+        .events()
+        .iter()
+        .filter(|e| e["reason"] == "policy_denied")
+        .count();
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &dev,
+        &["-V", "mqttv5", "-i", "sensor-1", "-t", "#", "-W", "5"],
+    );
+    let out = finish(sub, 10);
+    assert!(
+        text(&out).to_lowercase().contains("denied"),
+        "{}",
+        text(&out)
+    );
+    gw.wait_for(|_| {
+        gw.events()
+            .iter()
+            .filter(|e| e["reason"] == "policy_denied")
+            .count()
+            > before
+    })
+    .expect("a v5 SUBSCRIBE refusal is audited");
 }
 
 #[test]
