@@ -45,6 +45,12 @@ pub struct EmbeddedLimits {
     /// `segment_size × segment_count` bytes; this bounds memory per device.
     pub segment_size: usize,
     pub segment_count: usize,
+    /// The same for the fan-in filters backend services subscribe to
+    /// (`devices/+/telemetry` and the like), which carry every device's
+    /// traffic: a subscriber that falls further behind than this loses
+    /// messages, QoS 1 included (rumqttd has no back-pressure).
+    pub fan_in_segment_size: usize,
+    pub fan_in_segment_count: usize,
 }
 
 impl Default for EmbeddedLimits {
@@ -54,6 +60,8 @@ impl Default for EmbeddedLimits {
             max_payload_size: 256 * 1024,
             segment_size: 256 * 1024,
             segment_count: 2,
+            fan_in_segment_size: 4 * 1024 * 1024,
+            fan_in_segment_count: 8,
         }
     }
 }
@@ -114,6 +122,7 @@ pub fn start_embedded(limits: &EmbeddedLimits) -> Result<BrokerTarget, BrokerErr
             max_outgoing_packet_count: 256,
             max_segment_size: limits.segment_size.max(1024),
             max_segment_count: limits.segment_count.max(1),
+            custom_segment: Some(fan_in_segments(limits)),
             ..Default::default()
         },
         v4: Some(HashMap::from([("v4".to_owned(), server("v4", v4))])),
@@ -138,6 +147,26 @@ pub fn start_embedded(limits: &EmbeddedLimits) -> Result<BrokerTarget, BrokerErr
         v5,
         credential: Some(credential),
     })
+}
+
+/// Larger logs for the filters that gather every device's messages.
+fn fan_in_segments(limits: &EmbeddedLimits) -> HashMap<String, rumqttd::SegmentConfig> {
+    let segment = rumqttd::SegmentConfig {
+        max_segment_size: limits.fan_in_segment_size.max(1024),
+        max_segment_count: limits.fan_in_segment_count.max(1),
+    };
+    let channels = twofold_protocol::Channel::ALL.map(|c| c.as_str());
+    channels
+        .iter()
+        .copied()
+        .chain(["#"])
+        .map(|tail| {
+            (
+                format!("{}/+/{tail}", twofold_protocol::topic::DEVICES),
+                segment.clone(),
+            )
+        })
+        .collect()
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {

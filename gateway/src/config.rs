@@ -40,6 +40,8 @@ pub struct LimitsFile {
     pub max_tls_record: Option<usize>,
     pub embedded_segment_size: Option<usize>,
     pub embedded_segment_count: Option<usize>,
+    pub embedded_fan_in_segment_size: Option<usize>,
+    pub embedded_fan_in_segment_count: Option<usize>,
 }
 
 /// Where sessions are relayed.
@@ -71,6 +73,8 @@ pub struct Config {
     pub max_tls_record: Option<usize>,
     pub embedded_segment_size: usize,
     pub embedded_segment_count: usize,
+    pub embedded_fan_in_segment_size: usize,
+    pub embedded_fan_in_segment_count: usize,
 }
 
 /// A configuration problem, naming the key.
@@ -212,6 +216,21 @@ impl File {
         if embedded_segment_count == 0 {
             return Err(err("limits.embedded_segment_count", "must be at least 1"));
         }
+        let embedded_fan_in_segment_size =
+            l.embedded_fan_in_segment_size.unwrap_or(4 * 1024 * 1024);
+        if embedded_fan_in_segment_size < 1024 {
+            return Err(err(
+                "limits.embedded_fan_in_segment_size",
+                "must be at least 1024 bytes",
+            ));
+        }
+        let embedded_fan_in_segment_count = l.embedded_fan_in_segment_count.unwrap_or(8);
+        if embedded_fan_in_segment_count == 0 {
+            return Err(err(
+                "limits.embedded_fan_in_segment_count",
+                "must be at least 1",
+            ));
+        }
         Ok(Config {
             listen,
             trust_domain,
@@ -228,6 +247,8 @@ impl File {
             max_tls_record: l.max_tls_record,
             embedded_segment_size,
             embedded_segment_count,
+            embedded_fan_in_segment_size,
+            embedded_fan_in_segment_count,
         })
     }
 }

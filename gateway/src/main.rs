@@ -107,6 +107,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 max_payload_size: config.max_packet_size,
                 segment_size: config.embedded_segment_size,
                 segment_count: config.embedded_segment_count,
+                fan_in_segment_size: config.embedded_fan_in_segment_size,
+                fan_in_segment_count: config.embedded_fan_in_segment_count,
                 ..EmbeddedLimits::default()
             };
             tokio::task::spawn_blocking(move || broker::start_embedded(&limits)).await??

@@ -1,7 +1,7 @@
 //! A PKI, a running gateway and real MQTT/TLS clients, all on loopback.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -374,13 +374,32 @@ pub fn mosquitto_sub(fleet: &Fleet, gw: &Gateway, who: &Identity, args: &[&str])
 }
 
 /// Waits (at most `secs`) for a background client to end; kills it after.
+/// Waits for a child up to `secs` seconds (then kills it) and collects its
+/// output. Stdout and stderr are drained while waiting: a child blocked on a
+/// full pipe would otherwise look like a stalled peer.
 pub fn finish(mut child: Child, secs: u64) -> Output {
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut out);
+            }
+            out
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + Duration::from_secs(secs);
     while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
-    child.wait_with_output().unwrap()
+    let status = child.wait().unwrap();
+    Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
 }
 
 pub fn text(out: &Output) -> String {
