@@ -8,9 +8,14 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_core::RngCore;
+use rustls_pki_types::ServerName;
+
+use crate::config::ExternalTls;
+use crate::tls::{TlsSetupError, load_certs, load_key};
 
 /// The credential the gateway presents to the broker.
 #[derive(Clone)]
@@ -34,6 +39,58 @@ pub struct BrokerTarget {
     pub v5: SocketAddr,
     /// Written into every forwarded CONNECT, replacing the device's own.
     pub credential: Option<Credential>,
+    /// TLS towards the broker, for `mqtts://`.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the gateway speaks TLS to an external broker.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UpstreamTls({:?})", self.server_name)
+    }
+}
+
+/// Builds the TLS client side for an external broker: trusts only the
+/// configured CA, checks the broker's name, and presents a client
+/// certificate when one is configured.
+pub fn upstream_tls(tls: &ExternalTls) -> Result<UpstreamTls, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(&tls.ca)? {
+        roots.add(ca).map_err(|e| TlsSetupError::File {
+            path: tls.ca.clone(),
+            detail: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| TlsSetupError::File {
+                path: key.clone(),
+                detail: format!("does not match {}: {e}", cert.display()),
+            })?,
+    };
+    let server_name = ServerName::try_from(tls.server_name.clone()).map_err(|e| {
+        TlsSetupError::Rustls(format!(
+            "broker: {:?} is not a valid server name: {e}",
+            tls.server_name
+        ))
+    })?;
+    Ok(UpstreamTls {
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
 }
 
 /// Limits of the embedded broker.
@@ -146,6 +203,7 @@ pub fn start_embedded(limits: &EmbeddedLimits) -> Result<BrokerTarget, BrokerErr
         v4,
         v5,
         credential: Some(credential),
+        tls: None,
     })
 }
 

@@ -22,10 +22,15 @@ pub struct File {
     pub audit_log: Option<PathBuf>,
     /// Where `/metrics` and `/healthz` are served; off when absent.
     pub metrics: Option<String>,
-    /// `embedded` (default) or `mqtt://host:port`.
+    /// `embedded` (default), `mqtt://host:port` or `mqtts://host:port`.
     pub broker: Option<String>,
     pub broker_username: Option<String>,
     pub broker_password: Option<String>,
+    /// For `mqtts://`: the CA that signed the broker's certificate.
+    pub broker_ca: Option<PathBuf>,
+    /// For `mqtts://` brokers that require a client certificate.
+    pub broker_cert: Option<PathBuf>,
+    pub broker_key: Option<PathBuf>,
     #[serde(default)]
     pub limits: LimitsFile,
 }
@@ -49,10 +54,22 @@ pub struct LimitsFile {
 pub enum BrokerChoice {
     Embedded,
     External {
+        /// `host:port`.
         addr: String,
         username: Option<String>,
         password: Option<String>,
+        tls: Option<ExternalTls>,
     },
+}
+
+/// TLS towards an external broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalTls {
+    /// The name the broker's certificate must carry.
+    pub server_name: String,
+    pub ca: PathBuf,
+    /// A client certificate chain and its key, if the broker asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// A checked configuration.
@@ -152,32 +169,83 @@ impl File {
         let crl = file("crl", self.crl)?;
         let broker = match self.broker.as_deref() {
             None | Some("embedded") => {
-                if self.broker_username.is_some() || self.broker_password.is_some() {
-                    return Err(err(
-                        "broker_username",
-                        "only used with an external broker (broker = \"mqtt://host:port\")",
-                    ));
+                for (key, set) in [
+                    ("broker_username", self.broker_username.is_some()),
+                    ("broker_password", self.broker_password.is_some()),
+                    ("broker_ca", self.broker_ca.is_some()),
+                    ("broker_cert", self.broker_cert.is_some()),
+                    ("broker_key", self.broker_key.is_some()),
+                ] {
+                    if set {
+                        return Err(err(
+                            key,
+                            "only used with an external broker (broker = \"mqtt://host:port\" or \"mqtts://host:port\")",
+                        ));
+                    }
                 }
                 BrokerChoice::Embedded
             }
             Some(url) => {
-                let addr = url
-                    .strip_prefix("mqtt://")
-                    .filter(|a| {
-                        a.rsplit_once(':').is_some_and(|(h, p)| {
-                            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
-                        })
+                let bad_url = || {
+                    err(
+                        "broker",
+                        format!(
+                            "{url:?} is neither \"embedded\" nor mqtt://HOST:PORT or mqtts://HOST:PORT"
+                        ),
+                    )
+                };
+                let (secure, rest) = match url.split_once("://") {
+                    Some(("mqtt", rest)) => (false, rest),
+                    Some(("mqtts", rest)) => (true, rest),
+                    _ => return Err(bad_url()),
+                };
+                let host = rest
+                    .rsplit_once(':')
+                    .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                    .ok_or_else(bad_url)?;
+                let tls = if secure {
+                    if self.broker_ca.is_none() {
+                        return Err(err(
+                            "broker_ca",
+                            "required with mqtts:// (the CA that signed the broker's certificate)",
+                        ));
+                    }
+                    let ca = file("broker_ca", self.broker_ca)?;
+                    let identity = match (self.broker_cert, self.broker_key) {
+                        (Some(c), Some(k)) => {
+                            Some((file("broker_cert", Some(c))?, file("broker_key", Some(k))?))
+                        }
+                        (None, None) => None,
+                        (Some(_), None) => {
+                            return Err(err("broker_key", "required with broker_cert"));
+                        }
+                        (None, Some(_)) => {
+                            return Err(err("broker_cert", "required with broker_key"));
+                        }
+                    };
+                    Some(ExternalTls {
+                        server_name: host.to_owned(),
+                        ca,
+                        identity,
                     })
-                    .ok_or_else(|| {
-                        err(
-                            "broker",
-                            format!("{url:?} is neither \"embedded\" nor mqtt://HOST:PORT"),
-                        )
-                    })?;
+                } else {
+                    for (key, set) in [
+                        ("broker_ca", self.broker_ca.is_some()),
+                        ("broker_cert", self.broker_cert.is_some()),
+                        ("broker_key", self.broker_key.is_some()),
+                    ] {
+                        if set {
+                            return Err(err(key, "only used with mqtts://"));
+                        }
+                    }
+                    None
+                };
                 BrokerChoice::External {
-                    addr: addr.to_owned(),
+                    addr: rest.to_owned(),
                     username: self.broker_username,
                     password: self.broker_password,
+                    tls,
                 }
             }
         };
@@ -296,5 +364,70 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "cert");
         assert!(e.problem.contains("/nonexistent does not exist"), "{e}");
+    }
+
+    #[test]
+    fn external_broker_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "x").unwrap();
+            Some(p)
+        };
+        let base = || File {
+            trust_domain: Some("iot.example".into()),
+            cert: f("cert"),
+            key: f("key"),
+            client_ca: f("ca"),
+            crl: f("crl"),
+            ..File::default()
+        };
+        let check = |edit: &dyn Fn(&mut File)| {
+            let mut file = base();
+            edit(&mut file);
+            file.check()
+        };
+        let e = check(&|c| c.broker = Some("http://x:1".into())).unwrap_err();
+        assert_eq!(e.key, "broker");
+        let e = check(&|c| c.broker = Some("mqtt://:1883".into())).unwrap_err();
+        assert_eq!(e.key, "broker");
+        let e = check(&|c| c.broker = Some("mqtts://b:8883".into())).unwrap_err();
+        assert_eq!(e.key, "broker_ca");
+        assert!(e.problem.contains("required"), "{e}");
+        let e = check(&|c| {
+            c.broker = Some("mqtt://b:1883".into());
+            c.broker_ca = f("bca");
+        })
+        .unwrap_err();
+        assert_eq!(e.key, "broker_ca");
+        let e = check(&|c| c.broker_username = Some("u".into())).unwrap_err();
+        assert_eq!(e.key, "broker_username");
+        let e = check(&|c| {
+            c.broker = Some("mqtts://b:8883".into());
+            c.broker_ca = f("bca");
+            c.broker_cert = f("bcert");
+        })
+        .unwrap_err();
+        assert_eq!(e.key, "broker_key");
+
+        let ok = check(&|c| {
+            c.broker = Some("mqtts://broker.internal:8883".into());
+            c.broker_ca = f("bca");
+            c.broker_cert = f("bcert");
+            c.broker_key = f("bkey");
+        })
+        .unwrap();
+        let BrokerChoice::External { addr, tls, .. } = ok.broker else {
+            panic!("external expected");
+        };
+        assert_eq!(addr, "broker.internal:8883");
+        let tls = tls.unwrap();
+        assert_eq!(tls.server_name, "broker.internal");
+        assert!(tls.identity.is_some());
+        let ok = check(&|c| c.broker = Some("mqtt://127.0.0.1:1883".into())).unwrap();
+        assert!(matches!(
+            ok.broker,
+            BrokerChoice::External { tls: None, .. }
+        ));
     }
 }

@@ -117,6 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             addr,
             username,
             password,
+            tls,
         } => {
             let resolved = tokio::net::lookup_host(addr.as_str())
                 .await
@@ -130,10 +131,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }),
                 (None, _) => None,
             };
+            let tls = tls
+                .as_ref()
+                .map(broker::upstream_tls)
+                .transpose()
+                .context("broker TLS")?;
             BrokerTarget {
                 v4: resolved,
                 v5: resolved,
                 credential,
+                tls,
             }
         }
     };

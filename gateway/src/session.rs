@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use twofold_protocol::Principal;
 
 use crate::audit::{Audit, Event, EventKind};
-use crate::broker::BrokerTarget;
+use crate::broker::{BrokerTarget, UpstreamTls};
 use crate::identity::{self, CertInfo};
 use crate::metrics::Direction;
 use crate::policy;
@@ -444,6 +444,31 @@ fn strip_topic_aliases(frame: BytesMut) -> Bytes {
     }
 }
 
+type UpstreamHalves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+/// Opens the connection to the broker, over TLS for `mqtts://`.
+async fn connect_upstream(
+    addr: SocketAddr,
+    tls: Option<&UpstreamTls>,
+) -> std::io::Result<UpstreamHalves> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(match tls {
+        None => {
+            let (rd, wr) = tcp.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some(tls) => {
+            let stream = tls.connector.connect(tls.server_name.clone(), tcp).await?;
+            let (rd, wr) = tokio::io::split(stream);
+            (Box::new(rd), Box::new(wr))
+        }
+    })
+}
+
 /// Runs a session to its end. Every refusal is audited exactly once.
 pub async fn run<S>(
     stream: S,
@@ -559,25 +584,28 @@ pub async fn run<S>(
         Version::V311 => broker.v4,
         Version::V5 => broker.v5,
     };
-    let upstream =
-        match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
-                tracing::error!(broker = %addr, %error, "cannot reach the broker");
-                let reply = match version {
-                    Version::V311 => v4_connack(v4::ConnectReturnCode::ServiceUnavailable),
-                    Version::V5 => v5_connack(v5::ConnectReturnCode::ServerUnavailable),
-                };
-                let _ = wr.write_all(&reply).await;
-                return;
-            }
-        };
-    let _ = upstream.set_nodelay(true);
-    let (mut up_rd, mut up_wr) = upstream.into_split();
+    let upstream = match tokio::time::timeout(
+        Duration::from_secs(5),
+        connect_upstream(addr, broker.tls.as_ref()),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            tracing::error!(broker = %addr, %error, "cannot reach the broker");
+            let reply = match version {
+                Version::V311 => v4_connack(v4::ConnectReturnCode::ServiceUnavailable),
+                Version::V5 => v5_connack(v5::ConnectReturnCode::ServerUnavailable),
+            };
+            let _ = wr.write_all(&reply).await;
+            return;
+        }
+    };
+    let (mut up_rd, mut up_wr) = upstream;
     if up_wr.write_all(&connect.forward).await.is_err() {
         return;
     }

@@ -727,29 +727,29 @@ fn sigterm_closes_sessions_and_exits() {
     );
 }
 
-#[test]
-fn relays_to_an_external_mosquitto_broker() {
-    let mut fleet = Fleet::new();
-    let dev = fleet.device("sensor-1");
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A mosquitto on a free loopback port with `conf` (its listener line is
+/// added); returns when it accepts connections.
+fn start_mosquitto(fleet: &Fleet, conf: &str) -> (std::process::Child, u16) {
     let port = free_port();
-    let passwords = fleet.path("mosquitto.passwd");
-    std::fs::write(&passwords, "").unwrap();
-    let made = Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwords)
-        .args(["gateway", "s3cret"])
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let conf = fleet.path("mosquitto.conf");
+    let path = fleet.path(&format!("mosquitto-{port}.conf"));
     std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n", passwords.display()),
+        &path,
+        // Started as root, mosquitto would switch to its own user, which
+        // cannot read the test's 0700 directories: stay who we are.
+        format!(
+            "listener {port} 127.0.0.1\npersistence false\nuser {}\n{conf}",
+            current_user()
+        ),
     )
     .unwrap();
-    let mut broker = Command::new("mosquitto")
+    let broker = Command::new("mosquitto")
         .arg("-c")
-        .arg(&conf)
+        .arg(&path)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -762,56 +762,164 @@ fn relays_to_an_external_mosquitto_broker() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let gw = Gateway::start(
-        &fleet,
-        &format!(
-            "broker = \"mqtt://127.0.0.1:{port}\"\nbroker_username = \"gateway\"\nbroker_password = \"s3cret\""
-        ),
-    );
-    let mut sub = Command::new("mosquitto_sub");
-    sub.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-u",
-        "gateway",
-        "-P",
-        "s3cret",
-        "-t",
-        "devices/#",
-        "-C",
-        "1",
-        "-v",
-    ]);
-    let sub = sub
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    (broker, port)
+}
+
+/// A device publishes through the gateway; `sub` (already subscribed to
+/// `devices/#` on the external broker) must see it, and policy still applies.
+fn relay_through(fleet: &Fleet, gw: &Gateway, dev: &Identity, sub: std::process::Child) {
     std::thread::sleep(Duration::from_millis(500));
     let out = mosquitto_pub(
-        &fleet,
-        &gw,
-        Some(&dev),
+        fleet,
+        gw,
+        Some(dev),
         &pub_args("sensor-1", "devices/sensor-1/telemetry", &[]),
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}\n{}", text(&out), gw.log());
     let received = finish(sub, 10);
     assert!(
         String::from_utf8_lossy(&received.stdout).contains("devices/sensor-1/telemetry reading"),
         "{}",
         text(&received)
     );
-    // Policy still applies on this path.
     let out = mosquitto_pub(
-        &fleet,
-        &gw,
-        Some(&dev),
+        fleet,
+        gw,
+        Some(dev),
         &pub_args("sensor-1", "devices/other/telemetry", &[]),
     );
     assert!(!out.status.success());
     gw.refusal("policy_denied");
+}
+
+#[test]
+fn relays_to_an_external_mosquitto_broker() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let passwords = fleet.path("mosquitto.passwd");
+    std::fs::write(&passwords, "").unwrap();
+    let made = Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwords)
+        .args(["gateway", "s3cret"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (mut broker, port) = start_mosquitto(
+        &fleet,
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwords.display()
+        ),
+    );
+    let gw = Gateway::start(
+        &fleet,
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{port}\"\nbroker_username = \"gateway\"\nbroker_password = \"s3cret\""
+        ),
+    );
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-u",
+            "gateway",
+            "-P",
+            "s3cret",
+            "-t",
+            "devices/#",
+            "-C",
+            "1",
+            "-v",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    relay_through(&fleet, &gw, &dev, sub);
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
+
+#[test]
+fn relays_to_an_external_broker_over_mutual_tls() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    // The gateway authenticates to the broker with a service certificate;
+    // the broker presents the gateway's own server certificate (it names
+    // localhost) and asks for a client certificate from the device CA.
+    let relay = fleet.service("relay");
+    let client_cas = format!(
+        "{}{}",
+        fleet.pki.device_ca_pem().unwrap(),
+        std::fs::read_to_string(fleet.path("pki/root-ca.pem")).unwrap()
+    );
+    std::fs::write(fleet.path("broker-client-ca.pem"), client_cas).unwrap();
+    let (mut broker, port) = start_mosquitto(
+        &fleet,
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+            fleet.path("broker-client-ca.pem").display(),
+            fleet.path("gw/gateway.pem").display(),
+            fleet.path("gw/gateway.key").display(),
+        ),
+    );
+    let tls_keys = format!(
+        "broker_ca = \"{}\"\nbroker_cert = \"{}\"\nbroker_key = \"{}\"",
+        fleet.path("openssl-ca.pem").display(),
+        relay.cert.display(),
+        relay.key.display()
+    );
+    let gw = Gateway::start(
+        &fleet,
+        &format!("broker = \"mqtts://localhost:{port}\"\n{tls_keys}"),
+    );
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile"])
+        .arg(fleet.path("openssl-ca.pem"))
+        .arg("--cert")
+        .arg(&relay.cert)
+        .arg("--key")
+        .arg(&relay.key)
+        .args(["-i", "watcher", "-t", "devices/#", "-C", "1", "-v"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    relay_through(&fleet, &gw, &dev, sub);
+    drop(gw);
+
+    // A broker whose certificate the configured CA did not sign is not
+    // trusted: the device is told the service is unavailable and the log
+    // says why.
+    let other = Fleet::new();
+    let gw = Gateway::start(
+        &fleet,
+        &format!(
+            "broker = \"mqtts://localhost:{port}\"\nbroker_ca = \"{}\"\nbroker_cert = \"{}\"\nbroker_key = \"{}\"",
+            other.path("openssl-ca.pem").display(),
+            relay.cert.display(),
+            relay.key.display()
+        ),
+    );
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &pub_args("sensor-1", "devices/sensor-1/telemetry", &[]),
+    );
+    assert!(!out.status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("cannot reach the broker") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The other PKI's CAs carry the same names, so webpki finds the issuer
+    // by name and then refuses its signature.
+    assert!(
+        gw.log().contains("invalid peer certificate"),
+        "{}",
+        gw.log()
+    );
     let _ = broker.kill();
     let _ = broker.wait();
 }
