@@ -95,7 +95,7 @@ const SESSION_CACHE: usize = 64 * 1024;
 
 impl TlsContext {
     /// Loads and checks every file. `max_fragment_size` caps the TLS
-    /// records the gateway sends (the MCU profile).
+    /// records the gateway sends, header included (the MCU profile).
     pub fn load(
         files: &TlsFiles,
         max_fragment_size: Option<usize>,
@@ -164,9 +164,22 @@ impl TlsContext {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.resolver.clone());
         config.session_storage = self.sessions.clone();
-        config.max_fragment_size = self.max_fragment_size;
+        config.max_fragment_size = self.max_fragment_size.map(plaintext_limit);
         Ok((Arc::new(config), presented))
     }
+}
+
+/// The most a record adds to its plaintext besides the 5-byte header:
+/// TLS 1.2 AES-GCM's explicit nonce (8) and tag (16). TLS 1.3 adds the
+/// inner content type (1) and the tag (16).
+const RECORD_EXPANSION: usize = 24;
+
+/// rustls's `max_fragment_size` for records of at most `record` bytes on
+/// the wire, header included. rustls subtracts the header itself but not
+/// the encryption's expansion, so a device's receive buffer sized to the
+/// configured value would otherwise overflow by up to 24 bytes.
+fn plaintext_limit(record: usize) -> usize {
+    record - RECORD_EXPANSION
 }
 
 /// The end-entity certificate a client presented, if any.

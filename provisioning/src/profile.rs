@@ -90,10 +90,19 @@ fn base(cn: &str, serial: &Serial, validity: Validity) -> CertificateParams {
     params
 }
 
+/// A CA's common name. It carries the start of the CA's serial so that two
+/// PKIs for one trust domain (a rotation, a second site) never share a CA
+/// name: verifiers find a CRL's and a certificate's issuer by name, and a
+/// gateway trusting both CAs would otherwise check one CA's CRL against the
+/// other's key and refuse every device of the second.
+fn ca_name(label: &str, trust_domain: &str, serial: &Serial) -> String {
+    format!("Twofold {label} CA {trust_domain} {}", serial.short())
+}
+
 /// The self-signed root CA.
 pub fn root_ca(trust_domain: &str, serial: &Serial, now: OffsetDateTime) -> CertificateParams {
     let mut p = base(
-        &format!("Twofold root CA {trust_domain}"),
+        &ca_name("root", trust_domain, serial),
         serial,
         Validity::ca(now, ROOT_DAYS),
     );
@@ -124,7 +133,7 @@ pub fn intermediate_ca(
         Intermediate::Server => ("server", ExtendedKeyUsagePurpose::ServerAuth),
     };
     let mut p = base(
-        &format!("Twofold {label} CA {trust_domain}"),
+        &ca_name(label, trust_domain, serial),
         serial,
         Validity::ca(now, INTERMEDIATE_DAYS),
     );

@@ -35,6 +35,11 @@ impl Serial {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The first four bytes in hex: enough to tell two CAs apart by name.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..self.0.len().min(4)])
+    }
 }
 
 impl fmt::Display for Serial {

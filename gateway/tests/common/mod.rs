@@ -373,7 +373,6 @@ pub fn mosquitto_sub(fleet: &Fleet, gw: &Gateway, who: &Identity, args: &[&str])
         .expect("mosquitto_sub (Debian package mosquitto-clients)")
 }
 
-/// Waits (at most `secs`) for a background client to end; kills it after.
 /// Waits for a child up to `secs` seconds (then kills it) and collects its
 /// output. Stdout and stderr are drained while waiting: a child blocked on a
 /// full pipe would otherwise look like a stalled peer.

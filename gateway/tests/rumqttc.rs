@@ -1,0 +1,193 @@
+//! The gateway with rumqttc over rustls, the client stack the Linux agent
+//! uses: MQTT 3.1.1 and 5 devices publish telemetry a service receives,
+//! and receive the commands the service sends them.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+fn tls_config(fleet: &Fleet, who: &Identity) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let server_ca = fleet.pki.server_ca_pem().unwrap();
+    for ca in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&who.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&who.key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .unwrap();
+    Arc::new(config)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Polls until a PUBLISH arrives; returns its topic and payload.
+async fn next_publish_v4(events: &mut rumqttc::EventLoop) -> (String, Vec<u8>) {
+    loop {
+        match events.poll().await.expect("connection stays up") {
+            rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) => {
+                return (p.topic, p.payload.to_vec());
+            }
+            _ => continue,
+        }
+    }
+}
+
+#[test]
+fn a_rumqttc_device_sends_telemetry_and_receives_commands_over_3_1_1() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ops = fleet.service("ops");
+    let gw = Gateway::start(&fleet, "");
+    let telemetry = mosquitto_sub(
+        &fleet,
+        &gw,
+        &ops,
+        &["-i", "ops", "-t", "devices/+/telemetry", "-C", "1", "-v"],
+    );
+    wait_connected(&gw, "ops");
+
+    runtime().block_on(async {
+        let mut options = rumqttc::MqttOptions::new("sensor-1", "localhost", gw.addr.port());
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_config(&fleet, &dev)),
+        ));
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
+        client
+            .subscribe("devices/sensor-1/commands", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        // Wait for the SUBACK so the command below cannot race the subscription.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack)) =
+                    events.poll().await.expect("connection stays up")
+                {
+                    assert_eq!(
+                        ack.return_codes,
+                        [rumqttc::SubscribeReasonCode::Success(
+                            rumqttc::QoS::AtLeastOnce
+                        )]
+                    );
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK within 10 s");
+        client
+            .publish(
+                "devices/sensor-1/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                "temp=21.5",
+            )
+            .await
+            .unwrap();
+        let out = mosquitto_pub(
+            &fleet,
+            &gw,
+            Some(&ops),
+            &[
+                "-i",
+                "ops-commands",
+                "-t",
+                "devices/sensor-1/commands",
+                "-m",
+                "ping",
+                "-q",
+                "1",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let (topic, payload) =
+            tokio::time::timeout(Duration::from_secs(10), next_publish_v4(&mut events))
+                .await
+                .expect("command within 10 s");
+        assert_eq!(topic, "devices/sensor-1/commands");
+        assert_eq!(payload, b"ping");
+        client.disconnect().await.unwrap();
+    });
+    let received = finish(telemetry, 10);
+    assert!(
+        String::from_utf8_lossy(&received.stdout).contains("devices/sensor-1/telemetry temp=21.5"),
+        "{}",
+        text(&received)
+    );
+}
+
+#[test]
+fn a_rumqttc_device_over_5_gets_reason_codes_for_what_policy_refuses() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    runtime().block_on(async {
+        let mut options = MqttOptions::new("sensor-1", "localhost", gw.addr.port());
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls_config(&fleet, &dev)),
+        ));
+        let (client, mut events) = AsyncClient::new(options, 10);
+        client
+            .subscribe(
+                "devices/sensor-1/commands",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        client
+            .subscribe(
+                "devices/+/telemetry",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        let acks = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut acks = Vec::new();
+            while acks.len() < 2 {
+                if let Event::Incoming(Packet::SubAck(ack)) =
+                    events.poll().await.expect("connection stays up")
+                {
+                    acks.push(ack.return_codes);
+                }
+            }
+            acks
+        })
+        .await
+        .expect("two SUBACKs within 10 s");
+        assert!(
+            matches!(acks[0][..], [SubscribeReasonCode::Success(_)]),
+            "{acks:?}"
+        );
+        assert_eq!(acks[1], [SubscribeReasonCode::NotAuthorized]);
+    });
+    let refusal = gw.refusal("policy_denied");
+    assert!(
+        refusal["detail"]
+            .as_str()
+            .unwrap()
+            .contains("devices/+/telemetry"),
+        "{refusal}"
+    );
+}
