@@ -1,6 +1,14 @@
-//! The Twofold Linux device agent (Raspberry Pi class boards): mTLS MQTT
-//! telemetry and commands with an offline queue.
-//!
-//! Not built yet: this crate is a placeholder so the workspace has its final
-//! shape. The work is tracked in the Linux agent issue; nothing here connects.
+//! The Twofold Linux device agent (Raspberry Pi class boards): one
+//! mutual-TLS MQTT session to the gateway, system telemetry, commands, and
+//! a durable offline queue so that no QoS 1 message is lost to an outage.
 #![forbid(unsafe_code)]
+
+pub mod api;
+pub mod commands;
+pub mod config;
+pub mod identity;
+pub mod keygen;
+pub mod link;
+pub mod queue;
+pub mod run;
+pub mod telemetry;

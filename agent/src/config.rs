@@ -1,0 +1,354 @@
+//! `agent.toml`: parsed, then checked before anything connects. Every
+//! error names the key and the problem.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub gateway: Option<GatewayFile>,
+    pub identity: Option<IdentityFile>,
+    #[serde(default)]
+    pub telemetry: TelemetryFile,
+    pub queue: Option<QueueFile>,
+    #[serde(default)]
+    pub reconnect: ReconnectFile,
+    #[serde(default)]
+    pub api: ApiFile,
+    #[serde(default)]
+    pub commands: BTreeMap<String, CommandFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub keep_alive_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    pub bundle: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryFile {
+    pub interval_secs: Option<u64>,
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueFile {
+    pub path: Option<PathBuf>,
+    pub max_messages: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconnectFile {
+    pub min_secs: Option<f64>,
+    pub max_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    pub socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandFile {
+    pub program: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub timeout_secs: Option<u64>,
+}
+
+/// How payloads the agent makes are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The `protocol` types, postcard-encoded (the default).
+    Postcard,
+    /// The same types as JSON, for backends that want it.
+    Json,
+}
+
+/// Where the certificate, key and server CA are.
+#[derive(Clone, Debug)]
+pub struct IdentityPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_ca: PathBuf,
+}
+
+/// An operator-defined command: a program with fixed arguments.
+#[derive(Clone, Debug)]
+pub struct CommandSpec {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// A checked configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub keep_alive: Duration,
+    pub identity: IdentityPaths,
+    pub telemetry_interval: Duration,
+    pub format: Format,
+    pub queue_path: PathBuf,
+    pub queue_max: u64,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub socket: PathBuf,
+    pub commands: BTreeMap<String, CommandSpec>,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The default Unix socket for local apps.
+pub const DEFAULT_SOCKET: &str = "/run/twofold/agent.sock";
+/// The default queue database.
+pub const DEFAULT_QUEUE: &str = "/var/lib/twofold/queue.sqlite";
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+        let file: File = toml::from_str(&text).map_err(|e| {
+            err(
+                path.display().to_string(),
+                e.to_string().trim_end().to_owned(),
+            )
+        })?;
+        file.check()
+    }
+}
+
+impl File {
+    /// Checks every value; the first problem is returned.
+    pub fn check(self) -> Result<Config, ConfigError> {
+        let gateway = self.gateway.unwrap_or_default();
+        let host = gateway
+            .host
+            .filter(|h| !h.trim().is_empty())
+            .ok_or_else(|| err("gateway.host", "missing: the gateway's DNS name or address"))?;
+        let port = gateway.port.unwrap_or(8883);
+        if port == 0 {
+            return Err(err("gateway.port", "must be 1 to 65535"));
+        }
+        // The gateway's certificate must carry this name (or address).
+        rustls_pki_types::ServerName::try_from(host.as_str()).map_err(|_| {
+            err(
+                "gateway.host",
+                format!("{host:?} is not a DNS name or IP address"),
+            )
+        })?;
+        let keep_alive = gateway.keep_alive_secs.unwrap_or(30);
+        if !(5..=3600).contains(&keep_alive) {
+            return Err(err("gateway.keep_alive_secs", "must be 5 to 3600"));
+        }
+
+        let id = self.identity.ok_or_else(|| {
+            err(
+                "identity",
+                "missing: set identity.bundle to the directory `provisioning enroll` wrote",
+            )
+        })?;
+        let identity = match id.bundle {
+            Some(dir) => {
+                for (key, set) in [
+                    ("identity.cert", id.cert.is_some()),
+                    ("identity.key", id.key.is_some()),
+                    ("identity.server_ca", id.server_ca.is_some()),
+                ] {
+                    if set {
+                        return Err(err(
+                            key,
+                            "give either identity.bundle or cert, key and server_ca, not both",
+                        ));
+                    }
+                }
+                IdentityPaths {
+                    cert: dir.join("device.pem"),
+                    key: dir.join("device.key"),
+                    server_ca: dir.join("server-ca.pem"),
+                }
+            }
+            None => IdentityPaths {
+                cert: id
+                    .cert
+                    .ok_or_else(|| err("identity.cert", "missing (or set identity.bundle)"))?,
+                key: id
+                    .key
+                    .ok_or_else(|| err("identity.key", "missing (or set identity.bundle)"))?,
+                server_ca: id
+                    .server_ca
+                    .ok_or_else(|| err("identity.server_ca", "missing (or set identity.bundle)"))?,
+            },
+        };
+
+        let interval = self.telemetry.interval_secs.unwrap_or(30);
+        if !(1..=86_400).contains(&interval) {
+            return Err(err("telemetry.interval_secs", "must be 1 to 86400"));
+        }
+        let format = match self.telemetry.format.as_deref() {
+            None | Some("postcard") => Format::Postcard,
+            Some("json") => Format::Json,
+            Some(other) => {
+                return Err(err(
+                    "telemetry.format",
+                    format!("{other:?}: use \"postcard\" or \"json\""),
+                ));
+            }
+        };
+
+        let queue = self.queue.unwrap_or_default();
+        let queue_path = queue.path.unwrap_or_else(|| DEFAULT_QUEUE.into());
+        let queue_max = queue.max_messages.unwrap_or(100_000);
+        if !(1..=100_000_000).contains(&queue_max) {
+            return Err(err("queue.max_messages", "must be 1 to 100000000"));
+        }
+
+        let min = self.reconnect.min_secs.unwrap_or(1.0);
+        let max = self.reconnect.max_secs.unwrap_or(300.0);
+        if !(0.1..=3600.0).contains(&min) {
+            return Err(err("reconnect.min_secs", "must be 0.1 to 3600"));
+        }
+        if !(min..=86_400.0).contains(&max) || max < 2.0 * min {
+            return Err(err(
+                "reconnect.max_secs",
+                "must be at least twice reconnect.min_secs and at most 86400",
+            ));
+        }
+
+        let mut commands = BTreeMap::new();
+        for (name, c) in self.commands {
+            let key = format!("commands.{name}");
+            if name == crate::commands::PING {
+                return Err(err(key, "ping is built in"));
+            }
+            if !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+                || name.len() > 64
+            {
+                return Err(err(key, "names are 1 to 64 of a-z, A-Z, 0-9, - and _"));
+            }
+            if !c.program.is_absolute() {
+                return Err(err(
+                    format!("{key}.program"),
+                    "must be an absolute path (no PATH lookup)",
+                ));
+            }
+            let timeout = c.timeout_secs.unwrap_or(30);
+            if !(1..=3600).contains(&timeout) {
+                return Err(err(format!("{key}.timeout_secs"), "must be 1 to 3600"));
+            }
+            commands.insert(
+                name,
+                CommandSpec {
+                    program: c.program,
+                    args: c.args,
+                    timeout: Duration::from_secs(timeout),
+                },
+            );
+        }
+
+        Ok(Config {
+            host,
+            port,
+            keep_alive: Duration::from_secs(keep_alive),
+            identity,
+            telemetry_interval: Duration::from_secs(interval),
+            format,
+            queue_path,
+            queue_max,
+            reconnect_min: Duration::from_secs_f64(min),
+            reconnect_max: Duration::from_secs_f64(max),
+            socket: self.api.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            commands,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str::<File>(text)
+            .map_err(|e| err("toml", e.to_string()))?
+            .check()
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let c = parse(include_str!("../agent.example.toml")).unwrap();
+        assert_eq!(c.port, 8883);
+        assert_eq!(c.identity.key, Path::new("/etc/twofold/device/device.key"));
+        assert!(c.commands.contains_key("reboot"));
+    }
+
+    #[test]
+    fn problems_name_their_key() {
+        let base = "[gateway]\nhost = \"gw\"\n[identity]\nbundle = \"/b\"\n";
+        assert_eq!(parse("").unwrap_err().key, "gateway.host");
+        assert_eq!(
+            parse("[gateway]\nhost = \"gw\"\n").unwrap_err().key,
+            "identity"
+        );
+        assert!(parse(base).is_ok());
+        for (extra, key) in [
+            ("[telemetry]\nformat = \"xml\"", "telemetry.format"),
+            ("[telemetry]\ninterval_secs = 0", "telemetry.interval_secs"),
+            (
+                "[reconnect]\nmin_secs = 10.0\nmax_secs = 5.0",
+                "reconnect.max_secs",
+            ),
+            ("[commands.ping]\nprogram = \"/bin/true\"", "commands.ping"),
+            ("[commands.x]\nprogram = \"true\"", "commands.x.program"),
+            (
+                "[commands.\"a b\"]\nprogram = \"/bin/true\"",
+                "commands.a b",
+            ),
+        ] {
+            let e = parse(&format!("{base}{extra}\n")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+        }
+        let e = parse(&format!("{base}[identity2]\n")).unwrap_err();
+        assert!(e.problem.contains("identity2"), "{e}");
+        let e = parse("[gateway]\nhost = \"gw\"\n[identity]\nbundle = \"/b\"\ncert = \"/c\"\n")
+            .unwrap_err();
+        assert_eq!(e.key, "identity.cert");
+    }
+}

@@ -1,0 +1,199 @@
+//! The device's own identity: its certificate, key and the server CA,
+//! checked before anything connects, and the rustls client config built
+//! from them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use twofold_protocol::{DeviceId, Identity, Principal};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::config::IdentityPaths;
+
+/// Why the device's identity cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}: {detail}")]
+    File { path: PathBuf, detail: String },
+    #[error(
+        "{path} is readable by others (mode {mode:o}); fix: chmod 600 {path} (and chown it to the agent's user)"
+    )]
+    KeyExposed { path: PathBuf, mode: u32 },
+    #[error("{key} does not match the certificate in {cert}: {detail}")]
+    KeyMismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        detail: String,
+    },
+    #[error("{path}: the certificate has no device identity: {detail}")]
+    NoDeviceIdentity { path: PathBuf, detail: String },
+}
+
+fn file_error(path: &Path, detail: impl std::fmt::Display) -> IdentityError {
+    IdentityError::File {
+        path: path.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Everything the agent knows about itself.
+#[derive(Clone, Debug)]
+pub struct DeviceIdentity {
+    pub id: DeviceId,
+    pub uri: String,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// Reads every certificate in a PEM file; refuses a file with none.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(path, "no CERTIFICATE found"));
+    }
+    Ok(certs)
+}
+
+/// Refuses a key file anyone but its owner can read or write.
+pub fn check_key_mode(path: &Path) -> Result<(), IdentityError> {
+    let meta = std::fs::metadata(path).map_err(|e| file_error(path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::KeyExposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// The device identity in a certificate: its single SAN URI, which must
+/// name a device (not a service).
+pub fn device_of(der: &[u8], path: &Path) -> Result<(DeviceId, String), IdentityError> {
+    let no = |detail: String| IdentityError::NoDeviceIdentity {
+        path: path.to_owned(),
+        detail,
+    };
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| no(e.to_string()))?;
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(no(e.to_string())),
+    };
+    let [uri] = uris[..] else {
+        return Err(no(format!("{} SAN URIs, expected exactly one", uris.len())));
+    };
+    let identity = Identity::parse(uri).map_err(|e| no(format!("{uri}: {e}")))?;
+    match identity.principal {
+        Principal::Device(id) => Ok((id, uri.to_owned())),
+        Principal::Service(_) => Err(no(format!("{uri} is a service, not a device"))),
+    }
+}
+
+/// Loads and checks the identity files and builds the TLS client config:
+/// it trusts only the server CA, checks the gateway's name, and presents
+/// the device's chain.
+pub fn load(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
+    let chain = load_certs(&paths.cert)?;
+    check_key_mode(&paths.key)?;
+    let key = PrivateKeyDer::from_pem_file(&paths.key)
+        .map_err(|e| file_error(&paths.key, format!("no usable private key: {e}")))?;
+    let (id, uri) = device_of(&chain[0], &paths.cert)?;
+    let (_, leaf) = X509Certificate::from_der(&chain[0]).map_err(|e| file_error(&paths.cert, e))?;
+    let serial = leaf.raw_serial_as_string().replace(':', "");
+    let not_before = leaf.validity().not_before.timestamp();
+    let not_after = leaf.validity().not_after.timestamp();
+
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(&paths.server_ca)? {
+        roots
+            .add(ca)
+            .map_err(|e| file_error(&paths.server_ca, format!("not a usable CA: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // from_der checks that the key belongs to the certificate.
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
+        |e| IdentityError::KeyMismatch {
+            key: paths.key.clone(),
+            cert: paths.cert.clone(),
+            detail: e.to_string(),
+        },
+    )?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| file_error(&paths.cert, e))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| IdentityError::KeyMismatch {
+            key: paths.key.clone(),
+            cert: paths.cert.clone(),
+            detail: e.to_string(),
+        })?;
+    Ok(DeviceIdentity {
+        id,
+        uri,
+        serial,
+        not_before,
+        not_after,
+        tls: Arc::new(tls),
+    })
+}
+
+/// Where a certificate is in its life.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Expiry {
+    Fine,
+    /// Two thirds of the lifetime have passed.
+    RenewSoon {
+        days_left: i64,
+    },
+    Expired,
+    NotYetValid,
+}
+
+/// Judges a validity period at `now` (Unix seconds).
+pub fn expiry(not_before: i64, not_after: i64, now: i64) -> Expiry {
+    if now < not_before {
+        Expiry::NotYetValid
+    } else if now >= not_after {
+        Expiry::Expired
+    } else if (now - not_before) * 3 >= (not_after - not_before) * 2 {
+        Expiry::RenewSoon {
+            days_left: (not_after - now) / 86_400,
+        }
+    } else {
+        Expiry::Fine
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_warns_at_two_thirds() {
+        assert_eq!(expiry(0, 300, 100), Expiry::Fine);
+        assert_eq!(
+            expiry(0, 300 * 86_400, 200 * 86_400),
+            Expiry::RenewSoon { days_left: 100 }
+        );
+        assert_eq!(expiry(0, 300, 300), Expiry::Expired);
+        assert_eq!(expiry(10, 300, 5), Expiry::NotYetValid);
+    }
+}

@@ -1,0 +1,164 @@
+//! `agent run`: the tasks of a running agent, wired together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::commands;
+use crate::config::Config;
+use crate::identity::{self, Expiry};
+use crate::link::Link;
+use crate::queue::Queue;
+use crate::telemetry::{self, Sampler};
+
+/// Runs the agent until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let me = identity::load(&config.identity)?;
+    let device = me.id.as_str().to_owned();
+    if let Some(dir) = config.queue_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let queue = Queue::open(&config.queue_path, config.queue_max)?;
+    let waiting = queue.len()?;
+    tracing::info!(
+        device = %device,
+        identity = %me.uri,
+        serial = %me.serial,
+        gateway = %format!("{}:{}", config.host, config.port),
+        queued = waiting,
+        "agent starting"
+    );
+    let wake = Arc::new(Notify::new());
+    let (commands_tx, mut commands_rx) = mpsc::channel::<Vec<u8>>(16);
+
+    let link = Link {
+        identity: me.clone(),
+        host: config.host.clone(),
+        port: config.port,
+        keep_alive: config.keep_alive,
+        queue: queue.clone(),
+        wake: wake.clone(),
+        reconnect_min: config.reconnect_min,
+        reconnect_max: config.reconnect_max,
+        commands: commands_tx,
+    };
+    let link = tokio::spawn(link.run(shutdown.clone()));
+
+    // Telemetry every interval, stored before it is sent.
+    let telemetry = {
+        let queue = queue.clone();
+        let wake = wake.clone();
+        let topic = format!("devices/{device}/telemetry");
+        let format = config.format;
+        let interval = config.telemetry_interval;
+        tokio::spawn(async move {
+            let mut sampler = Sampler::default();
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let readings = sampler.sample();
+                let queue = queue.clone();
+                let topic = topic.clone();
+                let pushed = tokio::task::spawn_blocking(move || {
+                    queue.push_with(&topic, Some("telemetry"), |seq| {
+                        telemetry::encode(seq, telemetry::now_ms(), &readings, format)
+                    })
+                })
+                .await;
+                match pushed {
+                    Ok(Ok(p)) => {
+                        if p.dropped > 0 {
+                            tracing::warn!(
+                                dropped = p.dropped,
+                                "queue full: oldest messages dropped"
+                            );
+                        }
+                        wake.notify_one();
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot store telemetry"),
+                    Err(e) => tracing::error!(error = %e, "telemetry task failed"),
+                }
+            }
+        })
+    };
+
+    // Commands, one at a time; replies go through the queue.
+    let runner = {
+        let queue = queue.clone();
+        let wake = wake.clone();
+        let topic = format!("devices/{device}/replies");
+        let table = config.commands.clone();
+        let format = config.format;
+        tokio::spawn(async move {
+            while let Some(payload) = commands_rx.recv().await {
+                let (id, name, body) = match commands::decode(&payload, format) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, bytes = payload.len(), "not a command; ignored (no id to answer to)");
+                        continue;
+                    }
+                };
+                let outcome = commands::run(id, &name, &body, &table).await;
+                tracing::info!(id, command = %name, status = ?outcome.status, exit_code = ?outcome.exit_code, "command handled");
+                let reply = outcome.encode(format);
+                let queue = queue.clone();
+                let topic = topic.clone();
+                match tokio::task::spawn_blocking(move || queue.push(&topic, &reply)).await {
+                    Ok(Ok(_)) => wake.notify_one(),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot store a reply"),
+                    Err(e) => tracing::error!(error = %e, "reply task failed"),
+                }
+            }
+        })
+    };
+
+    let api = {
+        let socket = config.socket.clone();
+        let queue = queue.clone();
+        let wake = wake.clone();
+        let device = device.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::serve(&socket, device, queue, wake).await {
+                tracing::error!(socket = %socket.display(), error = %e, "local publish API unavailable");
+            }
+        })
+    };
+
+    let expiry = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            check_expiry(&me);
+        }
+    });
+
+    let _ = link.await;
+    for task in [telemetry, runner, api, expiry] {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!(queued = queue.len().unwrap_or(0), "agent stopped");
+    Ok(())
+}
+
+fn check_expiry(me: &identity::DeviceIdentity) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let renew = "re-enroll this device: on the operator's machine `provisioning enroll ... --replace`, \
+                 or `agent keygen` here and `provisioning sign-csr --id <id> --replace` there";
+    match identity::expiry(me.not_before, me.not_after, now) {
+        Expiry::Fine => {}
+        Expiry::RenewSoon { days_left } => tracing::warn!(
+            serial = %me.serial, days_left,
+            "the device certificate is past two thirds of its lifetime; {renew}"
+        ),
+        Expiry::Expired => tracing::error!(
+            serial = %me.serial,
+            "the device certificate has EXPIRED; the gateway will refuse it; {renew}"
+        ),
+        Expiry::NotYetValid => tracing::error!(
+            serial = %me.serial,
+            "the device certificate is not valid yet: is the clock right? (check NTP)"
+        ),
+    }
+}
