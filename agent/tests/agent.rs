@@ -1,0 +1,340 @@
+//! The agent binary against the real gateway and against mosquitto with
+//! mutual TLS: telemetry arrives and decodes, commands run and answer,
+//! nothing is lost when the gateway or the agent is killed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::*;
+use twofold_protocol::message::{self, Command as Cmd, Reply, ReplyStatus, Telemetry};
+
+/// Sends a postcard command to `device` as the `ops` service.
+fn send_command(fleet: &Fleet, port: u16, ops: &std::path::Path, device: &str, cmd: &Cmd) {
+    let mut buf = [0u8; 512];
+    let bytes = message::encode(cmd, &mut buf).unwrap();
+    let file = fleet.path(&format!("command-{}.bin", cmd.id));
+    std::fs::write(&file, bytes).unwrap();
+    let mut pubc = Command::new("mosquitto_pub");
+    pubc.args(tls_args(fleet, port, ops))
+        .args(["-i", "ops-commands", "-q", "1", "-t"])
+        .arg(format!("devices/{device}/commands"))
+        .arg("-f")
+        .arg(&file);
+    let out = run_bounded(pubc, 10);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn replies(sub: &Sub) -> BTreeMap<u32, (ReplyStatus, Option<i32>, Vec<u8>)> {
+    sub.messages()
+        .iter()
+        .filter(|(t, _)| t.ends_with("/replies"))
+        .filter_map(|(_, p)| {
+            let r: Reply = message::decode(p).ok()?;
+            Some((r.id, (r.status, r.exit_code, r.output.to_vec())))
+        })
+        .collect()
+}
+
+#[test]
+fn telemetry_and_commands_through_the_gateway() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-1");
+    let ops = fleet.service("ops");
+    let port = free_port();
+    let gw = gateway(&fleet, port, "");
+    let mut args = tls_args(&fleet, port, &ops);
+    args.extend(
+        [
+            "-i",
+            "ops",
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+            "-t",
+            "devices/+/replies",
+        ]
+        .map(String::from),
+    );
+    let sub = Sub::start(
+        &fleet,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "ops",
+    );
+    let agent = agent(
+        &fleet,
+        "pi-1",
+        &dev,
+        port,
+        "[telemetry]\ninterval_secs = 1\n[commands.echo]\nprogram = \"/bin/cat\"\ntimeout_secs = 5\n",
+    );
+
+    // Telemetry arrives, decodes, and counts up from 0.
+    let arrived = wait_until(30, || {
+        sub.messages()
+            .iter()
+            .filter(|(t, _)| t == "devices/pi-1/telemetry")
+            .count()
+            >= 2
+    });
+    assert!(
+        arrived,
+        "no telemetry:\nagent:\n{}\ngateway:\n{}",
+        agent.log(),
+        gw.log()
+    );
+    let telemetry: Vec<(u64, usize, bool)> = sub
+        .messages()
+        .iter()
+        .filter(|(t, _)| t == "devices/pi-1/telemetry")
+        .map(|(_, p)| {
+            let t: Telemetry = message::decode(p).expect("postcard telemetry");
+            let has_mem = t.readings.iter().any(|r| r.name == "mem_total_bytes");
+            (t.seq, t.readings.len(), has_mem)
+        })
+        .collect();
+    assert_eq!(telemetry[0].0, 0);
+    assert_eq!(telemetry[1].0, 1);
+    assert!(
+        telemetry.iter().all(|&(_, n, mem)| n >= 6 && mem),
+        "{telemetry:?}"
+    );
+
+    // ping, an operator command fed its body on stdin, and a command the
+    // device does not have (the name is never a path or a shell word).
+    send_command(
+        &fleet,
+        port,
+        &ops,
+        "pi-1",
+        &Cmd {
+            id: 1,
+            name: "ping",
+            body: b"",
+        },
+    );
+    send_command(
+        &fleet,
+        port,
+        &ops,
+        "pi-1",
+        &Cmd {
+            id: 2,
+            name: "echo",
+            body: b"$(reboot)",
+        },
+    );
+    send_command(
+        &fleet,
+        port,
+        &ops,
+        "pi-1",
+        &Cmd {
+            id: 3,
+            name: "/bin/sh",
+            body: b"-c reboot",
+        },
+    );
+    assert!(
+        wait_until(30, || replies(&sub).len() == 3),
+        "replies: {:?}\nagent:\n{}",
+        replies(&sub),
+        agent.log()
+    );
+    let r = replies(&sub);
+    assert_eq!(r[&1], (ReplyStatus::Ok, None, b"pong".to_vec()));
+    assert_eq!(r[&2], (ReplyStatus::Ok, Some(0), b"$(reboot)".to_vec()));
+    assert_eq!(r[&3].0, ReplyStatus::UnknownCommand);
+
+    // A local app publishes through the socket, inside the device's topics only.
+    let publish = |topic: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_agent"));
+        c.args(["publish", "--topic", topic, "--data", "open", "--socket"])
+            .arg(fleet.path("agent-pi-1.sock"));
+        run_bounded(c, 10)
+    };
+    let refused = publish("commands");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("the agent's own channel"));
+    let refused = publish("../x/#");
+    assert!(!refused.status.success());
+}
+
+#[test]
+fn telemetry_reaches_a_mosquitto_broker_with_mutual_tls() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-2");
+    let watcher = fleet.service("watcher");
+    let (_broker, port) = mosquitto(
+        &fleet,
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+            fleet.path("openssl-client-ca.pem").display(),
+            fleet.path("gw/gateway.pem").display(),
+            fleet.path("gw/gateway.key").display(),
+        ),
+    );
+    let mut args = tls_args(&fleet, port, &watcher);
+    args.extend(["-i", "watcher", "-t", "devices/#"].map(String::from));
+    let sub = Sub::start(
+        &fleet,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "watcher",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let agent = agent(
+        &fleet,
+        "pi-2",
+        &dev,
+        port,
+        "[telemetry]\ninterval_secs = 1\nformat = \"json\"\n",
+    );
+    assert!(
+        wait_until(30, || sub
+            .messages()
+            .iter()
+            .any(|(t, _)| t == "devices/pi-2/telemetry")),
+        "agent:\n{}",
+        agent.log()
+    );
+    let (_, payload) = sub
+        .messages()
+        .into_iter()
+        .find(|(t, _)| t == "devices/pi-2/telemetry")
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(json["seq"], 0);
+    assert!(json["readings"].as_array().unwrap().len() >= 6);
+}
+
+/// Publishes `app/seq` messages `range` through the agent's socket.
+fn publish_range(fleet: &Fleet, name: &str, range: std::ops::Range<u32>) {
+    for i in range {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_agent"));
+        c.args([
+            "publish",
+            "--topic",
+            "app/seq",
+            "--data",
+            &format!("seq-{i}"),
+            "--socket",
+        ])
+        .arg(fleet.path(&format!("agent-{name}.sock")));
+        let out = run_bounded(c, 10);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-3");
+    // The gateway relays to a mosquitto that outlives it, and the
+    // subscriber stays connected there: what this test kills is the
+    // gateway and the agent, not the broker.
+    let passwords = fleet.path("passwd");
+    std::fs::write(&passwords, "").unwrap();
+    assert!(
+        Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(&passwords)
+            .args(["gw", "pw"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (_broker, broker_port) = mosquitto(
+        &fleet,
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwords.display()
+        ),
+    );
+    let sub = Sub::start(
+        &fleet,
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker_port.to_string(),
+            "-u",
+            "gw",
+            "-P",
+            "pw",
+            "-q",
+            "1",
+            "-t",
+            "devices/pi-3/app/#",
+        ],
+        "outage",
+    );
+    let port = free_port();
+    let relay = format!(
+        "broker = \"mqtt://127.0.0.1:{broker_port}\"\nbroker_username = \"gw\"\nbroker_password = \"pw\""
+    );
+    let mut gw = gateway(&fleet, port, &relay);
+    let mut agent_proc = agent(
+        &fleet,
+        "pi-3",
+        &dev,
+        port,
+        "[telemetry]\ninterval_secs = 3600\n",
+    );
+
+    const N: u32 = 300;
+    publish_range(&fleet, "pi-3", 0..100);
+    gw.kill(); // kill -9 while messages are in flight
+    publish_range(&fleet, "pi-3", 100..200);
+    let gw_again = gateway(&fleet, port, &relay);
+    // Stop the gateway again, queue more, then kill -9 the agent with
+    // messages waiting on disk, and bring both back.
+    drop(gw_again);
+    publish_range(&fleet, "pi-3", 200..N);
+    agent_proc.kill();
+    let _gw = gateway(&fleet, port, &relay);
+    let agent_proc = agent(
+        &fleet,
+        "pi-3",
+        &dev,
+        port,
+        "[telemetry]\ninterval_secs = 3600\n",
+    );
+
+    let received = || -> BTreeMap<String, usize> {
+        let mut seen = BTreeMap::new();
+        for (_, p) in sub.messages() {
+            *seen
+                .entry(String::from_utf8_lossy(&p).into_owned())
+                .or_insert(0) += 1;
+        }
+        seen
+    };
+    let all = wait_until(60, || {
+        (0..N).all(|i| received().contains_key(&format!("seq-{i}")))
+    });
+    let seen = received();
+    let missing: Vec<u32> = (0..N)
+        .filter(|i| !seen.contains_key(&format!("seq-{i}")))
+        .collect();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    println!(
+        "outage test: {N} sent, {} distinct received, {duplicates} duplicates, {} missing",
+        seen.len(),
+        missing.len()
+    );
+    assert!(
+        all && missing.is_empty(),
+        "missing {missing:?}\nagent:\n{}",
+        agent_proc.log()
+    );
+}
