@@ -199,12 +199,16 @@ impl Queue {
 
     /// How many messages were ever dropped because the queue was full.
     pub fn dropped(&self) -> Result<u64, QueueError> {
+        self.counter("dropped")
+    }
+
+    /// A named counter's value (0 before its first use); for `push_with`
+    /// counters, how many numbers were handed out.
+    pub fn counter(&self, name: &str) -> Result<u64, QueueError> {
         self.lock()
-            .query_row(
-                "SELECT value FROM counters WHERE name = 'dropped'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
+            .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+                r.get::<_, i64>(0)
+            })
             .optional()
             .map(|n| n.unwrap_or(0) as u64)
             .map_err(|e| self.err(e))

@@ -2,14 +2,12 @@
 //! openssl s_client. Each accepted case is shown to work, and each refused
 //! case asserts its reason in the audit log.
 
-mod common;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use twofold_tests::*;
 
 fn pub_args<'a>(client_id: &'a str, topic: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     [

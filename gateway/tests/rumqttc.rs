@@ -2,14 +2,12 @@
 //! uses: MQTT 3.1.1 and 5 devices publish telemetry a service receives,
 //! and receive the commands the service sends them.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use twofold_tests::*;
 
 fn tls_config(fleet: &Fleet, who: &Identity) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();

@@ -1,7 +1,20 @@
-//! End-to-end tests of Twofold: real processes, real TLS, real third-party
-//! peers (mosquitto, openssl, QEMU), started by the tests on loopback.
+//! End-to-end tests of Twofold, and the helpers every part's process
+//! tests share: a PKI on disk, the gateway and agent binaries, mosquitto
+//! and its clients, all on free loopback ports and all killed when dropped.
 //!
-//! The cross-part suite grows here as the gateway and the agents land (the
-//! end-to-end issue). Until then each part's own `tests/` folder holds its
-//! process-level tests, e.g. `provisioning/tests/`.
+//! The helpers panic on failure: they are for tests only.
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod fleet;
+pub mod gateway;
+pub mod mqtt;
+pub mod process;
+
+pub use agent::{agent, agent_config};
+pub use fleet::{Fleet, Identity, TD, client_params, mint_with};
+pub use gateway::{Gateway, http_get, wait_connected};
+pub use mqtt::{Sub, mosquitto, mosquitto_pub, mosquitto_sub, tls_args};
+pub use process::{
+    Proc, built, finish, free_port, run_bounded, spawn, text, wait_port, wait_until,
+};

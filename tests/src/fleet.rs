@@ -1,0 +1,214 @@
+//! A PKI on disk with a gateway certificate, and device bundles.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use twofold_protocol::{DeviceId, Principal, ServiceName, TrustDomain};
+use twofold_provisioning::output::{self, files};
+use twofold_provisioning::registry::RevocationReason;
+use twofold_provisioning::{
+    EnrollOptions, EnrollRequest, KeySource, Pki, RevokeTarget, atomic::Durability,
+};
+
+pub const TD: &str = "iot.example";
+
+/// A PKI for [`TD`] in a temporary directory, with a gateway certificate
+/// for `localhost` and 127.0.0.1 in `gw/` (with the client CA and CRL).
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+}
+
+/// A certificate chain and key on disk: a bundle directory from
+/// `provisioning enroll`, or a minted one.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(
+            &dir.path().join("pki"),
+            TrustDomain::parse(TD).unwrap(),
+            None,
+        )
+        .unwrap();
+        let mut fleet = Fleet { dir, pki };
+        let gw = fleet
+            .pki
+            .issue_gateway(&["localhost".into()], &["127.0.0.1".parse().unwrap()], 30)
+            .unwrap();
+        output::write_gateway(
+            &fleet.path("gw"),
+            &gw,
+            &fleet.pki.device_ca_pem().unwrap(),
+            &fleet.pki.crl_pem().unwrap(),
+        )
+        .unwrap();
+        // OpenSSL (mosquitto) anchors only on a self-signed root, so its CA
+        // files hold the intermediate and the root.
+        let root = std::fs::read_to_string(fleet.path("pki/root-ca.pem")).unwrap();
+        let servers = format!("{}{root}", fleet.pki.server_ca_pem().unwrap());
+        std::fs::write(fleet.path("openssl-ca.pem"), servers).unwrap();
+        let clients = format!("{}{root}", fleet.pki.device_ca_pem().unwrap());
+        std::fs::write(fleet.path("openssl-client-ca.pem"), clients).unwrap();
+        fleet
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Enrolls a device; its bundle goes to `<id>/`.
+    pub fn device(&mut self, id: &str) -> Identity {
+        self.enroll(Principal::Device(DeviceId::parse(id).unwrap()), id)
+    }
+
+    /// Enrolls a service; its bundle goes to `svc-<name>/`.
+    pub fn service(&mut self, name: &str) -> Identity {
+        self.enroll(
+            Principal::Service(ServiceName::parse(name).unwrap()),
+            &format!("svc-{name}"),
+        )
+    }
+
+    /// Enrolls `principal` as `provisioning enroll` does; the bundle goes to `dir`.
+    pub fn enroll(&mut self, principal: Principal, dir: &str) -> Identity {
+        let e = self
+            .pki
+            .enroll(
+                vec![EnrollRequest {
+                    principal,
+                    key: KeySource::Generate,
+                }],
+                EnrollOptions {
+                    days: 30,
+                    replace: false,
+                },
+                &mut |_| {},
+            )
+            .unwrap()
+            .pop()
+            .unwrap();
+        let out = self.path(dir);
+        output::write_device(
+            &out,
+            &e,
+            &self.pki.server_ca_pem().unwrap(),
+            Durability::Sync,
+        )
+        .unwrap();
+        Identity {
+            cert: out.join(files::DEVICE_CHAIN),
+            key: out.join(files::DEVICE_KEY),
+            dir: out,
+        }
+    }
+
+    /// Revokes a device and publishes the new CRL where the gateway reads it.
+    pub fn revoke(&mut self, id: &str) {
+        let target = RevokeTarget::Principal(Principal::Device(DeviceId::parse(id).unwrap()));
+        self.pki
+            .revoke(target, RevocationReason::KeyCompromise)
+            .unwrap();
+        self.publish_crl();
+    }
+
+    /// Writes the PKI's current CRL to `gw/crl.pem`, atomically.
+    pub fn publish_crl(&self) {
+        twofold_provisioning::atomic::write(
+            &self.path("gw/crl.pem"),
+            self.pki.crl_pem().unwrap().as_bytes(),
+            0o644,
+            Durability::Sync,
+        )
+        .unwrap();
+    }
+
+    /// Mints a client certificate with the device CA's key but a profile of
+    /// the test's choosing (for the refusal cases provisioning never issues).
+    /// The directory also gets the server CA, so it is a complete bundle.
+    pub fn mint(&self, name: &str, edit: impl FnOnce(&mut CertificateParams)) -> Identity {
+        let ca_key =
+            KeyPair::from_pem(&std::fs::read_to_string(self.path("pki/device-ca.key")).unwrap())
+                .unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&self.pki.device_ca_pem().unwrap(), ca_key).unwrap();
+        let id = mint_with(
+            &self.path(name),
+            Some(&issuer),
+            &self.pki.device_ca_pem().unwrap(),
+            name,
+            edit,
+        );
+        std::fs::write(
+            id.dir.join(files::SERVER_CA),
+            self.pki.server_ca_pem().unwrap(),
+        )
+        .unwrap();
+        id
+    }
+}
+
+/// The client profile provisioning issues, for device `id`.
+pub fn client_params(id: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, id);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://{TD}/device/{id}").try_into().unwrap(),
+    )];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    p
+}
+
+/// Writes `dir/device.pem` (leaf + `chain_pem`) and `dir/device.key`
+/// (mode 0600); self-signed without an issuer.
+pub fn mint_with(
+    dir: &Path,
+    issuer: Option<&Issuer<'_, KeyPair>>,
+    chain_pem: &str,
+    id: &str,
+    edit: impl FnOnce(&mut CertificateParams),
+) -> Identity {
+    use std::os::unix::fs::PermissionsExt;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = client_params(id);
+    edit(&mut params);
+    let cert = match issuer {
+        Some(issuer) => params.signed_by(&key, issuer).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let chain = if issuer.is_some() {
+        format!("{}{chain_pem}", cert.pem())
+    } else {
+        cert.pem()
+    };
+    let identity = Identity {
+        dir: dir.to_owned(),
+        cert: dir.join(files::DEVICE_CHAIN),
+        key: dir.join(files::DEVICE_KEY),
+    };
+    std::fs::write(&identity.cert, chain).unwrap();
+    std::fs::write(&identity.key, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&identity.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    identity
+}

@@ -1,0 +1,185 @@
+//! The gateway binary on a loopback port, and its audit log.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use twofold_provisioning::output::files;
+
+use crate::fleet::{Fleet, TD};
+use crate::process::{built, free_port};
+
+/// A running gateway; killed (-9) when dropped.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub audit: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the gateway on a free port with the fleet's files and extra
+    /// TOML (e.g. `[limits]` settings).
+    pub fn start(fleet: &Fleet, extra_toml: &str) -> Gateway {
+        Self::start_on(fleet, free_port(), extra_toml)
+    }
+
+    /// Starts the gateway on `port` (e.g. again after a kill); its audit
+    /// log and stderr are per port and appended to across restarts.
+    pub fn start_on(fleet: &Fleet, port: u16, extra_toml: &str) -> Gateway {
+        let audit = fleet.path(&format!("audit-{port}.jsonl"));
+        let config = fleet.path(&format!("gateway-{port}.toml"));
+        let gw = fleet.path("gw");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\ncrl = {:?}\naudit_log = {:?}\n{extra_toml}\n",
+                gw.join(files::GATEWAY_CHAIN),
+                gw.join(files::GATEWAY_KEY),
+                gw.join(files::CLIENT_CA),
+                gw.join(files::CRL),
+                audit
+            ),
+        )
+        .unwrap();
+        // A restart gets a log of its own, so "listening" below is its own.
+        let mut n = 0;
+        let stderr = loop {
+            let p = fleet.path(&format!("gateway-{port}.{n}.log"));
+            if !p.exists() {
+                break p;
+            }
+            n += 1;
+        };
+        let child = Command::new(built("gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut gateway = Gateway {
+            child,
+            addr,
+            audit,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Wait for this gateway's own "listening" line: another test's
+        // gateway could hold the same port for a moment.
+        while !gateway.log().contains(&format!("listen=127.0.0.1:{port}"))
+            || TcpStream::connect(addr).is_err()
+        {
+            if let Some(status) = gateway.child.try_wait().unwrap() {
+                panic!("gateway exited with {status}:\n{}", gateway.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not listen:\n{}",
+                gateway.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        gateway
+    }
+
+    pub fn port(&self) -> String {
+        self.addr.port().to_string()
+    }
+
+    /// This run's stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// kill -9, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Audit events so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let Ok(file) = std::fs::File::open(&self.audit) else {
+            return Vec::new();
+        };
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits (at most 15 s) for a refusal with `reason`, and returns it.
+    pub fn refusal(&self, reason: &str) -> serde_json::Value {
+        self.wait_for(|e| e["event"] == "refused" && e["reason"] == reason)
+            .unwrap_or_else(|| panic!("no refusal {reason:?}; audit:\n{:#?}", self.events()))
+    }
+
+    /// Waits (at most 15 s) for an audit event matching `pred`.
+    pub fn wait_for(&self, pred: impl Fn(&serde_json::Value) -> bool) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| pred(e)) {
+                return Some(e);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The embedded broker's 3.1.1 loopback address, from the gateway's log.
+    pub fn embedded_broker_port(&self) -> u16 {
+        let log = self.log();
+        let at = log
+            .find("v4=127.0.0.1:")
+            .expect("embedded broker address in the log")
+            + "v4=127.0.0.1:".len();
+        log[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the gateway's audit log shows a session for `client_id`.
+pub fn wait_connected(gw: &Gateway, client_id: &str) {
+    gw.wait_for(|e| e["event"] == "connected" && e["client_id"] == client_id)
+        .unwrap_or_else(|| {
+            panic!(
+                "{client_id} never connected; audit:\n{:#?}\nlog:\n{}",
+                gw.events(),
+                gw.log()
+            )
+        });
+}
+
+/// A plain HTTP/1.0 GET on loopback; returns (status line, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}

@@ -1,0 +1,122 @@
+//! mosquitto and its command-line clients.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use crate::fleet::{Fleet, Identity};
+use crate::gateway::Gateway;
+use crate::process::{Proc, free_port, run_bounded, spawn, wait_port};
+
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Starts mosquitto on a free loopback port with `conf` appended to its
+/// configuration; returns it and the port.
+pub fn mosquitto(fleet: &Fleet, conf: &str) -> (Proc, u16) {
+    let port = free_port();
+    let path = fleet.path(&format!("mosquitto-{port}.conf"));
+    // Started as root, mosquitto drops to `user`; it must be able to read
+    // the test's (0700) temporary directory, so it stays the current user.
+    std::fs::write(
+        &path,
+        format!(
+            "listener {port} 127.0.0.1\npersistence false\nuser {}\nlog_dest stderr\n{conf}",
+            current_user()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("mosquitto");
+    cmd.arg("-c").arg(&path);
+    let p = spawn(cmd, fleet.path(&format!("mosquitto-{port}.log")));
+    wait_port(port, "mosquitto");
+    (p, port)
+}
+
+/// mosquitto_sub/pub arguments for a TLS client of `localhost:port` with
+/// `who`'s certificate.
+pub fn tls_args(fleet: &Fleet, port: u16, who: &Identity) -> Vec<String> {
+    vec![
+        "-h".into(),
+        "localhost".into(),
+        "-p".into(),
+        port.to_string(),
+        "--cafile".into(),
+        fleet.path("openssl-ca.pem").display().to_string(),
+        "--cert".into(),
+        who.cert.display().to_string(),
+        "--key".into(),
+        who.key.display().to_string(),
+    ]
+}
+
+/// mosquitto_pub against the gateway with `who`'s certificate (or none).
+pub fn mosquitto_pub(fleet: &Fleet, gw: &Gateway, who: Option<&Identity>, args: &[&str]) -> Output {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "localhost", "-p", &gw.port(), "--cafile"])
+        .arg(fleet.path("openssl-ca.pem"));
+    if let Some(who) = who {
+        cmd.arg("--cert").arg(&who.cert).arg("--key").arg(&who.key);
+    }
+    cmd.args(args);
+    run_bounded(cmd, 10)
+}
+
+/// Starts mosquitto_sub on the gateway in the background; read its output
+/// with [`crate::finish`].
+pub fn mosquitto_sub(fleet: &Fleet, gw: &Gateway, who: &Identity, args: &[&str]) -> Child {
+    Command::new("mosquitto_sub")
+        .args(tls_args(fleet, gw.addr.port(), who))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (Debian package mosquitto-clients)")
+}
+
+/// A background mosquitto_sub writing `topic payload-as-hex` lines to a
+/// file, for tests that read what arrived while it keeps running.
+pub struct Sub {
+    pub proc: Proc,
+    pub out: PathBuf,
+}
+
+impl Sub {
+    pub fn start(fleet: &Fleet, args: &[&str], name: &str) -> Sub {
+        let out = fleet.path(&format!("sub-{name}.out"));
+        let log = fleet.path(&format!("sub-{name}.log"));
+        let child = Command::new("mosquitto_sub")
+            .args(args)
+            .args(["-F", "%t %x"])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("mosquitto_sub (Debian package mosquitto-clients)");
+        Sub {
+            proc: Proc { child, log },
+            out,
+        }
+    }
+
+    /// Every (topic, payload) so far.
+    pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
+        read_hex_lines(&self.out)
+    }
+}
+
+fn read_hex_lines(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    text.lines()
+        .filter_map(|l| {
+            let (t, hex) = l.split_once(' ').unwrap_or((l, ""));
+            Some((t.to_owned(), hex::decode(hex).ok()?))
+        })
+        .collect()
+}
