@@ -106,12 +106,38 @@ pub fn device_of(der: &[u8], path: &Path) -> Result<(DeviceId, String), Identity
     }
 }
 
+/// Checks that the private key in `key` belongs to the leaf of `chain`.
+pub fn key_matches(
+    key: &Path,
+    cert: &Path,
+    chain: &[CertificateDer<'static>],
+) -> Result<(), IdentityError> {
+    let der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| file_error(key, format!("no usable private key: {e}")))?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    // from_der checks that the key belongs to the certificate.
+    rustls::sign::CertifiedKey::from_der(chain.to_vec(), der, &provider).map_err(|e| {
+        IdentityError::KeyMismatch {
+            key: key.to_owned(),
+            cert: cert.to_owned(),
+            detail: e.to_string(),
+        }
+    })?;
+    Ok(())
+}
+
 /// Loads and checks the identity files and builds the TLS client config:
 /// it trusts only the server CA, checks the gateway's name, and presents
 /// the device's chain.
 pub fn load(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
-    let chain = load_certs(&paths.cert)?;
     check_key_mode(&paths.key)?;
+    build(paths)
+}
+
+/// [`load`] without refusing a key others can read: for `agent doctor`,
+/// which reports that separately and still goes on to the gateway.
+pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
+    let chain = load_certs(&paths.cert)?;
     let key = PrivateKeyDer::from_pem_file(&paths.key)
         .map_err(|e| file_error(&paths.key, format!("no usable private key: {e}")))?;
     let (id, uri) = device_of(&chain[0], &paths.cert)?;
@@ -127,14 +153,7 @@ pub fn load(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
             .map_err(|e| file_error(&paths.server_ca, format!("not a usable CA: {e}")))?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    // from_der checks that the key belongs to the certificate.
-    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
-        |e| IdentityError::KeyMismatch {
-            key: paths.key.clone(),
-            cert: paths.cert.clone(),
-            detail: e.to_string(),
-        },
-    )?;
+    key_matches(&paths.key, &paths.cert, &chain)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| file_error(&paths.cert, e))?

@@ -21,6 +21,12 @@ enum Cmd {
         #[arg(long, default_value = "/etc/twofold/agent.toml")]
         config: PathBuf,
     },
+    /// Check files, certificate, clock, DNS, TCP, TLS and MQTT, one line each,
+    /// with a fix for anything wrong. Exits non-zero when a check fails.
+    Doctor {
+        #[arg(long, default_value = "/etc/twofold/agent.toml")]
+        config: PathBuf,
+    },
     /// Publish one message under this device's topics through the running agent.
     Publish {
         /// Under devices/<id>/, e.g. app/door.
@@ -94,6 +100,15 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
                 let _ = stop.send(true);
             });
             twofold_agent::run::run(config, stopped).await
+        }
+        Cmd::Doctor { config } => {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let mut report = twofold_agent::doctor::Report::new(std::io::stdout());
+            twofold_agent::doctor::diagnose(&config, now, &mut report).await;
+            if report.failed() {
+                anyhow::bail!("some checks failed; see the fixes above");
+            }
+            Ok(())
         }
         Cmd::Publish {
             topic,

@@ -1,0 +1,179 @@
+//! `agent doctor` against a real gateway: the right diagnosis, with its
+//! fix, for a healthy device, a revoked, an expired and a foreign
+//! certificate, a wrong server CA, an exposed key and a stopped gateway.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use twofold_provisioning::output::files;
+use twofold_tests::*;
+
+/// Runs `agent doctor` for `who` against `localhost:port`; returns
+/// (success, stdout).
+fn doctor(fleet: &Fleet, name: &str, who: &Identity, port: u16) -> (bool, String) {
+    let config = agent_config(fleet, name, who, port, "");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
+    cmd.arg("doctor").arg("--config").arg(config);
+    let out = run_bounded(cmd, 60);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("agent doctor ({name}):\n{report}");
+    (out.status.success(), report)
+}
+
+/// The line for `check`.
+fn line<'a>(report: &'a str, check: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| {
+            l.get(7..)
+                .is_some_and(|rest| rest.starts_with(&format!("{check} ")))
+        })
+        .unwrap_or_else(|| panic!("no {check} line in:\n{report}"))
+}
+
+fn assert_line(report: &str, check: &str, verdict: &str, words: &[&str]) {
+    let l = line(report, check);
+    assert!(
+        l.starts_with(verdict),
+        "{check}: expected {verdict}:\n{report}"
+    );
+    for w in words {
+        assert!(l.contains(w), "{check}: expected {w:?} in {l:?}\n{report}");
+    }
+}
+
+#[test]
+fn doctor_diagnoses_each_failure_with_its_fix() {
+    let mut fleet = Fleet::new();
+    let good = fleet.device("pi-good");
+    let revoked = fleet.device("pi-revoked");
+    fleet.revoke("pi-revoked");
+    let expired = fleet.mint("pi-expired", |p| {
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(30);
+        p.not_after = now - time::Duration::days(1);
+    });
+    // A device of another PKI for the same trust domain, which trusts our
+    // gateway (so it is the gateway that refuses).
+    let mut other = Fleet::new();
+    let foreign = other.device("pi-foreign");
+    let foreign_server_ca = fleet.path("foreign-server-ca.pem");
+    std::fs::copy(foreign.dir.join(files::SERVER_CA), &foreign_server_ca).unwrap();
+    std::fs::copy(
+        fleet.path("pi-good").join(files::SERVER_CA),
+        foreign.dir.join(files::SERVER_CA),
+    )
+    .unwrap();
+    // Our own bundle, but a server CA from the other PKI.
+    let misled = fleet.device("pi-misled");
+    std::fs::copy(&foreign_server_ca, misled.dir.join(files::SERVER_CA)).unwrap();
+    let gw = Gateway::start(&fleet, "");
+    let port = gw.addr.port();
+
+    let (ok, report) = doctor(&fleet, "good", &good, port);
+    assert!(ok, "{report}");
+    for check in [
+        "config",
+        "files",
+        "key",
+        "identity",
+        "validity",
+        "chain",
+        "server CA",
+        "dns",
+        "tcp",
+        "tls",
+    ] {
+        assert_line(&report, check, "[ OK ]", &[]);
+    }
+    assert_line(
+        &report,
+        "mqtt",
+        "[ OK ]",
+        &["CONNACK accepted device pi-good"],
+    );
+
+    let (ok, report) = doctor(&fleet, "revoked", &revoked, port);
+    assert!(!ok, "{report}");
+    assert_line(&report, "validity", "[ OK ]", &[]);
+    assert_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &[
+            "refused our certificate: revoked",
+            "CertificateRevoked",
+            "fix:",
+            "sign-csr",
+        ],
+    );
+    assert_line(&report, "mqtt", "[SKIP]", &[]);
+
+    let (ok, report) = doctor(&fleet, "expired", &expired, port);
+    assert!(!ok, "{report}");
+    assert_line(
+        &report,
+        "validity",
+        "[FAIL]",
+        &["expired on", "local clock", "fix:"],
+    );
+    assert_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &["expired or not yet valid", "CertificateExpired"],
+    );
+
+    let (ok, report) = doctor(&fleet, "foreign", &foreign, port);
+    assert!(!ok, "{report}");
+    assert_line(&report, "chain", "[ OK ]", &[]);
+    assert_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &[
+            "a CA it does not trust",
+            "UnknownCA",
+            "enroll it with the PKI that runs this gateway",
+        ],
+    );
+
+    let (ok, report) = doctor(&fleet, "misled", &misled, port);
+    assert!(!ok, "{report}");
+    assert_line(&report, "server CA", "[ OK ]", &[]);
+    assert_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &[
+            "gateway's certificate is not signed by server-ca.pem",
+            "UnknownIssuer",
+            "fix:",
+        ],
+    );
+
+    std::fs::set_permissions(&good.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, report) = doctor(&fleet, "exposed", &good, port);
+    assert!(!ok, "{report}");
+    assert_line(
+        &report,
+        "files",
+        "[FAIL]",
+        &["readable by others", "fix: chmod 600"],
+    );
+    assert_line(&report, "mqtt", "[ OK ]", &[]);
+    std::fs::set_permissions(&good.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    drop(gw);
+    let (ok, report) = doctor(&fleet, "stopped", &good, port);
+    assert!(!ok, "{report}");
+    assert_line(&report, "dns", "[ OK ]", &[]);
+    assert_line(
+        &report,
+        "tcp",
+        "[FAIL]",
+        &["refused", "is the gateway running"],
+    );
+    assert_line(&report, "tls", "[SKIP]", &[]);
+    assert_line(&report, "mqtt", "[SKIP]", &[]);
+}
