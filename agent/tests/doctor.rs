@@ -177,3 +177,61 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
     assert_line(&report, "tls", "[SKIP]", &[]);
     assert_line(&report, "mqtt", "[SKIP]", &[]);
 }
+
+/// The key made on the board never leaves it: `agent keygen`, then
+/// `provisioning sign-csr` on the operator's side, and the device connects.
+#[test]
+fn a_key_made_on_the_board_is_signed_and_connects() {
+    let fleet = Fleet::new();
+    let board = fleet.path("board");
+    let mut keygen = Command::new(env!("CARGO_BIN_EXE_agent"));
+    keygen
+        .args(["keygen", "--id", "pi-csr", "--trust-domain", TD, "--out"])
+        .arg(&board);
+    let out = run_bounded(keygen, 30);
+    assert!(out.status.success(), "{}", text(&out));
+    let mode = std::fs::metadata(board.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let mut sign = Command::new(built("provisioning"));
+    sign.arg("--pki")
+        .arg(fleet.path("pki"))
+        .arg("sign-csr")
+        .arg(board.join("device.csr"))
+        .args(["--id", "pi-csr", "--out"])
+        .arg(board.join(files::DEVICE_CHAIN));
+    let out = run_bounded(sign, 30);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::write(
+        board.join(files::SERVER_CA),
+        fleet.pki.server_ca_pem().unwrap(),
+    )
+    .unwrap();
+
+    // A second keygen never replaces the key.
+    let mut again = Command::new(env!("CARGO_BIN_EXE_agent"));
+    again
+        .args(["keygen", "--id", "pi-csr", "--trust-domain", TD, "--out"])
+        .arg(&board);
+    let out = run_bounded(again, 30);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("never replaced"), "{}", text(&out));
+
+    let gw = Gateway::start(&fleet, "");
+    let who = Identity {
+        cert: board.join(files::DEVICE_CHAIN),
+        key: board.join(files::DEVICE_KEY),
+        dir: board,
+    };
+    let (ok, report) = doctor(&fleet, "csr", &who, gw.addr.port());
+    assert!(ok, "{report}");
+    assert_line(
+        &report,
+        "mqtt",
+        "[ OK ]",
+        &["CONNACK accepted device pi-csr"],
+    );
+}
