@@ -30,15 +30,27 @@ pub fn agent_config(fleet: &Fleet, name: &str, who: &Identity, port: u16, extra:
 /// Starts `agent run` with [`agent_config`], and waits until its local
 /// socket is up.
 pub fn agent(fleet: &Fleet, name: &str, who: &Identity, port: u16, extra: &str) -> Proc {
+    agent_with(Command::new(built("agent")), fleet, name, who, port, extra)
+}
+
+/// [`agent`] with another way to run the binary, e.g. `qemu-aarch64 -L
+/// SYSROOT target/aarch64-unknown-linux-gnu/release/agent`.
+pub fn agent_with(
+    mut cmd: Command,
+    fleet: &Fleet,
+    name: &str,
+    who: &Identity,
+    port: u16,
+    extra: &str,
+) -> Proc {
     let config = agent_config(fleet, name, who, port, extra);
-    let mut cmd = Command::new(built("agent"));
     cmd.arg("run")
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "info");
     let mut p = spawn(cmd, fleet.path(&format!("agent-{name}.log")));
     let socket = fleet.path(&format!("agent-{name}.sock"));
-    let up = wait_until(20, || {
+    let up = wait_until(60, || {
         if let Ok(Some(status)) = p.child.try_wait() {
             panic!("agent exited ({status}):\n{}", p.log());
         }

@@ -11,7 +11,7 @@ pub mod gateway;
 pub mod mqtt;
 pub mod process;
 
-pub use agent::{agent, agent_config};
+pub use agent::{agent, agent_config, agent_with};
 pub use fleet::{Fleet, Identity, TD, client_params, mint_with};
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{Sub, mosquitto, mosquitto_pub, mosquitto_sub, tls_args};
