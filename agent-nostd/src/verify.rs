@@ -1,0 +1,338 @@
+//! The strict server verifier: what a device checks before it believes it
+//! is talking to its gateway.
+//!
+//! embedded-tls's own `rustpki` verifier checks signatures, the host name
+//! and (with a clock) dates, but not what a certificate is *for*: it
+//! accepts a server certificate signed by any certificate that chains to
+//! the anchor, including a device's own leaf, so one extracted device key
+//! could impersonate the gateway to the whole fleet. This verifier checks,
+//! for the chain the server sends:
+//!
+//! - every certificate parses, uses P-256 keys and ECDSA-SHA256 signatures,
+//!   and carries no critical extension it does not understand;
+//! - the leaf has extendedKeyUsage serverAuth, is not a CA, and names the
+//!   configured server (a subjectAltName DNS name, or IP address when the
+//!   server name is an address; the CN is never used);
+//! - every issuer, intermediates and the anchor, has basicConstraints
+//!   cA=TRUE, its subject equals the issuer name of the certificate below
+//!   it, and its key verifies that certificate's signature;
+//! - the chain ends at the single server CA from the bundle (a copy of the
+//!   anchor sent by the server is accepted and ignored);
+//! - with a clock, every certificate in the chain, the anchor included, is
+//!   within its validity period.
+//!
+//! **Without a clock** (`NoClock`) dates are not checked at all: an expired
+//! or not-yet-valid gateway certificate is accepted if everything else
+//! holds. A device without a trustworthy time source therefore relies on
+//! the operator not letting the server CA sign for longer than it should,
+//! and on revocation being handled by replacing the server CA in the bundle.
+//! Revocation lists are never checked on the device.
+//!
+//! When it refuses, embedded-tls only reports `InvalidCertificate`; the
+//! precise [`Refusal`] is kept here for the device's log.
+
+use embedded_tls::{
+    CertificateEntryRef, CertificateRef, CertificateVerifyRef, SignatureScheme, TlsCipherSuite,
+    TlsError, TlsVerifier,
+};
+use p256::ecdsa::signature::Verifier;
+use p256::ecdsa::{Signature, VerifyingKey};
+use sha2::Digest;
+
+use crate::x509::{self, AltName, Cert, X509Error};
+
+/// At most this many certificates from the server.
+pub const MAX_CHAIN: usize = 4;
+
+/// A source of the current time, in Unix seconds.
+pub trait Clock {
+    /// `None` when the time is not known (yet): dates are then not checked.
+    fn now(&mut self) -> Option<u64>;
+}
+
+/// No clock: dates are never checked (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoClock;
+
+impl Clock for NoClock {
+    fn now(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// Which check refused the server, and for which certificate (`depth` 0 is
+/// the server's own, counting up towards the anchor; the anchor is
+/// `depth == chain length`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server sent no certificate, a raw public key, or more than [`MAX_CHAIN`].
+    BadChainShape,
+    /// A certificate could not be read or uses something unsupported.
+    Unreadable { depth: u8, error: X509Error },
+    /// The server's certificate lacks extendedKeyUsage serverAuth.
+    NotServerAuth,
+    /// The server's certificate is itself a CA certificate.
+    LeafIsCa,
+    /// The server's certificate does not name the configured server.
+    WrongName,
+    /// An issuer lacks basicConstraints cA=TRUE (e.g. a device certificate).
+    IssuerNotCa { depth: u8 },
+    /// An issuer's subject is not the issuer name of the certificate below it.
+    IssuerNameMismatch { depth: u8 },
+    /// The signature on a certificate does not verify with its issuer's key.
+    BadSignature { depth: u8 },
+    /// The chain does not end at the server CA from the bundle: the server
+    /// is from another PKI (or an impostor).
+    NotOurCa,
+    /// Past its notAfter.
+    Expired { depth: u8 },
+    /// Before its notBefore.
+    NotYetValid { depth: u8 },
+    /// The handshake signature (CertificateVerify) is not the server key's.
+    BadHandshakeSignature,
+}
+
+/// The verifier; one per connection attempt.
+pub struct StrictVerifier<'a, C: Clock> {
+    server_ca: &'a [u8],
+    server_name: &'a str,
+    clock: C,
+    /// The server's key, kept for CertificateVerify.
+    leaf_key: Option<VerifyingKey>,
+    /// The transcript hash up to the server's Certificate.
+    transcript: heapless::Vec<u8, 48>,
+    refusal: Option<Refusal>,
+    verified: bool,
+}
+
+impl<'a, C: Clock> StrictVerifier<'a, C> {
+    /// Trusts only `server_ca` (DER) for `server_name` (DNS name or IP
+    /// address).
+    pub fn new(server_ca: &'a [u8], server_name: &'a str, clock: C) -> Self {
+        StrictVerifier {
+            server_ca,
+            server_name,
+            clock,
+            leaf_key: None,
+            transcript: heapless::Vec::new(),
+            refusal: None,
+            verified: false,
+        }
+    }
+
+    /// Why the last handshake's server was refused, if it was.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.refusal
+    }
+
+    /// True once a certificate chain and the handshake signature both
+    /// passed. A connection must not be used unless this holds.
+    pub fn verified(&self) -> bool {
+        self.verified
+    }
+
+    fn refuse(&mut self, why: Refusal) -> TlsError {
+        self.refusal = Some(why);
+        TlsError::InvalidCertificate
+    }
+
+    /// Checks `chain` (the server's certificates, leaf first, DER) and
+    /// returns the server's key.
+    pub fn check_chain(&mut self, chain: &[&[u8]]) -> Result<VerifyingKey, Refusal> {
+        // The server may send the anchor too; it adds nothing.
+        let mut n = chain.len();
+        while n > 1 && chain[n - 1] == self.server_ca {
+            n -= 1;
+        }
+        if n == 0 || n > MAX_CHAIN {
+            return Err(Refusal::BadChainShape);
+        }
+        let now = self.clock.now();
+        let anchor = x509::parse(self.server_ca).map_err(|error| Refusal::Unreadable {
+            depth: n as u8,
+            error,
+        })?;
+        let mut certs: heapless::Vec<Cert<'_>, MAX_CHAIN> = heapless::Vec::new();
+        for (depth, der) in chain[..n].iter().enumerate() {
+            let cert = x509::parse(der).map_err(|error| Refusal::Unreadable {
+                depth: depth as u8,
+                error,
+            })?;
+            // Cannot fail: n <= MAX_CHAIN.
+            let _ = certs.push(cert);
+        }
+
+        let leaf = &certs[0];
+        if !leaf.server_auth {
+            return Err(Refusal::NotServerAuth);
+        }
+        if leaf.is_ca == Some(true) {
+            return Err(Refusal::LeafIsCa);
+        }
+        let named = match leaf.san {
+            Some(san) => names_server(san, self.server_name)
+                .map_err(|error| Refusal::Unreadable { depth: 0, error })?,
+            None => false,
+        };
+        if !named {
+            return Err(Refusal::WrongName);
+        }
+
+        for depth in 0..=n {
+            let cert: Cert<'_> = if depth < n { certs[depth] } else { anchor };
+            if let Some(now) = now {
+                if now < cert.not_before {
+                    return Err(Refusal::NotYetValid { depth: depth as u8 });
+                }
+                if now > cert.not_after {
+                    return Err(Refusal::Expired { depth: depth as u8 });
+                }
+            }
+            if depth == 0 {
+                continue;
+            }
+            // `cert` issued the one below it.
+            let issued = &certs[depth - 1];
+            let below = (depth - 1) as u8;
+            if cert.is_ca != Some(true) {
+                return Err(Refusal::IssuerNotCa { depth: depth as u8 });
+            }
+            let at_anchor = depth == n;
+            if cert.subject != issued.issuer {
+                return Err(if at_anchor {
+                    Refusal::NotOurCa
+                } else {
+                    Refusal::IssuerNameMismatch { depth: below }
+                });
+            }
+            let key = VerifyingKey::from_sec1_bytes(cert.public_key).map_err(|_| {
+                Refusal::Unreadable {
+                    depth: depth as u8,
+                    error: X509Error::UnsupportedKey,
+                }
+            })?;
+            let signature = Signature::from_der(issued.signature)
+                .map_err(|_| Refusal::BadSignature { depth: below })?;
+            if key.verify(issued.tbs, &signature).is_err() {
+                return Err(if at_anchor {
+                    Refusal::NotOurCa
+                } else {
+                    Refusal::BadSignature { depth: below }
+                });
+            }
+        }
+        VerifyingKey::from_sec1_bytes(leaf.public_key).map_err(|_| Refusal::Unreadable {
+            depth: 0,
+            error: X509Error::UnsupportedKey,
+        })
+    }
+}
+
+/// Whether the subjectAltName `san` names `server`: as an IP address entry
+/// when `server` is an address, else as a DNS entry (ASCII case-insensitive,
+/// a `*` only as the whole left-most label of a name with three or more
+/// labels, matching exactly one label).
+pub fn names_server(san: &[u8], server: &str) -> Result<bool, X509Error> {
+    let ip: Option<core::net::IpAddr> = server.parse().ok();
+    x509::any_alt_name(san, |name| match (name, ip) {
+        (AltName::Ip(bytes), Some(core::net::IpAddr::V4(v4))) => bytes == v4.octets(),
+        (AltName::Ip(bytes), Some(core::net::IpAddr::V6(v6))) => bytes == v6.octets(),
+        (AltName::Dns(pattern), None) => dns_matches(pattern, server.as_bytes()),
+        _ => false,
+    })
+}
+
+fn dns_matches(pattern: &[u8], host: &[u8]) -> bool {
+    if let Some(rest) = pattern.strip_prefix(b"*.") {
+        let labels = rest.iter().filter(|&&b| b == b'.').count() + 1;
+        if labels < 2 || rest.contains(&b'*') {
+            return false;
+        }
+        return match host.iter().position(|&b| b == b'.') {
+            Some(dot) if dot > 0 => host[dot + 1..].eq_ignore_ascii_case(rest),
+            _ => false,
+        };
+    }
+    !pattern.contains(&b'*') && pattern.eq_ignore_ascii_case(host)
+}
+
+impl<CS: TlsCipherSuite, C: Clock> TlsVerifier<CS> for StrictVerifier<'_, C> {
+    fn set_hostname_verification(&mut self, hostname: &str) -> Result<(), TlsError> {
+        // The name to check comes from the bundle; the TLS config's (the
+        // SNI) must be the same, or the configuration is wrong.
+        if hostname != self.server_name {
+            return Err(self.refuse(Refusal::WrongName));
+        }
+        Ok(())
+    }
+
+    fn verify_certificate(
+        &mut self,
+        transcript: &CS::Hash,
+        cert: CertificateRef<'_>,
+    ) -> Result<(), TlsError> {
+        self.verified = false;
+        self.leaf_key = None;
+        let mut chain: heapless::Vec<&[u8], { MAX_CHAIN + 1 }> = heapless::Vec::new();
+        for entry in &cert.entries {
+            let CertificateEntryRef::X509(der) = entry else {
+                return Err(self.refuse(Refusal::BadChainShape));
+            };
+            if chain.push(der).is_err() {
+                return Err(self.refuse(Refusal::BadChainShape));
+            }
+        }
+        match self.check_chain(&chain) {
+            Ok(key) => {
+                self.leaf_key = Some(key);
+                self.transcript.clear();
+                let hash = transcript.clone().finalize();
+                self.transcript
+                    .extend_from_slice(&hash)
+                    .map_err(|_| TlsError::EncodeError)?;
+                Ok(())
+            }
+            Err(why) => Err(self.refuse(why)),
+        }
+    }
+
+    fn verify_signature(&mut self, verify: CertificateVerifyRef<'_>) -> Result<(), TlsError> {
+        let Some(key) = self.leaf_key.take() else {
+            return Err(self.refuse(Refusal::BadChainShape));
+        };
+        if verify.signature_scheme != SignatureScheme::EcdsaSecp256r1Sha256 {
+            return Err(self.refuse(Refusal::BadHandshakeSignature));
+        }
+        // RFC 8446 4.4.3: 64 spaces, the context string, a zero byte, the
+        // transcript hash.
+        let mut message: heapless::Vec<u8, 146> = heapless::Vec::new();
+        let _ = message.resize(64, b' ');
+        let _ = message.extend_from_slice(b"TLS 1.3, server CertificateVerify\0");
+        if message.extend_from_slice(&self.transcript).is_err() {
+            return Err(TlsError::EncodeError);
+        }
+        let ok = Signature::from_der(verify.signature)
+            .is_ok_and(|signature| key.verify(&message, &signature).is_ok());
+        if !ok {
+            return Err(self.refuse(Refusal::BadHandshakeSignature));
+        }
+        self.verified = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names_match_strictly() {
+        assert!(dns_matches(b"gw.example.com", b"GW.example.com"));
+        assert!(dns_matches(b"*.example.com", b"gw.example.com"));
+        assert!(!dns_matches(b"*.example.com", b"a.gw.example.com"));
+        assert!(!dns_matches(b"*.example.com", b"example.com"));
+        assert!(!dns_matches(b"*.com", b"example.com"));
+        assert!(!dns_matches(b"g*.example.com", b"gw.example.com"));
+        assert!(!dns_matches(b"gw.example.com", b"gw.example.com.evil"));
+    }
+}

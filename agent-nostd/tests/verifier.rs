@@ -1,0 +1,397 @@
+//! The strict server verifier in real TLS 1.3 handshakes: embedded-tls on
+//! the device side, a rustls server requiring the device's certificate on
+//! the other, over loopback TCP. Each refusal names its reason.
+
+use std::sync::Arc;
+
+use embedded_io_adapters::tokio_1::FromTokio;
+use embedded_tls::{TlsConfig, TlsConnection, TlsContext, TlsError};
+use p256::pkcs8::DecodePrivateKey;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::{Duration, OffsetDateTime};
+use twofold_agent_nostd::{Clock, DeviceProvider, NoClock, Refusal, StrictVerifier};
+
+struct Ca {
+    key: KeyPair,
+    params: CertificateParams,
+    der: Vec<u8>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let der = params.clone().self_signed(&key).unwrap().der().to_vec();
+        Ca { key, params, der }
+    }
+
+    fn issuer(&self) -> Issuer<'_, &KeyPair> {
+        Issuer::new(self.params.clone(), &self.key)
+    }
+}
+
+/// A certificate (DER) and its key.
+struct Leaf {
+    der: Vec<u8>,
+    key: KeyPair,
+}
+
+fn leaf(
+    name: &str,
+    issuer: &Issuer<'_, &KeyPair>,
+    edit: impl FnOnce(&mut CertificateParams),
+) -> Leaf {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.subject_alt_names = vec![
+        SanType::DnsName("gateway.test".try_into().unwrap()),
+        SanType::IpAddress("127.0.0.1".parse().unwrap()),
+    ];
+    params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+    params.not_after = OffsetDateTime::now_utc() + Duration::days(30);
+    edit(&mut params);
+    let der = params.signed_by(&key, issuer).unwrap().der().to_vec();
+    Leaf { der, key }
+}
+
+/// A device PKI: the CA the gateway trusts for clients, and one device.
+struct Device {
+    ca: Ca,
+    leaf: Leaf,
+}
+
+fn device() -> Device {
+    let ca = Ca::new("Device CA");
+    let leaf = leaf("mcu-1", &ca.issuer(), |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://iot.example/device/mcu-1".try_into().unwrap(),
+        )];
+    });
+    Device { ca, leaf }
+}
+
+struct Clocked(u64);
+impl Clock for Clocked {
+    fn now(&mut self) -> Option<u64> {
+        Some(self.0)
+    }
+}
+
+fn now() -> u64 {
+    OffsetDateTime::now_utc().unix_timestamp() as u64
+}
+
+/// What the device saw.
+#[derive(Debug)]
+struct Outcome {
+    open: Result<(), TlsError>,
+    refusal: Option<Refusal>,
+    verified: bool,
+    /// What the server sent after the handshake, if it got that far.
+    greeting: Vec<u8>,
+}
+
+/// Runs one handshake: a rustls server presenting `chain` (with `key`)
+/// and requiring a certificate from `device`'s CA; the device trusting
+/// only `anchor` for `name`.
+async fn handshake<C: Clock>(
+    device: &Device,
+    chain: &[&[u8]],
+    key: &KeyPair,
+    anchor: &[u8],
+    name: &str,
+    clock: C,
+) -> Outcome {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(device.ca.der.clone()))
+        .unwrap();
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(clients)
+        .with_single_cert(
+            chain
+                .iter()
+                .map(|c| CertificateDer::from(c.to_vec()))
+                .collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let (tcp, _) = listener.accept().await.unwrap();
+        if let Ok(mut tls) = acceptor.accept(tcp).await {
+            let _ = tls.write_all(b"hello").await;
+            let _ = tls.flush().await;
+            // Hold the connection until the device has read.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    });
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut rx = vec![0u8; 16_640];
+    let mut tx = vec![0u8; 4_096];
+    let mut tls: TlsConnection<'_, _, embedded_tls::Aes128GcmSha256> =
+        TlsConnection::new(FromTokio::new(tcp), &mut rx, &mut tx);
+    let signing =
+        p256::ecdsa::SigningKey::from_pkcs8_der(&device.leaf.key.serialize_der()).unwrap();
+    let mut dev = DeviceProvider::new(
+        rand_core::OsRng,
+        signing,
+        &device.leaf.der,
+        StrictVerifier::new(anchor, name, clock),
+    );
+    let config = TlsConfig::new().with_server_name(name);
+    let open = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tls.open(TlsContext::new(&config, &mut dev)),
+    )
+    .await
+    .expect("handshake timed out");
+    let mut greeting = Vec::new();
+    if open.is_ok() {
+        let mut buf = [0u8; 16];
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), tls.read(&mut buf)).await
+        {
+            greeting.extend_from_slice(&buf[..n]);
+        }
+    }
+    drop(tls);
+    server.abort();
+    Outcome {
+        open,
+        refusal: dev.verifier().refusal(),
+        verified: dev.verifier().verified(),
+        greeting,
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_is_accepted_and_mutual_tls_works() {
+    let device = device();
+    let server_ca = Ca::new("Server CA");
+    let gw = leaf("gateway", &server_ca.issuer(), |_| {});
+    for name in ["gateway.test", "127.0.0.1"] {
+        // The server sends its leaf and the server CA, as the gateway does.
+        let out = handshake(
+            &device,
+            &[&gw.der, &server_ca.der],
+            &gw.key,
+            &server_ca.der,
+            name,
+            Clocked(now()),
+        )
+        .await;
+        assert!(out.open.is_ok(), "{name}: {out:?}");
+        assert!(out.verified, "{name}: {out:?}");
+        assert_eq!(out.greeting, b"hello", "{name}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_certificate_signed_by_a_device_key_is_refused() {
+    // One CA issued both the device and (legitimately) nothing else; an
+    // attacker holding the device's key signs a server certificate with
+    // it. Signatures chain to the anchor, which is all embedded-tls's own
+    // verifier checks; the device certificate is not a CA.
+    let device = device();
+    let shared_ca = &device.ca;
+    let victim = leaf("mcu-2", &shared_ca.issuer(), |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    });
+    let mut victim_params = CertificateParams::default();
+    victim_params
+        .distinguished_name
+        .push(DnType::CommonName, "mcu-2");
+    let victim_issuer = Issuer::new(victim_params, &victim.key);
+    let forged = leaf("gateway", &victim_issuer, |_| {});
+    let out = handshake(
+        &device,
+        &[&forged.der, &victim.der],
+        &forged.key,
+        &shared_ca.der,
+        "gateway.test",
+        Clocked(now()),
+    )
+    .await;
+    assert!(
+        matches!(out.open, Err(TlsError::InvalidCertificate)),
+        "{out:?}"
+    );
+    assert_eq!(out.refusal, Some(Refusal::IssuerNotCa { depth: 1 }));
+    assert!(!out.verified);
+}
+
+#[tokio::test]
+async fn a_server_certificate_without_server_auth_is_refused() {
+    let device = device();
+    let server_ca = Ca::new("Server CA");
+    let client_only = leaf("gateway", &server_ca.issuer(), |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    });
+    let out = handshake(
+        &device,
+        &[&client_only.der],
+        &client_only.key,
+        &server_ca.der,
+        "gateway.test",
+        NoClock,
+    )
+    .await;
+    assert_eq!(out.refusal, Some(Refusal::NotServerAuth), "{out:?}");
+    assert!(out.open.is_err() && !out.verified);
+}
+
+#[tokio::test]
+async fn a_server_from_a_ca_the_bundle_does_not_name_is_refused() {
+    let device = device();
+    let server_ca = Ca::new("Server CA");
+    let other_ca = Ca::new("Server CA"); // same name, other key
+    let impostor = leaf("gateway", &other_ca.issuer(), |_| {});
+    let out = handshake(
+        &device,
+        &[&impostor.der, &other_ca.der],
+        &impostor.key,
+        &server_ca.der,
+        "gateway.test",
+        NoClock,
+    )
+    .await;
+    assert_eq!(out.refusal, Some(Refusal::NotOurCa), "{out:?}");
+    let named_otherwise = Ca::new("Another CA");
+    let impostor = leaf("gateway", &named_otherwise.issuer(), |_| {});
+    let out = handshake(
+        &device,
+        &[&impostor.der],
+        &impostor.key,
+        &server_ca.der,
+        "gateway.test",
+        NoClock,
+    )
+    .await;
+    assert_eq!(out.refusal, Some(Refusal::NotOurCa), "{out:?}");
+    assert!(out.open.is_err() && !out.verified);
+}
+
+#[tokio::test]
+async fn a_wrong_host_name_is_refused() {
+    let device = device();
+    let server_ca = Ca::new("Server CA");
+    let gw = leaf("gateway", &server_ca.issuer(), |_| {});
+    for name in ["other.test", "127.0.0.2", "gateway.test.evil"] {
+        let out = handshake(&device, &[&gw.der], &gw.key, &server_ca.der, name, NoClock).await;
+        assert_eq!(out.refusal, Some(Refusal::WrongName), "{name}: {out:?}");
+        assert!(out.open.is_err() && !out.verified);
+    }
+}
+
+#[tokio::test]
+async fn dates_are_checked_when_there_is_a_clock_and_only_then() {
+    let device = device();
+    let server_ca = Ca::new("Server CA");
+    let expired = leaf("gateway", &server_ca.issuer(), |p| {
+        p.not_before = OffsetDateTime::now_utc() - Duration::days(30);
+        p.not_after = OffsetDateTime::now_utc() - Duration::days(1);
+    });
+    let out = handshake(
+        &device,
+        &[&expired.der],
+        &expired.key,
+        &server_ca.der,
+        "gateway.test",
+        Clocked(now()),
+    )
+    .await;
+    assert_eq!(out.refusal, Some(Refusal::Expired { depth: 0 }), "{out:?}");
+    assert!(out.open.is_err());
+    // A clock that is far behind: not valid yet.
+    let out = handshake(
+        &device,
+        &[&expired.der],
+        &expired.key,
+        &server_ca.der,
+        "gateway.test",
+        Clocked(1_000_000_000),
+    )
+    .await;
+    assert_eq!(
+        out.refusal,
+        Some(Refusal::NotYetValid { depth: 0 }),
+        "{out:?}"
+    );
+    // Without a clock the dates are not checked (documented).
+    let out = handshake(
+        &device,
+        &[&expired.der],
+        &expired.key,
+        &server_ca.der,
+        "gateway.test",
+        NoClock,
+    )
+    .await;
+    assert!(out.open.is_ok() && out.verified, "{out:?}");
+}
+
+#[tokio::test]
+async fn a_ca_certificate_as_the_server_leaf_is_refused() {
+    let device = device();
+    let server_ca = Ca::new("Server CA");
+    let ca_leaf = leaf("gateway", &server_ca.issuer(), |p| {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    });
+    let out = handshake(
+        &device,
+        &[&ca_leaf.der],
+        &ca_leaf.key,
+        &server_ca.der,
+        "gateway.test",
+        NoClock,
+    )
+    .await;
+    assert_eq!(out.refusal, Some(Refusal::LeafIsCa), "{out:?}");
+}
+
+#[test]
+fn damaged_certificates_are_refused_without_panicking() {
+    let server_ca = Ca::new("Server CA");
+    let gw = leaf("gateway", &server_ca.issuer(), |_| {});
+    assert!(twofold_agent_nostd::x509::parse(&gw.der).is_ok());
+    for len in 0..gw.der.len() {
+        assert!(
+            twofold_agent_nostd::x509::parse(&gw.der[..len]).is_err(),
+            "{len}"
+        );
+    }
+    let mut damaged = gw.der.clone();
+    for i in 0..damaged.len() {
+        for flip in [0x01, 0x80, 0xff] {
+            damaged[i] ^= flip;
+            let _ = twofold_agent_nostd::x509::parse(&damaged);
+            damaged[i] ^= flip;
+        }
+    }
+}
