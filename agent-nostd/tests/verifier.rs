@@ -190,54 +190,78 @@ async fn handshake<C: Clock>(
     }
 }
 
+/// A device trusting `anchor`, and the server CA tests usually sign with.
+struct Scene {
+    device: Device,
+    server_ca: Ca,
+    anchor: Vec<u8>,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let server_ca = Ca::new("Server CA");
+        Scene {
+            device: device(),
+            anchor: server_ca.der.clone(),
+            server_ca,
+        }
+    }
+
+    /// A server certificate from the server CA, edited.
+    fn server(&self, edit: impl FnOnce(&mut CertificateParams)) -> Leaf {
+        leaf("gateway", &self.server_ca.issuer(), edit)
+    }
+
+    /// The device connects for `name` to a server presenting `server`
+    /// followed by `extra`.
+    async fn offer<C: Clock>(
+        &self,
+        server: &Leaf,
+        extra: &[&[u8]],
+        name: &str,
+        clock: C,
+    ) -> Outcome {
+        let mut chain = vec![&server.der[..]];
+        chain.extend_from_slice(extra);
+        handshake(&self.device, &chain, &server.key, &self.anchor, name, clock).await
+    }
+}
+
+const NAME: &str = "gateway.test";
+
 #[tokio::test]
 async fn the_gateway_is_accepted_and_mutual_tls_works() {
-    let device = device();
-    let server_ca = Ca::new("Server CA");
-    let gw = leaf("gateway", &server_ca.issuer(), |_| {});
-    for name in ["gateway.test", "127.0.0.1"] {
+    let scene = Scene::new();
+    let gw = scene.server(|_| {});
+    for name in [NAME, "127.0.0.1"] {
         // The server sends its leaf and the server CA, as the gateway does.
-        let out = handshake(
-            &device,
-            &[&gw.der, &server_ca.der],
-            &gw.key,
-            &server_ca.der,
-            name,
-            Clocked(now()),
-        )
-        .await;
-        assert!(out.open.is_ok(), "{name}: {out:?}");
-        assert!(out.verified, "{name}: {out:?}");
+        let out = scene
+            .offer(&gw, &[&scene.server_ca.der], name, Clocked(now()))
+            .await;
+        assert!(out.open.is_ok() && out.verified, "{name}: {out:?}");
         assert_eq!(out.greeting, b"hello", "{name}: {out:?}");
     }
 }
 
 #[tokio::test]
 async fn a_server_certificate_signed_by_a_device_key_is_refused() {
-    // One CA issued both the device and (legitimately) nothing else; an
-    // attacker holding the device's key signs a server certificate with
-    // it. Signatures chain to the anchor, which is all embedded-tls's own
-    // verifier checks; the device certificate is not a CA.
-    let device = device();
-    let shared_ca = &device.ca;
-    let victim = leaf("mcu-2", &shared_ca.issuer(), |p| {
+    // One CA issued the devices; an attacker holding one device's key
+    // signs a server certificate with it. The signatures chain to the
+    // anchor, which is all embedded-tls's own verifier checks; but the
+    // device certificate is not a CA.
+    let mut scene = Scene::new();
+    scene.anchor = scene.device.ca.der.clone();
+    let victim = leaf("mcu-2", &scene.device.ca.issuer(), |p| {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     });
-    let mut victim_params = CertificateParams::default();
-    victim_params
+    let mut victim_name = CertificateParams::default();
+    victim_name
         .distinguished_name
         .push(DnType::CommonName, "mcu-2");
-    let victim_issuer = Issuer::new(victim_params, &victim.key);
-    let forged = leaf("gateway", &victim_issuer, |_| {});
-    let out = handshake(
-        &device,
-        &[&forged.der, &victim.der],
-        &forged.key,
-        &shared_ca.der,
-        "gateway.test",
-        Clocked(now()),
-    )
-    .await;
+    let forged = leaf("gateway", &Issuer::new(victim_name, &victim.key), |_| {});
+    let out = scene
+        .offer(&forged, &[&victim.der], NAME, Clocked(now()))
+        .await;
     assert!(
         matches!(out.open, Err(TlsError::InvalidCertificate)),
         "{out:?}"
@@ -248,62 +272,34 @@ async fn a_server_certificate_signed_by_a_device_key_is_refused() {
 
 #[tokio::test]
 async fn a_server_certificate_without_server_auth_is_refused() {
-    let device = device();
-    let server_ca = Ca::new("Server CA");
-    let client_only = leaf("gateway", &server_ca.issuer(), |p| {
+    let scene = Scene::new();
+    let client_only = scene.server(|p| {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     });
-    let out = handshake(
-        &device,
-        &[&client_only.der],
-        &client_only.key,
-        &server_ca.der,
-        "gateway.test",
-        NoClock,
-    )
-    .await;
+    let out = scene.offer(&client_only, &[], NAME, NoClock).await;
     assert_eq!(out.refusal, Some(Refusal::NotServerAuth), "{out:?}");
     assert!(out.open.is_err() && !out.verified);
 }
 
 #[tokio::test]
 async fn a_server_from_a_ca_the_bundle_does_not_name_is_refused() {
-    let device = device();
-    let server_ca = Ca::new("Server CA");
-    let other_ca = Ca::new("Server CA"); // same name, other key
-    let impostor = leaf("gateway", &other_ca.issuer(), |_| {});
-    let out = handshake(
-        &device,
-        &[&impostor.der, &other_ca.der],
-        &impostor.key,
-        &server_ca.der,
-        "gateway.test",
-        NoClock,
-    )
-    .await;
-    assert_eq!(out.refusal, Some(Refusal::NotOurCa), "{out:?}");
-    let named_otherwise = Ca::new("Another CA");
-    let impostor = leaf("gateway", &named_otherwise.issuer(), |_| {});
-    let out = handshake(
-        &device,
-        &[&impostor.der],
-        &impostor.key,
-        &server_ca.der,
-        "gateway.test",
-        NoClock,
-    )
-    .await;
-    assert_eq!(out.refusal, Some(Refusal::NotOurCa), "{out:?}");
-    assert!(out.open.is_err() && !out.verified);
+    let scene = Scene::new();
+    let same_name = Ca::new("Server CA"); // another key
+    let other_name = Ca::new("Another CA");
+    for ca in [&same_name, &other_name] {
+        let impostor = leaf("gateway", &ca.issuer(), |_| {});
+        let out = scene.offer(&impostor, &[&ca.der], NAME, NoClock).await;
+        assert_eq!(out.refusal, Some(Refusal::NotOurCa), "{out:?}");
+        assert!(out.open.is_err() && !out.verified);
+    }
 }
 
 #[tokio::test]
 async fn a_wrong_host_name_is_refused() {
-    let device = device();
-    let server_ca = Ca::new("Server CA");
-    let gw = leaf("gateway", &server_ca.issuer(), |_| {});
+    let scene = Scene::new();
+    let gw = scene.server(|_| {});
     for name in ["other.test", "127.0.0.2", "gateway.test.evil"] {
-        let out = handshake(&device, &[&gw.der], &gw.key, &server_ca.der, name, NoClock).await;
+        let out = scene.offer(&gw, &[], name, NoClock).await;
         assert_eq!(out.refusal, Some(Refusal::WrongName), "{name}: {out:?}");
         assert!(out.open.is_err() && !out.verified);
     }
@@ -311,67 +307,33 @@ async fn a_wrong_host_name_is_refused() {
 
 #[tokio::test]
 async fn dates_are_checked_when_there_is_a_clock_and_only_then() {
-    let device = device();
-    let server_ca = Ca::new("Server CA");
-    let expired = leaf("gateway", &server_ca.issuer(), |p| {
+    let scene = Scene::new();
+    let expired = scene.server(|p| {
         p.not_before = OffsetDateTime::now_utc() - Duration::days(30);
         p.not_after = OffsetDateTime::now_utc() - Duration::days(1);
     });
-    let out = handshake(
-        &device,
-        &[&expired.der],
-        &expired.key,
-        &server_ca.der,
-        "gateway.test",
-        Clocked(now()),
-    )
-    .await;
+    let out = scene.offer(&expired, &[], NAME, Clocked(now())).await;
     assert_eq!(out.refusal, Some(Refusal::Expired { depth: 0 }), "{out:?}");
     assert!(out.open.is_err());
-    // A clock that is far behind: not valid yet.
-    let out = handshake(
-        &device,
-        &[&expired.der],
-        &expired.key,
-        &server_ca.der,
-        "gateway.test",
-        Clocked(1_000_000_000),
-    )
-    .await;
+    // A clock far behind: not valid yet.
+    let out = scene
+        .offer(&expired, &[], NAME, Clocked(1_000_000_000))
+        .await;
     assert_eq!(
         out.refusal,
         Some(Refusal::NotYetValid { depth: 0 }),
         "{out:?}"
     );
     // Without a clock the dates are not checked (documented).
-    let out = handshake(
-        &device,
-        &[&expired.der],
-        &expired.key,
-        &server_ca.der,
-        "gateway.test",
-        NoClock,
-    )
-    .await;
+    let out = scene.offer(&expired, &[], NAME, NoClock).await;
     assert!(out.open.is_ok() && out.verified, "{out:?}");
 }
 
 #[tokio::test]
 async fn a_ca_certificate_as_the_server_leaf_is_refused() {
-    let device = device();
-    let server_ca = Ca::new("Server CA");
-    let ca_leaf = leaf("gateway", &server_ca.issuer(), |p| {
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    });
-    let out = handshake(
-        &device,
-        &[&ca_leaf.der],
-        &ca_leaf.key,
-        &server_ca.der,
-        "gateway.test",
-        NoClock,
-    )
-    .await;
+    let scene = Scene::new();
+    let ca_leaf = scene.server(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained));
+    let out = scene.offer(&ca_leaf, &[], NAME, NoClock).await;
     assert_eq!(out.refusal, Some(Refusal::LeafIsCa), "{out:?}");
 }
 

@@ -543,15 +543,13 @@ async fn network_checks<W: Write>(
         read_connack(&mut tls).await
     })
     .await;
+    let accepted = format!(
+        "{version} with {}; the gateway accepted our certificate",
+        config.host
+    );
     match reply {
         Err(_) => {
-            report.ok(
-                "tls",
-                format!(
-                    "{version} with {}; the gateway accepted our certificate",
-                    config.host
-                ),
-            );
+            report.ok("tls", accepted.clone());
             report.fail(
                 "mqtt",
                 format!("no CONNACK within {STEP_TIMEOUT:?}"),
@@ -564,13 +562,7 @@ async fn network_checks<W: Write>(
             report.skip("mqtt");
         }
         Ok(Err(e)) => {
-            report.ok(
-                "tls",
-                format!(
-                    "{version} with {}; the gateway accepted our certificate",
-                    config.host
-                ),
-            );
+            report.ok("tls", accepted.clone());
             report.fail(
                 "mqtt",
                 format!("the gateway closed the session without a CONNACK: {e}"),
@@ -578,13 +570,7 @@ async fn network_checks<W: Write>(
             );
         }
         Ok(Ok(ack)) => {
-            report.ok(
-                "tls",
-                format!(
-                    "{version} with {}; the gateway accepted our certificate",
-                    config.host
-                ),
-            );
+            report.ok("tls", accepted.clone());
             match ack.code {
                 ConnectReturnCode::Success => {
                     report.ok(
@@ -729,37 +715,30 @@ mod tests {
 
     #[test]
     fn gateway_alerts_become_reasons() {
-        let (detail, fix) = tls_failure(
-            &io(rustls::Error::AlertReceived(
-                AlertDescription::CertificateRevoked,
-            )),
-            "gw",
-            0,
-        );
-        assert!(detail.contains("revoked"), "{detail}");
-        assert!(fix.contains("sign-csr"), "{fix}");
-        let (detail, _) = tls_failure(
-            &io(rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer,
-            )),
-            "gw",
-            0,
-        );
-        assert!(detail.contains("not signed by server-ca.pem"), "{detail}");
-        let (detail, fix) = tls_failure(
-            &io(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidYet,
-            )),
-            "gw",
-            0,
-        );
-        assert!(detail.contains("clock is probably behind"), "{detail}");
-        assert!(fix.contains("timedatectl"), "{fix}");
-        let (detail, _) = tls_failure(
-            &std::io::Error::from(std::io::ErrorKind::ConnectionReset),
-            "gw",
-            0,
-        );
+        let cases = [
+            (
+                rustls::Error::AlertReceived(AlertDescription::CertificateRevoked),
+                "revoked",
+                "sign-csr",
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                "not signed by server-ca.pem",
+                "server CA",
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::NotValidYet),
+                "clock is probably behind",
+                "timedatectl",
+            ),
+        ];
+        for (error, says, fix_says) in cases {
+            let (detail, fix) = tls_failure(&io(error), "gw", 0);
+            assert!(detail.contains(says), "{detail}");
+            assert!(fix.contains(fix_says), "{fix}");
+        }
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let (detail, _) = tls_failure(&reset, "gw", 0);
         assert!(detail.contains("broke off"), "{detail}");
     }
 
