@@ -185,7 +185,6 @@ fn telemetry_reaches_a_mosquitto_broker_with_mutual_tls() {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         "watcher",
     );
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let agent = agent(
         &fleet,
         "pi-2",

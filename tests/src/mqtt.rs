@@ -6,7 +6,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use crate::fleet::{Fleet, Identity};
 use crate::gateway::Gateway;
-use crate::process::{Proc, free_port, run_bounded, spawn, wait_port};
+use crate::process::{Proc, free_port, run_bounded, spawn, wait_port, wait_until};
 
 fn current_user() -> String {
     let out = Command::new("id").arg("-un").output().unwrap();
@@ -85,21 +85,40 @@ pub struct Sub {
 }
 
 impl Sub {
+    /// Starts it and waits (at most 20 s) for its SUBACK, so nothing
+    /// published afterwards can be missed for want of a subscription.
     pub fn start(fleet: &Fleet, args: &[&str], name: &str) -> Sub {
         let out = fleet.path(&format!("sub-{name}.out"));
         let log = fleet.path(&format!("sub-{name}.log"));
-        let child = Command::new("mosquitto_sub")
+        // Line-buffered, so the SUBACK line reaches the file at once
+        // (mosquitto_sub flushes after messages but not after debug lines).
+        let child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
             .args(args)
-            .args(["-F", "%t %x"])
+            // -d prints the protocol exchange (the SUBACK) to stdout too;
+            // those lines are not `topic hex` and `messages` skips them.
+            .args(["-F", "%t %x", "-d"])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("mosquitto_sub (Debian package mosquitto-clients)");
-        Sub {
+        let mut sub = Sub {
             proc: Proc { child, log },
             out,
-        }
+        };
+        let subscribed = wait_until(20, || {
+            if let Ok(Some(status)) = sub.proc.child.try_wait() {
+                panic!("mosquitto_sub exited ({status}):\n{}", sub.proc.log());
+            }
+            std::fs::read_to_string(&sub.out).is_ok_and(|t| t.contains("received SUBACK"))
+        });
+        assert!(
+            subscribed,
+            "mosquitto_sub got no SUBACK:\n{}",
+            sub.proc.log()
+        );
+        sub
     }
 
     /// Every (topic, payload) so far.
