@@ -46,9 +46,12 @@ fn telemetry_and_commands_through_the_gateway() {
     let ops = fleet.service("ops");
     let port = free_port();
     let gw = Gateway::start_on(&fleet, port, "");
-    let mut args = tls_args(&fleet, port, &ops);
-    args.extend(
-        [
+    let sub = Sub::start_tls(
+        &fleet,
+        port,
+        &ops,
+        "ops",
+        &[
             "-i",
             "ops",
             "-q",
@@ -57,13 +60,7 @@ fn telemetry_and_commands_through_the_gateway() {
             "devices/+/telemetry",
             "-t",
             "devices/+/replies",
-        ]
-        .map(String::from),
-    );
-    let sub = Sub::start(
-        &fleet,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        "ops",
+        ],
     );
     let agent = agent(
         &fleet,
@@ -169,21 +166,13 @@ fn telemetry_reaches_a_mosquitto_broker_with_mutual_tls() {
     let mut fleet = Fleet::new();
     let dev = fleet.device("pi-2");
     let watcher = fleet.service("watcher");
-    let (_broker, port) = mosquitto(
+    let (_broker, port) = mosquitto_mtls(&fleet);
+    let sub = Sub::start_tls(
         &fleet,
-        &format!(
-            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
-            fleet.path("openssl-client-ca.pem").display(),
-            fleet.path("gw/gateway.pem").display(),
-            fleet.path("gw/gateway.key").display(),
-        ),
-    );
-    let mut args = tls_args(&fleet, port, &watcher);
-    args.extend(["-i", "watcher", "-t", "devices/#"].map(String::from));
-    let sub = Sub::start(
-        &fleet,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        port,
+        &watcher,
         "watcher",
+        &["-i", "watcher", "-t", "devices/#"],
     );
     let agent = agent(
         &fleet,
@@ -239,24 +228,7 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     // The gateway relays to a mosquitto that outlives it, and the
     // subscriber stays connected there: what this test kills is the
     // gateway and the agent, not the broker.
-    let passwords = fleet.path("passwd");
-    std::fs::write(&passwords, "").unwrap();
-    assert!(
-        Command::new("mosquitto_passwd")
-            .arg("-b")
-            .arg(&passwords)
-            .args(["gw", "pw"])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let (_broker, broker_port) = mosquitto(
-        &fleet,
-        &format!(
-            "allow_anonymous false\npassword_file {}\n",
-            passwords.display()
-        ),
-    );
+    let (_broker, broker_port) = mosquitto_with_password(&fleet, "gw", "pw");
     let sub = Sub::start(
         &fleet,
         &[

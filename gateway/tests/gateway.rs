@@ -382,13 +382,7 @@ fn revoked_certificates_are_refused_and_live_sessions_closed() {
     })
     .expect("refused at connect too");
     // The other device's session was not touched.
-    let mut bystander = bystander;
-    assert!(
-        bystander.try_wait().unwrap().is_none(),
-        "a healthy session was dropped"
-    );
-    let _ = bystander.kill();
-    let _ = bystander.wait();
+    assert_alive_then_kill(bystander, "a healthy session was dropped");
 }
 
 #[test]
@@ -725,44 +719,6 @@ fn sigterm_closes_sessions_and_exits() {
     );
 }
 
-fn current_user() -> String {
-    let out = Command::new("id").arg("-un").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// A mosquitto on a free loopback port with `conf` (its listener line is
-/// added); returns when it accepts connections.
-fn start_mosquitto(fleet: &Fleet, conf: &str) -> (std::process::Child, u16) {
-    let port = free_port();
-    let path = fleet.path(&format!("mosquitto-{port}.conf"));
-    std::fs::write(
-        &path,
-        // Started as root, mosquitto would switch to its own user, which
-        // cannot read the test's 0700 directories: stay who we are.
-        format!(
-            "listener {port} 127.0.0.1\npersistence false\nuser {}\n{conf}",
-            current_user()
-        ),
-    )
-    .unwrap();
-    let broker = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("mosquitto (Debian package mosquitto)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mosquitto did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (broker, port)
-}
-
 /// A device publishes through the gateway; `sub` (already subscribed to
 /// `devices/#` on the external broker) must see it, and policy still applies.
 fn relay_through(fleet: &Fleet, gw: &Gateway, dev: &Identity, sub: std::process::Child) {
@@ -794,22 +750,7 @@ fn relay_through(fleet: &Fleet, gw: &Gateway, dev: &Identity, sub: std::process:
 fn relays_to_an_external_mosquitto_broker() {
     let mut fleet = Fleet::new();
     let dev = fleet.device("sensor-1");
-    let passwords = fleet.path("mosquitto.passwd");
-    std::fs::write(&passwords, "").unwrap();
-    let made = Command::new("mosquitto_passwd")
-        .arg("-b")
-        .arg(&passwords)
-        .args(["gateway", "s3cret"])
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let (mut broker, port) = start_mosquitto(
-        &fleet,
-        &format!(
-            "allow_anonymous false\npassword_file {}\n",
-            passwords.display()
-        ),
-    );
+    let (_broker, port) = mosquitto_with_password(&fleet, "gateway", "s3cret");
     let gw = Gateway::start(
         &fleet,
         &format!(
@@ -834,8 +775,6 @@ fn relays_to_an_external_mosquitto_broker() {
         .spawn()
         .unwrap();
     relay_through(&fleet, &gw, &dev, sub);
-    let _ = broker.kill();
-    let _ = broker.wait();
 }
 
 #[test]
@@ -846,21 +785,7 @@ fn relays_to_an_external_broker_over_mutual_tls() {
     // the broker presents the gateway's own server certificate (it names
     // localhost) and asks for a client certificate from the device CA.
     let relay = fleet.service("relay");
-    let client_cas = format!(
-        "{}{}",
-        fleet.pki.device_ca_pem().unwrap(),
-        std::fs::read_to_string(fleet.path("pki/root-ca.pem")).unwrap()
-    );
-    std::fs::write(fleet.path("broker-client-ca.pem"), client_cas).unwrap();
-    let (mut broker, port) = start_mosquitto(
-        &fleet,
-        &format!(
-            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
-            fleet.path("broker-client-ca.pem").display(),
-            fleet.path("gw/gateway.pem").display(),
-            fleet.path("gw/gateway.key").display(),
-        ),
-    );
+    let (_broker, port) = mosquitto_mtls(&fleet);
     let tls_keys = format!(
         "broker_ca = \"{}\"\nbroker_cert = \"{}\"\nbroker_key = \"{}\"",
         fleet.path("openssl-ca.pem").display(),
@@ -872,12 +797,7 @@ fn relays_to_an_external_broker_over_mutual_tls() {
         &format!("broker = \"mqtts://localhost:{port}\"\n{tls_keys}"),
     );
     let sub = Command::new("mosquitto_sub")
-        .args(["-h", "localhost", "-p", &port.to_string(), "--cafile"])
-        .arg(fleet.path("openssl-ca.pem"))
-        .arg("--cert")
-        .arg(&relay.cert)
-        .arg("--key")
-        .arg(&relay.key)
+        .args(tls_args(&fleet, port, &relay))
         .args(["-i", "watcher", "-t", "devices/#", "-C", "1", "-v"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -916,8 +836,6 @@ fn relays_to_an_external_broker_over_mutual_tls() {
         "{}",
         gw.log()
     );
-    let _ = broker.kill();
-    let _ = broker.wait();
 }
 
 #[test]
@@ -1046,13 +964,7 @@ fn a_new_server_certificate_is_used_without_dropping_sessions() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(served_serial(), format!("serial={}", new.record.serial));
-    let mut sub = sub;
-    assert!(
-        sub.try_wait().unwrap().is_none(),
-        "rotation dropped a healthy session"
-    );
-    let _ = sub.kill();
-    let _ = sub.wait();
+    assert_alive_then_kill(sub, "rotation dropped a healthy session");
 }
 
 #[test]

@@ -35,6 +35,41 @@ pub fn mosquitto(fleet: &Fleet, conf: &str) -> (Proc, u16) {
     (p, port)
 }
 
+/// mosquitto refusing anonymous clients, with one user `user`/`password`.
+pub fn mosquitto_with_password(fleet: &Fleet, user: &str, password: &str) -> (Proc, u16) {
+    let passwords = fleet.path(&format!("passwd-{user}"));
+    std::fs::write(&passwords, "").unwrap();
+    let made = Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwords)
+        .args([user, password])
+        .status()
+        .expect("mosquitto_passwd (Debian package mosquitto)");
+    assert!(made.success(), "mosquitto_passwd failed");
+    mosquitto(
+        fleet,
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwords.display()
+        ),
+    )
+}
+
+/// mosquitto with mutual TLS: it presents the gateway's certificate (it
+/// names localhost), requires a client certificate from the device CA and
+/// takes the certificate's CN as the user name.
+pub fn mosquitto_mtls(fleet: &Fleet) -> (Proc, u16) {
+    mosquitto(
+        fleet,
+        &format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+            fleet.path("openssl-client-ca.pem").display(),
+            fleet.path("gw/gateway.pem").display(),
+            fleet.path("gw/gateway.key").display(),
+        ),
+    )
+}
+
 /// mosquitto_sub/pub arguments for a TLS client of `localhost:port` with
 /// `who`'s certificate.
 pub fn tls_args(fleet: &Fleet, port: u16, who: &Identity) -> Vec<String> {
@@ -119,6 +154,18 @@ impl Sub {
             sub.proc.log()
         );
         sub
+    }
+
+    /// A subscriber of `localhost:port` with `who`'s certificate and
+    /// further mosquitto_sub arguments (client id, topics, QoS).
+    pub fn start_tls(fleet: &Fleet, port: u16, who: &Identity, name: &str, args: &[&str]) -> Sub {
+        let mut all = tls_args(fleet, port, who);
+        all.extend(args.iter().map(|a| a.to_string()));
+        Self::start(
+            fleet,
+            &all.iter().map(String::as_str).collect::<Vec<_>>(),
+            name,
+        )
     }
 
     /// Every (topic, payload) so far.

@@ -83,6 +83,15 @@ pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
     Proc { child, log }
 }
 
+/// Asserts that `child` is still running (`why` says what would have
+/// stopped it), then kills and reaps it.
+pub fn assert_alive_then_kill(mut child: Child, why: &str) {
+    let alive = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(alive, "{why}");
+}
+
 /// Runs a command to its end, killed after `secs`.
 pub fn run_bounded(mut cmd: Command, secs: u64) -> Output {
     let child = cmd

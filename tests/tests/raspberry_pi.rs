@@ -52,12 +52,12 @@ fn raspberry_pi_agents_pass_doctor_and_send_telemetry() {
     let ops = fleet.service("ops");
     let gw = Gateway::start(&fleet, "");
     let port = gw.addr.port();
-    let mut args = tls_args(&fleet, port, &ops);
-    args.extend(["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"].map(String::from));
-    let sub = Sub::start(
+    let sub = Sub::start_tls(
         &fleet,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        port,
+        &ops,
         "ops",
+        &["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"],
     );
 
     for (target, qemu, sysroot) in BOARDS {
