@@ -12,9 +12,15 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod basic;
+pub mod link;
+pub mod mqtt;
 pub mod provider;
+pub mod session;
 pub mod verify;
 pub mod x509;
 
+pub use link::Link;
 pub use provider::{DeviceKey, DeviceProvider};
+pub use session::{Agent, App, Backoff, Buffers, Connect, Error, Event, Settings, Stats, Timer};
 pub use verify::{Clock, NoClock, Refusal, StrictVerifier};

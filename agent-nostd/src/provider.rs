@@ -25,6 +25,12 @@ impl DeviceKey for p256::ecdsa::SigningKey {
     }
 }
 
+impl<K: DeviceKey> DeviceKey for &mut K {
+    fn sign(&mut self, message: &[u8]) -> Result<DerSignature, signature::Error> {
+        (**self).sign(message)
+    }
+}
+
 /// Lends a [`DeviceKey`] to embedded-tls for one signature.
 struct Lend<'k, K>(&'k mut K);
 

@@ -50,6 +50,12 @@ pub trait Clock {
     fn now(&mut self) -> Option<u64>;
 }
 
+impl<C: Clock> Clock for &mut C {
+    fn now(&mut self) -> Option<u64> {
+        (**self).now()
+    }
+}
+
 /// No clock: dates are never checked (see the module docs).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoClock;

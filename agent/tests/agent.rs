@@ -5,39 +5,8 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use twofold_protocol::message::{self, Command as Cmd, Reply, ReplyStatus, Telemetry};
+use twofold_protocol::message::{self, Command as Cmd, ReplyStatus, Telemetry};
 use twofold_tests::*;
-
-/// Sends a postcard command to `device` as the `ops` service.
-fn send_command(fleet: &Fleet, port: u16, ops: &Identity, device: &str, cmd: &Cmd) {
-    let mut buf = [0u8; 512];
-    let bytes = message::encode(cmd, &mut buf).unwrap();
-    let file = fleet.path(&format!("command-{}.bin", cmd.id));
-    std::fs::write(&file, bytes).unwrap();
-    let mut pubc = Command::new("mosquitto_pub");
-    pubc.args(tls_args(fleet, port, ops))
-        .args(["-i", "ops-commands", "-q", "1", "-t"])
-        .arg(format!("devices/{device}/commands"))
-        .arg("-f")
-        .arg(&file);
-    let out = run_bounded(pubc, 10);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn replies(sub: &Sub) -> BTreeMap<u32, (ReplyStatus, Option<i32>, Vec<u8>)> {
-    sub.messages()
-        .iter()
-        .filter(|(t, _)| t.ends_with("/replies"))
-        .filter_map(|(_, p)| {
-            let r: Reply = message::decode(p).ok()?;
-            Some((r.id, (r.status, r.exit_code, r.output.to_vec())))
-        })
-        .collect()
-}
 
 #[test]
 fn telemetry_and_commands_through_the_gateway() {

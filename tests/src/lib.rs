@@ -15,7 +15,8 @@ pub use agent::{agent, agent_config, agent_with};
 pub use fleet::{Fleet, Identity, TD, client_params, mint_with};
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{
-    Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password, tls_args,
+    Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password, replies,
+    send_command, tls_args,
 };
 pub use process::{
     Proc, assert_alive_then_kill, built, finish, free_port, run_bounded, spawn, text, wait_port,

@@ -1,8 +1,11 @@
 //! mosquitto and its command-line clients.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
+use twofold_protocol::message::{self, Command as Cmd, Reply, ReplyStatus};
 
 use crate::fleet::{Fleet, Identity};
 use crate::gateway::Gateway;
@@ -183,6 +186,38 @@ fn read_hex_lines(path: &Path) -> Vec<(String, Vec<u8>)> {
         .filter_map(|l| {
             let (t, hex) = l.split_once(' ').unwrap_or((l, ""));
             Some((t.to_owned(), hex::decode(hex).ok()?))
+        })
+        .collect()
+}
+
+/// Sends a postcard command to `device` as the `ops` service.
+pub fn send_command(fleet: &Fleet, port: u16, ops: &Identity, device: &str, cmd: &Cmd) {
+    let mut buf = [0u8; 512];
+    let bytes = message::encode(cmd, &mut buf).unwrap();
+    let file = fleet.path(&format!("command-{}.bin", cmd.id));
+    std::fs::write(&file, bytes).unwrap();
+    let mut pubc = Command::new("mosquitto_pub");
+    pubc.args(tls_args(fleet, port, ops))
+        .args(["-i", "ops-commands", "-q", "1", "-t"])
+        .arg(format!("devices/{device}/commands"))
+        .arg("-f")
+        .arg(&file);
+    let out = run_bounded(pubc, 10);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The replies `sub` has seen, by command id.
+pub fn replies(sub: &Sub) -> BTreeMap<u32, (ReplyStatus, Option<i32>, Vec<u8>)> {
+    sub.messages()
+        .iter()
+        .filter(|(t, _)| t.ends_with("/replies"))
+        .filter_map(|(_, p)| {
+            let r: Reply = message::decode(p).ok()?;
+            Some((r.id, (r.status, r.exit_code, r.output.to_vec())))
         })
         .collect()
 }

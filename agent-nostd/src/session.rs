@@ -1,0 +1,955 @@
+//! The device's life on the network: connect, TLS, MQTT, telemetry,
+//! commands, keepalive, and reconnecting with jittered exponential backoff.
+//!
+//! [`Agent::run`] loops over sessions until the [`App`] says stop. One
+//! session is: the link from the [`Connect`]or, the TLS 1.3 handshake with
+//! the [`StrictVerifier`], MQTT 3.1.1 CONNECT (clean session, the device id
+//! as client id), SUBSCRIBE to `devices/<id>/commands`, then telemetry
+//! every [`Settings::telemetry_ms`] as QoS 1 PUBLISH on
+//! `devices/<id>/telemetry`, each command answered on `devices/<id>/replies`,
+//! and a PINGREQ whenever the device has been quiet for three quarters of
+//! the keepalive. Every wait has a deadline.
+//!
+//! # What is not lost
+//!
+//! One telemetry message is in flight at a time. Until its PUBACK arrives
+//! it stays in the agent (not in the session), and the next session sends
+//! it again, with the same sequence number, before any new one: a gap in
+//! sequence numbers at the subscriber means a device reset, never a lost
+//! connection. A command is acknowledged after its reply has been written.
+//!
+//! # KeyUpdate
+//!
+//! embedded-tls 0.19 panics on a post-handshake KeyUpdate. rustls (the
+//! gateway) sends one by itself only when its record counter reaches the
+//! AES-GCM confidentiality limit of 2^24 records. Every TLS 1.3 record is
+//! at least [`MIN_RECORD`] bytes, so the session ends cleanly and a new
+//! handshake starts once the bytes received (or sent) could amount to
+//! [`RECORD_LIMIT`] records, half the limit.
+
+use core::fmt;
+use core::future::Future;
+
+use embassy_futures::select::{Either, select};
+use embedded_io::{Error as _, ErrorKind};
+use embedded_io_async::{Read, Write};
+use embedded_tls::{
+    Aes128GcmSha256, TlsConfig, TlsConnection, TlsContext, TlsError, alert::AlertDescription,
+};
+use mqttrs::{ConnectReturnCode, Packet, Pid, Protocol, Publish, QosPid};
+use mqttrs::{QoS, Subscribe, SubscribeReturnCodes, SubscribeTopic};
+use rand_core::{CryptoRng, RngCore};
+use twofold_protocol::message::{self, Command, MAX_READINGS, Reading, Reply, ReplyStatus};
+use twofold_protocol::{Bundle, Channel, Topic};
+
+use crate::link::Link;
+use crate::mqtt::{self, MqttError};
+use crate::provider::{DeviceKey, DeviceProvider};
+use crate::verify::{Clock, Refusal, StrictVerifier};
+
+/// The smallest TLS 1.3 record: header, one byte, content type, tag.
+pub const MIN_RECORD: u64 = 5 + 1 + 1 + 16;
+/// Records per connection before the session ends for a fresh handshake.
+pub const RECORD_LIMIT: u64 = 1 << 23;
+/// The largest encoded telemetry message.
+pub const TELEMETRY_MAX: usize = 256;
+/// The most command output sent back in a reply.
+pub const OUTPUT_MAX: usize = 96;
+
+/// A monotonic millisecond clock with a wait. Board support provides it
+/// (SysTick, an RTOS timer, tokio on the host).
+pub trait Timer {
+    /// Milliseconds since an arbitrary fixed point, never going back.
+    fn now_ms(&self) -> u64;
+    /// Completes once `now_ms() >= deadline`.
+    fn wait_until(&self, deadline: u64) -> impl Future<Output = ()>;
+}
+
+/// Makes the byte link to the gateway: a TCP connection through a network
+/// stack, or a modem's transparent-mode connection.
+pub trait Connect {
+    type Io: Read + Write;
+    type Error: embedded_io::Error;
+    fn connect(
+        &mut self,
+        host: &str,
+        port: u16,
+    ) -> impl Future<Output = Result<Self::Io, Self::Error>>;
+}
+
+/// What the device does with the connection: its readings, its commands,
+/// its log.
+pub trait App {
+    /// Fills the readings of the next telemetry message.
+    fn sample(&mut self, readings: &mut heapless::Vec<Reading<'static>, MAX_READINGS>);
+    /// Runs a command: writes what it printed into `output` and returns
+    /// how it ended and how many bytes of `output` it used.
+    fn command(&mut self, command: &Command<'_>, output: &mut [u8]) -> (ReplyStatus, usize);
+    /// Something the device log should show.
+    fn event(&mut self, event: Event<'_>);
+    /// Asked after every acknowledged telemetry message and every command:
+    /// false ends the session with a clean DISCONNECT and [`Agent::run`].
+    fn keep_going(&mut self, stats: &Stats) -> bool;
+    /// Asked after a session failed: false makes [`Agent::run`] return the
+    /// error instead of retrying after the backoff.
+    fn retry(&mut self, error: &Error, stats: &Stats) -> bool {
+        let _ = (error, stats);
+        true
+    }
+    /// Unix time in milliseconds, when the device knows it.
+    fn time_ms(&mut self) -> Option<u64> {
+        None
+    }
+}
+
+/// Timing of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// MQTT keepalive; a PINGREQ goes out after 3/4 of it without sending.
+    pub keepalive_secs: u16,
+    /// Time between telemetry messages.
+    pub telemetry_ms: u64,
+    /// The longest wait for the TLS handshake.
+    pub handshake_ms: u64,
+    /// The longest wait for CONNACK, SUBACK, PUBACK, PINGRESP, or the rest
+    /// of a packet that has begun to arrive.
+    pub response_ms: u64,
+    /// Reconnect backoff: the first delay and the largest.
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            keepalive_secs: 60,
+            telemetry_ms: 10_000,
+            handshake_ms: 20_000,
+            response_ms: 10_000,
+            backoff_min_ms: 1_000,
+            backoff_max_ms: 300_000,
+        }
+    }
+}
+
+/// Counters kept across sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Sessions that reached CONNACK.
+    pub sessions: u32,
+    /// Sessions that failed.
+    pub failures: u32,
+    /// Telemetry messages the gateway acknowledged.
+    pub telemetry_acked: u64,
+    /// Commands answered.
+    pub commands: u32,
+}
+
+/// What a wait with a deadline was waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    Handshake,
+    Connack,
+    Suback,
+    Puback,
+    Pingresp,
+    /// The rest of a packet that had begun to arrive.
+    Packet,
+}
+
+/// Why a session ended badly.
+#[derive(Debug, Clone, Copy)]
+pub enum Error {
+    /// The link could not be made.
+    Connect(ErrorKind),
+    /// The link failed.
+    Io(ErrorKind),
+    /// The gateway closed the connection.
+    Closed,
+    /// This device refused the server's certificate: which check failed.
+    ServerRefused(Refusal),
+    /// The gateway refused this device's certificate: after its own
+    /// certificate had passed every check, it ended the connection (a TLS
+    /// alert, then close) during our last handshake flight or before
+    /// CONNACK. The usual causes are a revoked or expired certificate or
+    /// one from a CA the gateway does not trust; the gateway's log has the
+    /// precise reason (embedded-tls does not pass the alert's code on).
+    CertificateRefused,
+    /// The gateway aborted the handshake with this TLS alert.
+    HandshakeAlert(AlertDescription),
+    /// The gateway sent a TLS alert after the session was up.
+    Alert,
+    /// Any other TLS failure.
+    Tls(TlsError),
+    /// The gateway sent something that is not acceptable MQTT.
+    Mqtt(MqttError),
+    /// The gateway sent a packet that makes no sense at this point.
+    Unexpected(&'static str),
+    /// The gateway refused the CONNECT.
+    ConnectRefused(ConnectReturnCode),
+    /// The gateway refused the subscription to the commands topic.
+    SubscribeRefused,
+    /// Nothing came in time.
+    Timeout(Waiting),
+    /// The telemetry the app produced does not encode into
+    /// [`TELEMETRY_MAX`] bytes.
+    TelemetryTooLarge,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Connect(k) => write!(f, "cannot connect to the gateway: {k:?}"),
+            Error::Io(k) => write!(f, "link failed: {k:?}"),
+            Error::Closed => f.write_str("the gateway closed the connection"),
+            Error::ServerRefused(r) => write!(f, "server certificate refused: {r:?}"),
+            Error::CertificateRefused => f.write_str(
+                "the gateway refused our certificate (TLS alert after the handshake): \
+                 revoked, expired or not from its device CA; see the gateway's log",
+            ),
+            Error::HandshakeAlert(a) => write!(f, "the gateway aborted the handshake: {a:?}"),
+            Error::Alert => f.write_str("the gateway ended the session with a TLS alert"),
+            Error::Tls(e) => write!(f, "TLS error: {e:?}"),
+            Error::Mqtt(e) => write!(f, "MQTT error: {e}"),
+            Error::Unexpected(what) => write!(f, "unexpected {what} from the gateway"),
+            Error::ConnectRefused(c) => write!(f, "the gateway refused CONNECT: {c:?}"),
+            Error::SubscribeRefused => f.write_str("the gateway refused the commands subscription"),
+            Error::Timeout(w) => write!(f, "timed out waiting for {w:?}"),
+            Error::TelemetryTooLarge => {
+                write!(f, "telemetry does not fit in {TELEMETRY_MAX} bytes")
+            }
+        }
+    }
+}
+
+impl From<MqttError> for Error {
+    fn from(e: MqttError) -> Self {
+        Error::Mqtt(e)
+    }
+}
+
+/// A line for the device log.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    Connecting {
+        host: &'a str,
+        port: u16,
+    },
+    /// The handshake passed every check of the strict verifier.
+    TlsUp,
+    Connected,
+    Subscribed,
+    TelemetrySent {
+        seq: u64,
+        resent: bool,
+    },
+    TelemetryAcked {
+        seq: u64,
+    },
+    Command {
+        id: u32,
+        name: &'a str,
+        status: ReplyStatus,
+    },
+    /// A payload on the commands topic that is not a command; acknowledged
+    /// and dropped.
+    BadCommand,
+    /// The session ended before the TLS record limit (see the module docs).
+    Rekey,
+    Failed(&'a Error),
+    Backoff {
+        ms: u64,
+    },
+    Disconnected,
+}
+
+impl fmt::Display for Event<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Connecting { host, port } => write!(f, "connecting to {host}:{port}"),
+            Event::TlsUp => f.write_str("TLS up, gateway certificate verified"),
+            Event::Connected => f.write_str("MQTT connected"),
+            Event::Subscribed => f.write_str("subscribed to commands"),
+            Event::TelemetrySent { seq, resent } => {
+                let again = if *resent { " (again)" } else { "" };
+                write!(f, "telemetry seq {seq} sent{again}")
+            }
+            Event::TelemetryAcked { seq } => write!(f, "telemetry seq {seq} acknowledged"),
+            Event::Command { id, name, status } => {
+                write!(f, "command {id} {name}: {status:?}")
+            }
+            Event::BadCommand => f.write_str("dropped a payload that is not a command"),
+            Event::Rekey => f.write_str("reconnecting before the TLS record limit"),
+            Event::Failed(e) => write!(f, "session failed: {e}"),
+            Event::Backoff { ms } => write!(f, "retrying in {ms} ms"),
+            Event::Disconnected => f.write_str("disconnected"),
+        }
+    }
+}
+
+/// Jittered exponential backoff: the n-th delay is uniformly random in
+/// `[d/2, d]` with `d = min(max, min * 2^n)`, so a fleet that lost its
+/// gateway does not come back in step.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    min_ms: u64,
+    max_ms: u64,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min_ms: u64, max_ms: u64) -> Self {
+        Backoff {
+            min_ms: min_ms.max(1),
+            max_ms: max_ms.max(min_ms.max(1)),
+            attempt: 0,
+        }
+    }
+
+    /// The next delay.
+    pub fn next(&mut self, rng: &mut impl RngCore) -> u64 {
+        let d = self
+            .min_ms
+            .saturating_mul(1u64 << self.attempt.min(32))
+            .min(self.max_ms);
+        self.attempt = self.attempt.saturating_add(1);
+        d / 2 + rng.next_u64() % (d - d / 2 + 1)
+    }
+
+    /// After a session that reached CONNACK.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// The buffers of one session, usually statics.
+pub struct Buffers<'b> {
+    /// TLS records from the gateway: at least the gateway's
+    /// `max_tls_record` (the whole record, header included), and large
+    /// enough for its Certificate message in one record.
+    pub tls_rx: &'b mut [u8],
+    /// TLS records to the gateway: the largest packet sent plus 128.
+    pub tls_tx: &'b mut [u8],
+    /// MQTT packets from the gateway: the largest command plus its topic.
+    pub mqtt_rx: &'b mut [u8],
+    /// MQTT packets to the gateway.
+    pub mqtt_tx: &'b mut [u8],
+}
+
+/// How a session ended without an error.
+enum End {
+    Stopped,
+    Rekey,
+}
+
+/// The agent: its identity from the bundle, its app, its timer, and what
+/// outlives a session.
+pub struct Agent<'a, A, T> {
+    bundle: &'a Bundle<'a>,
+    settings: Settings,
+    app: A,
+    timer: T,
+    stats: Stats,
+    next_seq: u64,
+    /// Telemetry sent but not acknowledged: sequence number, payload.
+    unacked: Option<(u64, heapless::Vec<u8, TELEMETRY_MAX>)>,
+}
+
+/// A received packet, by what the exchange does with it.
+enum Incoming {
+    Puback(Pid),
+    Pingresp,
+    /// A PUBLISH, with its packet id when it wants a PUBACK.
+    Publish(Option<Pid>),
+}
+
+/// One published QoS 1 message waiting for its PUBACK.
+#[derive(Clone, Copy)]
+struct InFlight {
+    pid: Pid,
+    deadline: u64,
+    /// The telemetry sequence number, or `None` for a reply.
+    seq: Option<u64>,
+}
+
+impl<'a, A: App, T: Timer> Agent<'a, A, T> {
+    pub fn new(bundle: &'a Bundle<'a>, settings: Settings, app: A, timer: T) -> Self {
+        Agent {
+            bundle,
+            settings,
+            app,
+            timer,
+            stats: Stats::default(),
+            next_seq: 0,
+            unacked: None,
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn app(&mut self) -> &mut A {
+        &mut self.app
+    }
+
+    /// Sessions until the app stops: `Ok` after a clean stop, `Err` with
+    /// the last error when [`App::retry`] says not to go on.
+    pub async fn run<N, R, K, C>(
+        &mut self,
+        net: &mut N,
+        rng: &mut R,
+        key: &mut K,
+        clock: &mut C,
+        bufs: &mut Buffers<'_>,
+    ) -> Result<Stats, Error>
+    where
+        N: Connect,
+        R: RngCore + CryptoRng,
+        K: DeviceKey,
+        C: Clock,
+    {
+        let mut backoff = Backoff::new(self.settings.backoff_min_ms, self.settings.backoff_max_ms);
+        loop {
+            let (host, port) = (self.bundle.gateway_host, self.bundle.gateway_port);
+            self.app.event(Event::Connecting { host, port });
+            let before = self.stats.sessions;
+            let result = match net.connect(host, port).await {
+                Ok(io) => {
+                    let link = Link::new(io);
+                    self.session(&link, rng, key, clock, bufs).await
+                }
+                Err(e) => Err(Error::Connect(e.kind())),
+            };
+            if self.stats.sessions > before {
+                backoff.reset();
+            }
+            match result {
+                Ok(End::Stopped) => return Ok(self.stats),
+                Ok(End::Rekey) => self.app.event(Event::Rekey),
+                Err(e) => {
+                    self.stats.failures += 1;
+                    self.app.event(Event::Failed(&e));
+                    if !self.app.retry(&e, &self.stats) {
+                        return Err(e);
+                    }
+                    let ms = backoff.next(rng);
+                    self.app.event(Event::Backoff { ms });
+                    self.timer.wait_until(self.timer.now_ms() + ms).await;
+                }
+            }
+        }
+    }
+
+    /// One connection, from the handshake to DISCONNECT or failure.
+    async fn session<L, R, K, C>(
+        &mut self,
+        link: &Link<L>,
+        rng: &mut R,
+        key: &mut K,
+        clock: &mut C,
+        bufs: &mut Buffers<'_>,
+    ) -> Result<End, Error>
+    where
+        L: Read + Write,
+        R: RngCore + CryptoRng,
+        K: DeviceKey,
+        C: Clock,
+    {
+        let b = self.bundle;
+        let config = TlsConfig::new().with_server_name(b.server_name);
+        let verifier = StrictVerifier::new(b.server_ca, b.server_name, clock);
+        let mut provider = DeviceProvider::new(rng, key, b.leaf(), verifier);
+        let mut tls: TlsConnection<'_, &Link<L>, Aes128GcmSha256> =
+            TlsConnection::new(link, bufs.tls_rx, bufs.tls_tx);
+        let deadline = self.timer.now_ms() + self.settings.handshake_ms;
+        let opened = match select(
+            tls.open(TlsContext::new(&config, &mut provider)),
+            self.timer.wait_until(deadline),
+        )
+        .await
+        {
+            Either::First(r) => r,
+            Either::Second(()) => return Err(Error::Timeout(Waiting::Handshake)),
+        };
+        if let Some(why) = provider.verifier().refusal() {
+            return Err(Error::ServerRefused(why));
+        }
+        match opened {
+            Ok(()) => {}
+            Err(TlsError::HandshakeAborted(_, alert)) => return Err(Error::HandshakeAlert(alert)),
+            // The gateway checks our certificate after it has sent all of
+            // its flight; when it refuses, it sends an alert and closes
+            // while we are still writing our Finished.
+            Err(
+                TlsError::Io(_)
+                | TlsError::IoError
+                | TlsError::ConnectionClosed
+                | TlsError::InternalError,
+            ) if provider.verifier().verified() => return Err(Error::CertificateRefused),
+            Err(e) => return Err(tls_error(e)),
+        }
+        // embedded-tls does not insist on a Certificate and CertificateVerify
+        // before Finished; the verifier does.
+        if !provider.verifier().verified() {
+            return Err(Error::ServerRefused(Refusal::BadChainShape));
+        }
+        self.app.event(Event::TlsUp);
+
+        let mut s = Wire {
+            out: Out {
+                tls,
+                tx: &mut *bufs.mqtt_tx,
+                last_send: self.timer.now_ms(),
+            },
+            inb: In {
+                rx: &mut *bufs.mqtt_rx,
+                filled: 0,
+                more: false,
+            },
+            link,
+            connected: false,
+        };
+        let result = self.mqtt(&mut s).await;
+        if result.is_ok() {
+            // The session is over either way; a failed goodbye changes nothing.
+            let _ = s.out.send(&Packet::Disconnect, &self.timer).await;
+            let _ = s.out.tls.close().await;
+            self.app.event(Event::Disconnected);
+        }
+        result
+    }
+
+    async fn mqtt<L: Read + Write>(&mut self, s: &mut Wire<'_, '_, L>) -> Result<End, Error> {
+        let id = self.bundle.device_id;
+        let connect = Packet::Connect(mqttrs::Connect {
+            protocol: Protocol::MQTT311,
+            keep_alive: self.settings.keepalive_secs,
+            client_id: id.as_str(),
+            clean_session: true,
+            last_will: None,
+            username: None,
+            password: None,
+        });
+        s.out.send(&connect, &self.timer).await?;
+        let n = s
+            .frame(&self.timer, self.settings.response_ms, Waiting::Connack)
+            .await?;
+        match mqtt::decode(&s.inb.rx[..n])? {
+            Packet::Connack(c) if c.code == ConnectReturnCode::Accepted => {}
+            Packet::Connack(c) => return Err(Error::ConnectRefused(c.code)),
+            _ => return Err(Error::Unexpected("packet before CONNACK")),
+        }
+        s.inb.consume(n);
+        s.connected = true;
+        self.stats.sessions += 1;
+        self.app.event(Event::Connected);
+
+        let commands = Topic::new(id, Channel::Commands).to_heapless();
+        let mut topics = heapless07::Vec::new();
+        // One topic in a five-topic vector cannot overflow.
+        let _ = topics.push(SubscribeTopic {
+            topic_path: heapless07::String::from(commands.as_str()),
+            qos: QoS::AtLeastOnce,
+        });
+        let sub_pid = Pid::new();
+        s.out
+            .send(
+                &Packet::Subscribe(Subscribe::new(sub_pid, topics)),
+                &self.timer,
+            )
+            .await?;
+        let n = s
+            .frame(&self.timer, self.settings.response_ms, Waiting::Suback)
+            .await?;
+        match mqtt::decode(&s.inb.rx[..n])? {
+            Packet::Suback(a)
+                if a.pid == sub_pid
+                    && a.return_codes
+                        .first()
+                        .is_some_and(|c| *c != SubscribeReturnCodes::Failure) => {}
+            Packet::Suback(_) => return Err(Error::SubscribeRefused),
+            _ => return Err(Error::Unexpected("packet before SUBACK")),
+        }
+        s.inb.consume(n);
+        self.app.event(Event::Subscribed);
+
+        self.exchange(s).await
+    }
+
+    /// Telemetry, commands and keepalive until the app stops or something
+    /// fails.
+    async fn exchange<L: Read + Write>(&mut self, s: &mut Wire<'_, '_, L>) -> Result<End, Error> {
+        let keepalive_ms = u64::from(self.settings.keepalive_secs) * 1000;
+        let mut next_pid = Pid::new();
+        let mut telemetry: Option<InFlight> = None;
+        let mut reply: Option<InFlight> = None;
+        let mut ping_deadline: Option<u64> = None;
+        let mut next_sample = self.timer.now_ms();
+        let mut stopping = false;
+        loop {
+            // A whole packet already here?
+            if let Some(n) = s.inb.complete()? {
+                // What the packet is, without keeping it borrowed.
+                let incoming = match mqtt::decode(&s.inb.rx[..n])? {
+                    Packet::Puback(pid) => Incoming::Puback(pid),
+                    Packet::Pingresp => Incoming::Pingresp,
+                    Packet::Publish(p) => match p.qospid {
+                        QosPid::AtMostOnce => Incoming::Publish(None),
+                        QosPid::AtLeastOnce(pid) => Incoming::Publish(Some(pid)),
+                        QosPid::ExactlyOnce(_) => return Err(Error::Unexpected("QoS 2 PUBLISH")),
+                    },
+                    _ => return Err(Error::Unexpected("packet type")),
+                };
+                match incoming {
+                    Incoming::Puback(pid) if telemetry.is_some_and(|f| f.pid == pid) => {
+                        let seq = telemetry.take().and_then(|f| f.seq).unwrap_or_default();
+                        self.unacked = None;
+                        self.stats.telemetry_acked += 1;
+                        self.app.event(Event::TelemetryAcked { seq });
+                        stopping |= !self.app.keep_going(&self.stats);
+                    }
+                    Incoming::Puback(pid) if reply.is_some_and(|f| f.pid == pid) => reply = None,
+                    Incoming::Puback(_) => {
+                        return Err(Error::Unexpected("PUBACK for nothing sent"));
+                    }
+                    Incoming::Pingresp => ping_deadline = None,
+                    Incoming::Publish(ack) => {
+                        if let Some(f) = self.command(s, n, &mut next_pid).await? {
+                            reply = Some(f);
+                        }
+                        if let Some(pid) = ack {
+                            s.out.send(&Packet::Puback(pid), &self.timer).await?;
+                        }
+                        stopping |= !self.app.keep_going(&self.stats);
+                    }
+                }
+                s.inb.consume(n);
+                continue;
+            }
+
+            let now = self.timer.now_ms();
+            for f in [telemetry, reply].into_iter().flatten() {
+                if now >= f.deadline {
+                    return Err(Error::Timeout(Waiting::Puback));
+                }
+            }
+            if ping_deadline.is_some_and(|d| now >= d) {
+                return Err(Error::Timeout(Waiting::Pingresp));
+            }
+            if stopping && telemetry.is_none() && reply.is_none() {
+                return Ok(End::Stopped);
+            }
+            let limit = RECORD_LIMIT * MIN_RECORD;
+            if telemetry.is_none() && (s.link.received() >= limit || s.link.sent() >= limit) {
+                return Ok(End::Rekey);
+            }
+            if telemetry.is_none() && !stopping && now >= next_sample {
+                telemetry = Some(self.publish_telemetry(s, &mut next_pid).await?);
+                next_sample = now.max(next_sample) + self.settings.telemetry_ms;
+                if next_sample <= now {
+                    next_sample = now + self.settings.telemetry_ms;
+                }
+                continue;
+            }
+            if ping_deadline.is_none() && now >= s.out.last_send + keepalive_ms * 3 / 4 {
+                s.out.send(&Packet::Pingreq, &self.timer).await?;
+                ping_deadline = Some(now + self.settings.response_ms);
+                continue;
+            }
+
+            // Wait for the gateway or the next thing due.
+            let mut due = s.out.last_send + keepalive_ms * 3 / 4;
+            if telemetry.is_none() && !stopping {
+                due = due.min(next_sample);
+            }
+            for d in [
+                telemetry.map(|f| f.deadline),
+                reply.map(|f| f.deadline),
+                ping_deadline,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                due = due.min(d);
+            }
+            if s.inb.more || s.inb.filled > 0 {
+                // Decrypted bytes are waiting, or a packet has begun.
+                s.fill(&self.timer, now + self.settings.response_ms).await?;
+                continue;
+            }
+            match select(s.link.readable(), self.timer.wait_until(due)).await {
+                Either::First(Ok(())) => {
+                    s.fill(&self.timer, now + self.settings.response_ms).await?;
+                }
+                Either::First(Err(e)) => return Err(Error::Io(e.kind())),
+                Either::Second(()) => {}
+            }
+        }
+    }
+
+    /// Sends the unacknowledged telemetry again, or samples a new one.
+    async fn publish_telemetry<L: Read + Write>(
+        &mut self,
+        s: &mut Wire<'_, '_, L>,
+        next_pid: &mut Pid,
+    ) -> Result<InFlight, Error> {
+        let resent = self.unacked.is_some();
+        if self.unacked.is_none() {
+            let mut readings = heapless::Vec::new();
+            self.app.sample(&mut readings);
+            let t = message::Telemetry {
+                seq: self.next_seq,
+                time_ms: self.app.time_ms(),
+                readings,
+            };
+            let mut buf = [0u8; TELEMETRY_MAX];
+            let len = message::encode(&t, &mut buf)
+                .map_err(|_| Error::TelemetryTooLarge)?
+                .len();
+            let mut payload = heapless::Vec::new();
+            // `len` is at most TELEMETRY_MAX, the capacity.
+            let _ = payload.extend_from_slice(&buf[..len]);
+            self.unacked = Some((self.next_seq, payload));
+            self.next_seq += 1;
+        }
+        let Some((seq, payload)) = &self.unacked else {
+            return Err(Error::TelemetryTooLarge);
+        };
+        let seq = *seq;
+        let topic = Topic::new(self.bundle.device_id, Channel::Telemetry).to_heapless();
+        let pid = take_pid(next_pid);
+        let publish = Packet::Publish(Publish {
+            dup: false,
+            qospid: QosPid::AtLeastOnce(pid),
+            retain: false,
+            topic_name: topic.as_str(),
+            payload,
+        });
+        s.out.send(&publish, &self.timer).await?;
+        self.app.event(Event::TelemetrySent { seq, resent });
+        Ok(InFlight {
+            pid,
+            deadline: self.timer.now_ms() + self.settings.response_ms,
+            seq: Some(seq),
+        })
+    }
+
+    /// Answers the PUBLISH in `s.rx[..frame]` if it is a command on our
+    /// commands topic. Returns the reply in flight.
+    async fn command<L: Read + Write>(
+        &mut self,
+        s: &mut Wire<'_, '_, L>,
+        frame: usize,
+        next_pid: &mut Pid,
+    ) -> Result<Option<InFlight>, Error> {
+        let Packet::Publish(p) = mqtt::decode(&s.inb.rx[..frame])? else {
+            return Ok(None);
+        };
+        let ours = Topic::new(self.bundle.device_id, Channel::Commands).to_heapless();
+        if p.topic_name != ours.as_str() {
+            return Err(Error::Unexpected("PUBLISH on a topic not subscribed"));
+        }
+        let Ok(cmd) = message::decode::<Command>(p.payload) else {
+            self.app.event(Event::BadCommand);
+            return Ok(None);
+        };
+        let mut output = [0u8; OUTPUT_MAX];
+        let (status, used) = self.app.command(&cmd, &mut output);
+        let reply = Reply {
+            id: cmd.id,
+            status,
+            exit_code: None,
+            output: output.get(..used).unwrap_or(&output),
+        };
+        let mut payload = [0u8; OUTPUT_MAX + 32];
+        let len = message::encode(&reply, &mut payload)
+            .map_err(|_| Error::Unexpected("reply too large"))?
+            .len();
+        self.stats.commands += 1;
+        self.app.event(Event::Command {
+            id: cmd.id,
+            name: cmd.name,
+            status,
+        });
+        let topic = Topic::new(self.bundle.device_id, Channel::Replies).to_heapless();
+        let pid = take_pid(next_pid);
+        let publish = Packet::Publish(Publish {
+            dup: false,
+            qospid: QosPid::AtLeastOnce(pid),
+            retain: false,
+            topic_name: topic.as_str(),
+            payload: &payload[..len],
+        });
+        s.out.send(&publish, &self.timer).await?;
+        Ok(Some(InFlight {
+            pid,
+            deadline: self.timer.now_ms() + self.settings.response_ms,
+            seq: None,
+        }))
+    }
+}
+
+fn take_pid(next: &mut Pid) -> Pid {
+    let pid = *next;
+    *next = pid + 1;
+    pid
+}
+
+/// Maps embedded-tls errors after the handshake to what a log should say.
+fn tls_error(e: TlsError) -> Error {
+    match e {
+        TlsError::Io(k) => Error::Io(k),
+        TlsError::IoError | TlsError::ConnectionClosed => Error::Closed,
+        other => Error::Tls(other),
+    }
+}
+
+/// The MQTT side of an open TLS connection: what goes out, what comes
+/// in, kept apart so a received command can be answered while it is
+/// still borrowed from the receive buffer.
+struct Wire<'t, 'l, L: Read + Write> {
+    out: Out<'t, 'l, L>,
+    inb: In<'t>,
+    link: &'l Link<L>,
+    /// CONNACK has arrived: a TLS alert is no longer about our certificate.
+    connected: bool,
+}
+
+struct Out<'t, 'l, L: Read + Write> {
+    tls: TlsConnection<'t, &'l Link<L>, Aes128GcmSha256>,
+    tx: &'t mut [u8],
+    last_send: u64,
+}
+
+struct In<'t> {
+    rx: &'t mut [u8],
+    /// Bytes of `rx` holding received data.
+    filled: usize,
+    /// The last TLS read filled `rx`: more decrypted data may be waiting.
+    more: bool,
+}
+
+impl<L: Read + Write> Out<'_, '_, L> {
+    async fn send<T: Timer>(&mut self, p: &Packet<'_>, timer: &T) -> Result<(), Error> {
+        let n = mqtt::encode(p, self.tx)?;
+        let mut sent = 0;
+        while sent < n {
+            sent += self.tls.write(&self.tx[sent..n]).await.map_err(tls_error)?;
+        }
+        self.tls.flush().await.map_err(tls_error)?;
+        self.last_send = timer.now_ms();
+        Ok(())
+    }
+}
+
+impl In<'_> {
+    /// The length of a complete packet at the start of `rx`, if one is there.
+    fn complete(&self) -> Result<Option<usize>, Error> {
+        match mqtt::frame_len(&self.rx[..self.filled])? {
+            Some(n) if n > self.rx.len() => Err(Error::Mqtt(MqttError::TooLarge {
+                len: n,
+                max: self.rx.len(),
+            })),
+            Some(n) if n <= self.filled => Ok(Some(n)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Drops the first `n` bytes of `rx` (a handled packet).
+    fn consume(&mut self, n: usize) {
+        self.rx.copy_within(n..self.filled, 0);
+        self.filled -= n;
+    }
+}
+
+impl<L: Read + Write> Wire<'_, '_, L> {
+    /// Reads from TLS into `rx` once, by `deadline`.
+    async fn fill<T: Timer>(&mut self, timer: &T, deadline: u64) -> Result<(), Error> {
+        let inb = &mut self.inb;
+        let free = inb.rx.len() - inb.filled;
+        if free == 0 {
+            return Err(Error::Mqtt(MqttError::TooLarge {
+                len: inb.filled + 1,
+                max: inb.rx.len(),
+            }));
+        }
+        let read = select(
+            self.out.tls.read(&mut inb.rx[inb.filled..]),
+            timer.wait_until(deadline),
+        )
+        .await;
+        match read {
+            Either::First(Ok(0)) => Err(Error::Closed),
+            Either::First(Ok(n)) => {
+                inb.filled += n;
+                inb.more = n == free;
+                Ok(())
+            }
+            Either::First(Err(TlsError::InternalError)) if !self.connected => {
+                Err(Error::CertificateRefused)
+            }
+            Either::First(Err(TlsError::InternalError)) => Err(Error::Alert),
+            Either::First(Err(e)) => Err(tls_error(e)),
+            Either::Second(()) => Err(Error::Timeout(Waiting::Packet)),
+        }
+    }
+
+    /// Waits for one whole packet; returns its length.
+    async fn frame<T: Timer>(
+        &mut self,
+        timer: &T,
+        within_ms: u64,
+        waiting: Waiting,
+    ) -> Result<usize, Error> {
+        let deadline = timer.now_ms() + within_ms;
+        loop {
+            if let Some(n) = self.inb.complete()? {
+                return Ok(n);
+            }
+            match self.fill(timer, deadline).await {
+                Err(Error::Timeout(_)) => return Err(Error::Timeout(waiting)),
+                other => other?,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A generator that always returns the same word.
+    struct Fixed(u64);
+
+    impl RngCore for Fixed {
+        fn next_u32(&mut self) -> u32 {
+            self.0 as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            dest.fill(0);
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+            dest.fill(0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_within_its_jitter() {
+        let mut low = Backoff::new(1000, 8000);
+        let lows: [u64; 5] = core::array::from_fn(|_| low.next(&mut Fixed(0)));
+        assert_eq!(lows, [500, 1000, 2000, 4000, 4000]);
+        let mut high = Backoff::new(1000, 8000);
+        let highs: [u64; 5] = core::array::from_fn(|_| high.next(&mut Fixed(u64::MAX)));
+        assert!(
+            highs.iter().zip(lows).all(|(h, l)| *h >= l && *h <= 2 * l),
+            "{highs:?}"
+        );
+        high.reset();
+        assert!(high.next(&mut Fixed(7)) <= 1000);
+    }
+}
