@@ -161,3 +161,167 @@ fn host_runner_reports_a_revoked_certificate() {
     let refusal = gw.refusal("revoked");
     assert!(refusal.to_string().contains("mcu-2"), "{refusal}");
 }
+
+/// The QEMU firmware, built for thumbv7em (release, size-optimised) into
+/// this workspace's target directory.
+fn firmware() -> PathBuf {
+    let target = built("gateway")
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    // From the crate's folder, so its .cargo/config.toml picks the target.
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--release"])
+        .current_dir(root.join("hardware/qemu-mps2"))
+        .env("CARGO_TARGET_DIR", &target);
+    let out = run_bounded(build, 600);
+    assert!(
+        out.status.success(),
+        "firmware build failed:\n{}",
+        text(&out)
+    );
+    target.join("thumbv7em-none-eabihf/release/twofold-qemu-mps2")
+}
+
+/// The firmware in `qemu-system-arm -M mps2-an386`: its UART is a TCP
+/// connection to the gateway on `port`, the bundle sits in the flash
+/// partition, `append` is its command line; semihosting output goes to
+/// the log.
+fn qemu(
+    fleet: &Fleet,
+    name: &str,
+    fw: &PathBuf,
+    bundle: &PathBuf,
+    port: u16,
+    append: &str,
+) -> Proc {
+    let mut cmd = Command::new("timeout");
+    cmd.args([
+        "--kill-after=5",
+        "120",
+        "qemu-system-arm",
+        "-M",
+        "mps2-an386",
+    ])
+    .args(["-display", "none", "-monitor", "none"])
+    .args(["-semihosting-config", "enable=on,target=native"])
+    .arg("-chardev")
+    .arg(format!("socket,id=u0,host=127.0.0.1,port={port}"))
+    .args(["-serial", "chardev:u0", "-kernel"])
+    .arg(fw)
+    .arg("-device")
+    .arg(format!("loader,file={},addr=0x00300000", bundle.display()))
+    .arg("-append")
+    .arg(format!("seed={:016x} {append}", rand_seed()));
+    let log = fleet.path(&format!("qemu-{name}.log"));
+    let child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(fleet.path(&format!("qemu-{name}.err"))).unwrap())
+        .spawn()
+        .expect("qemu-system-arm (Debian package qemu-system-arm)");
+    Proc { child, log }
+}
+
+/// A fresh seed per run for the firmware's ChaCha20 (the board has no RNG).
+fn rand_seed() -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    u64::from_le_bytes(b)
+}
+
+#[test]
+fn qemu_firmware_enrolls_publishes_and_answers_then_a_revoked_one_is_refused() {
+    let fw = firmware();
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    let port = free_port();
+    let bundle = enroll_nostd(&fleet, "mcu-q", port);
+    let revoked = enroll_nostd(&fleet, "mcu-r", port);
+    fleet.revoke("mcu-r");
+    let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
+    let sub = Sub::start_tls(
+        &fleet,
+        port,
+        &ops,
+        "ops",
+        &[
+            "-i",
+            "ops",
+            "-q",
+            "1",
+            "-t",
+            "devices/mcu-q/telemetry",
+            "-t",
+            "devices/mcu-q/replies",
+        ],
+    );
+
+    let mut dev = qemu(
+        &fleet,
+        "q",
+        &fw,
+        &bundle,
+        port,
+        "telemetry=3 commands=1 interval=300",
+    );
+    assert!(
+        wait_until(60, || {
+            dev.log().contains("subscribed to commands") || dev.child.try_wait().unwrap().is_some()
+        }) && dev.log().contains("subscribed to commands"),
+        "firmware did not subscribe:\n{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+    send_command(
+        &fleet,
+        port,
+        &ops,
+        "mcu-q",
+        &Cmd {
+            id: 41,
+            name: "echo",
+            body: b"hi mcu",
+        },
+    );
+    let status = exit_status(&mut dev, 90);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", dev.log());
+    println!("{}", dev.log());
+
+    assert!(wait_until(10, || replies(&sub).len() == 1));
+    assert_eq!(
+        replies(&sub)[&41],
+        (ReplyStatus::Ok, None, b"hi mcu".to_vec())
+    );
+    let seqs: Vec<u64> = sub
+        .messages()
+        .iter()
+        .filter(|(t, _)| t == "devices/mcu-q/telemetry")
+        .map(|(_, p)| {
+            message::decode::<Telemetry>(p)
+                .expect("postcard telemetry")
+                .seq
+        })
+        .collect();
+    assert!(seqs.len() >= 3, "{seqs:?}");
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+
+    // The revoked device: the gateway refuses it, the firmware says so.
+    let mut dev = qemu(&fleet, "r", &fw, &revoked, port, "attempts=1");
+    let status = exit_status(&mut dev, 90);
+    assert_eq!(status.and_then(|s| s.code()), Some(13), "{}", dev.log());
+    assert!(
+        dev.log().contains("the gateway refused our certificate"),
+        "{}",
+        dev.log()
+    );
+    assert!(gw.refusal("revoked").to_string().contains("mcu-r"));
+}
