@@ -38,7 +38,9 @@ use crate::name::DeviceId;
 const MAGIC: [u8; 4] = *b"TWFB";
 const HEADER_LEN: usize = 12;
 const CRC_LEN: usize = 4;
-const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+// Without a lookup table: a device checks its bundle once per boot, and
+// the 1 KiB table would cost flash on every device.
+const CRC: crc::Crc<u32, crc::NoTable> = crc::Crc::<u32, crc::NoTable>::new(&crc::CRC_32_ISO_HDLC);
 
 /// Everything a microcontroller needs to connect: its identity, its key
 /// and chain, the one CA it trusts, and where the gateway is.

@@ -2,7 +2,7 @@
 //! on the host through `mcu-host` over TCP, enrolled from a bundle made
 //! by `provisioning enroll --format nostd`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
 use twofold_protocol::message::{self, Command as Cmd, ReplyStatus, Telemetry};
@@ -27,7 +27,7 @@ fn enroll_nostd(fleet: &Fleet, id: &str, port: u16) -> PathBuf {
     out.join("bundle.bin")
 }
 
-fn mcu_host(fleet: &Fleet, name: &str, bundle: &PathBuf, args: &[&str]) -> Proc {
+fn mcu_host(fleet: &Fleet, name: &str, bundle: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(built("mcu-host"));
     cmd.arg("--bundle")
         .arg(bundle)
@@ -193,14 +193,7 @@ fn firmware() -> PathBuf {
 /// connection to the gateway on `port`, the bundle sits in the flash
 /// partition, `append` is its command line; semihosting output goes to
 /// the log.
-fn qemu(
-    fleet: &Fleet,
-    name: &str,
-    fw: &PathBuf,
-    bundle: &PathBuf,
-    port: u16,
-    append: &str,
-) -> Proc {
+fn qemu(fleet: &Fleet, name: &str, fw: &Path, bundle: &Path, port: u16, append: &str) -> Proc {
     let mut cmd = Command::new("timeout");
     cmd.args([
         "--kill-after=5",

@@ -38,7 +38,7 @@ use cortex_m_semihosting::hprintln;
 use critical_section::Mutex;
 use rand_core::SeedableRng;
 use twofold_agent_nostd::basic::{BasicApp, Limits};
-use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, NoClock, Settings, Timer};
+use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, Settings, Timer};
 use twofold_protocol::Bundle;
 
 /// mps2-an386 runs its core at 25 MHz.
@@ -89,11 +89,16 @@ fn unix_ms() -> Option<u64> {
     unix_secs().map(|s| s * 1000)
 }
 
-struct Rtc;
+/// The RTC, or no clock at all with `clock=0` (dates then go unchecked;
+/// see the verifier's documentation). One type for both, so the agent is
+/// compiled once.
+struct Rtc {
+    enabled: bool,
+}
 
 impl Clock for Rtc {
     fn now(&mut self) -> Option<u64> {
-        unix_secs()
+        if self.enabled { unix_secs() } else { None }
     }
 }
 
@@ -325,8 +330,12 @@ fn cmdline(buf: &mut [u8]) -> Option<&str> {
     let mut block = [buf.as_mut_ptr() as usize, buf.len()];
     // SAFETY: SYS_GET_CMDLINE writes at most block[1] bytes to block[0]
     // and stores the length it wrote in block[1].
-    let r =
-        unsafe { cortex_m_semihosting::syscall(cortex_m_semihosting::nr::GET_CMDLINE, &mut block) };
+    let r = unsafe {
+        cortex_m_semihosting::syscall1(
+            cortex_m_semihosting::nr::GET_CMDLINE,
+            block.as_mut_ptr() as usize,
+        )
+    };
     if r != 0 {
         return None;
     }
@@ -335,10 +344,12 @@ fn cmdline(buf: &mut [u8]) -> Option<&str> {
 
 // ---- main -----------------------------------------------------------------
 
-static mut TLS_RX: [u8; 2048] = [0; 2048];
-static mut TLS_TX: [u8; 1024] = [0; 1024];
-static mut MQTT_RX: [u8; 512] = [0; 512];
-static mut MQTT_TX: [u8; 512] = [0; 512];
+/// TLS receive buffer: the gateway's MCU profile sends records of at most
+/// `max_tls_record = 2048` bytes, and its Certificate message fits in one.
+const TLS_RX: usize = 2048;
+const TLS_TX: usize = 1024;
+const MQTT_RX: usize = 512;
+const MQTT_TX: usize = 512;
 
 #[entry]
 fn main() -> ! {
@@ -347,7 +358,7 @@ fn main() -> ! {
     let line = cmdline(&mut buf).unwrap_or("");
     let Some(args) = parse_args(line) else {
         hprintln!(
-            "twofold: bad command line {:?} (seed=HEX16 telemetry=N commands=M attempts=K interval=MS clock=0|1)",
+            "twofold: bad command line \"{}\" (seed=HEX16 telemetry=N commands=M attempts=K interval=MS clock=0|1)",
             line
         );
         exit(21)
@@ -395,21 +406,31 @@ fn main() -> ! {
     let log = |e: &dyn core::fmt::Display| hprintln!("twofold: {}", e);
     let app = BasicApp::new(Ticks, args.limits, log).with_time(unix_ms);
     let mut agent = Agent::new(&bundle, settings, app, Ticks);
-    // SAFETY: main runs once; these buffers are lent to the agent only.
-    let mut bufs = unsafe {
-        Buffers {
-            tls_rx: &mut *(&raw mut TLS_RX),
-            tls_tx: &mut *(&raw mut TLS_TX),
-            mqtt_rx: &mut *(&raw mut MQTT_RX),
-            mqtt_tx: &mut *(&raw mut MQTT_TX),
-        }
+    // Statics, handed out once.
+    let (Some(tls_rx), Some(tls_tx), Some(mqtt_rx), Some(mqtt_tx)) = (
+        cortex_m::singleton!(: [u8; TLS_RX] = [0; TLS_RX]),
+        cortex_m::singleton!(: [u8; TLS_TX] = [0; TLS_TX]),
+        cortex_m::singleton!(: [u8; MQTT_RX] = [0; MQTT_RX]),
+        cortex_m::singleton!(: [u8; MQTT_TX] = [0; MQTT_TX]),
+    ) else {
+        exit(101)
+    };
+    let mut bufs = Buffers {
+        tls_rx,
+        tls_tx,
+        mqtt_rx,
+        mqtt_tx,
     };
     let mut modem = Modem { used: false };
-    let result = if args.clock {
-        block_on(agent.run(&mut modem, &mut rng, &mut key, &mut Rtc, &mut bufs))
-    } else {
-        block_on(agent.run(&mut modem, &mut rng, &mut key, &mut NoClock, &mut bufs))
+    let mut rtc = Rtc {
+        enabled: args.clock,
     };
+    let session = agent.run(&mut modem, &mut rng, &mut key, &mut rtc, &mut bufs);
+    hprintln!(
+        "twofold: agent future {} B",
+        core::mem::size_of_val(&session)
+    );
+    let result = block_on(session);
     match result {
         Ok(stats) => {
             hprintln!(
