@@ -717,22 +717,10 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             return Err(Error::TelemetryTooLarge);
         };
         let seq = *seq;
-        let topic = Topic::new(self.bundle.device_id, Channel::Telemetry).to_heapless();
-        let pid = take_pid(next_pid);
-        let publish = Packet::Publish(Publish {
-            dup: false,
-            qospid: QosPid::AtLeastOnce(pid),
-            retain: false,
-            topic_name: topic.as_str(),
-            payload,
-        });
-        s.out.send(&publish, &self.timer).await?;
+        let mut sent = publish(self, s, Channel::Telemetry, payload, next_pid).await?;
+        sent.seq = Some(seq);
         self.app.event(Event::TelemetrySent { seq, resent });
-        Ok(InFlight {
-            pid,
-            deadline: self.timer.now_ms() + self.settings.response_ms,
-            seq: Some(seq),
-        })
+        Ok(sent)
     }
 
     /// Answers the PUBLISH in `s.rx[..frame]` if it is a command on our
@@ -772,22 +760,35 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             name: cmd.name,
             status,
         });
-        let topic = Topic::new(self.bundle.device_id, Channel::Replies).to_heapless();
-        let pid = take_pid(next_pid);
-        let publish = Packet::Publish(Publish {
-            dup: false,
-            qospid: QosPid::AtLeastOnce(pid),
-            retain: false,
-            topic_name: topic.as_str(),
-            payload: &payload[..len],
-        });
-        s.out.send(&publish, &self.timer).await?;
-        Ok(Some(InFlight {
-            pid,
-            deadline: self.timer.now_ms() + self.settings.response_ms,
-            seq: None,
-        }))
+        let sent = publish(self, s, Channel::Replies, &payload[..len], next_pid).await?;
+        Ok(Some(sent))
     }
+}
+
+/// Publishes `payload` with QoS 1 on this device's `channel`; the PUBACK
+/// is due within the response time.
+async fn publish<A: App, T: Timer, L: Read + Write>(
+    agent: &Agent<'_, A, T>,
+    s: &mut Wire<'_, '_, L>,
+    channel: Channel,
+    payload: &[u8],
+    next_pid: &mut Pid,
+) -> Result<InFlight, Error> {
+    let topic = Topic::new(agent.bundle.device_id, channel).to_heapless();
+    let pid = take_pid(next_pid);
+    let packet = Packet::Publish(Publish {
+        dup: false,
+        qospid: QosPid::AtLeastOnce(pid),
+        retain: false,
+        topic_name: topic.as_str(),
+        payload,
+    });
+    s.out.send(&packet, &agent.timer).await?;
+    Ok(InFlight {
+        pid,
+        deadline: agent.timer.now_ms() + agent.settings.response_ms,
+        seq: None,
+    })
 }
 
 fn take_pid(next: &mut Pid) -> Pid {

@@ -15,22 +15,7 @@ fn telemetry_and_commands_through_the_gateway() {
     let ops = fleet.service("ops");
     let port = free_port();
     let gw = Gateway::start_on(&fleet, port, "");
-    let sub = Sub::start_tls(
-        &fleet,
-        port,
-        &ops,
-        "ops",
-        &[
-            "-i",
-            "ops",
-            "-q",
-            "1",
-            "-t",
-            "devices/+/telemetry",
-            "-t",
-            "devices/+/replies",
-        ],
-    );
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "+");
     let agent = agent(
         &fleet,
         "pi-1",

@@ -1,6 +1,7 @@
 //! A PKI on disk with a gateway certificate, and device bundles.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -12,6 +13,8 @@ use twofold_provisioning::registry::RevocationReason;
 use twofold_provisioning::{
     EnrollOptions, EnrollRequest, KeySource, Pki, RevokeTarget, atomic::Durability,
 };
+
+use crate::process::{built, run_bounded, text};
 
 pub const TD: &str = "iot.example";
 
@@ -211,4 +214,24 @@ pub fn mint_with(
     std::fs::write(&identity.key, key.serialize_pem()).unwrap();
     std::fs::set_permissions(&identity.key, std::fs::Permissions::from_mode(0o600)).unwrap();
     identity
+}
+
+/// The gateway's MCU profile: records small enough for a 2 KiB receive
+/// buffer.
+pub const MCU_LIMITS: &str = "[limits]\nmax_tls_record = 2048\n";
+
+/// `provisioning enroll ID --format nostd --gateway localhost:PORT`.
+pub fn enroll_nostd(fleet: &Fleet, id: &str, port: u16) -> PathBuf {
+    let out = fleet.path(&format!("mcu-{id}"));
+    let mut enroll = Command::new(built("provisioning"));
+    enroll
+        .arg("--pki")
+        .arg(fleet.path("pki"))
+        .args(["enroll", id, "--format", "nostd", "--gateway"])
+        .arg(format!("localhost:{port}"))
+        .arg("--out")
+        .arg(&out);
+    let done = run_bounded(enroll, 30);
+    assert!(done.status.success(), "{}", text(&done));
+    out.join("bundle.bin")
 }

@@ -12,13 +12,13 @@ pub mod mqtt;
 pub mod process;
 
 pub use agent::{agent, agent_config, agent_with};
-pub use fleet::{Fleet, Identity, TD, client_params, mint_with};
+pub use fleet::{Fleet, Identity, MCU_LIMITS, TD, client_params, enroll_nostd, mint_with};
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{
     Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password, replies,
     send_command, tls_args,
 };
 pub use process::{
-    Proc, assert_alive_then_kill, built, finish, free_port, run_bounded, spawn, text, wait_port,
-    wait_until,
+    Proc, assert_alive_then_kill, built, exit_status, finish, free_port, run_bounded, spawn, text,
+    wait_port, wait_until,
 };

@@ -171,6 +171,26 @@ impl Sub {
         )
     }
 
+    /// What an operator's backend watches: `who`'s QoS 1 subscription,
+    /// client id `name`, to telemetry and replies of `device` (`+` for all).
+    pub fn telemetry_and_replies(
+        fleet: &Fleet,
+        port: u16,
+        who: &Identity,
+        name: &str,
+        device: &str,
+    ) -> Sub {
+        let telemetry = format!("devices/{device}/telemetry");
+        let replies = format!("devices/{device}/replies");
+        Self::start_tls(
+            fleet,
+            port,
+            who,
+            name,
+            &["-i", name, "-q", "1", "-t", &telemetry, "-t", &replies],
+        )
+    }
+
     /// Every (topic, payload) so far.
     pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
         read_hex_lines(&self.out)

@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A loopback port nothing listens on at the moment.
@@ -138,4 +138,14 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Waits (at most `secs`) for the process to exit.
+pub fn exit_status(p: &mut Proc, secs: u64) -> Option<ExitStatus> {
+    let mut status = None;
+    wait_until(secs, || {
+        status = p.child.try_wait().unwrap();
+        status.is_some()
+    });
+    status
 }

@@ -1,0 +1,119 @@
+//! `mcu-host`: the microcontroller agent's library over TCP against the
+//! real gateway (MCU profile), enrolled from a bundle made by
+//! `provisioning enroll --format nostd`.
+
+use std::path::Path;
+use std::process::Command;
+
+use twofold_protocol::message::{self, Command as Cmd, ReplyStatus, Telemetry};
+use twofold_tests::*;
+
+fn mcu_host(fleet: &Fleet, name: &str, bundle: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcu-host"));
+    cmd.arg("--bundle")
+        .arg(bundle)
+        .args(["--tls-rx", "2048"])
+        .args(args);
+    spawn(cmd, fleet.path(&format!("mcu-host-{name}.log")))
+}
+
+#[test]
+fn host_runner_sends_telemetry_and_answers_a_command() {
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    let port = free_port();
+    let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
+    let bundle = enroll_nostd(&fleet, "mcu-1", port);
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-1");
+    let mut dev = mcu_host(
+        &fleet,
+        "1",
+        &bundle,
+        &[
+            "--telemetry",
+            "3",
+            "--commands",
+            "2",
+            "--interval-ms",
+            "200",
+            "--attempts",
+            "3",
+        ],
+    );
+    assert!(
+        wait_until(30, || dev.log().contains("subscribed to commands")),
+        "device did not subscribe:\n{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+    send_command(
+        &fleet,
+        port,
+        &ops,
+        "mcu-1",
+        &Cmd {
+            id: 7,
+            name: "ping",
+            body: b"",
+        },
+    );
+    send_command(
+        &fleet,
+        port,
+        &ops,
+        "mcu-1",
+        &Cmd {
+            id: 8,
+            name: "reboot",
+            body: b"",
+        },
+    );
+    let status = exit_status(&mut dev, 60);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", dev.log());
+
+    // Telemetry: at least three, decoded, counting up from 0 without gaps.
+    assert!(wait_until(10, || replies(&sub).len() == 2));
+    let seqs: Vec<u64> = sub
+        .messages()
+        .iter()
+        .filter(|(t, _)| t == "devices/mcu-1/telemetry")
+        .map(|(_, p)| {
+            let t: Telemetry = message::decode(p).expect("postcard telemetry");
+            assert_eq!(t.readings[0].name, "uptime_ms");
+            assert!(t.time_ms.is_some());
+            t.seq
+        })
+        .collect();
+    assert!(seqs.len() >= 3, "{seqs:?}\n{}", dev.log());
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+
+    let replies = replies(&sub);
+    assert_eq!(replies[&7], (ReplyStatus::Ok, None, b"pong".to_vec()));
+    assert_eq!(replies[&8].0, ReplyStatus::UnknownCommand);
+    assert!(dev.log().contains("disconnected"), "{}", dev.log());
+    // The gateway saw a clean session for the device's own identity.
+    assert!(
+        gw.wait_for(|e| e["event"] == "connected" && e["client_id"] == "mcu-1")
+            .is_some()
+    );
+}
+
+#[test]
+fn host_runner_reports_a_revoked_certificate() {
+    let mut fleet = Fleet::new();
+    let port = free_port();
+    let bundle = enroll_nostd(&fleet, "mcu-2", port);
+    fleet.revoke("mcu-2");
+    let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
+
+    let mut dev = mcu_host(&fleet, "2", &bundle, &["--attempts", "1"]);
+    let status = exit_status(&mut dev, 60);
+    assert_eq!(status.and_then(|s| s.code()), Some(13), "{}", dev.log());
+    assert!(
+        dev.log().contains("the gateway refused our certificate"),
+        "{}",
+        dev.log()
+    );
+    let refusal = gw.refusal("revoked");
+    assert!(refusal.to_string().contains("mcu-2"), "{refusal}");
+}
