@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use twofold_protocol::message::{self, Command as Cmd, ReplyStatus, Telemetry};
+use twofold_protocol::message::{self, ReplyStatus, Telemetry};
 use twofold_tests::*;
 
 #[test]
@@ -57,39 +57,9 @@ fn telemetry_and_commands_through_the_gateway() {
 
     // ping, an operator command fed its body on stdin, and a command the
     // device does not have (the name is never a path or a shell word).
-    send_command(
-        &fleet,
-        port,
-        &ops,
-        "pi-1",
-        &Cmd {
-            id: 1,
-            name: "ping",
-            body: b"",
-        },
-    );
-    send_command(
-        &fleet,
-        port,
-        &ops,
-        "pi-1",
-        &Cmd {
-            id: 2,
-            name: "echo",
-            body: b"$(reboot)",
-        },
-    );
-    send_command(
-        &fleet,
-        port,
-        &ops,
-        "pi-1",
-        &Cmd {
-            id: 3,
-            name: "/bin/sh",
-            body: b"-c reboot",
-        },
-    );
+    send_command(&fleet, port, &ops, "pi-1", 1, "ping", b"");
+    send_command(&fleet, port, &ops, "pi-1", 2, "echo", b"$(reboot)");
+    send_command(&fleet, port, &ops, "pi-1", 3, "/bin/sh", b"-c reboot");
     assert!(
         wait_until(30, || replies(&sub).len() == 3),
         "replies: {:?}\nagent:\n{}",

@@ -210,10 +210,20 @@ fn read_hex_lines(path: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// Sends a postcard command to `device` as the `ops` service.
-pub fn send_command(fleet: &Fleet, port: u16, ops: &Identity, device: &str, cmd: &Cmd) {
+/// Sends the postcard command `id` `name` `body` to `device` as the `ops`
+/// service.
+pub fn send_command(
+    fleet: &Fleet,
+    port: u16,
+    ops: &Identity,
+    device: &str,
+    id: u32,
+    name: &str,
+    body: &[u8],
+) {
+    let cmd = Cmd { id, name, body };
     let mut buf = [0u8; 512];
-    let bytes = message::encode(cmd, &mut buf).unwrap();
+    let bytes = message::encode(&cmd, &mut buf).unwrap();
     let file = fleet.path(&format!("command-{}.bin", cmd.id));
     std::fs::write(&file, bytes).unwrap();
     let mut pubc = Command::new("mosquitto_pub");

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use twofold_protocol::message::{self, Command as Cmd, ReplyStatus, Telemetry};
+use twofold_protocol::message::{self, ReplyStatus, Telemetry};
 use twofold_tests::*;
 
 /// The QEMU firmware, built for thumbv7em (release, size-optimised) into
@@ -106,17 +106,7 @@ fn qemu_firmware_enrolls_publishes_and_answers_then_a_revoked_one_is_refused() {
         dev.log(),
         gw.log()
     );
-    send_command(
-        &fleet,
-        port,
-        &ops,
-        "mcu-q",
-        &Cmd {
-            id: 41,
-            name: "echo",
-            body: b"hi mcu",
-        },
-    );
+    send_command(&fleet, port, &ops, "mcu-q", 41, "echo", b"hi mcu");
     let status = exit_status(&mut dev, 90);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", dev.log());
     println!("{}", dev.log());

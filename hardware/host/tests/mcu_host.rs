@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use twofold_protocol::message::{self, Command as Cmd, ReplyStatus, Telemetry};
+use twofold_protocol::message::{self, ReplyStatus, Telemetry};
 use twofold_tests::*;
 
 fn mcu_host(fleet: &Fleet, name: &str, bundle: &Path, args: &[&str]) -> Proc {
@@ -46,28 +46,8 @@ fn host_runner_sends_telemetry_and_answers_a_command() {
         dev.log(),
         gw.log()
     );
-    send_command(
-        &fleet,
-        port,
-        &ops,
-        "mcu-1",
-        &Cmd {
-            id: 7,
-            name: "ping",
-            body: b"",
-        },
-    );
-    send_command(
-        &fleet,
-        port,
-        &ops,
-        "mcu-1",
-        &Cmd {
-            id: 8,
-            name: "reboot",
-            body: b"",
-        },
-    );
+    send_command(&fleet, port, &ops, "mcu-1", 7, "ping", b"");
+    send_command(&fleet, port, &ops, "mcu-1", 8, "reboot", b"");
     let status = exit_status(&mut dev, 60);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", dev.log());
 
