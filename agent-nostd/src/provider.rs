@@ -5,28 +5,30 @@
 use embedded_tls::{
     Aes128GcmSha256, Certificate, CryptoProvider, SignatureScheme, TlsError, TlsVerifier,
 };
-use p256::ecdsa::DerSignature;
+use p256::ecdsa::Signature;
 use rand_core::{CryptoRng, CryptoRngCore, RngCore};
 
 use crate::verify::{Clock, StrictVerifier};
+use crate::x509::DerSignature;
 
 /// Whatever holds the device's P-256 private key: the key itself
 /// ([`p256::ecdsa::SigningKey`], e.g. from the bundle in flash), or a
 /// secure element such as an ATECC608 that signs without ever giving the
 /// key out.
 pub trait DeviceKey {
-    /// Signs `message` with ECDSA P-256 and SHA-256 (the signer hashes).
-    fn sign(&mut self, message: &[u8]) -> Result<DerSignature, signature::Error>;
+    /// Signs `message` with ECDSA P-256 and SHA-256 (the signer hashes);
+    /// the signature as r and s, the way secure elements return it.
+    fn sign(&mut self, message: &[u8]) -> Result<Signature, signature::Error>;
 }
 
 impl DeviceKey for p256::ecdsa::SigningKey {
-    fn sign(&mut self, message: &[u8]) -> Result<DerSignature, signature::Error> {
+    fn sign(&mut self, message: &[u8]) -> Result<Signature, signature::Error> {
         signature::Signer::try_sign(self, message)
     }
 }
 
 impl<K: DeviceKey> DeviceKey for &mut K {
-    fn sign(&mut self, message: &[u8]) -> Result<DerSignature, signature::Error> {
+    fn sign(&mut self, message: &[u8]) -> Result<Signature, signature::Error> {
         (**self).sign(message)
     }
 }
@@ -36,7 +38,7 @@ struct Lend<'k, K>(&'k mut K);
 
 impl<K: DeviceKey> signature::SignerMut<DerSignature> for Lend<'_, K> {
     fn try_sign(&mut self, message: &[u8]) -> Result<DerSignature, signature::Error> {
-        self.0.sign(message)
+        self.0.sign(message).map(|s| DerSignature::from(&s))
     }
 }
 

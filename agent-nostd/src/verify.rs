@@ -35,8 +35,8 @@ use embedded_tls::{
     CertificateEntryRef, CertificateRef, CertificateVerifyRef, SignatureScheme, TlsCipherSuite,
     TlsError, TlsVerifier,
 };
+use p256::ecdsa::VerifyingKey;
 use p256::ecdsa::signature::Verifier;
-use p256::ecdsa::{Signature, VerifyingKey};
 use sha2::Digest;
 
 use crate::x509::{self, AltName, Cert, X509Error};
@@ -217,8 +217,8 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
                     error: X509Error::UnsupportedKey,
                 }
             })?;
-            let signature = Signature::from_der(issued.signature)
-                .map_err(|_| Refusal::BadSignature { depth: below })?;
+            let signature = x509::ecdsa_signature(issued.signature)
+                .ok_or(Refusal::BadSignature { depth: below })?;
             if key.verify(issued.tbs, &signature).is_err() {
                 return Err(if at_anchor {
                     Refusal::NotOurCa
@@ -239,13 +239,72 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
 /// a `*` only as the whole left-most label of a name with three or more
 /// labels, matching exactly one label).
 pub fn names_server(san: &[u8], server: &str) -> Result<bool, X509Error> {
-    let ip: Option<core::net::IpAddr> = server.parse().ok();
+    let mut ip = [0u8; 16];
+    let ip = parse_ip(server, &mut ip);
     x509::any_alt_name(san, |name| match (name, ip) {
-        (AltName::Ip(bytes), Some(core::net::IpAddr::V4(v4))) => bytes == v4.octets(),
-        (AltName::Ip(bytes), Some(core::net::IpAddr::V6(v6))) => bytes == v6.octets(),
+        (AltName::Ip(bytes), Some(ip)) => bytes == ip,
         (AltName::Dns(pattern), None) => dns_matches(pattern, server.as_bytes()),
         _ => false,
     })
+}
+
+/// `text` as an IPv4 address (four decimal parts, no leading zeros) or an
+/// IPv6 address (hex groups, at most one `::`; no embedded IPv4 part).
+///
+/// Written here rather than using `core::net`'s parser, which costs about
+/// 1.5 KB of the firmware's flash for the generality of `IpAddr::from_str`.
+fn parse_ip<'b>(text: &str, out: &'b mut [u8; 16]) -> Option<&'b [u8]> {
+    if text.contains(':') {
+        let (head, tail) = match text.split_once("::") {
+            Some((head, tail)) => (head, Some(tail)),
+            None => (text, None),
+        };
+        let mut groups = [0u16; 8];
+        let n = hex_groups(head, &mut groups)?;
+        let filled = match tail {
+            None if n == 8 => 8,
+            Some(tail) if n < 8 => {
+                let mut back = [0u16; 8];
+                let m = hex_groups(tail, &mut back[..7 - n])?;
+                groups[8 - m..].copy_from_slice(&back[..m]);
+                8
+            }
+            _ => return None,
+        };
+        for (i, g) in groups[..filled].iter().enumerate() {
+            out[2 * i..2 * i + 2].copy_from_slice(&g.to_be_bytes());
+        }
+        return Some(&out[..16]);
+    }
+    let mut parts = text.split('.');
+    for byte in out[..4].iter_mut() {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || (part.len() > 1 && part.starts_with('0')) {
+            return None;
+        }
+        let n = part.bytes().try_fold(0u16, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + (c - b'0') as u16)
+        })?;
+        *byte = u8::try_from(n).ok()?;
+    }
+    parts.next().is_none().then_some(&out[..4])
+}
+
+/// Colon-separated groups of 1–4 hex digits into `groups`; how many there
+/// were (an empty `text` is none).
+fn hex_groups(text: &str, groups: &mut [u16]) -> Option<usize> {
+    if text.is_empty() {
+        return Some(0);
+    }
+    let mut n = 0;
+    for part in text.split(':') {
+        if part.is_empty() || part.len() > 4 || !part.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        *groups.get_mut(n)? = u16::from_str_radix(part, 16).ok()?;
+        n += 1;
+    }
+    Some(n)
 }
 
 fn dns_matches(pattern: &[u8], host: &[u8]) -> bool {
@@ -317,8 +376,8 @@ impl<CS: TlsCipherSuite, C: Clock> TlsVerifier<CS> for StrictVerifier<'_, C> {
         if message.extend_from_slice(&self.transcript).is_err() {
             return Err(TlsError::EncodeError);
         }
-        let ok = Signature::from_der(verify.signature)
-            .is_ok_and(|signature| key.verify(&message, &signature).is_ok());
+        let ok = x509::ecdsa_signature(verify.signature)
+            .is_some_and(|signature| key.verify(&message, &signature).is_ok());
         if !ok {
             return Err(self.refuse(Refusal::BadHandshakeSignature));
         }
@@ -340,5 +399,49 @@ mod tests {
         assert!(!dns_matches(b"*.com", b"example.com"));
         assert!(!dns_matches(b"g*.example.com", b"gw.example.com"));
         assert!(!dns_matches(b"gw.example.com", b"gw.example.com.evil"));
+    }
+
+    #[test]
+    fn ip_addresses_parse_like_core_net() {
+        for text in [
+            "127.0.0.1",
+            "10.0.255.1",
+            "::1",
+            "::",
+            "fe80::1:2",
+            "2001:db8::",
+            "1:2:3:4:5:6:7:8",
+            "1::8",
+            "1:2:3:4:5:6::8",
+            "01.2.3.4",
+            "256.1.1.1",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1.2.3.4.",
+            "1:2:3:4:5:6:7:8:9",
+            "1::2::3",
+            ":1",
+            "1:",
+            "12345::",
+            "::ffff:1.2.3.4",
+            "gw.local",
+            "1:2:3:4:5:6:7::",
+            "::2:3:4:5:6:7:8",
+            "+1.2.3.4",
+            "g::",
+            "+1::",
+        ] {
+            let mut buf = [0u8; 16];
+            let ours = parse_ip(text, &mut buf).map(|b| b.to_vec());
+            let core = text.parse::<core::net::IpAddr>().ok().map(|ip| match ip {
+                core::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                core::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            });
+            if text == "::ffff:1.2.3.4" {
+                assert_eq!(ours, None, "embedded IPv4 is not supported");
+            } else {
+                assert_eq!(ours, core, "{text}");
+            }
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! The parts of an X.509 certificate the server verifier needs, read in
-//! place from DER with the `der` crate's reader (no allocation, nothing
-//! copied).
+//! place from DER (no allocation, nothing copied), and the DER form of
+//! ECDSA signatures.
 //!
 //! Only what [`crate::verify`] checks is extracted: the signed bytes and
 //! signature, the issuer and subject names (raw, compared byte for byte),
@@ -8,18 +8,43 @@
 //! extendedKeyUsage and the subjectAltName entries. A certificate that uses
 //! another key or signature algorithm, or carries a critical extension not
 //! listed here, is refused rather than half understood.
+//!
+//! Why a hand-written reader and not the `der` crate: this module used
+//! `der` 0.8 and the ECDSA signatures went through `ecdsa`'s `der` support;
+//! together they cost about 11 KB of the firmware's 96 KB flash budget
+//! (generic decoders, error and tag names for `Debug`, date arithmetic),
+//! measured with `cargo bloat` on the QEMU firmware. What a certificate
+//! needs here is a strict TLV walk (single-byte tags, minimal definite
+//! lengths that fit the input), a few fixed OIDs compared as bytes, the two
+//! ASN.1 time forms, and the two INTEGERs of a signature. Every truncation
+//! and single-byte change of a real certificate is tested to be refused or
+//! read without a panic (`tests/verifier.rs`).
 
-use der::asn1::{AnyRef, BitStringRef, GeneralizedTime, ObjectIdentifier, OctetStringRef, UtcTime};
-use der::{Decode, Reader, SliceReader, Tag, TagNumber, Tagged};
+use p256::ecdsa::Signature;
 
-const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
-const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
-const PRIME256V1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
-const BASIC_CONSTRAINTS: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.19");
-const KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.15");
-const EXT_KEY_USAGE: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.37");
-const SUBJECT_ALT_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.17");
-const SERVER_AUTH: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.1");
+// OIDs as the contents of their DER encoding.
+const ECDSA_WITH_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]; // 1.2.840.10045.4.3.2
+const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]; // 1.2.840.10045.2.1
+const PRIME256V1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]; // 1.2.840.10045.3.1.7
+const BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13]; // 2.5.29.19
+const KEY_USAGE: &[u8] = &[0x55, 0x1d, 0x0f]; // 2.5.29.15
+const EXT_KEY_USAGE: &[u8] = &[0x55, 0x1d, 0x25]; // 2.5.29.37
+const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11]; // 2.5.29.17
+const SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01]; // 1.3.6.1.5.5.7.3.1
+
+// Tags (class, constructed bit and number in one byte).
+const BOOLEAN: u8 = 0x01;
+const INTEGER: u8 = 0x02;
+const BIT_STRING: u8 = 0x03;
+const OCTET_STRING: u8 = 0x04;
+const OID: u8 = 0x06;
+const UTC_TIME: u8 = 0x17;
+const GENERALIZED_TIME: u8 = 0x18;
+const SEQUENCE: u8 = 0x30;
+const EXPLICIT_0: u8 = 0xa0; // [0] version
+const EXPLICIT_3: u8 = 0xa3; // [3] extensions
+const SAN_DNS: u8 = 0x82; // [2] IMPLICIT IA5String
+const SAN_IP: u8 = 0x87; // [7] IMPLICIT OCTET STRING
 
 /// Why a certificate could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +59,14 @@ pub enum X509Error {
     UnknownCriticalExtension,
 }
 
-impl From<der::Error> for X509Error {
-    fn from(_: der::Error) -> Self {
-        X509Error::Malformed
+impl X509Error {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            X509Error::Malformed => "malformed",
+            X509Error::UnsupportedSignature => "not ECDSA-SHA256",
+            X509Error::UnsupportedKey => "not a P-256 key",
+            X509Error::UnknownCriticalExtension => "unknown critical extension",
+        }
     }
 }
 
@@ -74,80 +104,208 @@ pub enum AltName<'a> {
     Other,
 }
 
-fn any<'a>(r: &mut SliceReader<'a>) -> Result<AnyRef<'a>, X509Error> {
-    Ok(AnyRef::decode(r)?)
+/// A cursor over DER TLVs.
+struct Der<'a>(&'a [u8]);
+
+/// One TLV: its tag, its contents, and all of it.
+struct Tlv<'a> {
+    tag: u8,
+    value: &'a [u8],
+    whole: &'a [u8],
 }
 
-fn sequence<'a>(r: &mut SliceReader<'a>) -> Result<SliceReader<'a>, X509Error> {
-    let value = any(r)?;
-    if value.tag() != Tag::Sequence {
-        return Err(X509Error::Malformed);
+impl<'a> Der<'a> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
-    Ok(SliceReader::new(value.value())?)
-}
 
-fn context(number: u32, constructed: bool) -> Tag {
-    Tag::ContextSpecific {
-        constructed,
-        number: TagNumber(number),
+    fn peek_tag(&self) -> Option<u8> {
+        self.0.first().copied()
+    }
+
+    /// The next TLV. Tags must fit one byte (number < 31), lengths must
+    /// be definite, minimal, at most two bytes, and within the input.
+    fn tlv(&mut self) -> Result<Tlv<'a>, X509Error> {
+        let input = self.0;
+        let (&tag, rest) = input.split_first().ok_or(X509Error::Malformed)?;
+        if tag & 0x1f == 0x1f {
+            return Err(X509Error::Malformed);
+        }
+        let (&first, rest) = rest.split_first().ok_or(X509Error::Malformed)?;
+        let (len, rest) = match first {
+            0..=0x7f => (first as usize, rest),
+            0x81 => match rest {
+                [n, rest @ ..] if *n >= 0x80 => (*n as usize, rest),
+                _ => return Err(X509Error::Malformed),
+            },
+            0x82 => match rest {
+                [hi, lo, rest @ ..] if *hi != 0 => ((*hi as usize) << 8 | *lo as usize, rest),
+                _ => return Err(X509Error::Malformed),
+            },
+            _ => return Err(X509Error::Malformed),
+        };
+        if len > rest.len() {
+            return Err(X509Error::Malformed);
+        }
+        let header = input.len() - rest.len();
+        let (value, after) = rest.split_at(len);
+        self.0 = after;
+        Ok(Tlv {
+            tag,
+            value,
+            whole: &input[..header + len],
+        })
+    }
+
+    /// The next TLV's contents, which must have `tag`.
+    fn expect(&mut self, tag: u8) -> Result<&'a [u8], X509Error> {
+        let tlv = self.tlv()?;
+        if tlv.tag != tag {
+            return Err(X509Error::Malformed);
+        }
+        Ok(tlv.value)
+    }
+
+    /// A SEQUENCE, as a cursor over its contents.
+    fn sequence(&mut self) -> Result<Der<'a>, X509Error> {
+        Ok(Der(self.expect(SEQUENCE)?))
+    }
+
+    /// A BIT STRING's bytes; it must have no unused bits.
+    fn bit_string(&mut self) -> Result<&'a [u8], X509Error> {
+        match self.expect(BIT_STRING)? {
+            [0, bytes @ ..] => Ok(bytes),
+            _ => Err(X509Error::Malformed),
+        }
+    }
+
+    fn boolean(&mut self) -> Result<bool, X509Error> {
+        match self.expect(BOOLEAN)? {
+            [0x00] => Ok(false),
+            [0xff] => Ok(true),
+            _ => Err(X509Error::Malformed),
+        }
+    }
+
+    fn finish(&self) -> Result<(), X509Error> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(X509Error::Malformed)
+        }
+    }
+
+    /// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049 as RFC 5280 says) or
+    /// GeneralizedTime (`YYYYMMDDHHMMSSZ`), as Unix seconds.
+    fn time(&mut self) -> Result<u64, X509Error> {
+        let tlv = self.tlv()?;
+        let (year, rest) = match (tlv.tag, tlv.value) {
+            (UTC_TIME, [y @ .., b'Z']) if y.len() == 12 => {
+                let yy = digits(&y[..2])?;
+                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &y[2..])
+            }
+            (GENERALIZED_TIME, [y @ .., b'Z']) if y.len() == 14 => (digits(&y[..4])?, &y[4..]),
+            _ => return Err(X509Error::Malformed),
+        };
+        let month = digits(&rest[0..2])?;
+        let day = digits(&rest[2..4])?;
+        let (hour, minute, second) = (
+            digits(&rest[4..6])?,
+            digits(&rest[6..8])?,
+            digits(&rest[8..10])?,
+        );
+        if year < 1970 || !(1..=12).contains(&month) || hour > 23 || minute > 59 || second > 59 {
+            return Err(X509Error::Malformed);
+        }
+        let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+        let month_days = [
+            31,
+            if leap { 29 } else { 28 },
+            31,
+            30,
+            31,
+            30,
+            31,
+            31,
+            30,
+            31,
+            30,
+            31,
+        ];
+        if day < 1 || day > month_days[month as usize - 1] {
+            return Err(X509Error::Malformed);
+        }
+        let days = days_from_civil(year, month, day);
+        Ok(days * 86_400 + (hour * 3600 + minute * 60 + second) as u64)
     }
 }
 
-fn time(r: &mut SliceReader<'_>) -> Result<u64, X509Error> {
-    let t = any(r)?;
-    let d = match t.tag() {
-        Tag::UtcTime => t.decode_as::<UtcTime>()?.to_unix_duration(),
-        Tag::GeneralizedTime => t.decode_as::<GeneralizedTime>()?.to_unix_duration(),
-        _ => return Err(X509Error::Malformed),
-    };
-    Ok(d.as_secs())
+/// Decimal digits, nothing else.
+fn digits(text: &[u8]) -> Result<u32, X509Error> {
+    text.iter().try_fold(0u32, |n, &c| match c {
+        b'0'..=b'9' => Ok(n * 10 + (c - b'0') as u32),
+        _ => Err(X509Error::Malformed),
+    })
+}
+
+/// Days from 1970-01-01 to a date on or after it (Howard Hinnant's
+/// `days_from_civil`, restricted to years >= 1970).
+fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
+    let y = if month <= 2 { year - 1 } else { year } as u64;
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let m = month as u64;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day as u64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Parses a DER certificate.
 pub fn parse(der: &[u8]) -> Result<Cert<'_>, X509Error> {
-    let mut outer = SliceReader::new(der)?;
-    let mut cert = sequence(&mut outer)?;
+    let mut outer = Der(der);
+    let mut cert = outer.sequence()?;
     outer.finish()?;
 
-    let tbs = cert.tlv_bytes()?;
-    let mut alg = sequence(&mut cert)?;
-    if ObjectIdentifier::decode(&mut alg)? != ECDSA_WITH_SHA256 {
+    let tbs = cert.tlv()?;
+    if tbs.tag != SEQUENCE {
+        return Err(X509Error::Malformed);
+    }
+    let mut alg = cert.sequence()?;
+    if alg.expect(OID)? != ECDSA_WITH_SHA256 {
         return Err(X509Error::UnsupportedSignature);
     }
-    let signature = BitStringRef::decode(&mut cert)?
-        .as_bytes()
-        .ok_or(X509Error::Malformed)?;
+    let signature = cert.bit_string()?;
     cert.finish()?;
 
-    let mut t = sequence(&mut SliceReader::new(tbs)?)?;
-    if Tag::peek(&t)? == context(0, true) {
-        any(&mut t)?; // version
+    let mut t = Der(tbs.value);
+    if t.peek_tag() == Some(EXPLICIT_0) {
+        t.tlv()?; // version
     }
-    any(&mut t)?; // serialNumber
-    any(&mut t)?; // signature (repeated above)
-    let issuer = t.tlv_bytes()?;
-    let mut validity = sequence(&mut t)?;
-    let not_before = time(&mut validity)?;
-    let not_after = time(&mut validity)?;
+    t.expect(INTEGER)?; // serialNumber
+    t.sequence()?; // signature (repeated above)
+    let issuer = t.tlv()?;
+    let mut validity = t.sequence()?;
+    let not_before = validity.time()?;
+    let not_after = validity.time()?;
     validity.finish()?;
-    let subject = t.tlv_bytes()?;
+    let subject = t.tlv()?;
+    if issuer.tag != SEQUENCE || subject.tag != SEQUENCE {
+        return Err(X509Error::Malformed);
+    }
 
-    let mut spki = sequence(&mut t)?;
-    let mut key_alg = sequence(&mut spki)?;
-    if ObjectIdentifier::decode(&mut key_alg)? != EC_PUBLIC_KEY
-        || ObjectIdentifier::decode(&mut key_alg)? != PRIME256V1
-    {
+    let mut spki = t.sequence()?;
+    let mut key_alg = spki.sequence()?;
+    if key_alg.expect(OID)? != EC_PUBLIC_KEY || key_alg.expect(OID)? != PRIME256V1 {
         return Err(X509Error::UnsupportedKey);
     }
-    let public_key = BitStringRef::decode(&mut spki)?
-        .as_bytes()
-        .ok_or(X509Error::Malformed)?;
+    let public_key = spki.bit_string()?;
+    spki.finish()?;
 
     let mut parsed = Cert {
-        tbs,
+        tbs: tbs.whole,
         signature,
-        issuer,
-        subject,
+        issuer: issuer.whole,
+        subject: subject.whole,
         not_before,
         not_after,
         public_key,
@@ -155,13 +313,14 @@ pub fn parse(der: &[u8]) -> Result<Cert<'_>, X509Error> {
         server_auth: false,
         san: None,
     };
-    while !t.is_finished() {
-        let field = any(&mut t)?;
-        if field.tag() == context(3, true) {
-            let mut wrapper = SliceReader::new(field.value())?;
-            let mut list = sequence(&mut wrapper)?;
-            while !list.is_finished() {
-                extension(&mut sequence(&mut list)?, &mut parsed)?;
+    while !t.is_empty() {
+        let field = t.tlv()?;
+        if field.tag == EXPLICIT_3 {
+            let mut wrapper = Der(field.value);
+            let mut list = wrapper.sequence()?;
+            wrapper.finish()?;
+            while !list.is_empty() {
+                extension(&mut list.sequence()?, &mut parsed)?;
             }
         }
         // issuerUniqueID and subjectUniqueID are ignored.
@@ -169,36 +328,30 @@ pub fn parse(der: &[u8]) -> Result<Cert<'_>, X509Error> {
     Ok(parsed)
 }
 
-fn extension<'a>(r: &mut SliceReader<'a>, cert: &mut Cert<'a>) -> Result<(), X509Error> {
-    let id = ObjectIdentifier::decode(r)?;
-    let critical = if Tag::peek(r)? == Tag::Boolean {
-        bool::decode(r)?
+fn extension<'a>(r: &mut Der<'a>, cert: &mut Cert<'a>) -> Result<(), X509Error> {
+    let id = r.expect(OID)?;
+    let critical = if r.peek_tag() == Some(BOOLEAN) {
+        r.boolean()?
     } else {
         false
     };
-    let value = <&OctetStringRef>::decode(r)?.as_bytes();
-    let mut v = SliceReader::new(value)?;
+    let mut v = Der(r.expect(OCTET_STRING)?);
+    r.finish()?;
     match id {
         BASIC_CONSTRAINTS => {
-            let mut bc = sequence(&mut v)?;
-            let ca = !bc.is_finished() && Tag::peek(&bc)? == Tag::Boolean && bool::decode(&mut bc)?;
+            let mut bc = v.sequence()?;
+            let ca = bc.peek_tag() == Some(BOOLEAN) && bc.boolean()?;
             cert.is_ca = Some(ca);
         }
         EXT_KEY_USAGE => {
-            let mut purposes = sequence(&mut v)?;
-            while !purposes.is_finished() {
-                if ObjectIdentifier::decode(&mut purposes)? == SERVER_AUTH {
+            let mut purposes = v.sequence()?;
+            while !purposes.is_empty() {
+                if purposes.expect(OID)? == SERVER_AUTH {
                     cert.server_auth = true;
                 }
             }
         }
-        SUBJECT_ALT_NAME => {
-            let names = any(&mut v)?;
-            if names.tag() != Tag::Sequence {
-                return Err(X509Error::Malformed);
-            }
-            cert.san = Some(names.value());
-        }
+        SUBJECT_ALT_NAME => cert.san = Some(v.expect(SEQUENCE)?),
         // keyUsage is allowed (and usually critical); the purpose that
         // matters for a TLS server is in extendedKeyUsage.
         KEY_USAGE => {}
@@ -214,12 +367,12 @@ pub fn any_alt_name(
     san: &[u8],
     mut pred: impl FnMut(AltName<'_>) -> bool,
 ) -> Result<bool, X509Error> {
-    let mut r = SliceReader::new(san)?;
-    while !r.is_finished() {
-        let name = any(&mut r)?;
-        let name = match name.tag() {
-            t if t == context(2, false) => AltName::Dns(name.value()),
-            t if t == context(7, false) => AltName::Ip(name.value()),
+    let mut r = Der(san);
+    while !r.is_empty() {
+        let name = r.tlv()?;
+        let name = match name.tag {
+            SAN_DNS => AltName::Dns(name.value),
+            SAN_IP => AltName::Ip(name.value),
             _ => AltName::Other,
         };
         if pred(name) {
@@ -227,4 +380,125 @@ pub fn any_alt_name(
         }
     }
     Ok(false)
+}
+
+/// An ECDSA P-256 signature from its DER form (a SEQUENCE of two positive
+/// INTEGERs, minimally encoded); `None` if it is not one, or if either
+/// value is zero or not below the group order.
+pub fn ecdsa_signature(der: &[u8]) -> Option<Signature> {
+    let mut outer = Der(der);
+    let mut seq = outer.sequence().ok()?;
+    outer.finish().ok()?;
+    let r = scalar(seq.expect(INTEGER).ok()?)?;
+    let s = scalar(seq.expect(INTEGER).ok()?)?;
+    seq.finish().ok()?;
+    Signature::from_scalars(r, s).ok()
+}
+
+/// A positive, minimally encoded INTEGER of at most 32 bytes, big-endian
+/// and left-padded to 32.
+fn scalar(int: &[u8]) -> Option<[u8; 32]> {
+    let digits = match int {
+        [0, rest @ ..] if rest.first().is_some_and(|b| b & 0x80 != 0) => rest,
+        [first, ..] if first & 0x80 == 0 && *first != 0 => int,
+        _ => return None,
+    };
+    let mut out = [0u8; 32];
+    out.get_mut(32usize.checked_sub(digits.len())?..)?
+        .copy_from_slice(digits);
+    Some(out)
+}
+
+/// An ECDSA signature in DER, as TLS's CertificateVerify carries it.
+#[derive(Clone)]
+pub struct DerSignature {
+    bytes: [u8; 72],
+    len: usize,
+}
+
+impl AsRef<[u8]> for DerSignature {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl From<&Signature> for DerSignature {
+    fn from(signature: &Signature) -> Self {
+        let (r, s) = signature.split_bytes();
+        let mut out = DerSignature {
+            bytes: [0; 72],
+            len: 2,
+        };
+        for half in [r, s] {
+            let half: &[u8] = &half;
+            let skip = half.iter().take_while(|&&b| b == 0).count();
+            let digits = &half[skip..];
+            let pad = usize::from(digits.first().is_some_and(|b| b & 0x80 != 0));
+            let at = out.len;
+            out.bytes[at] = INTEGER;
+            out.bytes[at + 1] = (pad + digits.len()) as u8;
+            out.bytes[at + 2 + pad..at + 2 + pad + digits.len()].copy_from_slice(digits);
+            out.len = at + 2 + pad + digits.len();
+        }
+        out.bytes[0] = SEQUENCE;
+        out.bytes[1] = (out.len - 2) as u8;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_unix_seconds() {
+        let t = |der: &[u8]| Der(der).time();
+        // 2049-12-31T23:59:59Z and 1970-01-01T00:00:00Z, UTCTime.
+        assert_eq!(t(b"\x17\x0d491231235959Z"), Ok(2_524_607_999));
+        assert_eq!(t(b"\x17\x0d700101000000Z"), Ok(0));
+        // 2000-02-29 (a leap day), GeneralizedTime.
+        assert_eq!(t(b"\x18\x0f20000229120000Z"), Ok(951_825_600));
+        assert_eq!(t(b"\x18\x0f21000229120000Z"), Err(X509Error::Malformed));
+        assert_eq!(t(b"\x17\x0d491331235959Z"), Err(X509Error::Malformed));
+        assert_eq!(t(b"\x17\x0d4912312359+9Z"), Err(X509Error::Malformed));
+        assert_eq!(t(b"\x17\x0b4912312359Z"), Err(X509Error::Malformed));
+    }
+
+    #[test]
+    fn lengths_must_be_minimal_and_within_the_input() {
+        let tlv = |der: &[u8]| Der(der).tlv().map(|t| t.value.len());
+        assert_eq!(tlv(&[0x04, 0x01, 0xaa]), Ok(1));
+        assert_eq!(tlv(&[0x04, 0x81, 0x01, 0xaa]), Err(X509Error::Malformed));
+        assert_eq!(
+            tlv(&[0x04, 0x82, 0x00, 0x01, 0xaa]),
+            Err(X509Error::Malformed)
+        );
+        assert_eq!(tlv(&[0x04, 0x80]), Err(X509Error::Malformed));
+        assert_eq!(tlv(&[0x04, 0x02, 0xaa]), Err(X509Error::Malformed));
+        assert_eq!(tlv(&[0x1f, 0x01, 0xaa]), Err(X509Error::Malformed));
+    }
+
+    #[test]
+    fn signatures_round_trip_through_der() {
+        use p256::ecdsa::SigningKey;
+        use p256::ecdsa::signature::Signer;
+        let key = SigningKey::from_slice(&[7; 32]).unwrap();
+        for message in [&b"a"[..], b"b", b"c", b"d", b"e", b"f", b"g", b"h"] {
+            let signature: Signature = key.sign(message);
+            let der = DerSignature::from(&signature);
+            assert_eq!(der.as_ref(), signature.to_der().as_bytes());
+            assert_eq!(ecdsa_signature(der.as_ref()), Some(signature));
+        }
+        // Negative, non-minimal, zero and over-long integers are refused.
+        let one = [0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01];
+        assert!(ecdsa_signature(&one).is_some());
+        assert!(ecdsa_signature(&[0x30, 0x06, 0x02, 0x01, 0x81, 0x02, 0x01, 0x01]).is_none());
+        assert!(ecdsa_signature(&[0x30, 0x07, 0x02, 0x02, 0x00, 0x01, 0x02, 0x01, 0x01]).is_none());
+        assert!(ecdsa_signature(&[0x30, 0x06, 0x02, 0x01, 0x00, 0x02, 0x01, 0x01]).is_none());
+        let mut long = [0x01u8; 40];
+        long[..4].copy_from_slice(&[0x30, 0x26, 0x02, 0x21]);
+        long[4] = 0x01;
+        long[37..40].copy_from_slice(&[0x02, 0x01, 0x01]);
+        assert!(ecdsa_signature(&long).is_none());
+    }
 }
