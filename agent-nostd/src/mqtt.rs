@@ -8,8 +8,63 @@
 //! past the end of a packet that is too short for its type (a two-byte
 //! PUBACK, a QoS 1 PUBLISH without a packet id) and would panic. Only the
 //! packets a server may send a client get as far as the decoder.
+//!
+//! mqttrs's `Packet` is large (its SUBSCRIBE variant holds five 256-byte
+//! topic strings, about 1.3 KB), so it never leaves this module: the
+//! session passes the small [`Outbound`] and gets the small [`Inbound`],
+//! and the `Packet` lives only in the frames of [`encode`] and [`decode`]
+//! for the moment they run. On the microcontroller this keeps about 3 KB
+//! of stack.
 
-use mqttrs::{Packet, decode_slice, encode_slice};
+use mqttrs::{
+    ConnectReturnCode, Packet, Pid, Protocol, Publish, QoS, QosPid, Subscribe,
+    SubscribeReturnCodes, SubscribeTopic, decode_slice, encode_slice,
+};
+
+/// What a client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outbound<'a> {
+    /// MQTT 3.1.1, clean session, no will, no credentials.
+    Connect {
+        client_id: &'a str,
+        keep_alive: u16,
+    },
+    /// One topic, QoS 1.
+    Subscribe {
+        pid: Pid,
+        topic: &'a str,
+    },
+    /// QoS 1, not retained.
+    Publish {
+        pid: Pid,
+        topic: &'a str,
+        payload: &'a [u8],
+    },
+    Puback(Pid),
+    Pingreq,
+    Disconnect,
+}
+
+/// What a server sends a client.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Inbound<'a> {
+    Connack(ConnectReturnCode),
+    /// QoS 0 (no packet id) or QoS 1.
+    Publish {
+        pid: Option<Pid>,
+        topic: &'a str,
+        payload: &'a [u8],
+    },
+    /// A QoS 2 PUBLISH, which this client never subscribes for.
+    PublishQos2,
+    Puback(Pid),
+    /// `granted`: the first (only) topic was not refused.
+    Suback {
+        pid: Pid,
+        granted: bool,
+    },
+    Pingresp,
+}
 
 /// Why bytes from the gateway are not acceptable MQTT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,38 +152,114 @@ pub fn check_shape(frame: &[u8]) -> Result<(), MqttError> {
 }
 
 /// Decodes exactly `frame` (one whole packet, as sized by [`frame_len`]).
-pub fn decode(frame: &[u8]) -> Result<Packet<'_>, MqttError> {
+#[inline(never)]
+pub fn decode(frame: &[u8]) -> Result<Inbound<'_>, MqttError> {
     check_shape(frame)?;
-    match decode_slice(frame) {
-        Ok(Some(p)) => Ok(p),
-        _ => Err(MqttError::Malformed),
-    }
+    let Ok(Some(packet)) = decode_slice(frame) else {
+        return Err(MqttError::Malformed);
+    };
+    Ok(match packet {
+        Packet::Connack(c) => Inbound::Connack(c.code),
+        Packet::Publish(p) => match p.qospid {
+            QosPid::AtMostOnce => Inbound::Publish {
+                pid: None,
+                topic: p.topic_name,
+                payload: p.payload,
+            },
+            QosPid::AtLeastOnce(pid) => Inbound::Publish {
+                pid: Some(pid),
+                topic: p.topic_name,
+                payload: p.payload,
+            },
+            QosPid::ExactlyOnce(_) => Inbound::PublishQos2,
+        },
+        Packet::Puback(pid) => Inbound::Puback(pid),
+        Packet::Suback(a) => Inbound::Suback {
+            pid: a.pid,
+            granted: a
+                .return_codes
+                .first()
+                .is_some_and(|c| *c != SubscribeReturnCodes::Failure),
+        },
+        Packet::Pingresp => Inbound::Pingresp,
+        // check_shape lets nothing else through.
+        _ => return Err(MqttError::Malformed),
+    })
 }
 
 /// Encodes `packet` at the start of `buf`, returning its length.
-pub fn encode(packet: &Packet<'_>, buf: &mut [u8]) -> Result<usize, MqttError> {
-    encode_slice(packet, buf).map_err(|_| MqttError::NoRoom)
+#[inline(never)]
+pub fn encode(packet: Outbound<'_>, buf: &mut [u8]) -> Result<usize, MqttError> {
+    let packet = match packet {
+        Outbound::Connect {
+            client_id,
+            keep_alive,
+        } => Packet::Connect(mqttrs::Connect {
+            protocol: Protocol::MQTT311,
+            keep_alive,
+            client_id,
+            clean_session: true,
+            last_will: None,
+            username: None,
+            password: None,
+        }),
+        Outbound::Subscribe { pid, topic } => {
+            let mut topic_path = heapless07::String::new();
+            topic_path.push_str(topic).map_err(|_| MqttError::NoRoom)?;
+            let mut topics = heapless07::Vec::new();
+            // One topic in a five-topic vector.
+            let _ = topics.push(SubscribeTopic {
+                topic_path,
+                qos: QoS::AtLeastOnce,
+            });
+            Packet::Subscribe(Subscribe::new(pid, topics))
+        }
+        Outbound::Publish {
+            pid,
+            topic,
+            payload,
+        } => Packet::Publish(Publish {
+            dup: false,
+            qospid: QosPid::AtLeastOnce(pid),
+            retain: false,
+            topic_name: topic,
+            payload,
+        }),
+        Outbound::Puback(pid) => Packet::Puback(pid),
+        Outbound::Pingreq => Packet::Pingreq,
+        Outbound::Disconnect => Packet::Disconnect,
+    };
+    encode_slice(&packet, buf).map_err(|_| MqttError::NoRoom)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mqttrs::{Pid, Publish, QosPid};
 
     #[test]
     fn frames_and_decodes_a_publish() {
         let mut buf = [0u8; 64];
-        let p = Packet::Publish(Publish {
-            dup: false,
-            qospid: QosPid::AtLeastOnce(Pid::try_from(7).unwrap()),
-            retain: false,
-            topic_name: "devices/d1/commands",
-            payload: b"abc",
-        });
-        let n = encode(&p, &mut buf).unwrap();
+        let pid = Pid::try_from(7).unwrap();
+        let (topic, payload) = ("devices/d1/commands", &b"abc"[..]);
+        let n = encode(
+            Outbound::Publish {
+                pid,
+                topic,
+                payload,
+            },
+            &mut buf,
+        )
+        .unwrap();
         assert_eq!(frame_len(&buf[..1]), Ok(None));
         assert_eq!(frame_len(&buf[..n]), Ok(Some(n)));
-        assert_eq!(decode(&buf[..n]).unwrap(), p);
+        assert_eq!(
+            decode(&buf[..n]),
+            Ok(Inbound::Publish {
+                pid: Some(pid),
+                topic,
+                payload
+            })
+        );
         assert_eq!(decode(&buf[..n - 1]), Err(MqttError::Malformed));
     }
 
@@ -144,7 +275,16 @@ mod tests {
         ] {
             assert_eq!(decode(frame), Err(MqttError::Malformed), "{frame:?}");
         }
-        assert_eq!(decode(&[0xd0, 0x00]), Ok(Packet::Pingresp));
+        assert_eq!(decode(&[0xd0, 0x00]), Ok(Inbound::Pingresp));
+        let pid = Pid::try_from(1).unwrap();
+        for (code, granted) in [(0x01, true), (0x80, false)] {
+            let suback = [0x90, 0x03, 0x00, 0x01, code];
+            assert_eq!(decode(&suback), Ok(Inbound::Suback { pid, granted }));
+        }
+        assert_eq!(
+            decode(&[0x34, 0x05, 0x00, 0x01, b'a', 0x00, 0x01]),
+            Ok(Inbound::PublishQos2)
+        );
     }
 
     #[test]
@@ -163,18 +303,19 @@ mod tests {
         let mut valid = [[0u8; 48]; 4];
         let lens = [
             encode(
-                &Packet::Publish(Publish {
-                    dup: false,
-                    qospid: QosPid::AtLeastOnce(Pid::try_from(9).unwrap()),
-                    retain: true,
-                    topic_name: "devices/x/commands",
+                Outbound::Publish {
+                    pid: Pid::try_from(9).unwrap(),
+                    topic: "devices/x/commands",
                     payload: &[1, 2, 3, 4],
-                }),
+                },
                 &mut valid[0],
             )
             .unwrap(),
-            encode(&Packet::Puback(Pid::try_from(1).unwrap()), &mut valid[1]).unwrap(),
-            encode(&Packet::Pingresp, &mut valid[2]).unwrap(),
+            encode(Outbound::Puback(Pid::try_from(1).unwrap()), &mut valid[1]).unwrap(),
+            {
+                valid[2][..2].copy_from_slice(&[0xd0, 0]); // PINGRESP
+                2
+            },
             {
                 valid[3][..5].copy_from_slice(&[0x90, 3, 0, 1, 1]); // SUBACK
                 5

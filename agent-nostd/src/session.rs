@@ -36,14 +36,13 @@ use embedded_io_async::{Read, Write};
 use embedded_tls::{
     Aes128GcmSha256, TlsConfig, TlsConnection, TlsContext, TlsError, alert::AlertDescription,
 };
-use mqttrs::{ConnectReturnCode, Packet, Pid, Protocol, Publish, QosPid};
-use mqttrs::{QoS, Subscribe, SubscribeReturnCodes, SubscribeTopic};
+use mqttrs::{ConnectReturnCode, Pid};
 use rand_core::{CryptoRng, RngCore};
 use twofold_protocol::message::{self, Command, MAX_READINGS, Reading, Reply, ReplyStatus};
 use twofold_protocol::{Bundle, Channel, Topic};
 
 use crate::link::Link;
-use crate::mqtt::{self, MqttError};
+use crate::mqtt::{self, Inbound, MqttError, Outbound};
 use crate::provider::{DeviceKey, DeviceProvider};
 use crate::verify::{Clock, Refusal, StrictVerifier};
 
@@ -198,27 +197,134 @@ pub enum Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Written out rather than `{:?}`: Debug formatting of these enums
+        // costs flash the firmware does not have.
         match self {
-            Error::Connect(k) => write!(f, "cannot connect to the gateway: {k:?}"),
-            Error::Io(k) => write!(f, "link failed: {k:?}"),
+            Error::Connect(k) => write!(f, "cannot connect to the gateway: {}", io_kind(*k)),
+            Error::Io(k) => write!(f, "link failed: {}", io_kind(*k)),
             Error::Closed => f.write_str("the gateway closed the connection"),
-            Error::ServerRefused(r) => write!(f, "server certificate refused: {r:?}"),
+            Error::ServerRefused(r) => write!(f, "server certificate refused: {r}"),
             Error::CertificateRefused => f.write_str(
                 "the gateway refused our certificate (TLS alert after the handshake): \
                  revoked, expired or not from its device CA; see the gateway's log",
             ),
-            Error::HandshakeAlert(a) => write!(f, "the gateway aborted the handshake: {a:?}"),
+            Error::HandshakeAlert(a) => {
+                write!(
+                    f,
+                    "the gateway aborted the handshake: TLS alert {}",
+                    alert(*a)
+                )
+            }
             Error::Alert => f.write_str("the gateway ended the session with a TLS alert"),
-            Error::Tls(e) => write!(f, "TLS error: {e:?}"),
+            Error::Tls(e) => write!(f, "TLS error: {}", tls_error_text(e)),
             Error::Mqtt(e) => write!(f, "MQTT error: {e}"),
             Error::Unexpected(what) => write!(f, "unexpected {what} from the gateway"),
-            Error::ConnectRefused(c) => write!(f, "the gateway refused CONNECT: {c:?}"),
+            Error::ConnectRefused(c) => write!(f, "the gateway refused CONNECT: {}", connack(*c)),
             Error::SubscribeRefused => f.write_str("the gateway refused the commands subscription"),
-            Error::Timeout(w) => write!(f, "timed out waiting for {w:?}"),
+            Error::Timeout(w) => write!(f, "timed out waiting for {}", w.as_str()),
             Error::TelemetryTooLarge => {
                 write!(f, "telemetry does not fit in {TELEMETRY_MAX} bytes")
             }
         }
+    }
+}
+
+impl Waiting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Waiting::Handshake => "the TLS handshake",
+            Waiting::Connack => "CONNACK",
+            Waiting::Suback => "SUBACK",
+            Waiting::Puback => "PUBACK",
+            Waiting::Pingresp => "PINGRESP",
+            Waiting::Packet => "the rest of a packet",
+        }
+    }
+}
+
+fn io_kind(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::ConnectionReset => "connection reset",
+        ErrorKind::ConnectionAborted => "connection aborted",
+        ErrorKind::NotConnected => "not connected",
+        ErrorKind::BrokenPipe => "broken pipe",
+        ErrorKind::TimedOut => "timed out",
+        ErrorKind::AddrNotAvailable => "address not available",
+        _ => "I/O error",
+    }
+}
+
+/// An alert's RFC 8446 name and number, e.g. `certificate_required (116)`.
+struct AlertName(u8);
+
+fn alert(a: AlertDescription) -> AlertName {
+    AlertName(a as u8)
+}
+
+impl fmt::Display for AlertName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.0 {
+            0 => "close_notify",
+            10 => "unexpected_message",
+            20 => "bad_record_mac",
+            22 => "record_overflow",
+            40 => "handshake_failure",
+            42 => "bad_certificate",
+            43 => "unsupported_certificate",
+            44 => "certificate_revoked",
+            45 => "certificate_expired",
+            46 => "certificate_unknown",
+            47 => "illegal_parameter",
+            48 => "unknown_ca",
+            49 => "access_denied",
+            50 => "decode_error",
+            51 => "decrypt_error",
+            70 => "protocol_version",
+            71 => "insufficient_security",
+            80 => "internal_error",
+            109 => "missing_extension",
+            116 => "certificate_required",
+            _ => "alert",
+        };
+        write!(f, "{name} ({})", self.0)
+    }
+}
+
+fn tls_error_text(e: &TlsError) -> &'static str {
+    match e {
+        TlsError::ConnectionClosed => "connection closed",
+        TlsError::Unimplemented => "unimplemented TLS feature",
+        TlsError::MissingHandshake => "missing handshake",
+        TlsError::HandshakeAborted(..) | TlsError::AbortHandshake(..) => "handshake aborted",
+        TlsError::IoError | TlsError::Io(_) => "I/O",
+        TlsError::InternalError => "internal error",
+        TlsError::InvalidRecord => "invalid record",
+        TlsError::UnknownContentType => "unknown content type",
+        TlsError::InsufficientSpace => "record larger than the receive buffer",
+        TlsError::InvalidHandshake => "invalid handshake message",
+        TlsError::InvalidCipherSuite => "server chose an unoffered cipher suite",
+        TlsError::InvalidSignatureScheme => "unsupported signature scheme",
+        TlsError::InvalidSignature => "invalid signature",
+        TlsError::InvalidKeyShare => "invalid key share",
+        TlsError::InvalidCertificate | TlsError::InvalidCertificateEntry => "invalid certificate",
+        TlsError::InvalidCertificateRequest => "invalid certificate request",
+        TlsError::InvalidPrivateKey => "invalid private key",
+        TlsError::ParseError(_) | TlsError::DecodeError => "malformed TLS message",
+        TlsError::CryptoError => "cryptographic failure",
+        TlsError::EncodeError | TlsError::OutOfMemory => "message does not fit the buffer",
+        _ => "malformed TLS message",
+    }
+}
+
+fn connack(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::Accepted => "accepted",
+        ConnectReturnCode::RefusedProtocolVersion => "protocol version refused",
+        ConnectReturnCode::RefusedIdentifierRejected => "client id rejected",
+        ConnectReturnCode::ServerUnavailable => "server unavailable",
+        ConnectReturnCode::BadUsernamePassword => "bad user name or password",
+        ConnectReturnCode::NotAuthorized => "not authorized",
     }
 }
 
@@ -276,7 +382,14 @@ impl fmt::Display for Event<'_> {
             }
             Event::TelemetryAcked { seq } => write!(f, "telemetry seq {seq} acknowledged"),
             Event::Command { id, name, status } => {
-                write!(f, "command {id} {name}: {status:?}")
+                let status = match status {
+                    ReplyStatus::Ok => "ok",
+                    ReplyStatus::Failed => "failed",
+                    ReplyStatus::UnknownCommand => "unknown command",
+                    ReplyStatus::Refused => "refused",
+                    ReplyStatus::TimedOut => "timed out",
+                };
+                write!(f, "command {id} {name}: {status}")
             }
             Event::BadCommand => f.write_str("dropped a payload that is not a command"),
             Event::Rekey => f.write_str("reconnecting before the TLS record limit"),
@@ -513,7 +626,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         let result = self.mqtt(&mut s).await;
         if result.is_ok() {
             // The session is over either way; a failed goodbye changes nothing.
-            let _ = s.out.send(&Packet::Disconnect, &self.timer).await;
+            let _ = s.out.send(Outbound::Disconnect, &self.timer).await;
             let _ = s.out.tls.close().await;
             self.app.event(Event::Disconnected);
         }
@@ -522,22 +635,17 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
 
     async fn mqtt<L: Read + Write>(&mut self, s: &mut Wire<'_, '_, L>) -> Result<End, Error> {
         let id = self.bundle.device_id;
-        let connect = Packet::Connect(mqttrs::Connect {
-            protocol: Protocol::MQTT311,
-            keep_alive: self.settings.keepalive_secs,
+        let connect = Outbound::Connect {
             client_id: id.as_str(),
-            clean_session: true,
-            last_will: None,
-            username: None,
-            password: None,
-        });
-        s.out.send(&connect, &self.timer).await?;
+            keep_alive: self.settings.keepalive_secs,
+        };
+        s.out.send(connect, &self.timer).await?;
         let n = s
             .frame(&self.timer, self.settings.response_ms, Waiting::Connack)
             .await?;
         match mqtt::decode(&s.inb.rx[..n])? {
-            Packet::Connack(c) if c.code == ConnectReturnCode::Accepted => {}
-            Packet::Connack(c) => return Err(Error::ConnectRefused(c.code)),
+            Inbound::Connack(ConnectReturnCode::Accepted) => {}
+            Inbound::Connack(code) => return Err(Error::ConnectRefused(code)),
             _ => return Err(Error::Unexpected("packet before CONNACK")),
         }
         s.inb.consume(n);
@@ -545,30 +653,20 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         self.stats.sessions += 1;
         self.app.event(Event::Connected);
 
-        let commands = Topic::new(id, Channel::Commands).to_heapless();
-        let mut topics = heapless07::Vec::new();
-        // One topic in a five-topic vector cannot overflow.
-        let _ = topics.push(SubscribeTopic {
-            topic_path: heapless07::String::from(commands.as_str()),
-            qos: QoS::AtLeastOnce,
-        });
         let sub_pid = Pid::new();
-        s.out
-            .send(
-                &Packet::Subscribe(Subscribe::new(sub_pid, topics)),
-                &self.timer,
-            )
-            .await?;
+        let commands = Topic::new(id, Channel::Commands).to_heapless();
+        let subscribe = Outbound::Subscribe {
+            pid: sub_pid,
+            topic: commands.as_str(),
+        };
+        let n = mqtt::encode(subscribe, s.out.tx)?;
+        s.out.write(n, &self.timer).await?;
         let n = s
             .frame(&self.timer, self.settings.response_ms, Waiting::Suback)
             .await?;
         match mqtt::decode(&s.inb.rx[..n])? {
-            Packet::Suback(a)
-                if a.pid == sub_pid
-                    && a.return_codes
-                        .first()
-                        .is_some_and(|c| *c != SubscribeReturnCodes::Failure) => {}
-            Packet::Suback(_) => return Err(Error::SubscribeRefused),
+            Inbound::Suback { pid, granted: true } if pid == sub_pid => {}
+            Inbound::Suback { .. } => return Err(Error::SubscribeRefused),
             _ => return Err(Error::Unexpected("packet before SUBACK")),
         }
         s.inb.consume(n);
@@ -592,13 +690,10 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             if let Some(n) = s.inb.complete()? {
                 // What the packet is, without keeping it borrowed.
                 let incoming = match mqtt::decode(&s.inb.rx[..n])? {
-                    Packet::Puback(pid) => Incoming::Puback(pid),
-                    Packet::Pingresp => Incoming::Pingresp,
-                    Packet::Publish(p) => match p.qospid {
-                        QosPid::AtMostOnce => Incoming::Publish(None),
-                        QosPid::AtLeastOnce(pid) => Incoming::Publish(Some(pid)),
-                        QosPid::ExactlyOnce(_) => return Err(Error::Unexpected("QoS 2 PUBLISH")),
-                    },
+                    Inbound::Puback(pid) => Incoming::Puback(pid),
+                    Inbound::Pingresp => Incoming::Pingresp,
+                    Inbound::Publish { pid, .. } => Incoming::Publish(pid),
+                    Inbound::PublishQos2 => return Err(Error::Unexpected("QoS 2 PUBLISH")),
                     _ => return Err(Error::Unexpected("packet type")),
                 };
                 match incoming {
@@ -619,7 +714,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                             reply = Some(f);
                         }
                         if let Some(pid) = ack {
-                            s.out.send(&Packet::Puback(pid), &self.timer).await?;
+                            s.out.send(Outbound::Puback(pid), &self.timer).await?;
                         }
                         stopping |= !self.app.keep_going(&self.stats);
                     }
@@ -653,7 +748,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                 continue;
             }
             if ping_deadline.is_none() && now >= s.out.last_send + keepalive_ms * 3 / 4 {
-                s.out.send(&Packet::Pingreq, &self.timer).await?;
+                s.out.send(Outbound::Pingreq, &self.timer).await?;
                 ping_deadline = Some(now + self.settings.response_ms);
                 continue;
             }
@@ -717,7 +812,16 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             return Err(Error::TelemetryTooLarge);
         };
         let seq = *seq;
-        let mut sent = publish(self, s, Channel::Telemetry, payload, next_pid).await?;
+        let pid = take_pid(next_pid);
+        let topic = Topic::new(self.bundle.device_id, Channel::Telemetry).to_heapless();
+        let publish = Outbound::Publish {
+            pid,
+            topic: topic.as_str(),
+            payload,
+        };
+        let n = mqtt::encode(publish, s.out.tx)?;
+        s.out.write(n, &self.timer).await?;
+        let mut sent = self.in_flight(pid);
         sent.seq = Some(seq);
         self.app.event(Event::TelemetrySent { seq, resent });
         Ok(sent)
@@ -731,14 +835,29 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         frame: usize,
         next_pid: &mut Pid,
     ) -> Result<Option<InFlight>, Error> {
-        let Packet::Publish(p) = mqtt::decode(&s.inb.rx[..frame])? else {
+        let pid = *next_pid;
+        let Some(n) = self.answer(&s.inb.rx[..frame], s.out.tx, pid)? else {
+            return Ok(None);
+        };
+        take_pid(next_pid);
+        s.out.write(n, &self.timer).await?;
+        Ok(Some(self.in_flight(pid)))
+    }
+
+    /// Runs the command in `frame` and encodes the reply PUBLISH (packet
+    /// id `pid`) into `tx`, returning its length; `None` for a payload
+    /// that is not a command. Not async, so the output and payload
+    /// buffers are never part of the agent's future.
+    #[inline(never)]
+    fn answer(&mut self, frame: &[u8], tx: &mut [u8], pid: Pid) -> Result<Option<usize>, Error> {
+        let Inbound::Publish { topic, payload, .. } = mqtt::decode(frame)? else {
             return Ok(None);
         };
         let ours = Topic::new(self.bundle.device_id, Channel::Commands).to_heapless();
-        if p.topic_name != ours.as_str() {
+        if topic != ours.as_str() {
             return Err(Error::Unexpected("PUBLISH on a topic not subscribed"));
         }
-        let Ok(cmd) = message::decode::<Command>(p.payload) else {
+        let Ok(cmd) = message::decode::<Command>(payload) else {
             self.app.event(Event::BadCommand);
             return Ok(None);
         };
@@ -760,35 +879,24 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             name: cmd.name,
             status,
         });
-        let sent = publish(self, s, Channel::Replies, &payload[..len], next_pid).await?;
-        Ok(Some(sent))
+        let topic = Topic::new(self.bundle.device_id, Channel::Replies).to_heapless();
+        let publish = Outbound::Publish {
+            pid,
+            topic: topic.as_str(),
+            payload: &payload[..len],
+        };
+        Ok(Some(mqtt::encode(publish, tx)?))
     }
-}
 
-/// Publishes `payload` with QoS 1 on this device's `channel`; the PUBACK
-/// is due within the response time.
-async fn publish<A: App, T: Timer, L: Read + Write>(
-    agent: &Agent<'_, A, T>,
-    s: &mut Wire<'_, '_, L>,
-    channel: Channel,
-    payload: &[u8],
-    next_pid: &mut Pid,
-) -> Result<InFlight, Error> {
-    let topic = Topic::new(agent.bundle.device_id, channel).to_heapless();
-    let pid = take_pid(next_pid);
-    let packet = Packet::Publish(Publish {
-        dup: false,
-        qospid: QosPid::AtLeastOnce(pid),
-        retain: false,
-        topic_name: topic.as_str(),
-        payload,
-    });
-    s.out.send(&packet, &agent.timer).await?;
-    Ok(InFlight {
-        pid,
-        deadline: agent.timer.now_ms() + agent.settings.response_ms,
-        seq: None,
-    })
+    /// A QoS 1 message just sent with `pid`; its PUBACK is due within the
+    /// response time.
+    fn in_flight(&self, pid: Pid) -> InFlight {
+        InFlight {
+            pid,
+            deadline: self.timer.now_ms() + self.settings.response_ms,
+            seq: None,
+        }
+    }
 }
 
 fn take_pid(next: &mut Pid) -> Pid {
@@ -832,8 +940,13 @@ struct In<'t> {
 }
 
 impl<L: Read + Write> Out<'_, '_, L> {
-    async fn send<T: Timer>(&mut self, p: &Packet<'_>, timer: &T) -> Result<(), Error> {
+    async fn send<T: Timer>(&mut self, p: Outbound<'_>, timer: &T) -> Result<(), Error> {
         let n = mqtt::encode(p, self.tx)?;
+        self.write(n, timer).await
+    }
+
+    /// Sends the packet encoded in `tx[..n]`.
+    async fn write<T: Timer>(&mut self, n: usize, timer: &T) -> Result<(), Error> {
         let mut sent = 0;
         while sent < n {
             sent += self.tls.write(&self.tx[sent..n]).await.map_err(tls_error)?;

@@ -98,6 +98,32 @@ pub enum Refusal {
     BadHandshakeSignature,
 }
 
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (what, depth) = match *self {
+            Refusal::BadChainShape => ("no usable certificate chain", None),
+            Refusal::Unreadable { depth, error } => {
+                return write!(f, "certificate {depth} unreadable: {}", error.as_str());
+            }
+            Refusal::NotServerAuth => ("the server certificate lacks serverAuth", None),
+            Refusal::LeafIsCa => ("the server certificate is a CA certificate", None),
+            Refusal::WrongName => ("the server certificate does not name the gateway", None),
+            Refusal::IssuerNotCa { depth } => ("an issuer is not a CA", Some(depth)),
+            Refusal::IssuerNameMismatch { depth } => ("issuer name mismatch", Some(depth)),
+            Refusal::BadSignature { depth } => ("bad signature", Some(depth)),
+            Refusal::NotOurCa => ("not issued by the server CA in the bundle", None),
+            Refusal::Expired { depth } => ("expired", Some(depth)),
+            Refusal::NotYetValid { depth } => ("not yet valid", Some(depth)),
+            Refusal::BadHandshakeSignature => ("bad CertificateVerify signature", None),
+        };
+        f.write_str(what)?;
+        match depth {
+            Some(depth) => write!(f, " (certificate {depth}; 0 is the server's)"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The verifier; one per connection attempt.
 pub struct StrictVerifier<'a, C: Clock> {
     server_ca: &'a [u8],

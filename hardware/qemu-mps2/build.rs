@@ -1,4 +1,6 @@
-//! Puts memory.x and device.x where cortex-m-rt's link.x finds them.
+//! Puts memory.x and device.x where cortex-m-rt's link.x finds them, and
+//! links with link.x (here rather than in .cargo/config.toml's rustflags,
+//! which `build`'s path remapping would replace).
 
 use std::path::PathBuf;
 
@@ -9,4 +11,5 @@ fn main() {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rustc-link-search={}", out.display());
+    println!("cargo:rustc-link-arg=-Tlink.x");
 }

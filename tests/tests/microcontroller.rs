@@ -10,7 +10,7 @@ use twofold_protocol::message::{self, ReplyStatus, Telemetry};
 use twofold_tests::*;
 
 /// The QEMU firmware, built for thumbv7em (release, size-optimised) into
-/// this workspace's target directory.
+/// this workspace's target directory by `hardware/qemu-mps2/build`.
 fn firmware() -> PathBuf {
     let target = built("gateway")
         .parent()
@@ -21,11 +21,12 @@ fn firmware() -> PathBuf {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
-    // From the crate's folder, so its .cargo/config.toml picks the target.
-    let mut build = Command::new(env!("CARGO"));
+    // The build script the size report uses, so the test runs what is
+    // measured.
+    let mut build = Command::new("bash");
     build
-        .args(["build", "--release"])
-        .current_dir(root.join("hardware/qemu-mps2"))
+        .arg(root.join("hardware/qemu-mps2/build"))
+        .env("CARGO", env!("CARGO"))
         .env("CARGO_TARGET_DIR", &target);
     let out = run_bounded(build, 600);
     assert!(
@@ -33,7 +34,8 @@ fn firmware() -> PathBuf {
         "firmware build failed:\n{}",
         text(&out)
     );
-    target.join("thumbv7em-none-eabihf/release/twofold-qemu-mps2")
+    let elf = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(elf.lines().last().expect("the build prints the ELF's path"))
 }
 
 /// The firmware in `qemu-system-arm -M mps2-an386`: its UART is a TCP
@@ -58,7 +60,7 @@ fn qemu(fleet: &Fleet, name: &str, fw: &Path, bundle: &Path, port: u16, append: 
     .arg("-device")
     .arg(format!("loader,file={},addr=0x00300000", bundle.display()))
     .arg("-append")
-    .arg(format!("seed={:016x} {append}", rand_seed()));
+    .arg(format!("seed={:032x} {append}", rand_seed()));
     let log = fleet.path(&format!("qemu-{name}.log"));
     let child = cmd
         .stdin(std::process::Stdio::null())
@@ -69,13 +71,13 @@ fn qemu(fleet: &Fleet, name: &str, fw: &Path, bundle: &Path, port: u16, append: 
     Proc { child, log }
 }
 
-/// A fresh seed per run for the firmware's ChaCha20 (the board has no RNG).
-fn rand_seed() -> u64 {
-    let mut b = [0u8; 8];
+/// A fresh seed per run for the firmware's generator (the board has no RNG).
+fn rand_seed() -> u128 {
+    let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .unwrap();
-    u64::from_le_bytes(b)
+    u128::from_le_bytes(b)
 }
 
 #[test]
