@@ -13,8 +13,8 @@ use crate::session::{App, Error, Event, Stats, Timer};
 /// When to stop; `None` runs forever.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
-    /// Stop once this many telemetry messages are acknowledged and
-    /// `commands` commands answered.
+    /// Stop once this many telemetry messages are acknowledged (or, with
+    /// QoS 0, sent) and `commands` commands answered.
     pub telemetry: Option<u64>,
     pub commands: u32,
     /// Give up after this many failed sessions in a row.
@@ -80,7 +80,10 @@ impl<T: Timer, F: FnMut(&dyn Display)> App for BasicApp<T, F> {
 
     fn keep_going(&mut self, stats: &Stats) -> bool {
         match self.limits.telemetry {
-            Some(t) => stats.telemetry_acked < t || stats.commands < self.limits.commands,
+            Some(t) => {
+                stats.telemetry_acked + stats.telemetry_qos0 < t
+                    || stats.commands < self.limits.commands
+            }
             None => true,
         }
     }

@@ -22,5 +22,7 @@ pub mod x509;
 
 pub use link::Link;
 pub use provider::{DeviceKey, DeviceProvider};
-pub use session::{Agent, App, Backoff, Buffers, Connect, Error, Event, Settings, Stats, Timer};
+pub use session::{
+    Agent, App, Backoff, Buffers, Connect, Error, Event, Settings, Stats, TelemetryQos, Timer,
+};
 pub use verify::{Clock, NoClock, Refusal, StrictVerifier};

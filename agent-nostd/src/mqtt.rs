@@ -34,9 +34,9 @@ pub enum Outbound<'a> {
         pid: Pid,
         topic: &'a str,
     },
-    /// QoS 1, not retained.
+    /// QoS 1 with a packet id, QoS 0 without; not retained.
     Publish {
-        pid: Pid,
+        pid: Option<Pid>,
         topic: &'a str,
         payload: &'a [u8],
     },
@@ -220,7 +220,7 @@ pub fn encode(packet: Outbound<'_>, buf: &mut [u8]) -> Result<usize, MqttError> 
             payload,
         } => Packet::Publish(Publish {
             dup: false,
-            qospid: QosPid::AtLeastOnce(pid),
+            qospid: pid.map_or(QosPid::AtMostOnce, QosPid::AtLeastOnce),
             retain: false,
             topic_name: topic,
             payload,
@@ -243,7 +243,7 @@ mod tests {
         let (topic, payload) = ("devices/d1/commands", &b"abc"[..]);
         let n = encode(
             Outbound::Publish {
-                pid,
+                pid: Some(pid),
                 topic,
                 payload,
             },
@@ -256,6 +256,23 @@ mod tests {
             decode(&buf[..n]),
             Ok(Inbound::Publish {
                 pid: Some(pid),
+                topic,
+                payload
+            })
+        );
+        let n = encode(
+            Outbound::Publish {
+                pid: None,
+                topic,
+                payload,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(
+            decode(&buf[..n]),
+            Ok(Inbound::Publish {
+                pid: None,
                 topic,
                 payload
             })
@@ -304,7 +321,7 @@ mod tests {
         let lens = [
             encode(
                 Outbound::Publish {
-                    pid: Pid::try_from(9).unwrap(),
+                    pid: Some(Pid::try_from(9).unwrap()),
                     topic: "devices/x/commands",
                     payload: &[1, 2, 3, 4],
                 },

@@ -108,6 +108,10 @@ pub struct Settings {
     pub keepalive_secs: u16,
     /// Time between telemetry messages.
     pub telemetry_ms: u64,
+    /// QoS 1 (the default): each message is kept until the gateway
+    /// acknowledges it and resent after a reconnect. QoS 0: sent once,
+    /// lost if the link drops, for readings that are worthless late.
+    pub telemetry_qos: TelemetryQos,
     /// The longest wait for the TLS handshake.
     pub handshake_ms: u64,
     /// The longest wait for CONNACK, SUBACK, PUBACK, PINGRESP, or the rest
@@ -123,12 +127,20 @@ impl Default for Settings {
         Settings {
             keepalive_secs: 60,
             telemetry_ms: 10_000,
+            telemetry_qos: TelemetryQos::AtLeastOnce,
             handshake_ms: 20_000,
             response_ms: 10_000,
             backoff_min_ms: 1_000,
             backoff_max_ms: 300_000,
         }
     }
+}
+
+/// The MQTT QoS of telemetry (commands are always answered with QoS 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TelemetryQos {
+    AtMostOnce,
+    AtLeastOnce,
 }
 
 /// Counters kept across sessions.
@@ -138,8 +150,10 @@ pub struct Stats {
     pub sessions: u32,
     /// Sessions that failed.
     pub failures: u32,
-    /// Telemetry messages the gateway acknowledged.
+    /// Telemetry messages the gateway acknowledged (QoS 1).
     pub telemetry_acked: u64,
+    /// Telemetry messages sent with QoS 0 (never acknowledged).
+    pub telemetry_qos0: u64,
     /// Commands answered.
     pub commands: u32,
 }
@@ -740,7 +754,10 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                 return Ok(End::Rekey);
             }
             if telemetry.is_none() && !stopping && now >= next_sample {
-                telemetry = Some(self.publish_telemetry(s, &mut next_pid).await?);
+                telemetry = self.publish_telemetry(s, &mut next_pid).await?;
+                if telemetry.is_none() {
+                    stopping |= !self.app.keep_going(&self.stats);
+                }
                 next_sample = now.max(next_sample) + self.settings.telemetry_ms;
                 if next_sample <= now {
                     next_sample = now + self.settings.telemetry_ms;
@@ -783,12 +800,22 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         }
     }
 
-    /// Sends the unacknowledged telemetry again, or samples a new one.
+    /// Sends the unacknowledged telemetry again, or samples a new one;
+    /// returns it in flight when it is QoS 1.
     async fn publish_telemetry<L: Read + Write>(
         &mut self,
         s: &mut Wire<'_, '_, L>,
         next_pid: &mut Pid,
-    ) -> Result<InFlight, Error> {
+    ) -> Result<Option<InFlight>, Error> {
+        if self.settings.telemetry_qos == TelemetryQos::AtMostOnce && self.unacked.is_none() {
+            let seq = self.next_seq;
+            let n = self.encode_telemetry_qos0(s.out.tx)?;
+            s.out.write(n, &self.timer).await?;
+            self.next_seq += 1;
+            self.stats.telemetry_qos0 += 1;
+            self.app.event(Event::TelemetrySent { seq, resent: false });
+            return Ok(None);
+        }
         let resent = self.unacked.is_some();
         if self.unacked.is_none() {
             let mut readings = heapless::Vec::new();
@@ -815,7 +842,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         let pid = take_pid(next_pid);
         let topic = Topic::new(self.bundle.device_id, Channel::Telemetry).to_heapless();
         let publish = Outbound::Publish {
-            pid,
+            pid: Some(pid),
             topic: topic.as_str(),
             payload,
         };
@@ -824,7 +851,29 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         let mut sent = self.in_flight(pid);
         sent.seq = Some(seq);
         self.app.event(Event::TelemetrySent { seq, resent });
-        Ok(sent)
+        Ok(Some(sent))
+    }
+
+    /// Samples the next telemetry message and encodes it as a QoS 0
+    /// PUBLISH into `tx`, returning the packet's length.
+    #[inline(never)]
+    fn encode_telemetry_qos0(&mut self, tx: &mut [u8]) -> Result<usize, Error> {
+        let mut readings = heapless::Vec::new();
+        self.app.sample(&mut readings);
+        let t = message::Telemetry {
+            seq: self.next_seq,
+            time_ms: self.app.time_ms(),
+            readings,
+        };
+        let mut buf = [0u8; TELEMETRY_MAX];
+        let payload = message::encode(&t, &mut buf).map_err(|_| Error::TelemetryTooLarge)?;
+        let topic = Topic::new(self.bundle.device_id, Channel::Telemetry).to_heapless();
+        let publish = Outbound::Publish {
+            pid: None,
+            topic: topic.as_str(),
+            payload,
+        };
+        Ok(mqtt::encode(publish, tx)?)
     }
 
     /// Answers the PUBLISH in `s.rx[..frame]` if it is a command on our
@@ -881,7 +930,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         });
         let topic = Topic::new(self.bundle.device_id, Channel::Replies).to_heapless();
         let publish = Outbound::Publish {
-            pid,
+            pid: Some(pid),
             topic: topic.as_str(),
             payload: &payload[..len],
         };

@@ -3,7 +3,7 @@
 //! numbers, its clock and a bundle file instead of a flash partition.
 //!
 //! ```text
-//! mcu-host --bundle bundle.bin [--telemetry N --commands M] [--interval-ms MS]
+//! mcu-host --bundle bundle.bin [--telemetry N --commands M] [--interval-ms MS] [--qos0]
 //! ```
 //!
 //! Exits 0 after a clean stop, or with the failure's code (see
@@ -16,7 +16,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use embedded_io_adapters::tokio_1::FromTokio;
 use twofold_agent_nostd::basic::{BasicApp, Limits};
-use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, Settings, Timer};
+use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, Settings, TelemetryQos, Timer};
 use twofold_protocol::Bundle;
 
 #[derive(Parser)]
@@ -37,6 +37,9 @@ struct Args {
     attempts: Option<u32>,
     #[arg(long, default_value_t = 1000)]
     interval_ms: u64,
+    /// Telemetry with QoS 0 (sent once, never acknowledged) instead of 1.
+    #[arg(long)]
+    qos0: bool,
     #[arg(long, default_value_t = 60)]
     keepalive_secs: u16,
     /// TLS receive buffer: at least the gateway's max_tls_record.
@@ -108,6 +111,11 @@ fn main() -> anyhow::Result<()> {
     let settings = Settings {
         keepalive_secs: args.keepalive_secs,
         telemetry_ms: args.interval_ms,
+        telemetry_qos: if args.qos0 {
+            TelemetryQos::AtMostOnce
+        } else {
+            TelemetryQos::AtLeastOnce
+        },
         backoff_min_ms: 200,
         backoff_max_ms: 5_000,
         ..Settings::default()

@@ -17,6 +17,22 @@ fn mcu_host(fleet: &Fleet, name: &str, bundle: &Path, args: &[&str]) -> Proc {
     spawn(cmd, fleet.path(&format!("mcu-host-{name}.log")))
 }
 
+/// The sequence numbers of `device`'s telemetry that `sub` received,
+/// each decoded and checked for its uptime reading and time stamp.
+fn telemetry_seqs(sub: &Sub, device: &str) -> Vec<u64> {
+    let topic = format!("devices/{device}/telemetry");
+    sub.messages()
+        .iter()
+        .filter(|(t, _)| *t == topic)
+        .map(|(_, p)| {
+            let t: Telemetry = message::decode(p).expect("postcard telemetry");
+            assert_eq!(t.readings[0].name, "uptime_ms");
+            assert!(t.time_ms.is_some());
+            t.seq
+        })
+        .collect()
+}
+
 #[test]
 fn host_runner_sends_telemetry_and_answers_a_command() {
     let mut fleet = Fleet::new();
@@ -53,17 +69,7 @@ fn host_runner_sends_telemetry_and_answers_a_command() {
 
     // Telemetry: at least three, decoded, counting up from 0 without gaps.
     assert!(wait_until(10, || replies(&sub).len() == 2));
-    let seqs: Vec<u64> = sub
-        .messages()
-        .iter()
-        .filter(|(t, _)| t == "devices/mcu-1/telemetry")
-        .map(|(_, p)| {
-            let t: Telemetry = message::decode(p).expect("postcard telemetry");
-            assert_eq!(t.readings[0].name, "uptime_ms");
-            assert!(t.time_ms.is_some());
-            t.seq
-        })
-        .collect();
+    let seqs = telemetry_seqs(&sub, "mcu-1");
     assert!(seqs.len() >= 3, "{seqs:?}\n{}", dev.log());
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
 
@@ -96,4 +102,24 @@ fn host_runner_reports_a_revoked_certificate() {
     );
     let refusal = gw.refusal("revoked");
     assert!(refusal.to_string().contains("mcu-2"), "{refusal}");
+}
+
+#[test]
+fn host_runner_sends_qos0_telemetry() {
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    let port = free_port();
+    let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
+    let bundle = enroll_nostd(&fleet, "mcu-3", port);
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-3");
+    let args = ["--qos0", "--telemetry", "3", "--interval-ms", "200"];
+    let mut dev = mcu_host(&fleet, "3", &bundle, &args);
+    let status = exit_status(&mut dev, 60);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", dev.log());
+    // Sent once each, never acknowledged; on loopback all three arrive.
+    assert!(wait_until(10, || telemetry_seqs(&sub, "mcu-3").len() == 3));
+    assert_eq!(telemetry_seqs(&sub, "mcu-3"), [0, 1, 2]);
+    assert!(!dev.log().contains("acknowledged"), "{}", dev.log());
+    let connected = gw.wait_for(|e| e["event"] == "connected" && e["client_id"] == "mcu-3");
+    assert!(connected.is_some(), "{}", gw.log());
 }
