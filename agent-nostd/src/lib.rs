@@ -23,6 +23,7 @@ pub mod x509;
 pub use link::Link;
 pub use provider::{DeviceKey, DeviceProvider};
 pub use session::{
-    Agent, App, Backoff, Buffers, Connect, Error, Event, Settings, Stats, TelemetryQos, Timer,
+    Agent, App, Backoff, Buffers, Connect, Error, Event, MCU_MQTT_RX, MCU_MQTT_TX, MCU_TLS_RX,
+    MCU_TLS_TX, Settings, Stats, TelemetryQos, Timer,
 };
 pub use verify::{Clock, NoClock, Refusal, StrictVerifier};

@@ -449,6 +449,17 @@ impl Backoff {
     }
 }
 
+/// [`Buffers::tls_rx`] for the gateway's MCU profile, which sends TLS
+/// records of at most `max_tls_record = 2048` bytes and its Certificate
+/// message in one of them.
+pub const MCU_TLS_RX: usize = 2048;
+/// [`Buffers::tls_tx`]: the largest packet this agent sends, plus 128.
+pub const MCU_TLS_TX: usize = 1024;
+/// [`Buffers::mqtt_rx`]: commands up to about 450 bytes of body.
+pub const MCU_MQTT_RX: usize = 512;
+/// [`Buffers::mqtt_tx`]: telemetry and command replies.
+pub const MCU_MQTT_TX: usize = 512;
+
 /// The buffers of one session, usually statics.
 pub struct Buffers<'b> {
     /// TLS records from the gateway: at least the gateway's
@@ -818,20 +829,11 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         }
         let resent = self.unacked.is_some();
         if self.unacked.is_none() {
-            let mut readings = heapless::Vec::new();
-            self.app.sample(&mut readings);
-            let t = message::Telemetry {
-                seq: self.next_seq,
-                time_ms: self.app.time_ms(),
-                readings,
-            };
-            let mut buf = [0u8; TELEMETRY_MAX];
-            let len = message::encode(&t, &mut buf)
-                .map_err(|_| Error::TelemetryTooLarge)?
-                .len();
             let mut payload = heapless::Vec::new();
-            // `len` is at most TELEMETRY_MAX, the capacity.
-            let _ = payload.extend_from_slice(&buf[..len]);
+            // The capacity is TELEMETRY_MAX; `len` is at most that.
+            let _ = payload.resize(TELEMETRY_MAX, 0);
+            let len = self.sample_telemetry(&mut payload)?;
+            payload.truncate(len);
             self.unacked = Some((self.next_seq, payload));
             self.next_seq += 1;
         }
@@ -854,10 +856,9 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         Ok(Some(sent))
     }
 
-    /// Samples the next telemetry message and encodes it as a QoS 0
-    /// PUBLISH into `tx`, returning the packet's length.
-    #[inline(never)]
-    fn encode_telemetry_qos0(&mut self, tx: &mut [u8]) -> Result<usize, Error> {
+    /// Samples the next telemetry message (sequence number `next_seq`)
+    /// and encodes it into `out`, returning its length.
+    fn sample_telemetry(&mut self, out: &mut [u8]) -> Result<usize, Error> {
         let mut readings = heapless::Vec::new();
         self.app.sample(&mut readings);
         let t = message::Telemetry {
@@ -865,8 +866,19 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             time_ms: self.app.time_ms(),
             readings,
         };
+        match message::encode(&t, out) {
+            Ok(bytes) if bytes.len() <= TELEMETRY_MAX => Ok(bytes.len()),
+            _ => Err(Error::TelemetryTooLarge),
+        }
+    }
+
+    /// Samples the next telemetry message and encodes it as a QoS 0
+    /// PUBLISH into `tx`, returning the packet's length.
+    #[inline(never)]
+    fn encode_telemetry_qos0(&mut self, tx: &mut [u8]) -> Result<usize, Error> {
         let mut buf = [0u8; TELEMETRY_MAX];
-        let payload = message::encode(&t, &mut buf).map_err(|_| Error::TelemetryTooLarge)?;
+        let len = self.sample_telemetry(&mut buf)?;
+        let payload = &buf[..len];
         let topic = Topic::new(self.bundle.device_id, Channel::Telemetry).to_heapless();
         let publish = Outbound::Publish {
             pid: None,

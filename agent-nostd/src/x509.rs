@@ -354,11 +354,12 @@ fn extension<'a>(r: &mut Der<'a>, cert: &mut Cert<'a>) -> Result<(), X509Error> 
         SUBJECT_ALT_NAME => cert.san = Some(v.expect(SEQUENCE)?),
         // keyUsage is allowed (and usually critical); the purpose that
         // matters for a TLS server is in extendedKeyUsage.
-        KEY_USAGE => {}
+        KEY_USAGE => return Ok(()),
         _ if critical => return Err(X509Error::UnknownCriticalExtension),
-        _ => {}
+        _ => return Ok(()),
     }
-    Ok(())
+    // Nothing may follow the value of an extension read here.
+    v.finish()
 }
 
 /// Whether any subjectAltName entry in `san` (from [`Cert::san`])
@@ -476,6 +477,44 @@ mod tests {
         assert_eq!(tlv(&[0x04, 0x80]), Err(X509Error::Malformed));
         assert_eq!(tlv(&[0x04, 0x02, 0xaa]), Err(X509Error::Malformed));
         assert_eq!(tlv(&[0x1f, 0x01, 0xaa]), Err(X509Error::Malformed));
+    }
+
+    #[test]
+    fn extension_values_must_end_where_they_should() {
+        let mut cert = Cert {
+            tbs: &[],
+            signature: &[],
+            issuer: &[],
+            subject: &[],
+            not_before: 0,
+            not_after: 0,
+            public_key: &[],
+            is_ca: None,
+            server_auth: false,
+            san: None,
+        };
+        // subjectAltName: an empty GeneralNames, then (in the bad one) a NULL.
+        let good = [0x06, 0x03, 0x55, 0x1d, 0x11, 0x04, 0x02, 0x30, 0x00];
+        assert_eq!(extension(&mut Der(&good), &mut cert), Ok(()));
+        assert_eq!(cert.san, Some(&[][..]));
+        let trailing = [
+            0x06, 0x03, 0x55, 0x1d, 0x11, 0x04, 0x04, 0x30, 0x00, 0x05, 0x00,
+        ];
+        assert_eq!(
+            extension(&mut Der(&trailing), &mut cert),
+            Err(X509Error::Malformed)
+        );
+        // basicConstraints cA=TRUE, and an unknown critical extension.
+        let ca = [
+            0x06, 0x03, 0x55, 0x1d, 0x13, 0x04, 0x05, 0x30, 0x03, 0x01, 0x01, 0xff,
+        ];
+        assert_eq!(extension(&mut Der(&ca), &mut cert), Ok(()));
+        assert_eq!(cert.is_ca, Some(true));
+        let unknown = [0x06, 0x03, 0x55, 0x1d, 0x1e, 0x01, 0x01, 0xff, 0x04, 0x00];
+        assert_eq!(
+            extension(&mut Der(&unknown), &mut cert),
+            Err(X509Error::UnknownCriticalExtension)
+        );
     }
 
     #[test]

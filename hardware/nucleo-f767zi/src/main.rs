@@ -40,6 +40,9 @@ use embedded_nal_async::TcpConnect;
 use static_cell::StaticCell;
 use twofold_agent_nostd::basic::{BasicApp, Limits};
 use twofold_agent_nostd::{Agent, Buffers, Connect, NoClock, Settings, Timer};
+use twofold_agent_nostd::{
+    MCU_MQTT_RX as MQTT_RX, MCU_MQTT_TX as MQTT_TX, MCU_TLS_RX as TLS_RX, MCU_TLS_TX as TLS_TX,
+};
 use twofold_protocol::Bundle;
 
 bind_interrupts!(struct Irqs {
@@ -49,12 +52,6 @@ bind_interrupts!(struct Irqs {
 
 type Device = Ethernet<'static, ETH, GenericPhy<Sma<'static, ETH_SMA>>>;
 
-/// TLS receive buffer: the gateway's MCU profile sends records of at most
-/// `max_tls_record = 2048` bytes, and its Certificate message fits in one.
-const TLS_RX: usize = 2048;
-const TLS_TX: usize = 1024;
-const MQTT_RX: usize = 512;
-const MQTT_TX: usize = 512;
 /// TCP socket buffers (smoltcp's windows).
 const TCP_RX: usize = 2048;
 const TCP_TX: usize = 1024;

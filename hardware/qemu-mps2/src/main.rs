@@ -40,6 +40,9 @@ use critical_section::Mutex;
 use rand_core::block::{BlockRng, BlockRngCore};
 use twofold_agent_nostd::basic::{BasicApp, Limits};
 use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, Settings, Timer};
+use twofold_agent_nostd::{
+    MCU_MQTT_RX as MQTT_RX, MCU_MQTT_TX as MQTT_TX, MCU_TLS_RX as TLS_RX, MCU_TLS_TX as TLS_TX,
+};
 use twofold_protocol::Bundle;
 
 /// mps2-an386 runs its core at 25 MHz.
@@ -404,13 +407,6 @@ fn cmdline(buf: &mut [u8]) -> Option<&str> {
 }
 
 // ---- main -----------------------------------------------------------------
-
-/// TLS receive buffer: the gateway's MCU profile sends records of at most
-/// `max_tls_record = 2048` bytes, and its Certificate message fits in one.
-const TLS_RX: usize = 2048;
-const TLS_TX: usize = 1024;
-const MQTT_RX: usize = 512;
-const MQTT_TX: usize = 512;
 
 #[entry]
 fn main() -> ! {
