@@ -165,6 +165,9 @@ impl TlsContext {
             .with_cert_resolver(self.resolver.clone());
         config.session_storage = self.sessions.clone();
         config.max_fragment_size = self.max_fragment_size.map(plaintext_limit);
+        // The server's order of cipher suites (the provider's: AES-GCM
+        // first) decides, not the client's, as TLS scanners expect.
+        config.ignore_client_order = true;
         Ok((Arc::new(config), presented))
     }
 }

@@ -194,6 +194,12 @@ fn certificates_the_gateway_must_not_accept_are_refused_with_their_reason() {
             }),
         ),
         (
+            "bad_key_usage",
+            fleet.mint("ca-leaf", |p| {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }),
+        ),
+        (
             "bad_identity",
             fleet.mint("no-uri", |p| p.subject_alt_names.clear()),
         ),
