@@ -14,7 +14,7 @@ use twofold_provisioning::{
     EnrollOptions, EnrollRequest, KeySource, Pki, RevokeTarget, atomic::Durability,
 };
 
-use crate::process::{built, run_bounded, text};
+use crate::process::{Proc, built, exit_status, run_bounded, text};
 
 pub const TD: &str = "iot.example";
 
@@ -234,4 +234,16 @@ pub fn enroll_nostd(fleet: &Fleet, id: &str, port: u16) -> PathBuf {
     let done = run_bounded(enroll, 30);
     assert!(done.status.success(), "{}", text(&done));
     out.join("bundle.bin")
+}
+
+/// A microcontroller agent run (host runner or firmware) that the gateway
+/// refused: it exits with 13 within `secs` and its log says why.
+pub fn assert_mcu_refused_by_gateway(dev: &mut Proc, secs: u64) {
+    let status = exit_status(dev, secs);
+    assert_eq!(status.and_then(|s| s.code()), Some(13), "{}", dev.log());
+    assert!(
+        dev.log().contains("the gateway refused our certificate"),
+        "{}",
+        dev.log()
+    );
 }

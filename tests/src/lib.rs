@@ -12,7 +12,10 @@ pub mod mqtt;
 pub mod process;
 
 pub use agent::{agent, agent_config, agent_with};
-pub use fleet::{Fleet, Identity, MCU_LIMITS, TD, client_params, enroll_nostd, mint_with};
+pub use fleet::{
+    Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
+    mint_with,
+};
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{
     Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password, replies,

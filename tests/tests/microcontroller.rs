@@ -133,12 +133,6 @@ fn qemu_firmware_enrolls_publishes_and_answers_then_a_revoked_one_is_refused() {
 
     // The revoked device: the gateway refuses it, the firmware says so.
     let mut dev = qemu(&fleet, "r", &fw, &revoked, port, "attempts=1");
-    let status = exit_status(&mut dev, 90);
-    assert_eq!(status.and_then(|s| s.code()), Some(13), "{}", dev.log());
-    assert!(
-        dev.log().contains("the gateway refused our certificate"),
-        "{}",
-        dev.log()
-    );
+    assert_mcu_refused_by_gateway(&mut dev, 90);
     assert!(gw.refusal("revoked").to_string().contains("mcu-r"));
 }

@@ -93,13 +93,7 @@ fn host_runner_reports_a_revoked_certificate() {
     let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
 
     let mut dev = mcu_host(&fleet, "2", &bundle, &["--attempts", "1"]);
-    let status = exit_status(&mut dev, 60);
-    assert_eq!(status.and_then(|s| s.code()), Some(13), "{}", dev.log());
-    assert!(
-        dev.log().contains("the gateway refused our certificate"),
-        "{}",
-        dev.log()
-    );
+    assert_mcu_refused_by_gateway(&mut dev, 60);
     let refusal = gw.refusal("revoked");
     assert!(refusal.to_string().contains("mcu-2"), "{refusal}");
 }
