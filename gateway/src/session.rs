@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use twofold_protocol::Principal;
 
 use crate::audit::{Audit, Event, EventKind};
-use crate::broker::{BrokerTarget, UpstreamTls};
+use crate::broker::{BrokerTarget, Credential, UpstreamTls};
 use crate::identity::{self, CertInfo};
 use crate::metrics::Direction;
 use crate::policy;
@@ -90,18 +90,23 @@ async fn read_frame<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<BytesMut, FrameError> {
     loop {
-        match mqttbytes::check(buf.iter(), max) {
-            Ok(header) => return Ok(buf.split_to(header.frame_length())),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
-                return Err(FrameError::TooLarge(n));
-            }
-            Err(e) => return Err(FrameError::Malformed(e.to_string())),
+        if let Some(frame) = next_frame(buf, max)? {
+            return Ok(frame);
         }
         match rd.read_buf(buf).await {
             Ok(0) | Err(_) => return Err(FrameError::Closed),
             Ok(_) => {}
         }
+    }
+}
+
+/// Splits one whole MQTT packet off the front of `buf`, if one is there.
+fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, FrameError> {
+    match mqttbytes::check(buf.iter(), max) {
+        Ok(header) => Ok(Some(buf.split_to(header.frame_length()))),
+        Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::TooLarge(n)),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
     }
 }
 
@@ -161,8 +166,8 @@ struct Connect {
 fn rewrite_connect(
     version: Version,
     frame: BytesMut,
-    peer: &Peer,
-    broker: &BrokerTarget,
+    principal: &Principal,
+    credential: Option<&Credential>,
     max: usize,
 ) -> Result<Connect, String> {
     let mut frame = frame;
@@ -175,11 +180,8 @@ fn rewrite_connect(
             };
             let client_id = c.client_id.clone();
             let will_topic = c.last_will.as_ref().map(|w| w.topic.clone());
-            c.client_id = identity::broker_client_id(&peer.principal, &client_id);
-            c.login = broker
-                .credential
-                .as_ref()
-                .map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
+            c.client_id = identity::broker_client_id(principal, &client_id);
+            c.login = credential.map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
             Ok(Connect {
                 client_id,
                 will_topic,
@@ -200,16 +202,150 @@ fn rewrite_connect(
                 ),
                 None => None,
             };
-            c.client_id = identity::broker_client_id(&peer.principal, &client_id);
-            let login = broker
-                .credential
-                .as_ref()
-                .map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
+            c.client_id = identity::broker_client_id(principal, &client_id);
+            let login = credential.map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
             Ok(Connect {
                 client_id,
                 will_topic,
                 forward: encode_v5(v5::Packet::Connect(c, will, login)),
             })
+        }
+    }
+}
+
+/// A CONNECT the gateway refuses: why, and the CONNACK to answer with.
+struct ConnectRefusal {
+    reason: Reason,
+    detail: String,
+    reply: Option<Bytes>,
+    client_id: Option<String>,
+}
+
+/// Decides on a device's first frame: it must be a CONNECT of MQTT 3.1.1
+/// or 5, well formed, with the client id the certificate's identity allows
+/// and a will inside the policy. Returns the version and the CONNECT to
+/// forward.
+fn admit(
+    frame: BytesMut,
+    principal: &Principal,
+    credential: Option<&Credential>,
+    max: usize,
+) -> Result<(Version, Connect), ConnectRefusal> {
+    let refusal = |reason, detail, reply, client_id| ConnectRefusal {
+        reason,
+        detail,
+        reply,
+        client_id,
+    };
+    let version = match protocol_level(&frame) {
+        Some(4) => Version::V311,
+        Some(5) => Version::V5,
+        other => {
+            let detail = format!("MQTT protocol level {other:?}; only 4 (3.1.1) and 5 are spoken");
+            let reply = v4_connack(v4::ConnectReturnCode::RefusedProtocolVersion);
+            return Err(refusal(Reason::ProtocolError, detail, Some(reply), None));
+        }
+    };
+    let connect = rewrite_connect(version, frame, principal, credential, max).map_err(|e| {
+        let detail = format!("malformed CONNECT: {e}");
+        refusal(Reason::ProtocolError, detail, None, None)
+    })?;
+    let client_id = connect.client_id.clone();
+    if !identity::client_id_matches(principal, &client_id) {
+        let reply = match version {
+            Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
+            Version::V5 => v5_connack(v5::ConnectReturnCode::ClientIdentifierNotValid),
+        };
+        let expected = match principal {
+            Principal::Device(id) => format!("{:?}", id.as_str()),
+            Principal::Service(name) => {
+                format!("{:?} or \"{}-<instance>\"", name.as_str(), name.as_str())
+            }
+        };
+        let detail = format!("client id {client_id:?}; the certificate requires {expected}");
+        return Err(refusal(
+            Reason::ClientIdMismatch,
+            detail,
+            Some(reply),
+            Some(client_id),
+        ));
+    }
+    if let Some(topic) = &connect.will_topic
+        && let Err(d) = policy::may_publish(principal, topic)
+    {
+        let reply = match version {
+            Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
+            Version::V5 => v5_connack(v5::ConnectReturnCode::NotAuthorized),
+        };
+        let detail = format!("will topic {topic:?}: {}", d.as_str());
+        return Err(refusal(
+            Reason::PolicyDenied,
+            detail,
+            Some(reply),
+            Some(client_id),
+        ));
+    }
+    Ok((version, connect))
+}
+
+/// What a session makes of a device's bytes: see [`screen`].
+#[derive(Debug, Default)]
+pub struct Screened {
+    /// The protocol version, once a CONNECT was admitted.
+    pub version: Option<Version>,
+    /// The frames after the CONNECT that would reach the broker, as sent.
+    pub forwarded: Vec<Bytes>,
+    /// Every refusal, in order (each would be one audit event).
+    pub refusals: Vec<Reason>,
+    /// Whether the session would be closed (after the last refusal).
+    pub closed: bool,
+}
+
+impl Screened {
+    fn close(mut self, reason: Reason) -> Screened {
+        self.refusals.push(reason);
+        self.closed = true;
+        self
+    }
+}
+
+/// Runs the session's checks on `input`, bytes from a device that
+/// authenticated as `principal`, without any I/O: the CONNECT decision,
+/// then the policy on every later frame, as [`run`] makes them. Bytes after
+/// the last whole frame are ignored (a session would wait for more). The
+/// fuzz target `gateway_inbound` runs it on arbitrary input.
+pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
+    let out = Screened::default();
+    let mut buf = BytesMut::from(input);
+    if buf.first().is_some_and(|&b| b != 0x10) {
+        return out.close(Reason::ProtocolError);
+    }
+    let frame = match next_frame(&mut buf, max) {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return out,
+        Err(_) => return out.close(Reason::ProtocolError),
+    };
+    let version = match admit(frame, principal, None, max) {
+        Ok((version, _)) => version,
+        Err(refusal) => return out.close(refusal.reason),
+    };
+    let mut out = Screened {
+        version: Some(version),
+        ..out
+    };
+    loop {
+        match next_frame(&mut buf, max) {
+            Ok(None) => return out,
+            Err(_) => return out.close(Reason::ProtocolError),
+            Ok(Some(frame)) => match inspect(version, principal, &frame, max) {
+                Verdict::Forward => out.forwarded.push(frame.freeze()),
+                Verdict::Refuse {
+                    reason,
+                    close: false,
+                    ..
+                } => out.refusals.push(reason),
+                Verdict::Refuse { reason, .. } => return out.close(reason),
+            },
         }
     }
 }
@@ -523,62 +659,18 @@ pub async fn run<S>(
             Ok(Ok(frame)) => frame,
         };
 
-    let version = match protocol_level(&frame) {
-        Some(4) => Version::V311,
-        Some(5) => Version::V5,
-        other => {
-            let _ = wr
-                .write_all(&v4_connack(v4::ConnectReturnCode::RefusedProtocolVersion))
-                .await;
-            let detail = format!("MQTT protocol level {other:?}; only 4 (3.1.1) and 5 are spoken");
-            return refuse(Reason::ProtocolError, detail, None);
-        }
-    };
-    let connect = match rewrite_connect(version, frame, &peer, &broker, max) {
-        Ok(c) => c,
-        Err(e) => {
-            return refuse(
-                Reason::ProtocolError,
-                format!("malformed CONNECT: {e}"),
-                None,
-            );
+    let credential = broker.credential.as_ref();
+    let (version, connect) = match admit(frame, &peer.principal, credential, max) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            if let Some(reply) = &refusal.reply {
+                let _ = wr.write_all(reply).await;
+                let _ = wr.shutdown().await;
+            }
+            return refuse(refusal.reason, refusal.detail, refusal.client_id.as_deref());
         }
     };
     let client_id = connect.client_id.clone();
-    if !identity::client_id_matches(&peer.principal, &client_id) {
-        let reply = match version {
-            Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
-            Version::V5 => v5_connack(v5::ConnectReturnCode::ClientIdentifierNotValid),
-        };
-        let _ = wr.write_all(&reply).await;
-        let _ = wr.shutdown().await;
-        let expected = match &peer.principal {
-            Principal::Device(id) => format!("{:?}", id.as_str()),
-            Principal::Service(name) => {
-                format!("{:?} or \"{}-<instance>\"", name.as_str(), name.as_str())
-            }
-        };
-        return refuse(
-            Reason::ClientIdMismatch,
-            format!("client id {client_id:?}; the certificate requires {expected}"),
-            Some(&client_id),
-        );
-    }
-    if let Some(topic) = &connect.will_topic
-        && let Err(d) = policy::may_publish(&peer.principal, topic)
-    {
-        let reply = match version {
-            Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
-            Version::V5 => v5_connack(v5::ConnectReturnCode::NotAuthorized),
-        };
-        let _ = wr.write_all(&reply).await;
-        let _ = wr.shutdown().await;
-        return refuse(
-            Reason::PolicyDenied,
-            format!("will topic {topic:?}: {}", d.as_str()),
-            Some(&client_id),
-        );
-    }
 
     let addr = match version {
         Version::V311 => broker.v4,
@@ -755,5 +847,59 @@ mod tests {
         assert_eq!(protocol_level(b"\x10\x0c\x00\x06MQIsdp\x03"), None);
         assert_eq!(protocol_level(b"\x10"), None);
         assert_eq!(protocol_level(&[0x10, 0xff, 0xff, 0xff, 0xff]), None);
+    }
+
+    fn device(id: &str) -> Principal {
+        Principal::Device(twofold_protocol::DeviceId::parse(id).unwrap())
+    }
+
+    fn v4_publish(topic: &str, qos: mqttbytes::QoS) -> Bytes {
+        let mut p = v4::Publish::new(topic, qos, "x");
+        p.pkid = u16::from(qos != mqttbytes::QoS::AtMostOnce);
+        encode_v4(v4::Packet::Publish(p))
+    }
+
+    #[test]
+    fn screening_forwards_what_the_policy_allows_and_stops_at_a_closing_refusal() {
+        let me = device("sensor-1");
+        let mut input = encode_v4(v4::Packet::Connect(v4::Connect::new("sensor-1"))).to_vec();
+        input.extend_from_slice(&v4_publish(
+            "devices/sensor-1/telemetry",
+            mqttbytes::QoS::AtLeastOnce,
+        ));
+        input.extend_from_slice(&v4_publish(
+            "devices/sensor-2/telemetry",
+            mqttbytes::QoS::AtLeastOnce,
+        ));
+        input.extend_from_slice(&v4_publish(
+            "devices/sensor-1/telemetry",
+            mqttbytes::QoS::AtMostOnce,
+        ));
+        let out = screen(&me, &input, 1024);
+        assert_eq!(out.version, Some(Version::V311));
+        assert_eq!(out.forwarded.len(), 1);
+        assert_eq!(out.refusals, vec![Reason::PolicyDenied]);
+        assert!(out.closed);
+    }
+
+    #[test]
+    fn screening_refuses_connects_the_session_would_refuse() {
+        let me = device("sensor-1");
+        let other = encode_v4(v4::Packet::Connect(v4::Connect::new("sensor-2")));
+        assert_eq!(
+            screen(&me, &other, 1024).refusals,
+            vec![Reason::ClientIdMismatch]
+        );
+        let publish_first = v4_publish("devices/sensor-1/telemetry", mqttbytes::QoS::AtMostOnce);
+        assert_eq!(
+            screen(&me, &publish_first, 1024).refusals,
+            vec![Reason::ProtocolError]
+        );
+        let connect = encode_v4(v4::Packet::Connect(v4::Connect::new("sensor-1")));
+        let too_large = screen(&me, &connect, connect.len() - 3);
+        assert_eq!(too_large.refusals, vec![Reason::ProtocolError]);
+        // Half a CONNECT: nothing decided yet.
+        let half = screen(&me, &connect[..connect.len() / 2], 1024);
+        assert!(half.refusals.is_empty() && !half.closed && half.version.is_none());
     }
 }
