@@ -239,33 +239,8 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     // is still in its queue on disk.
     let mut agent_proc = agent_proc;
     agent_proc.kill();
-    let queue = twofold_agent::queue::Queue::open(&fleet.path("queue-pi-3.sqlite"), 1000).unwrap();
-    let generated = queue.counter("telemetry").unwrap();
-    let telemetry_seq = |p: &[u8]| message::decode::<Telemetry>(p).ok().map(|t| t.seq);
-    let mut arrived = BTreeMap::new();
-    for (t, p) in sub.messages() {
-        if t.ends_with("/telemetry") {
-            *arrived
-                .entry(telemetry_seq(&p).expect("telemetry decodes"))
-                .or_insert(0) += 1;
-        }
-    }
-    let queued: Vec<u64> = queue
-        .after(0, 10_000)
-        .unwrap()
-        .iter()
-        .filter_map(|m| telemetry_seq(&m.payload))
-        .collect();
-    let lost: Vec<u64> = (0..generated)
-        .filter(|s| !arrived.contains_key(s) && !queued.contains(s))
-        .collect();
-    let duplicates: usize = arrived.values().map(|n| n - 1).sum();
-    println!(
-        "outage test, telemetry: {generated} samples, {} arrived, {} still queued, {duplicates} duplicates, {} lost",
-        arrived.len(),
-        queued.len(),
-        lost.len()
-    );
-    assert!(generated >= 3, "only {generated} telemetry samples");
-    assert!(lost.is_empty(), "telemetry lost: {lost:?}");
+    let t = account_telemetry(&fleet, "pi-3", "pi-3", &sub.messages());
+    println!("outage test, telemetry: {t:?}");
+    assert!(t.generated >= 3, "only {} telemetry samples", t.generated);
+    assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
 }

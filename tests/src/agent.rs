@@ -1,7 +1,10 @@
 //! The Linux agent binary with a generated config.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
+
+use twofold_protocol::message::{self, Telemetry};
 
 use crate::fleet::{Fleet, Identity};
 use crate::process::{Proc, built, spawn, wait_until};
@@ -58,4 +61,60 @@ pub fn agent_with(
     });
     assert!(up, "agent did not start:\n{}", p.log());
     p
+}
+
+/// Where every telemetry sample of one agent went.
+#[derive(Debug)]
+pub struct TelemetryAccount {
+    /// Sequence numbers the agent handed out (0 to `generated - 1`).
+    pub generated: u64,
+    /// Distinct sequence numbers that arrived.
+    pub arrived: usize,
+    /// Samples still in the agent's queue on disk.
+    pub queued: usize,
+    /// Arrivals beyond the first of a sequence number.
+    pub duplicates: usize,
+    /// Sequence numbers neither arrived nor queued.
+    pub lost: Vec<u64>,
+}
+
+/// Accounts for every telemetry sample agent `name` (device `device`) ever
+/// generated, against `messages` (topic, payload) a subscriber received:
+/// each must have arrived or still be in the agent's queue. Read the queue
+/// only once the agent is stopped.
+pub fn account_telemetry(
+    fleet: &Fleet,
+    name: &str,
+    device: &str,
+    messages: &[(String, Vec<u8>)],
+) -> TelemetryAccount {
+    let queue =
+        twofold_agent::queue::Queue::open(&fleet.path(&format!("queue-{name}.sqlite")), 100_000)
+            .unwrap();
+    let generated = queue.counter("telemetry").unwrap();
+    let seq = |p: &[u8]| message::decode::<Telemetry>(p).ok().map(|t| t.seq);
+    let topic = format!("devices/{device}/telemetry");
+    let mut arrived = BTreeMap::new();
+    for (t, p) in messages {
+        if *t == topic {
+            *arrived
+                .entry(seq(p).expect("telemetry decodes"))
+                .or_insert(0usize) += 1;
+        }
+    }
+    let queued: Vec<u64> = queue
+        .after(0, 100_000)
+        .unwrap()
+        .iter()
+        .filter_map(|m| seq(&m.payload))
+        .collect();
+    TelemetryAccount {
+        generated,
+        arrived: arrived.len(),
+        queued: queued.len(),
+        duplicates: arrived.values().map(|n| n - 1).sum(),
+        lost: (0..generated)
+            .filter(|s| !arrived.contains_key(s) && !queued.contains(s))
+            .collect(),
+    }
 }

@@ -1,0 +1,114 @@
+//! Faults: the gateway killed (-9) under load from 100 Linux agents.
+//!
+//! The gateway relays to a mosquitto that outlives it and the backend's
+//! subscriber stays connected there: what is killed is the gateway alone.
+//! (With the embedded broker, a kill -9 takes the broker's in-memory
+//! messages with it; the README says so.)
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use twofold_protocol::message::{self, Telemetry};
+use twofold_tests::*;
+
+const AGENTS: usize = 100;
+
+/// The highest telemetry sequence number received from each device.
+fn latest(sub: &Sub) -> BTreeMap<String, u64> {
+    let mut latest = BTreeMap::new();
+    for (topic, payload) in sub.messages() {
+        let Some(device) = topic
+            .strip_prefix("devices/")
+            .and_then(|t| t.strip_suffix("/telemetry"))
+        else {
+            continue;
+        };
+        let seq = message::decode::<Telemetry>(&payload)
+            .expect("telemetry decodes")
+            .seq;
+        let e = latest.entry(device.to_owned()).or_insert(seq);
+        *e = (*e).max(seq);
+    }
+    latest
+}
+
+#[test]
+fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
+    let mut fleet = Fleet::new();
+    let (_broker, broker_port) = mosquitto_with_password(&fleet, "gw", "pw");
+    let sub = Sub::start(
+        &fleet,
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker_port.to_string(),
+            "-u",
+            "gw",
+            "-P",
+            "pw",
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+        ],
+        "faults",
+    );
+    let port = free_port();
+    let relay = format!(
+        "broker = \"mqtt://127.0.0.1:{broker_port}\"\nbroker_username = \"gw\"\nbroker_password = \"pw\""
+    );
+    let mut gw = Gateway::start_on(&fleet, port, &relay);
+    let names: Vec<String> = (1..=AGENTS).map(|i| format!("unit-{i:03}")).collect();
+    let mut agents: Vec<Proc> = names
+        .iter()
+        .map(|name| {
+            let id = fleet.device(name);
+            agent(&fleet, name, &id, port, "[telemetry]\ninterval_secs = 1\n")
+        })
+        .collect();
+    let all_publishing = wait_until(120, || latest(&sub).len() == AGENTS);
+    assert!(
+        all_publishing,
+        "only {} of {AGENTS} agents delivered telemetry",
+        latest(&sub).len()
+    );
+
+    // kill -9 with QoS 1 messages in flight; the agents queue on disk
+    // while it is down.
+    gw.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let at_restart = latest(&sub);
+    let _gw = Gateway::start_on(&fleet, port, &relay);
+    // Every agent delivers samples taken after the restart.
+    let caught_up = wait_until(120, || {
+        let now = latest(&sub);
+        at_restart
+            .iter()
+            .all(|(d, seq)| now.get(d).is_some_and(|n| *n >= seq + 5))
+    });
+    for a in &mut agents {
+        a.kill();
+    }
+    assert!(caught_up, "not every agent delivered after the restart");
+
+    let messages = sub.messages();
+    let (mut generated, mut arrived, mut queued, mut duplicates) = (0, 0, 0, 0);
+    let mut lost = Vec::new();
+    for name in &names {
+        let t = account_telemetry(&fleet, name, name, &messages);
+        generated += t.generated;
+        arrived += t.arrived;
+        queued += t.queued;
+        duplicates += t.duplicates;
+        lost.extend(t.lost.iter().map(|s| format!("{name}#{s}")));
+    }
+    println!(
+        "kill -9 under {AGENTS} agents: {generated} samples generated, {arrived} arrived, \
+         {queued} still queued, {duplicates} duplicates, {} lost",
+        lost.len()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    // At least seq 0 to 5 from each, without loss.
+    assert!(arrived >= 6 * AGENTS, "only {arrived} arrived");
+}
