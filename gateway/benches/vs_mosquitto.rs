@@ -1,8 +1,10 @@
 //! Twofold's gateway and mosquitto side by side: same certificates, same
 //! load, same machine, one run. Prints a table with ratios.
 //!
-//!     cargo bench -p twofold-gateway --bench vs_mosquitto            # full
-//!     cargo bench -p twofold-gateway --bench vs_mosquitto -- --quick # smoke
+//!     scripts/bench            # full: this and `provisioning bulk-enroll`
+//!     scripts/bench --quick    # smoke
+//!     cargo bench -p twofold-gateway --bench vs_mosquitto -- [--quick]
+//!         [--provisioning target/release/provisioning]
 //!
 //! Both servers require client certificates (mosquitto with
 //! `require_certificate true`, TCP_NODELAY on). The load generator runs in
@@ -35,16 +37,26 @@ struct Sizes {
     idle: usize,
     publishers: usize,
     messages: usize,
+    storm: usize,
+    enroll: usize,
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let provisioning = args
+        .iter()
+        .position(|a| a == "--provisioning")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let sizes = if quick {
         Sizes {
             connects: 300,
             idle: 500,
             publishers: 20,
             messages: 100,
+            storm: 300,
+            enroll: 1000,
         }
     } else {
         Sizes {
@@ -52,6 +64,8 @@ fn main() {
             idle: 5000,
             publishers: 100,
             messages: 500,
+            storm: 2000,
+            enroll: 10_000,
         }
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -68,18 +82,61 @@ fn main() {
 
     let mut results = Vec::new();
     for kind in [Kind::Twofold, Kind::Mosquitto] {
-        let server = Server::start(kind, &fleet);
+        let mut server = Server::start(kind, &fleet.dir, free_port());
         println!(
             "\n== {} (pid {}) on {}",
             kind.name(),
             server.pid(),
             server.addr
         );
-        let r = runtime.block_on(measure(&fleet, &server, &sizes));
+        let r = runtime.block_on(measure(&fleet, &mut server, &sizes));
         println!("{r:#?}");
         results.push(r);
     }
-    print_table(&results[0], &results[1], &sizes);
+    let enroll = provisioning.map(|bin| bulk_enroll(&bin, dir.path(), sizes.enroll));
+    print_table(&results[0], &results[1], &sizes, enroll);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Seconds `provisioning bulk-enroll` takes for `count` devices into a
+/// fresh PKI.
+fn bulk_enroll(bin: &Path, dir: &Path, count: usize) -> f64 {
+    let pki = dir.join("enroll-pki");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .arg("--pki")
+            .arg(&pki)
+            .args(args)
+            .output()
+            .expect("provisioning");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["init", "--trust-domain", "bench.example"]);
+    let out = dir.join("enroll-out");
+    let start = Instant::now();
+    run(&[
+        "bulk-enroll",
+        "--count",
+        &count.to_string(),
+        "--prefix",
+        "dev",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let seconds = start.elapsed().as_secs_f64();
+    println!("bulk-enroll: {count} devices in {seconds:.2}s");
+    seconds
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -189,18 +246,15 @@ impl Fleet {
 }
 
 struct Server {
+    kind: Kind,
     child: Child,
     addr: SocketAddr,
+    dir: PathBuf,
 }
 
 impl Server {
-    fn start(kind: Kind, fleet: &Fleet) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let d = &fleet.dir;
+    fn start(kind: Kind, dir: &Path, port: u16) -> Server {
+        let d = dir;
         let child = match kind {
             Kind::Twofold => Command::new(env!("CARGO_BIN_EXE_gateway"))
                 .args([
@@ -257,7 +311,19 @@ impl Server {
             assert!(Instant::now() < deadline, "{} did not start", kind.name());
             std::thread::sleep(Duration::from_millis(50));
         }
-        Server { child, addr }
+        Server {
+            kind,
+            child,
+            addr,
+            dir: d.to_owned(),
+        }
+    }
+
+    /// kill -9, and start again on the same port.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Server::start(self.kind, &self.dir.clone(), self.addr.port());
     }
 
     fn pid(&self) -> u32 {
@@ -295,6 +361,17 @@ struct Results {
     idle_kib_per_connection: f64,
     qos1: Throughput,
     qos0: Throughput,
+    storm: Storm,
+}
+
+#[derive(Debug)]
+struct Storm {
+    /// Sessions dropped by the restart, and how many came back.
+    dropped: usize,
+    back: usize,
+    /// Seconds from the kill to the median and the last reconnect.
+    median: f64,
+    last: f64,
 }
 
 #[derive(Debug)]
@@ -346,7 +423,7 @@ async fn connect(
     }
 }
 
-async fn measure(fleet: &Fleet, server: &Server, sizes: &Sizes) -> Results {
+async fn measure(fleet: &Fleet, server: &mut Server, sizes: &Sizes) -> Results {
     let addr = server.addr;
     // 1. Full handshakes + CONNECT/CONNACK + DISCONNECT, 32 at a time.
     let cpu0 = server.cpu_seconds();
@@ -382,9 +459,36 @@ async fn measure(fleet: &Fleet, server: &Server, sizes: &Sizes) -> Results {
     // 2. Idle sessions held open.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss0 = server.rss_kib();
+    let held = hold(fleet, addr, sizes.idle).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = server.rss_kib();
+    let idle_kib = (rss1.saturating_sub(rss0)) as f64 / held.len().max(1) as f64;
+    println!(
+        "idle: {} sessions, RSS {rss0} KiB -> {rss1} KiB",
+        held.len()
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let qos1 = throughput(fleet, addr, sizes, QoS::AtLeastOnce).await;
+    let qos0 = throughput(fleet, addr, sizes, QoS::AtMostOnce).await;
+    let storm = storm(fleet, server, sizes.storm).await;
+    Results {
+        connects_per_cpu_second: ok / cpu,
+        connects_per_wall_second: ok / wall,
+        idle_kib_per_connection: idle_kib,
+        qos1,
+        qos0,
+        storm,
+    }
+}
+
+/// Opens `n` sessions (64 handshakes at a time) and returns those that
+/// connected.
+async fn hold(fleet: &Fleet, addr: SocketAddr, n: usize) -> Vec<(Stream, BytesMut)> {
     let gate = Arc::new(Semaphore::new(64));
     let mut tasks = Vec::new();
-    for i in 0..sizes.idle {
+    for i in 0..n {
         let (id, config) = fleet.devices[i % fleet.devices.len()].clone();
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
@@ -398,25 +502,59 @@ async fn measure(fleet: &Fleet, server: &Server, sizes: &Sizes) -> Results {
             held.push(s);
         }
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss1 = server.rss_kib();
-    let idle_kib = (rss1.saturating_sub(rss0)) as f64 / held.len().max(1) as f64;
-    println!(
-        "idle: {} sessions, RSS {rss0} KiB -> {rss1} KiB",
-        held.len()
-    );
-    drop(held);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    held
+}
 
-    let qos1 = throughput(fleet, addr, sizes, QoS::AtLeastOnce).await;
-    let qos0 = throughput(fleet, addr, sizes, QoS::AtMostOnce).await;
-    Results {
-        connects_per_cpu_second: ok / cpu,
-        connects_per_wall_second: ok / wall,
-        idle_kib_per_connection: idle_kib,
-        qos1,
-        qos0,
+/// The reconnect storm: `n` sessions, the server killed (-9) and started
+/// again on the same port, every client retrying on the Linux agent's
+/// backoff (1 s doubling to 300 s, up to 100 % jitter) until it is back.
+async fn storm(fleet: &Fleet, server: &mut Server, n: usize) -> Storm {
+    let addr = server.addr;
+    let held = hold(fleet, addr, n).await;
+    let dropped = held.len();
+    let killed = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (mut stream, _)) in held.into_iter().enumerate() {
+        let (id, config) = fleet.devices[i % fleet.devices.len()].clone();
+        tasks.push(tokio::spawn(async move {
+            // Wait for the drop, as an agent's read would see it.
+            let mut sink = [0u8; 256];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            let mut delays =
+                twofold_agent::link::backoff(Duration::from_secs(1), Duration::from_secs(300));
+            let deadline = killed + Duration::from_secs(300);
+            while Instant::now() < deadline {
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(300))).await;
+                if let Ok(session) = connect(addr, config.clone(), &id).await {
+                    return Some((killed.elapsed().as_secs_f64(), session));
+                }
+            }
+            None
+        }));
     }
+    server.restart();
+    let mut back = Vec::new();
+    let mut sessions = Vec::new();
+    for t in tasks {
+        if let Ok(Some((at, session))) = t.await {
+            back.push(at);
+            sessions.push(session);
+        }
+    }
+    back.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        back.get(((back.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let storm = Storm {
+        dropped,
+        back: back.len(),
+        median: at(0.5),
+        last: at(1.0),
+    };
+    println!("storm: {storm:?}");
+    storm
 }
 
 /// `publishers` devices each publish `messages` to their telemetry topic;
@@ -565,7 +703,7 @@ async fn publish_all(
     sent
 }
 
-fn print_table(t: &Results, m: &Results, sizes: &Sizes) {
+fn print_table(t: &Results, m: &Results, sizes: &Sizes, enroll: Option<f64>) {
     let ratio = |a: f64, b: f64| {
         if b > 0.0 {
             format!("{:.2}x", a / b)
@@ -605,6 +743,25 @@ fn print_table(t: &Results, m: &Results, sizes: &Sizes) {
             b.per_second,
             b.sent.saturating_sub(b.delivered),
             ratio(a.per_second, b.per_second)
+        );
+    }
+    println!(
+        "| reconnect storm: seconds from kill -9 to the last of {} sessions back (median) | {:.1} ({:.1}), {} of {} back | {:.1} ({:.1}), {} of {} back | {} (lower is better) |",
+        sizes.storm,
+        t.storm.last,
+        t.storm.median,
+        t.storm.back,
+        t.storm.dropped,
+        m.storm.last,
+        m.storm.median,
+        m.storm.back,
+        m.storm.dropped,
+        ratio(t.storm.last, m.storm.last)
+    );
+    if let Some(seconds) = enroll {
+        println!(
+            "| `provisioning bulk-enroll` of {} devices, seconds | {seconds:.2} | - | - |",
+            sizes.enroll
         );
     }
 }
