@@ -81,7 +81,7 @@ fn main() {
         .expect("runtime");
 
     let mut results = Vec::new();
-    for kind in [Kind::Twofold, Kind::Mosquitto] {
+    for kind in [Kind::Twofold, Kind::TwofoldExternal, Kind::Mosquitto] {
         let mut server = Server::start(kind, &fleet.dir, free_port());
         println!(
             "\n== {} (pid {}) on {}",
@@ -94,7 +94,96 @@ fn main() {
         results.push(r);
     }
     let enroll = provisioning.map(|bin| bulk_enroll(&bin, dir.path(), sizes.enroll));
-    print_table(&results[0], &results[1], &sizes, enroll);
+    print_table(&results, &sizes, enroll);
+}
+
+/// Starts the server on `port` and waits until it accepts connections.
+fn spawn_server(kind: Kind, d: &Path, port: u16, broker_port: Option<u16>) -> Child {
+    let child = match kind {
+        Kind::Twofold | Kind::TwofoldExternal => {
+            let mut gateway = Command::new(env!("CARGO_BIN_EXE_gateway"));
+            if let Some(broker_port) = broker_port {
+                gateway
+                    .arg("--broker")
+                    .arg(format!("mqtt://127.0.0.1:{broker_port}"));
+            }
+            gateway
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--trust-domain",
+                    "bench.example",
+                ])
+                .arg("--cert")
+                .arg(d.join("gw/gateway.pem"))
+                .arg("--key")
+                .arg(d.join("gw/gateway.key"))
+                .arg("--client-ca")
+                .arg(d.join("gw/client-ca.pem"))
+                .arg("--crl")
+                .arg(d.join("gw/crl.pem"))
+                .arg("--audit-log")
+                .arg(d.join("audit.jsonl"))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("gateway")
+        }
+        Kind::Mosquitto => mosquitto(
+            d,
+            port,
+            &format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\ncrlfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+                d.join("mosquitto-ca.pem").display(),
+                d.join("gw/gateway.pem").display(),
+                d.join("gw/gateway.key").display(),
+                d.join("gw/crl.pem").display(),
+            ),
+        ),
+    };
+    wait_listening(port, kind.name());
+    child
+}
+
+/// mosquitto on loopback `port` with `conf` added to the settings both
+/// mosquitto runs share.
+fn mosquitto(d: &Path, port: u16, conf: &str) -> Child {
+    let path = d.join(format!("mosquitto-{port}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "listener {port} 127.0.0.1\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 0\nlog_dest none\nuser {}\n{conf}",
+            // Started as root, mosquitto would switch to its own
+            // user, which cannot read the 0700 bundle directory.
+            std::env::var("USER").unwrap_or_else(|_| "root".into())
+        ),
+    )
+    .unwrap();
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto")
+}
+
+/// The broker behind the gateway in the external-broker configuration:
+/// plain MQTT on loopback, anonymous (only the gateway can reach it).
+fn plain_mosquitto(d: &Path) -> (Child, u16) {
+    let port = free_port();
+    let child = mosquitto(d, port, "allow_anonymous true\n");
+    wait_listening(port, "the external broker");
+    (child, port)
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn free_port() -> u16 {
@@ -141,7 +230,11 @@ fn bulk_enroll(bin: &Path, dir: &Path, count: usize) -> f64 {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// The gateway on its embedded rumqttd (the default).
     Twofold,
+    /// The gateway relaying to a mosquitto behind it (`--broker`), as at
+    /// scale; CPU and memory are the two processes together.
+    TwofoldExternal,
     Mosquitto,
 }
 
@@ -149,6 +242,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Twofold => "twofold gateway (embedded rumqttd)",
+            Kind::TwofoldExternal => "twofold gateway relaying to mosquitto (--broker)",
             Kind::Mosquitto => "mosquitto",
         }
     }
@@ -248,109 +342,77 @@ impl Fleet {
 struct Server {
     kind: Kind,
     child: Child,
+    /// The external broker behind the gateway, and its port.
+    upstream: Option<(Child, u16)>,
     addr: SocketAddr,
     dir: PathBuf,
 }
 
 impl Server {
     fn start(kind: Kind, dir: &Path, port: u16) -> Server {
-        let d = dir;
-        let child = match kind {
-            Kind::Twofold => Command::new(env!("CARGO_BIN_EXE_gateway"))
-                .args([
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--trust-domain",
-                    "bench.example",
-                ])
-                .arg("--cert")
-                .arg(d.join("gw/gateway.pem"))
-                .arg("--key")
-                .arg(d.join("gw/gateway.key"))
-                .arg("--client-ca")
-                .arg(d.join("gw/client-ca.pem"))
-                .arg("--crl")
-                .arg(d.join("gw/crl.pem"))
-                .arg("--audit-log")
-                .arg(d.join("audit.jsonl"))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("gateway"),
-            Kind::Mosquitto => {
-                let conf = d.join("mosquitto.conf");
-                std::fs::write(
-                    &conf,
-                    format!(
-                        "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\ncrlfile {}\nrequire_certificate true\n\
-                         use_identity_as_username true\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 0\nlog_dest none\n\
-                         user {}\n",
-                        d.join("mosquitto-ca.pem").display(),
-                        d.join("gw/gateway.pem").display(),
-                        d.join("gw/gateway.key").display(),
-                        d.join("gw/crl.pem").display(),
-                        // Started as root, mosquitto would switch to its own
-                        // user, which cannot read the 0700 bundle directory.
-                        std::env::var("USER").unwrap_or_else(|_| "root".into())
-                    ),
-                )
-                .unwrap();
-                Command::new("mosquitto")
-                    .arg("-c")
-                    .arg(&conf)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("mosquitto")
-            }
-        };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "{} did not start", kind.name());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let upstream = (kind == Kind::TwofoldExternal).then(|| plain_mosquitto(dir));
+        let broker_port = upstream.as_ref().map(|(_, port)| *port);
         Server {
             kind,
-            child,
-            addr,
-            dir: d.to_owned(),
+            child: spawn_server(kind, dir, port, broker_port),
+            upstream,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            dir: dir.to_owned(),
         }
     }
 
-    /// kill -9, and start again on the same port.
+    /// kill -9 of the server (the gateway, not the broker behind it), and
+    /// start it again on the same port.
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        *self = Server::start(self.kind, &self.dir.clone(), self.addr.port());
+        let broker_port = self.upstream.as_ref().map(|(_, port)| *port);
+        self.child = spawn_server(self.kind, &self.dir, self.addr.port(), broker_port);
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    /// User + system CPU seconds of the server process so far.
+    /// The processes whose CPU and memory count: the server, and the
+    /// broker behind the gateway when it has one.
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.child.id())
+            .chain(self.upstream.as_ref().map(|(c, _)| c.id()))
+            .collect()
+    }
+
+    /// User + system CPU seconds of the server processes so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks / 100.0
+        let cpu = |pid: u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+            let ticks: f64 =
+                fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+            ticks / 100.0
+        };
+        self.pids().into_iter().map(cpu).sum()
     }
 
     fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        let rss = |pid: u32| -> u64 {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        self.pids().into_iter().map(rss).sum()
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(self.upstream.as_mut().map(|(c, _)| c))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -703,64 +765,96 @@ async fn publish_all(
     sent
 }
 
-fn print_table(t: &Results, m: &Results, sizes: &Sizes, enroll: Option<f64>) {
-    let ratio = |a: f64, b: f64| {
-        if b > 0.0 {
-            format!("{:.2}x", a / b)
+/// One row: the three configurations and each gateway's ratio to mosquitto.
+fn row(measure: &str, [t, x, m]: [f64; 3], shown: [String; 3]) {
+    let ratio = |a: f64| {
+        if m > 0.0 && a.is_finite() {
+            format!("{:.2}x", a / m)
         } else {
             "-".into()
         }
     };
-    println!("\n| measure | twofold | mosquitto | twofold / mosquitto |");
-    println!("|---|---|---|---|");
     println!(
-        "| connects per server CPU-second ({} full mTLS handshakes + CONNECT) | {:.0} | {:.0} | {} |",
-        sizes.connects,
-        t.connects_per_cpu_second,
-        m.connects_per_cpu_second,
-        ratio(t.connects_per_cpu_second, m.connects_per_cpu_second)
+        "| {measure} | {} | {} | {} | {} | {} |",
+        shown[0],
+        shown[1],
+        shown[2],
+        ratio(t),
+        ratio(x)
     );
+}
+
+fn print_table(r: &[Results], sizes: &Sizes, enroll: Option<f64>) {
+    let all = |f: &dyn Fn(&Results) -> f64| [f(&r[0]), f(&r[1]), f(&r[2])];
+    let shown = |v: [f64; 3], digits: usize| v.map(|x| format!("{x:.digits$}"));
     println!(
-        "| connects per wall second (32 at a time) | {:.0} | {:.0} | {} |",
-        t.connects_per_wall_second,
-        m.connects_per_wall_second,
-        ratio(t.connects_per_wall_second, m.connects_per_wall_second)
+        "\n| measure | twofold (embedded broker) | twofold → mosquitto | mosquitto | twofold / mosquitto | twofold → mosquitto / mosquitto |"
     );
-    println!(
-        "| memory per idle connection, KiB ({} sessions) | {:.1} | {:.1} | {} |",
-        sizes.idle,
-        t.idle_kib_per_connection,
-        m.idle_kib_per_connection,
-        ratio(t.idle_kib_per_connection, m.idle_kib_per_connection)
+    println!("|---|---|---|---|---|---|");
+    let v = all(&|r| r.connects_per_cpu_second);
+    row(
+        &format!(
+            "connects per server CPU-second ({} full mTLS handshakes + CONNECT)",
+            sizes.connects
+        ),
+        v,
+        shown(v, 0),
     );
-    for (name, a, b) in [("QoS 1", &t.qos1, &m.qos1), ("QoS 0", &t.qos0, &m.qos0)] {
-        println!(
-            "| {name} delivered per second ({} publishers x {}) | {:.0} (lost {}) | {:.0} (lost {}) | {} |",
-            sizes.publishers,
-            sizes.messages,
-            a.per_second,
-            a.sent.saturating_sub(a.delivered),
-            b.per_second,
-            b.sent.saturating_sub(b.delivered),
-            ratio(a.per_second, b.per_second)
+    let v = all(&|r| r.connects_per_wall_second);
+    row("connects per wall second (32 at a time)", v, shown(v, 0));
+    let v = all(&|r| r.idle_kib_per_connection);
+    row(
+        &format!(
+            "memory per idle connection, KiB ({} sessions; lower is better)",
+            sizes.idle
+        ),
+        v,
+        shown(v, 1),
+    );
+    for (name, pick) in [
+        (
+            "QoS 1",
+            (|r: &Results| &r.qos1) as fn(&Results) -> &Throughput,
+        ),
+        ("QoS 0", |r: &Results| &r.qos0),
+    ] {
+        let v = all(&|r| pick(r).per_second);
+        let text = [0, 1, 2].map(|i| {
+            let t = pick(&r[i]);
+            format!(
+                "{:.0} (lost {})",
+                t.per_second,
+                t.sent.saturating_sub(t.delivered)
+            )
+        });
+        row(
+            &format!(
+                "{name} delivered per second ({} publishers x {})",
+                sizes.publishers, sizes.messages
+            ),
+            v,
+            text,
         );
     }
-    println!(
-        "| reconnect storm: seconds from kill -9 to the last of {} sessions back (median) | {:.1} ({:.1}), {} of {} back | {:.1} ({:.1}), {} of {} back | {} (lower is better) |",
-        sizes.storm,
-        t.storm.last,
-        t.storm.median,
-        t.storm.back,
-        t.storm.dropped,
-        m.storm.last,
-        m.storm.median,
-        m.storm.back,
-        m.storm.dropped,
-        ratio(t.storm.last, m.storm.last)
+    let v = all(&|r| r.storm.last);
+    let text = [0, 1, 2].map(|i| {
+        let s = &r[i].storm;
+        format!(
+            "{:.1} ({:.1}), {} of {} back",
+            s.last, s.median, s.back, s.dropped
+        )
+    });
+    row(
+        &format!(
+            "reconnect storm: seconds from kill -9 to the last of {} sessions back (median; lower is better)",
+            sizes.storm
+        ),
+        v,
+        text,
     );
     if let Some(seconds) = enroll {
         println!(
-            "| `provisioning bulk-enroll` of {} devices, seconds | {seconds:.2} | - | - |",
+            "| `provisioning bulk-enroll` of {} devices, seconds | {seconds:.2} | | - | | |",
             sizes.enroll
         );
     }

@@ -9,6 +9,7 @@ use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
 use twofold_protocol::{Identity, TrustDomain};
 
 use crate::audit::{Audit, Event};
@@ -146,20 +147,21 @@ async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
     }
 }
 
-async fn connection(
-    gateway: Arc<Gateway>,
-    live: Arc<Live>,
-    handshakes: Arc<Semaphore>,
+/// The TLS handshake and the identity in the client certificate; every
+/// refusal is audited here. `None` when the connection is refused or gone.
+async fn handshake(
+    gateway: &Gateway,
+    live: &Live,
+    handshakes: &Semaphore,
     tcp: TcpStream,
     addr: SocketAddr,
-    shutdown: watch::Receiver<bool>,
-) {
+) -> Option<(TlsStream<TcpStream>, Peer)> {
     let tls = match live.tls.read() {
         Ok(g) => g.clone(),
-        Err(_) => return,
+        Err(_) => return None,
     };
     let Ok((config, presented)) = tls.config() else {
-        return;
+        return None;
     };
     let deadline = tokio::time::Instant::now() + gateway.handshake_timeout;
     // Waiting for a ClientHello costs nothing, so it holds no permit: a
@@ -172,7 +174,7 @@ async fn connection(
         Ok(Err(e)) => Ok(Err(e)),
         Ok(Ok(start)) => {
             let Ok(_permit) = handshakes.acquire().await else {
-                return;
+                return None;
             };
             tokio::time::timeout_at(deadline, start.into_stream(config)).await
         }
@@ -187,7 +189,7 @@ async fn connection(
                 &Event::refused(addr, Reason::HandshakeTimeout, detail)
                     .with_certificate(presented_info()),
             );
-            return;
+            return None;
         }
         Ok(Err(e)) => {
             let tls_error = e
@@ -204,7 +206,7 @@ async fn connection(
                 // The peer went away mid-handshake: nothing to refuse.
                 None => tracing::debug!(peer = %addr, error = %e, "handshake aborted"),
             }
-            return;
+            return None;
         }
         Ok(Ok(stream)) => stream,
     };
@@ -220,7 +222,7 @@ async fn connection(
             Reason::NoCertificate,
             "no client certificate",
         ));
-        return;
+        return None;
     };
     let Some(cert) = CertInfo::from_der(&leaf) else {
         gateway.audit.record(&Event::refused(
@@ -228,7 +230,7 @@ async fn connection(
             Reason::BadIdentity,
             "client certificate does not parse",
         ));
-        return;
+        return None;
     };
     // A resumed session skips certificate verification in rustls, so the
     // revocation check is repeated here against the CRL in force now.
@@ -241,7 +243,7 @@ async fn connection(
             )
             .with_certificate(Some(cert)),
         );
-        return;
+        return None;
     }
     let principal = match identity::principal(&leaf, &gateway.trust_domain) {
         Ok(p) => p,
@@ -250,7 +252,7 @@ async fn connection(
                 &Event::refused(addr, Reason::BadIdentity, e.to_string())
                     .with_certificate(Some(cert)),
             );
-            return;
+            return None;
         }
     };
     let identity = Identity {
@@ -263,6 +265,22 @@ async fn connection(
         identity,
         cert,
         addr,
+    };
+    Some((stream, peer))
+}
+
+async fn connection(
+    gateway: Arc<Gateway>,
+    live: Arc<Live>,
+    handshakes: Arc<Semaphore>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    // Two steps, so that a session's task does not also carry the
+    // handshake's state (about 4 KB per connection).
+    let Some((stream, peer)) = handshake(&gateway, &live, &handshakes, tcp, addr).await else {
+        return;
     };
     session::run(
         stream,
