@@ -152,29 +152,12 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     // The gateway relays to a mosquitto that outlives it, and the
     // subscriber stays connected there: what this test kills is the
     // gateway and the agent, not the broker.
-    let (_broker, broker_port) = mosquitto_with_password(&fleet, "gw", "pw");
-    let sub = Sub::start(
-        &fleet,
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker_port.to_string(),
-            "-u",
-            "gw",
-            "-P",
-            "pw",
-            "-q",
-            "1",
-            "-t",
-            "devices/pi-3/#",
-        ],
-        "outage",
-    );
+    let Relay {
+        broker: _broker,
+        sub,
+        config: relay,
+    } = Relay::start(&fleet, "devices/pi-3/#", "outage");
     let port = free_port();
-    let relay = format!(
-        "broker = \"mqtt://127.0.0.1:{broker_port}\"\nbroker_username = \"gw\"\nbroker_password = \"pw\""
-    );
     let mut gw = Gateway::start_on(&fleet, port, &relay);
     let mut agent_proc = agent(
         &fleet,

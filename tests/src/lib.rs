@@ -18,8 +18,8 @@ pub use fleet::{
 };
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{
-    Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password, replies,
-    send_command, tls_args,
+    Relay, Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password,
+    replies, send_command, tls_args,
 };
 pub use process::{
     Proc, assert_alive_then_kill, built, exit_status, finish, free_port, run_bounded, spawn, text,

@@ -251,3 +251,43 @@ pub fn replies(sub: &Sub) -> BTreeMap<u32, (ReplyStatus, Option<i32>, Vec<u8>)> 
         })
         .collect()
 }
+
+/// A broker behind the gateway that outlives it: mosquitto with the user
+/// `gw`, and a backend's QoS 1 subscriber to `filter` connected to it
+/// directly, so that killing the gateway leaves both standing.
+pub struct Relay {
+    pub broker: Proc,
+    pub sub: Sub,
+    /// The gateway's configuration lines that relay to this broker.
+    pub config: String,
+}
+
+impl Relay {
+    pub fn start(fleet: &Fleet, filter: &str, name: &str) -> Relay {
+        let (broker, port) = mosquitto_with_password(fleet, "gw", "pw");
+        let port_arg = port.to_string();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port_arg,
+            "-u",
+            "gw",
+            "-P",
+            "pw",
+            "-q",
+            "1",
+            "-t",
+            filter,
+        ];
+        let sub = Sub::start(fleet, &args, name);
+        let config = format!(
+            "broker = \"mqtt://127.0.0.1:{port}\"\nbroker_username = \"gw\"\nbroker_password = \"pw\""
+        );
+        Relay {
+            broker,
+            sub,
+            config,
+        }
+    }
+}

@@ -35,29 +35,12 @@ fn latest(sub: &Sub) -> BTreeMap<String, u64> {
 #[test]
 fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
     let mut fleet = Fleet::new();
-    let (_broker, broker_port) = mosquitto_with_password(&fleet, "gw", "pw");
-    let sub = Sub::start(
-        &fleet,
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker_port.to_string(),
-            "-u",
-            "gw",
-            "-P",
-            "pw",
-            "-q",
-            "1",
-            "-t",
-            "devices/+/telemetry",
-        ],
-        "faults",
-    );
+    let Relay {
+        broker: _broker,
+        sub,
+        config: relay,
+    } = Relay::start(&fleet, "devices/+/telemetry", "faults");
     let port = free_port();
-    let relay = format!(
-        "broker = \"mqtt://127.0.0.1:{broker_port}\"\nbroker_username = \"gw\"\nbroker_password = \"pw\""
-    );
     let mut gw = Gateway::start_on(&fleet, port, &relay);
     let names: Vec<String> = (1..=AGENTS).map(|i| format!("unit-{i:03}")).collect();
     let mut agents: Vec<Proc> = names
