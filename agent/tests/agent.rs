@@ -222,6 +222,7 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     // is still in its queue on disk.
     let mut agent_proc = agent_proc;
     agent_proc.kill();
+    sub.settle(30);
     let t = account_telemetry(&fleet, "pi-3", "pi-3", &sub.messages());
     println!("outage test, telemetry: {t:?}");
     assert!(t.generated >= 3, "only {} telemetry samples", t.generated);

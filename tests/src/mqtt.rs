@@ -195,6 +195,20 @@ impl Sub {
     pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
         read_hex_lines(&self.out)
     }
+
+    /// Waits (at most `secs`) until nothing has arrived for a second, so
+    /// that what the broker acknowledged to publishers has also reached
+    /// this subscriber's output.
+    pub fn settle(&self, secs: u64) {
+        let mut last = (self.messages().len(), std::time::Instant::now());
+        wait_until(secs, || {
+            let n = self.messages().len();
+            if n != last.0 {
+                last = (n, std::time::Instant::now());
+            }
+            last.1.elapsed() >= std::time::Duration::from_secs(1)
+        });
+    }
 }
 
 fn read_hex_lines(path: &Path) -> Vec<(String, Vec<u8>)> {

@@ -74,6 +74,7 @@ fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
         a.kill();
     }
     assert!(caught_up, "not every agent delivered after the restart");
+    sub.settle(30);
 
     let messages = sub.messages();
     let (mut generated, mut arrived, mut queued, mut duplicates) = (0, 0, 0, 0);

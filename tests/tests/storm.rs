@@ -57,6 +57,14 @@ fn wait_all_connected(gw: &Gateway, skip: usize, secs: u64) -> Vec<(String, Offs
 
 #[test]
 fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
+    // Each device is a socket and a queue here, and two sockets in the
+    // gateway (which inherits the limit) besides its broker's.
+    let fds = rlimit::increase_nofile_limit(5 * DEVICES as u64 + 1024).unwrap();
+    assert!(
+        fds >= 5 * DEVICES as u64,
+        "open files are limited to {fds}; the storm needs about {}",
+        5 * DEVICES
+    );
     let fleet = Fleet::new();
     let mut bulk = Command::new(built("provisioning"));
     bulk.arg("--pki")
@@ -111,8 +119,8 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
     assert_eq!(first.len(), DEVICES, "not every device connected at first");
 
     // The storm: every session dropped at once, the gateway back at once.
-    let (skip, _) = connected(&gw, 0);
     gw.kill();
+    let (skip, _) = connected(&gw, 0);
     let gw = Gateway::start_on(&fleet, port, "");
     let restarted = OffsetDateTime::now_utc();
     let back = wait_all_connected(&gw, skip, 600);
@@ -123,6 +131,7 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
         .map(|(_, t)| (*t - restarted).as_seconds_f64().max(0.0))
         .collect();
     after.sort_by(f64::total_cmp);
+    assert!(!after.is_empty(), "no device came back:\n{}", gw.log());
     let at = |q: f64| after[((after.len() - 1) as f64 * q) as usize];
     let mut per_second = vec![0usize; after.last().map_or(0, |l| *l as usize + 1)];
     for t in &after {
@@ -148,10 +157,14 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
     );
     stop.send(true).unwrap();
     runtime.block_on(async {
-        for l in links {
-            let _ = tokio::time::timeout(Duration::from_secs(5), l).await;
-        }
+        let all = async {
+            for l in links {
+                let _ = l.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
     });
+    runtime.shutdown_timeout(Duration::from_secs(1));
     drop(command_inboxes);
     assert_eq!(
         missing,
