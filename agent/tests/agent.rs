@@ -152,13 +152,10 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     // The gateway relays to a mosquitto that outlives it, and the
     // subscriber stays connected there: what this test kills is the
     // gateway and the agent, not the broker.
-    let Relay {
-        broker: _broker,
-        sub,
-        config: relay,
-    } = Relay::start(&fleet, "devices/pi-3/#", "outage");
+    let relay = Relay::start(&fleet, "devices/pi-3/#", "outage");
+    let sub = &relay.sub;
     let port = free_port();
-    let mut gw = Gateway::start_on(&fleet, port, &relay);
+    let mut gw = Gateway::start_on(&fleet, port, &relay.config);
     let mut agent_proc = agent(
         &fleet,
         "pi-3",
@@ -171,13 +168,13 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     publish_range(&fleet, "pi-3", 0..100);
     gw.kill(); // kill -9 while messages are in flight
     publish_range(&fleet, "pi-3", 100..200);
-    let gw_again = Gateway::start_on(&fleet, port, &relay);
+    let gw_again = Gateway::start_on(&fleet, port, &relay.config);
     // Stop the gateway again, queue more, then kill -9 the agent with
     // messages waiting on disk, and bring both back.
     drop(gw_again);
     publish_range(&fleet, "pi-3", 200..N);
     agent_proc.kill();
-    let _gw = Gateway::start_on(&fleet, port, &relay);
+    let _gw = Gateway::start_on(&fleet, port, &relay.config);
     let agent_proc = agent(
         &fleet,
         "pi-3",

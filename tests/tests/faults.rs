@@ -35,13 +35,10 @@ fn latest(sub: &Sub) -> BTreeMap<String, u64> {
 #[test]
 fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
     let mut fleet = Fleet::new();
-    let Relay {
-        broker: _broker,
-        sub,
-        config: relay,
-    } = Relay::start(&fleet, "devices/+/telemetry", "faults");
+    let relay = Relay::start(&fleet, "devices/+/telemetry", "faults");
+    let sub = &relay.sub;
     let port = free_port();
-    let mut gw = Gateway::start_on(&fleet, port, &relay);
+    let mut gw = Gateway::start_on(&fleet, port, &relay.config);
     let names: Vec<String> = (1..=AGENTS).map(|i| format!("unit-{i:03}")).collect();
     let mut agents: Vec<Proc> = names
         .iter()
@@ -50,22 +47,22 @@ fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
             agent(&fleet, name, &id, port, "[telemetry]\ninterval_secs = 1\n")
         })
         .collect();
-    let all_publishing = wait_until(120, || latest(&sub).len() == AGENTS);
+    let all_publishing = wait_until(120, || latest(sub).len() == AGENTS);
     assert!(
         all_publishing,
         "only {} of {AGENTS} agents delivered telemetry",
-        latest(&sub).len()
+        latest(sub).len()
     );
 
     // kill -9 with QoS 1 messages in flight; the agents queue on disk
     // while it is down.
     gw.kill();
     std::thread::sleep(Duration::from_secs(3));
-    let at_restart = latest(&sub);
-    let _gw = Gateway::start_on(&fleet, port, &relay);
+    let at_restart = latest(sub);
+    let _gw = Gateway::start_on(&fleet, port, &relay.config);
     // Every agent delivers samples taken after the restart.
     let caught_up = wait_until(120, || {
-        let now = latest(&sub);
+        let now = latest(sub);
         at_restart
             .iter()
             .all(|(d, seq)| now.get(d).is_some_and(|n| *n >= seq + 5))
