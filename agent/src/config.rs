@@ -39,6 +39,7 @@ pub struct IdentityFile {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub server_ca: Option<PathBuf>,
+    pub server_crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,12 +87,15 @@ pub enum Format {
     Json,
 }
 
-/// Where the certificate, key and server CA are.
+/// Where the certificate, key, server CA and server CA's CRL are.
 #[derive(Clone, Debug)]
 pub struct IdentityPaths {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub server_ca: PathBuf,
+    /// Revoked gateway certificates. Without it the gateway's certificate
+    /// is not checked for revocation.
+    pub server_crl: Option<PathBuf>,
 }
 
 /// An operator-defined command: a program with fixed arguments.
@@ -190,18 +194,23 @@ impl File {
                     ("identity.cert", id.cert.is_some()),
                     ("identity.key", id.key.is_some()),
                     ("identity.server_ca", id.server_ca.is_some()),
+                    ("identity.server_crl", id.server_crl.is_some()),
                 ] {
                     if set {
                         return Err(err(
                             key,
-                            "give either identity.bundle or cert, key and server_ca, not both",
+                            "give either identity.bundle or cert, key, server_ca (and server_crl), not both",
                         ));
                     }
                 }
+                // Bundles written before provisioning had a server CRL
+                // have none; the agent says so when it starts.
+                let crl = dir.join("server-crl.pem");
                 IdentityPaths {
                     cert: dir.join("device.pem"),
                     key: dir.join("device.key"),
                     server_ca: dir.join("server-ca.pem"),
+                    server_crl: crl.exists().then_some(crl),
                 }
             }
             None => IdentityPaths {
@@ -214,6 +223,7 @@ impl File {
                 server_ca: id
                     .server_ca
                     .ok_or_else(|| err("identity.server_ca", "missing (or set identity.bundle)"))?,
+                server_crl: id.server_crl,
             },
         };
 

@@ -56,7 +56,7 @@ impl std::fmt::Display for Check {
             Verdict::Fail => "[FAIL]",
             Verdict::Skip => "[SKIP]",
         };
-        write!(f, "{tag} {:<9} {}", self.name, self.detail)?;
+        write!(f, "{tag} {:<10} {}", self.name, self.detail)?;
         if !self.fix.is_empty() {
             write!(f, " -- fix: {}", self.fix)?;
         }
@@ -253,7 +253,64 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
         None => report.skip("chain"),
     }
     server_ca(&paths.server_ca, now, report);
-    key_ok && identity_ok
+    let crl_ok = server_crl(paths, now, report);
+    key_ok && identity_ok && crl_ok
+}
+
+/// server-crl.pem, when there is one, must be the server CA's own CRL:
+/// the agent refuses to start with any other.
+fn server_crl<W: Write>(
+    paths: &crate::config::IdentityPaths,
+    now: i64,
+    report: &mut Report<W>,
+) -> bool {
+    let Some(path) = &paths.server_crl else {
+        report.add(
+            "server CRL",
+            Verdict::Warn,
+            "none: the gateway's certificate is not checked for revocation".into(),
+            "give the device the PKI's server-crl.pem (provisioning writes it in new bundles)",
+        );
+        return true;
+    };
+    let checked = identity::load_certs(&paths.server_ca)
+        .and_then(|cas| identity::load_server_crl(path, &cas));
+    let crls = match checked {
+        Ok(crls) => crls,
+        Err(e) => {
+            report.fail(
+                "server CRL",
+                e.to_string(),
+                "use the server-crl.pem of the PKI whose server-ca.pem this device trusts",
+            );
+            return false;
+        }
+    };
+    let mut details = Vec::new();
+    let mut stale = false;
+    for der in &crls {
+        if let Ok((_, crl)) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        {
+            let next = crl.next_update().map(|t| t.timestamp());
+            stale |= next.is_some_and(|t| t <= now);
+            details.push(format!(
+                "{} revoked gateway certificate(s), next update {}",
+                crl.iter_revoked_certificates().count(),
+                next.map_or_else(|| "none".to_owned(), date)
+            ));
+        }
+    }
+    if stale {
+        report.add(
+            "server CRL",
+            Verdict::Warn,
+            format!("out of date: {}", details.join("; ")),
+            "get a fresh server-crl.pem from the operator (provisioning crl --server)",
+        );
+    } else {
+        report.ok("server CRL", details.join("; "));
+    }
+    true
 }
 
 fn validity<W: Write>(leaf: &X509Certificate<'_>, now: i64, report: &mut Report<W>) {
@@ -672,6 +729,10 @@ pub fn tls_failure(e: &std::io::Error, host: &str, now: i64) -> (String, String)
         rustls::Error::InvalidCertificate(cert) => {
             let fix_ca = "server-ca.pem must be the server CA of the PKI that issued the gateway's certificate; get it from the operator's bundle";
             match cert {
+                CertificateError::Revoked => (
+                    "the gateway's certificate is revoked (server-crl.pem lists it); this may not be our gateway".into(),
+                    "do not connect to it; ask the operator for the gateway's new certificate, or a server-crl.pem that does not list it if it was revoked by mistake".into(),
+                ),
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => (
                     format!(
                         "the gateway's certificate is not signed by server-ca.pem ({cert:?}); this may not be our gateway"
@@ -751,7 +812,7 @@ mod tests {
         let text = String::from_utf8(r.out).unwrap();
         assert_eq!(
             text,
-            "[FAIL] tcp       refused -- fix: start it\n[ OK ] dns       fine\n"
+            "[FAIL] tcp        refused -- fix: start it\n[ OK ] dns        fine\n"
         );
     }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use twofold_protocol::{DeviceId, Identity, Principal};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -60,6 +60,43 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
         return Err(file_error(path, "no CERTIFICATE found"));
     }
     Ok(certs)
+}
+
+/// Loads the server CA's CRLs from `path` and checks that each is signed
+/// by a CA in `server_ca`: a CRL from anyone else would make every
+/// connection fail with an unknown revocation status, so it is refused
+/// here, at start, with its reason.
+pub fn load_server_crl(
+    path: &Path,
+    server_ca: &[CertificateDer<'_>],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+    let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| file_error(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_error(path, e))?;
+    if crls.is_empty() {
+        return Err(file_error(path, "no X509 CRL found"));
+    }
+    for der in &crls {
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+            .map_err(|e| file_error(path, format!("a CRL does not parse: {e}")))?;
+        let signed = server_ca.iter().any(|ca| {
+            X509Certificate::from_der(ca).is_ok_and(|(_, ca)| {
+                ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
+            })
+        });
+        if !signed {
+            return Err(file_error(
+                path,
+                format!(
+                    "the CRL of \"{}\" is not signed by the server CA; use the server-crl.pem \
+                     provisioning wrote (not the gateway's crl.pem)",
+                    crl.issuer()
+                ),
+            ));
+        }
+    }
+    Ok(crls)
 }
 
 /// Refuses a key file anyone but its owner can read or write.
@@ -146,18 +183,34 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
     let not_before = leaf.validity().not_before.timestamp();
     let not_after = leaf.validity().not_after.timestamp();
 
+    let server_ca = load_certs(&paths.server_ca)?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in load_certs(&paths.server_ca)? {
+    for ca in &server_ca {
         roots
-            .add(ca)
+            .add(ca.clone())
             .map_err(|e| file_error(&paths.server_ca, format!("not a usable CA: {e}")))?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // The gateway's certificate is checked against the server CA's CRL
+    // when the bundle has one; the server CA itself is anchored here and
+    // only a new bundle replaces it, so only the leaf is checked.
+    let mut verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    if let Some(path) = &paths.server_crl {
+        verifier = verifier
+            .with_crls(load_server_crl(path, &server_ca)?)
+            .only_check_end_entity_revocation();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| file_error(&paths.server_ca, e))?;
     key_matches(&paths.key, &paths.cert, &chain)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| file_error(&paths.cert, e))?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(chain, key)
         .map_err(|e| IdentityError::KeyMismatch {
             key: paths.key.clone(),

@@ -29,6 +29,16 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         queued = waiting,
         "agent starting"
     );
+    match &config.identity.server_crl {
+        Some(path) => tracing::info!(
+            crl = %path.display(),
+            "the gateway's certificate is checked against this CRL"
+        ),
+        None => tracing::warn!(
+            "no server-crl.pem: the gateway's certificate is not checked for revocation; \
+             re-enroll with a current provisioning or set identity.server_crl"
+        ),
+    }
     let wake = Arc::new(Notify::new());
     let (commands_tx, mut commands_rx) = mpsc::channel::<Vec<u8>>(16);
 

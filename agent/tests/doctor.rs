@@ -5,7 +5,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
+use twofold_provisioning::RevokeTarget;
 use twofold_provisioning::output::files;
+use twofold_provisioning::registry::{Filter, Kind, RevocationReason, Store};
 use twofold_tests::*;
 
 /// Runs `agent doctor` for `who` against `localhost:port`; returns
@@ -59,14 +61,15 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
     let foreign = other.device("pi-foreign");
     let foreign_server_ca = fleet.path("foreign-server-ca.pem");
     std::fs::copy(foreign.dir.join(files::SERVER_CA), &foreign_server_ca).unwrap();
-    std::fs::copy(
-        fleet.path("pi-good").join(files::SERVER_CA),
-        foreign.dir.join(files::SERVER_CA),
-    )
-    .unwrap();
-    // Our own bundle, but a server CA from the other PKI.
+    let foreign_server_crl = fleet.path("foreign-server-crl.pem");
+    std::fs::copy(foreign.dir.join(files::SERVER_CRL), &foreign_server_crl).unwrap();
+    for file in [files::SERVER_CA, files::SERVER_CRL] {
+        std::fs::copy(fleet.path("pi-good").join(file), foreign.dir.join(file)).unwrap();
+    }
+    // Our own bundle, but the server CA (and its CRL) of the other PKI.
     let misled = fleet.device("pi-misled");
     std::fs::copy(&foreign_server_ca, misled.dir.join(files::SERVER_CA)).unwrap();
+    std::fs::copy(&foreign_server_crl, misled.dir.join(files::SERVER_CRL)).unwrap();
     let gw = Gateway::start(&fleet, "");
     let port = gw.addr.port();
 
@@ -80,6 +83,7 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
         "validity",
         "chain",
         "server CA",
+        "server CRL",
         "dns",
         "tcp",
         "tls",
@@ -176,6 +180,97 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
     );
     assert_line(&report, "tls", "[SKIP]", &[]);
     assert_line(&report, "mqtt", "[SKIP]", &[]);
+}
+
+/// The device checks the gateway's certificate against the server CA's CRL
+/// from its bundle: accepted while it is not listed, refused with the
+/// reason once the operator revokes it, and a CRL that is not the server
+/// CA's is refused before anything connects.
+#[test]
+fn a_revoked_gateway_certificate_is_refused_by_the_device() {
+    let mut fleet = Fleet::new();
+    let pi = fleet.device("pi-1");
+    let gw = Gateway::start(&fleet, "");
+    let port = gw.addr.port();
+
+    let (ok, report) = doctor(&fleet, "before", &pi, port);
+    assert!(ok, "{report}");
+    assert_line(
+        &report,
+        "server CRL",
+        "[ OK ]",
+        &["0 revoked gateway certificate(s)"],
+    );
+    assert_line(&report, "mqtt", "[ OK ]", &[]);
+
+    let gateway = fleet
+        .pki
+        .store()
+        .find(&Filter {
+            kind: Some(Kind::Gateway),
+            ..Filter::default()
+        })
+        .unwrap()
+        .pop()
+        .unwrap();
+    fleet
+        .pki
+        .revoke(
+            RevokeTarget::Serial(gateway.serial),
+            RevocationReason::KeyCompromise,
+        )
+        .unwrap();
+    std::fs::write(
+        pi.dir.join(files::SERVER_CRL),
+        fleet.pki.server_crl_pem().unwrap().unwrap(),
+    )
+    .unwrap();
+    let (ok, report) = doctor(&fleet, "after", &pi, port);
+    assert!(!ok, "{report}");
+    assert_line(
+        &report,
+        "server CRL",
+        "[ OK ]",
+        &["1 revoked gateway certificate(s)"],
+    );
+    assert_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &[
+            "gateway's certificate is revoked",
+            "fix:",
+            "new certificate",
+        ],
+    );
+    // The running agent refuses it too, and says why: no session is bound
+    // beyond the first doctor's.
+    let sessions = || {
+        gw.events()
+            .iter()
+            .filter(|e| e["event"] == "connected")
+            .count()
+    };
+    assert_eq!(sessions(), 1);
+    let mut agent = agent(&fleet, "agent-after", &pi, port, "");
+    assert!(
+        wait_until(30, || agent.log().contains("Revoked")),
+        "{}",
+        agent.log()
+    );
+    agent.kill();
+    assert_eq!(sessions(), 1, "{:?}", gw.events());
+
+    // The device CA's CRL in place of the server CA's.
+    std::fs::copy(fleet.path("gw/crl.pem"), pi.dir.join(files::SERVER_CRL)).unwrap();
+    let (ok, report) = doctor(&fleet, "wrong-crl", &pi, port);
+    assert!(!ok, "{report}");
+    assert_line(
+        &report,
+        "server CRL",
+        "[FAIL]",
+        &["not signed by the server CA", "fix:"],
+    );
 }
 
 /// The key made on the board never leaves it: `agent keygen`, then

@@ -281,7 +281,12 @@ impl Fleet {
         )
         .expect("init");
         let gw = pki
-            .issue_gateway(&["localhost".into()], &["127.0.0.1".parse().unwrap()], 30)
+            .issue_gateway(
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                30,
+                None,
+            )
             .unwrap();
         output::write_gateway(
             &dir.join("gw"),

@@ -947,7 +947,12 @@ fn a_new_server_certificate_is_used_without_dropping_sessions() {
     // Rotate: a new certificate and key, each file replaced atomically.
     let new = fleet
         .pki
-        .issue_gateway(&["localhost".into()], &["127.0.0.1".parse().unwrap()], 30)
+        .issue_gateway(
+            &["localhost".into()],
+            &["127.0.0.1".parse().unwrap()],
+            30,
+            None,
+        )
         .unwrap();
     let rotated = fleet.path("rotated");
     twofold_provisioning::output::write_gateway(

@@ -1,4 +1,11 @@
-//! The device CA's certificate revocation list, derived from the registry.
+//! Certificate revocation lists, derived from the registry: one per
+//! issuing CA, each with its own CRL number sequence.
+//!
+//! - the device CA's CRL (`crl.pem`) lists revoked device and service
+//!   certificates; the gateway reads it;
+//! - the server CA's CRL (`server-crl.pem`) lists revoked gateway
+//!   certificates; Linux agents read it from their bundle, and a gateway
+//!   certificate issued with `--crl-url` points to where it is published.
 
 use rcgen::{
     CertificateRevocationList, CertificateRevocationListParams, Issuer, KeyIdMethod,
@@ -7,14 +14,68 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::error::Result;
-use crate::registry::StoreTx;
+use crate::pki::{CRL, SERVER_CRL};
+use crate::profile::Intermediate;
+use crate::registry::{Kind, StoreTx};
+
+/// Which CA's CRL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The device CA's: device and service certificates.
+    Device,
+    /// The server CA's: gateway certificates.
+    Server,
+}
+
+impl Scope {
+    /// The CRL that revokes a certificate of `kind`; none for the CAs
+    /// themselves, which only a new PKI replaces.
+    pub fn of(kind: Kind) -> Option<Scope> {
+        match kind {
+            Kind::Device | Kind::Service => Some(Scope::Device),
+            Kind::Gateway => Some(Scope::Server),
+            Kind::RootCa | Kind::DeviceCa | Kind::ServerCa => None,
+        }
+    }
+
+    /// The certificate kinds this CRL lists.
+    pub fn kinds(self) -> &'static [Kind] {
+        match self {
+            Scope::Device => &[Kind::Device, Kind::Service],
+            Scope::Server => &[Kind::Gateway],
+        }
+    }
+
+    /// The file in the PKI directory.
+    pub fn file(self) -> &'static str {
+        match self {
+            Scope::Device => CRL,
+            Scope::Server => SERVER_CRL,
+        }
+    }
+
+    /// The registry setting holding the last CRL number.
+    pub(crate) fn number_setting(self) -> &'static str {
+        match self {
+            Scope::Device => "crl_number",
+            Scope::Server => "server_crl_number",
+        }
+    }
+
+    pub(crate) fn issuer(self) -> Intermediate {
+        match self {
+            Scope::Device => Intermediate::Device,
+            Scope::Server => Intermediate::Server,
+        }
+    }
+}
 
 /// How long a CRL is valid. Run `provisioning crl` (e.g. daily from cron)
 /// to publish a fresh one well before then.
 pub const VALIDITY: Duration = Duration::days(30);
 
-/// Signs a new CRL listing every revoked, unexpired device and service
-/// certificate, with the next CRL number. Call inside the transaction that
+/// Signs a new CRL listing every revoked, unexpired certificate of
+/// `scope`, with that scope's next CRL number. Call inside the transaction that
 /// changed the revocations, so numbers and contents stay in step.
 ///
 /// `published` is the CRL currently on disk, if any: the new number is
@@ -22,6 +83,7 @@ pub const VALIDITY: Duration = Duration::days(30);
 /// command that was killed before its commit is never followed by another
 /// CRL with the same number.
 pub(crate) fn sign(
+    scope: Scope,
     tx: &impl StoreTx,
     issuer: &Issuer<'_, impl SigningKey>,
     now: OffsetDateTime,
@@ -30,9 +92,9 @@ pub(crate) fn sign(
     let floor = published
         .and_then(published_number)
         .map_or(0, |n| n.saturating_add(1));
-    let number = tx.next_crl_number(floor)?;
+    let number = tx.next_crl_number(scope, floor)?;
     let revoked_certs = tx
-        .revoked_unexpired(now)?
+        .revoked_unexpired(scope, now)?
         .into_iter()
         .filter_map(|r| {
             let revocation = r.revocation?;

@@ -14,10 +14,10 @@ use time::OffsetDateTime;
 use twofold_protocol::{DeviceId, Identity, Principal};
 
 use crate::atomic::{self, Durability};
-use crate::crl;
+use crate::crl::{self, Scope};
 use crate::csr::CsrRequest;
 use crate::error::{Error, Result};
-use crate::pki::{CRL, CaIssuer, Pki, record_for};
+use crate::pki::{CaIssuer, Pki, record_for};
 use crate::profile::{self, Intermediate, Validity};
 use crate::registry::{
     CertRecord, Filter, Kind, Revocation, RevocationReason, Store, StoreError, StoreTx,
@@ -103,7 +103,7 @@ impl<S: Store> Pki<S> {
         let td = *self.trust_domain();
         let now = crate::registry::now();
         let validity = Validity::leaf(now, options.days, ca.not_after)?;
-        let crl_path = self.dir().join(CRL);
+        let crl_path = self.dir().join(Scope::Device.file());
         let tx = self.store.begin()?;
         let mut out = Vec::with_capacity(requests.len());
         let mut revoked_any = false;
@@ -171,7 +171,7 @@ impl<S: Store> Pki<S> {
             progress(i + 1);
         }
         if revoked_any {
-            write_crl(&crl_path, &tx, &ca, now)?;
+            write_crl(&crl_path, Scope::Device, &tx, &ca, now)?;
         }
         tx.commit()?;
         Ok(out)
@@ -190,14 +190,21 @@ impl<S: Store> Pki<S> {
     }
 
     /// Issues a gateway server certificate for DNS names and IP addresses.
+    /// With `crl_url` the certificate names where the server CA's CRL
+    /// (`server-crl.pem`, in DER) is published, so that TLS clients other
+    /// than our agents can check it too.
     pub fn issue_gateway(
         &mut self,
         dns_names: &[String],
         ips: &[IpAddr],
         days: u32,
+        crl_url: Option<&str>,
     ) -> Result<GatewayCert> {
         for name in dns_names {
             profile::check_dns_name(name)?;
+        }
+        if let Some(url) = crl_url {
+            profile::check_crl_url(url)?;
         }
         let ca = self.issuer(Intermediate::Server)?;
         let now = crate::registry::now();
@@ -216,7 +223,7 @@ impl<S: Store> Pki<S> {
             &name,
             None,
             now,
-            |serial| profile::gateway(dns_names, ips, serial, validity),
+            |serial| profile::gateway(dns_names, ips, crl_url, serial, validity),
             &key,
         )?;
         tx.commit()?;
@@ -228,12 +235,27 @@ impl<S: Store> Pki<S> {
         })
     }
 
-    /// Revokes a certificate and regenerates the CRL. Returns the revoked
-    /// record and the new CRL number.
+    /// Revokes a certificate and regenerates its CA's CRL: `crl.pem` for a
+    /// device or service, `server-crl.pem` for a gateway. Returns the
+    /// revoked record.
     pub fn revoke(&mut self, target: RevokeTarget, reason: RevocationReason) -> Result<CertRecord> {
-        let ca = self.issuer(Intermediate::Device)?;
+        // The CA key is loaded (and its passphrase asked) before the
+        // registry is locked; the kind of a serial never changes.
+        let scope = match &target {
+            RevokeTarget::Principal(_) => Scope::Device,
+            RevokeTarget::Serial(s) => self
+                .store
+                .find(&Filter {
+                    serial: Some(s.clone()),
+                    ..Filter::default()
+                })?
+                .first()
+                .and_then(|r| Scope::of(r.kind))
+                .unwrap_or(Scope::Device),
+        };
+        let ca = self.issuer(scope.issuer())?;
         let now = crate::registry::now();
-        let crl_path = self.dir().join(CRL);
+        let crl_path = self.dir().join(scope.file());
         let tx = self.store.begin()?;
         let mut record = match &target {
             RevokeTarget::Principal(p) => {
@@ -266,7 +288,7 @@ impl<S: Store> Pki<S> {
                         revoked_at: rfc3339(rev.at),
                     });
                 }
-                if !r.kind.is_client() {
+                if Scope::of(r.kind) != Some(scope) {
                     return Err(Error::NotRevocable {
                         serial: s.to_string(),
                         kind: r.kind.as_str(),
@@ -277,20 +299,20 @@ impl<S: Store> Pki<S> {
         };
         let revocation = Revocation { at: now, reason };
         tx.revoke(&record.serial, revocation)?;
-        write_crl(&crl_path, &tx, &ca, now)?;
+        write_crl(&crl_path, scope, &tx, &ca, now)?;
         tx.commit()?;
         record.revocation = Some(revocation);
         Ok(record)
     }
 
-    /// Signs a fresh CRL (new number, new validity window), writes it to
-    /// the PKI and returns it.
-    pub fn refresh_crl(&mut self) -> Result<rcgen::CertificateRevocationList> {
-        let ca = self.issuer(Intermediate::Device)?;
+    /// Signs a fresh CRL of `scope`'s CA (new number, new validity
+    /// window), writes it to the PKI and returns it.
+    pub fn refresh_crl(&mut self, scope: Scope) -> Result<rcgen::CertificateRevocationList> {
+        let ca = self.issuer(scope.issuer())?;
         let now = crate::registry::now();
-        let crl_path = self.dir().join(CRL);
+        let crl_path = self.dir().join(scope.file());
         let tx = self.store.begin()?;
-        let crl = write_crl(&crl_path, &tx, &ca, now)?;
+        let crl = write_crl(&crl_path, scope, &tx, &ca, now)?;
         tx.commit()?;
         Ok(crl)
     }
@@ -317,12 +339,13 @@ impl<S: Store> Pki<S> {
 /// revocation too many, never one too few.
 fn write_crl(
     path: &Path,
+    scope: Scope,
     tx: &impl StoreTx,
     ca: &CaIssuer,
     now: OffsetDateTime,
 ) -> Result<rcgen::CertificateRevocationList> {
     let published = std::fs::read(path).ok();
-    let crl = crl::sign(tx, &ca.issuer, now, published.as_deref())?;
+    let crl = crl::sign(scope, tx, &ca.issuer, now, published.as_deref())?;
     atomic::write(
         path,
         crl.pem()?.as_bytes(),

@@ -48,6 +48,9 @@ pub enum Error {
     #[error("invalid gateway name {value:?}: {reason}")]
     InvalidHostName { value: String, reason: &'static str },
 
+    #[error("invalid --crl-url {value:?}: {reason}")]
+    InvalidCrlUrl { value: String, reason: String },
+
     #[error(
         "{identity} already has an active certificate (serial {serial}, valid until {not_after}); \
          pass --replace to issue a new one and revoke the old one"
@@ -77,8 +80,8 @@ pub enum Error {
     AlreadyRevoked { serial: String, revoked_at: String },
 
     #[error(
-        "certificate {serial} is a {kind} certificate; only device and service certificates are \
-         revoked through the CRL"
+        "certificate {serial} is a {kind} certificate; only device, service and gateway \
+         certificates are revoked through a CRL (a CA is replaced with a new PKI)"
     )]
     NotRevocable { serial: String, kind: &'static str },
 

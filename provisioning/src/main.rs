@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use twofold_protocol::{DeviceId, Principal, ServiceName, TrustDomain};
 use twofold_provisioning::atomic::{self, Durability};
+use twofold_provisioning::crl::Scope;
 use twofold_provisioning::enrollment::{batch_ids, rfc3339};
 use twofold_provisioning::keys::{Passphrase, PassphraseSource};
 use twofold_provisioning::output::{self, GatewayAddress, files};
@@ -58,6 +59,8 @@ enum Command {
     ///
     /// Writes gateway.pem (leaf + server CA), gateway.key (0600), client-ca.pem
     /// (the device CA: what the gateway trusts for clients) and crl.pem.
+    /// Revoke it with `revoke --serial`: that updates PKI/server-crl.pem,
+    /// which Linux agents check the gateway against.
     GatewayCert {
         /// DNS names devices use to reach the gateway; the first is the CN.
         #[arg(value_name = "NAME")]
@@ -71,15 +74,21 @@ enum Command {
         /// Lifetime in days.
         #[arg(long, default_value_t = profile::GATEWAY_DAYS)]
         days: u32,
+        /// Where you will publish the server CA's CRL (`provisioning crl
+        /// --server --der`), e.g. http://pki.example.com/server-crl.der;
+        /// written into the certificate as its CRL distribution point.
+        #[arg(long, value_name = "URL")]
+        crl_url: Option<String>,
     },
 
     /// Enroll a device (or, with --service, a backend service).
     ///
     /// Generates a P-256 key and a client certificate (EKU clientAuth only,
     /// CN=ID, SAN URI spiffe://<trust-domain>/device/ID). Writes device.key
-    /// (0600), device.pem (leaf + device CA) and server-ca.pem (the only CA a
-    /// device trusts). With --format nostd writes one flashable bundle.bin for
-    /// a microcontroller instead.
+    /// (0600), device.pem (leaf + device CA), server-ca.pem (the only CA a
+    /// device trusts) and server-crl.pem (revoked gateway certificates).
+    /// With --format nostd writes one flashable bundle.bin for a
+    /// microcontroller instead.
     Enroll {
         /// The device id: 1-64 characters of a-z, 0-9 and '-'.
         #[arg(required_unless_present = "service", conflicts_with = "service")]
@@ -139,7 +148,9 @@ enum Command {
         issue: IssueArgs,
     },
 
-    /// Revoke a certificate and regenerate the CRL (PKI/crl.pem).
+    /// Revoke a certificate and regenerate its CA's CRL: PKI/crl.pem for a
+    /// device or service (the gateway reads it), PKI/server-crl.pem for a
+    /// gateway (devices read it).
     Revoke {
         #[command(flatten)]
         target: Target,
@@ -175,15 +186,18 @@ enum Command {
 
     /// Sign a fresh CRL (next number, new 30-day window) and write it out.
     ///
-    /// Also updates PKI/crl.pem. Run it regularly (e.g. daily) so the
-    /// gateway never holds an outdated CRL.
+    /// Also updates PKI/crl.pem (PKI/server-crl.pem with --server). Run both
+    /// regularly (e.g. daily) so no one holds an outdated CRL.
     Crl {
         /// Where to write the CRL.
         #[arg(long)]
         out: PathBuf,
-        /// DER instead of PEM.
+        /// DER instead of PEM (what a CRL distribution point URL serves).
         #[arg(long)]
         der: bool,
+        /// The server CA's CRL (gateway certificates) instead of the device CA's.
+        #[arg(long)]
+        server: bool,
     },
 }
 
@@ -379,6 +393,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             ips,
             out,
             days,
+            crl_url,
         } => {
             if names.is_empty() && ips.is_empty() {
                 bail!("give at least one DNS name or --ip address for the gateway");
@@ -390,7 +405,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 None,
                 "write it to another --out (the old certificate stays valid until it expires)",
             )?;
-            let cert = pki.issue_gateway(names, ips, *days)?;
+            let cert = pki.issue_gateway(names, ips, *days, crl_url.as_deref())?;
             out_dir.keep();
             let written = output::write_gateway(out, &cert, &pki.device_ca_pem()?, &pki.crl_pem()?);
             written_or_explain(written, &cert.record)?;
@@ -431,7 +446,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let mut pki = open(cli)?;
             let written: &[&str] = match format {
                 Format::Nostd => &[files::NOSTD_BUNDLE],
-                Format::Pem => &[files::DEVICE_KEY, files::DEVICE_CHAIN, files::SERVER_CA],
+                Format::Pem => &[
+                    files::DEVICE_KEY,
+                    files::DEVICE_CHAIN,
+                    files::SERVER_CA,
+                    files::SERVER_CRL,
+                ],
             };
             let out_dir = prepare_out(
                 out,
@@ -450,9 +470,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 .context("nothing was issued")?;
             out_dir.keep();
             let server_ca = pki.server_ca_pem()?;
+            let server_crl = pki.server_crl_pem()?;
             let result = match (format, gateway) {
                 (Format::Nostd, Some(gw)) => output::write_nostd(out, &e, &server_ca, gw),
-                _ => output::write_device(out, &e, &server_ca, Durability::Sync),
+                _ => output::write_device(
+                    out,
+                    &e,
+                    &server_ca,
+                    server_crl.as_deref(),
+                    Durability::Sync,
+                ),
             };
             written_or_explain(result, &e.record)?;
             println!("enrolled {} {}", principal.kind(), principal.name());
@@ -503,9 +530,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             print_record_summary(&e.record);
             println!("  files        {}", out.display());
             println!(
-                "give the device {} and {}",
+                "give the device {}, {} and {}",
                 out.display(),
-                pki.dir().join("server-ca.pem").display()
+                pki.dir().join(files::SERVER_CA).display(),
+                pki.dir().join(Scope::Server.file()).display()
             );
         }
         Command::BulkEnroll {
@@ -528,10 +556,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 record.serial,
                 reason.as_str()
             );
-            println!(
-                "  CRL          {} regenerated; give it to the gateway",
-                pki.dir().join("crl.pem").display()
-            );
+            match Scope::of(record.kind) {
+                Some(Scope::Server) => println!(
+                    "  CRL          {} regenerated; publish it (crl --server --der) at the \
+                     gateway certificates' CRL URL and give it to devices as server-crl.pem",
+                    pki.dir().join(Scope::Server.file()).display()
+                ),
+                _ => println!(
+                    "  CRL          {} regenerated; give it to the gateway",
+                    pki.dir().join(Scope::Device.file()).display()
+                ),
+            }
         }
         Command::List {
             json,
@@ -602,9 +637,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Crl { out, der } => {
+        Command::Crl { out, der, server } => {
+            let scope = if *server {
+                Scope::Server
+            } else {
+                Scope::Device
+            };
             let mut pki = open(cli)?;
-            let crl = pki.refresh_crl()?;
+            let crl = pki.refresh_crl(scope)?;
             if *der {
                 atomic::write(out, crl.der(), atomic::PUBLIC, Durability::Sync)?;
             } else {
@@ -613,7 +653,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             println!(
                 "wrote a fresh CRL to {} (and {})",
                 out.display(),
-                pki.dir().join("crl.pem").display()
+                pki.dir().join(scope.file()).display()
             );
         }
     }
@@ -672,11 +712,13 @@ fn bulk_enroll(
     bar.set_message("writing");
     bar.set_position(0);
     let server_ca = pki.server_ca_pem()?;
+    let server_crl = pki.server_crl_pem()?;
     for (i, e) in issued.iter().enumerate() {
         let written = output::write_device(
             &out.join(&e.record.name),
             e,
             &server_ca,
+            server_crl.as_deref(),
             Durability::Deferred,
         );
         if let Err(err) = written {

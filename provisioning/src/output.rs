@@ -1,7 +1,7 @@
 //! What enrollment hands out: the files a device or a gateway installs.
 //!
 //! ```text
-//! device (Linux):  device.key (0600)  device.pem (leaf + device CA)  server-ca.pem
+//! device (Linux):  device.key (0600)  device.pem (leaf + device CA)  server-ca.pem  server-crl.pem
 //! device (MCU):    bundle.bin (0600)  the flash image described in twofold_protocol::bundle
 //! gateway:         gateway.key (0600) gateway.pem (leaf + server CA) client-ca.pem  crl.pem
 //! ```
@@ -22,6 +22,7 @@ pub mod files {
     pub const DEVICE_KEY: &str = "device.key";
     pub const DEVICE_CHAIN: &str = "device.pem";
     pub const SERVER_CA: &str = "server-ca.pem";
+    pub const SERVER_CRL: &str = "server-crl.pem";
     pub const NOSTD_BUNDLE: &str = "bundle.bin";
     pub const GATEWAY_KEY: &str = "gateway.key";
     pub const GATEWAY_CHAIN: &str = "gateway.pem";
@@ -71,12 +72,14 @@ pub fn create_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io(dir))
 }
 
-/// Writes a Linux device's bundle. Without a key (CSR enrollment) only the
-/// chain and the server CA are written.
+/// Writes a Linux device's bundle: its key (unless the key came from a
+/// CSR), its chain, the server CA and, when the PKI has one, the server
+/// CA's CRL, which the agent checks the gateway's certificate against.
 pub fn write_device(
     dir: &Path,
     e: &Enrollment,
     server_ca_pem: &str,
+    server_crl_pem: Option<&str>,
     durability: Durability,
 ) -> Result<()> {
     create_dir(dir)?;
@@ -99,7 +102,16 @@ pub fn write_device(
         server_ca_pem.as_bytes(),
         PUBLIC,
         durability,
-    )
+    )?;
+    match server_crl_pem {
+        Some(crl) => atomic::write(
+            &dir.join(files::SERVER_CRL),
+            crl.as_bytes(),
+            PUBLIC,
+            durability,
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Writes a microcontroller's flashable bundle.

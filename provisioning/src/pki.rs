@@ -8,7 +8,8 @@
 //!   device-ca.key      0600, optionally encrypted
 //!   server-ca.pem      issues gateway certificates; the only anchor devices trust
 //!   server-ca.key      0600, optionally encrypted
-//!   crl.pem            the device CA's CRL, regenerated on every revocation
+//!   crl.pem            the device CA's CRL (devices and services), for the gateway
+//!   server-crl.pem     the server CA's CRL (gateway certificates), for devices
 //!   registry.db        every issued certificate (SQLite)
 //! ```
 
@@ -36,6 +37,7 @@ pub(crate) const DEVICE_CA_KEY: &str = "device-ca.key";
 pub(crate) const SERVER_CA_CERT: &str = "server-ca.pem";
 pub(crate) const SERVER_CA_KEY: &str = "server-ca.key";
 pub(crate) const CRL: &str = "crl.pem";
+pub(crate) const SERVER_CRL: &str = "server-crl.pem";
 pub(crate) const REGISTRY: &str = "registry.db";
 
 const TRUST_DOMAIN_SETTING: &str = "trust_domain";
@@ -220,9 +222,23 @@ impl<S: Store> Pki<S> {
         self.read_public(SERVER_CA_CERT)
     }
 
-    /// The current CRL, PEM.
+    /// The device CA's current CRL, PEM: what the gateway checks clients against.
     pub fn crl_pem(&self) -> Result<String> {
         self.read_public(CRL)
+    }
+
+    /// The server CA's current CRL, PEM: what devices check the gateway
+    /// against. `None` for a PKI made before there was one, until its
+    /// first `provisioning crl --server` or gateway revocation.
+    pub fn server_crl_pem(&self) -> Result<Option<String>> {
+        match fs::read_to_string(self.dir.join(SERVER_CRL)) {
+            Ok(pem) => Ok(Some(pem)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::Io {
+                path: self.dir.join(SERVER_CRL),
+                source: e,
+            }),
+        }
     }
 
     /// Loads an intermediate CA with its key, decrypting it if needed.
@@ -322,16 +338,19 @@ fn build(dir: &Path, td: &TrustDomain, passphrase: Option<&Passphrase>) -> Resul
         let params = profile::intermediate_ca(which, td.as_str(), &serial, now);
         let cert = params.signed_by(&key, &root)?;
         write_ca(kind, &params, &cert, &key, serial)?;
-        if which == Intermediate::Device {
-            let issuer = Issuer::new(params.clone(), key);
-            let crl = crate::crl::sign(&tx, &issuer, now, None)?;
-            atomic::write(
-                &dir.join(CRL),
-                crl.pem()?.as_bytes(),
-                atomic::PUBLIC,
-                Durability::Sync,
-            )?;
-        }
+        // Each intermediate starts with an empty CRL of its own.
+        let scope = match which {
+            Intermediate::Device => crate::crl::Scope::Device,
+            Intermediate::Server => crate::crl::Scope::Server,
+        };
+        let issuer = Issuer::new(params.clone(), key);
+        let crl = crate::crl::sign(scope, &tx, &issuer, now, None)?;
+        atomic::write(
+            &dir.join(scope.file()),
+            crl.pem()?.as_bytes(),
+            atomic::PUBLIC,
+            Durability::Sync,
+        )?;
     }
     tx.commit()?;
     Ok(())

@@ -162,6 +162,7 @@ pub fn client(
 pub fn gateway(
     dns_names: &[String],
     ips: &[IpAddr],
+    crl_url: Option<&str>,
     serial: &Serial,
     validity: Validity,
 ) -> Result<CertificateParams> {
@@ -184,7 +185,43 @@ pub fn gateway(
     }
     p.subject_alt_names
         .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    if let Some(url) = crl_url {
+        check_crl_url(url)?;
+        p.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+            uris: vec![url.to_owned()],
+        }];
+    }
     Ok(p)
+}
+
+/// Accepts an absolute `http://` URL with a host: where a CRL
+/// distribution point may point (RFC 5280 4.2.1.13; HTTPS would need a
+/// TLS connection checked against the very CRL being fetched).
+pub fn check_crl_url(url: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::InvalidCrlUrl {
+            value: url.to_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    if url.len() > 1024 {
+        return bad("longer than 1024 characters");
+    }
+    let uri = match url.parse::<http::Uri>() {
+        Ok(uri) => uri,
+        Err(e) => return bad(&format!("not a URL: {e}")),
+    };
+    if uri.scheme_str() != Some("http") {
+        return bad("a CRL distribution point must be an http:// URL");
+    }
+    match uri.host() {
+        Some(host) if !host.is_empty() => {}
+        _ => return bad("the URL has no host"),
+    }
+    if uri.path() == "/" && uri.query().is_none() {
+        return bad("the URL names no file, e.g. http://pki.example.com/server-crl.der");
+    }
+    Ok(())
 }
 
 /// Accepts an ordinary DNS host name: dot-separated labels of letters,

@@ -14,7 +14,13 @@ fn init_writes_a_private_pki_directory() {
     for key in ["root-ca.key", "device-ca.key", "server-ca.key"] {
         assert_eq!(mode(&pki.join(key)), 0o600, "{key}");
     }
-    for public in ["root-ca.pem", "device-ca.pem", "server-ca.pem", "crl.pem"] {
+    for public in [
+        "root-ca.pem",
+        "device-ca.pem",
+        "server-ca.pem",
+        "crl.pem",
+        "server-crl.pem",
+    ] {
         assert_eq!(mode(&pki.join(public)), 0o644, "{public}");
     }
     // The directory holds the PKI and nothing else (no staging leftovers).
@@ -257,6 +263,109 @@ fn revocation_reaches_the_crl_and_openssl_refuses_the_certificate() {
             "pki/device-ca.pem",
         ],
     );
+}
+
+/// A gateway certificate is revoked through the server CA's own CRL, which
+/// its CRL distribution point names; the device CA's CRL and number
+/// sequence are untouched, and a gateway that is not revoked still passes.
+#[test]
+fn a_revoked_gateway_certificate_is_refused_through_the_server_crl() {
+    let env = Env::with_pki();
+    let url = "http://pki.iot.example/server-crl.der";
+    env.ok(&[
+        "gateway-cert",
+        "gw.iot.example",
+        "--crl-url",
+        url,
+        "--out",
+        "gw",
+    ]);
+    env.ok(&[
+        "gateway-cert",
+        "gw.iot.example",
+        "--crl-url",
+        url,
+        "--out",
+        "gw2",
+    ]);
+    let gateway = x509_text(&env, "gw/gateway.pem");
+    assert!(
+        gateway.contains("X509v3 CRL Distribution Points"),
+        "{gateway}"
+    );
+    assert!(gateway.contains(&format!("URI:{url}")), "{gateway}");
+    // Without --crl-url there is no distribution point.
+    env.ok(&["gateway-cert", "gw.iot.example", "--out", "gw3"]);
+    assert!(!x509_text(&env, "gw3/gateway.pem").contains("CRL Distribution"));
+
+    // Devices get the server CRL in their bundle.
+    env.ok(&["enroll", "sensor-1", "--out", "dev"]);
+    assert_eq!(
+        std::fs::read(env.path("dev/server-crl.pem")).unwrap(),
+        std::fs::read(env.pki().join("server-crl.pem")).unwrap()
+    );
+
+    let d = env.dir.path();
+    let check = |leaf: &str| {
+        openssl(
+            d,
+            &[
+                "verify",
+                "-crl_check",
+                "-purpose",
+                "sslserver",
+                "-CRLfile",
+                "pki/server-crl.pem",
+                "-CAfile",
+                "pki/root-ca.pem",
+                "-untrusted",
+                "pki/server-ca.pem",
+                leaf,
+            ],
+        )
+    };
+    let (ok, text) = check("gw/gateway.pem");
+    assert!(ok, "{text}");
+    let device_crl = crl_number(&env, "pki/crl.pem");
+    let server_crl = crl_number(&env, "pki/server-crl.pem");
+
+    let serial = openssl_ok(d, &["x509", "-in", "gw/gateway.pem", "-noout", "-serial"]);
+    let serial = serial.trim().trim_start_matches("serial=").to_owned();
+    let out = env.ok(&["revoke", "--serial", &serial, "--reason", "key-compromise"]);
+    assert!(out.contains("server-crl.pem regenerated"), "{out}");
+    let (ok, text) = check("gw/gateway.pem");
+    assert!(!ok && text.contains("certificate revoked"), "{text}");
+    let (ok, text) = check("gw2/gateway.pem");
+    assert!(ok, "{text}");
+
+    assert_eq!(crl_number(&env, "pki/server-crl.pem"), server_crl + 1);
+    assert_eq!(crl_number(&env, "pki/crl.pem"), device_crl);
+    let crl = openssl_ok(d, &["crl", "-in", "pki/server-crl.pem", "-noout", "-text"]);
+    assert!(crl.contains(&format!("Serial Number: {serial}")), "{crl}");
+    assert!(
+        crl.contains("Issuer: CN = Twofold server CA iot.example"),
+        "{crl}"
+    );
+    let device = openssl_ok(d, &["crl", "-in", "pki/crl.pem", "-noout", "-text"]);
+    assert!(!device.contains(&serial), "{device}");
+
+    // What is published at the URL: DER, signed by the server CA.
+    env.ok(&["crl", "--server", "--der", "--out", "server-crl.der"]);
+    openssl_ok(
+        d,
+        &[
+            "crl",
+            "-inform",
+            "DER",
+            "-in",
+            "server-crl.der",
+            "-noout",
+            "-CAfile",
+            "pki/server-ca.pem",
+        ],
+    );
+    assert_eq!(crl_number(&env, "pki/server-crl.pem"), server_crl + 2);
+    assert_eq!(crl_number(&env, "pki/crl.pem"), device_crl);
 }
 
 #[test]

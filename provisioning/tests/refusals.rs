@@ -173,18 +173,39 @@ fn revoking_what_does_not_exist_is_explained() {
         &["revoke", "--serial", serial.as_str().unwrap()],
         "was already revoked at",
     );
-    env.ok(&["gateway-cert", "localhost", "--out", "gw"]);
-    let gw = env
+    // A CA is not revoked through its own CRL.
+    let ca = env
         .list()
         .into_iter()
-        .find(|r| r["kind"] == "gateway")
+        .find(|r| r["kind"] == "server-ca")
         .unwrap()["serial"]
         .clone();
     refused(
         &env,
-        &["revoke", "--serial", gw.as_str().unwrap()],
-        "is a gateway certificate",
+        &["revoke", "--serial", ca.as_str().unwrap()],
+        "is a server-ca certificate; only device, service and gateway certificates",
     );
+}
+
+#[test]
+fn a_bad_crl_url_is_refused_before_anything_is_issued() {
+    let env = Env::with_pki();
+    for (url, says) in [
+        ("https://pki.example/s.der", "must be an http:// URL"),
+        ("ldap://pki.example/s.der", "must be an http:// URL"),
+        ("pki.example/s.der", "not a URL"),
+        ("http://pki.example/", "names no file"),
+        ("http://pki example/s.der", "not a URL"),
+        ("http:///s.der", "not a URL"),
+    ] {
+        refused(
+            &env,
+            &["gateway-cert", "localhost", "--crl-url", url, "--out", "gw"],
+            says,
+        );
+    }
+    assert!(!env.path("gw").exists());
+    assert!(env.list().iter().all(|r| r["kind"] != "gateway"));
 }
 
 #[test]

@@ -52,7 +52,12 @@ impl Fleet {
         let mut fleet = Fleet { dir, pki };
         let gw = fleet
             .pki
-            .issue_gateway(&["localhost".into()], &["127.0.0.1".parse().unwrap()], 30)
+            .issue_gateway(
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                30,
+                None,
+            )
             .unwrap();
         output::write_gateway(
             &fleet.path("gw"),
@@ -111,6 +116,7 @@ impl Fleet {
             &out,
             &e,
             &self.pki.server_ca_pem().unwrap(),
+            self.pki.server_crl_pem().unwrap().as_deref(),
             Durability::Sync,
         )
         .unwrap();

@@ -97,6 +97,7 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
             cert: dir.join("device.pem"),
             key: dir.join("device.key"),
             server_ca: dir.join("server-ca.pem"),
+            server_crl: Some(dir.join("server-crl.pem")),
         })
         .unwrap();
         let (commands, inbox) = mpsc::channel(1);

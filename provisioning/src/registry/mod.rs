@@ -224,11 +224,15 @@ pub trait StoreTx {
     fn insert(&self, record: &CertRecord) -> Result<(), StoreError>;
     /// Marks a certificate revoked.
     fn revoke(&self, serial: &Serial, revocation: Revocation) -> Result<(), StoreError>;
-    /// All revoked device and service certificates that have not expired.
-    fn revoked_unexpired(&self, now: OffsetDateTime) -> Result<Vec<CertRecord>, StoreError>;
-    /// Advances the CRL number to at least `at_least` and returns it:
+    /// All revoked certificates of `scope`'s kinds that have not expired.
+    fn revoked_unexpired(
+        &self,
+        scope: crate::crl::Scope,
+        now: OffsetDateTime,
+    ) -> Result<Vec<CertRecord>, StoreError>;
+    /// Advances `scope`'s CRL number to at least `at_least` and returns it:
     /// one more than the last, or `at_least` if that is larger.
-    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError>;
+    fn next_crl_number(&self, scope: crate::crl::Scope, at_least: u64) -> Result<u64, StoreError>;
     /// Writes a setting.
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Makes every change visible at once.

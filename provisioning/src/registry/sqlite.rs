@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use super::{CertRecord, Filter, Revocation, RevocationReason, Store, StoreError, StoreTx};
+use crate::crl::Scope;
 use crate::serial::Serial;
 
 const SCHEMA: &str = "
@@ -270,26 +271,37 @@ impl StoreTx for SqliteTx<'_> {
         }
     }
 
-    fn revoked_unexpired(&self, now: OffsetDateTime) -> Result<Vec<CertRecord>, StoreError> {
+    fn revoked_unexpired(
+        &self,
+        scope: Scope,
+        now: OffsetDateTime,
+    ) -> Result<Vec<CertRecord>, StoreError> {
+        let kinds = scope
+            .kinds()
+            .iter()
+            .map(|k| format!("'{}'", k.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut stmt = self
             .tx
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM certificates WHERE revoked_at IS NOT NULL \
-                 AND kind IN ('device', 'service') AND not_after > ?1 ORDER BY revoked_at, serial"
+                 AND kind IN ({kinds}) AND not_after > ?1 ORDER BY revoked_at, serial"
             ))
             .map_err(backend)?;
         let rows = stmt.query_map([unix(now)], read_row).map_err(backend)?;
         rows.map(|r| r.map_err(backend)?.into_record()).collect()
     }
 
-    fn next_crl_number(&self, at_least: u64) -> Result<u64, StoreError> {
-        let current = setting(&self.tx, "crl_number")?
+    fn next_crl_number(&self, scope: Scope, at_least: u64) -> Result<u64, StoreError> {
+        let key = scope.number_setting();
+        let current = setting(&self.tx, key)?
             .map(|v| v.parse::<u64>())
             .transpose()
-            .map_err(|_| StoreError::Corrupt("crl_number is not a number".into()))?
+            .map_err(|_| StoreError::Corrupt(format!("{key} is not a number")))?
             .unwrap_or(0);
         let next = current.saturating_add(1).max(at_least);
-        self.set_setting("crl_number", &next.to_string())?;
+        self.set_setting(key, &next.to_string())?;
         Ok(next)
     }
 
@@ -343,20 +355,27 @@ mod tests {
         ));
         // Gateways may hold several (rotation overlap); services are separate names.
         tx.insert(&record("a", Kind::Service)).unwrap();
-        tx.insert(&record("gw", Kind::Gateway)).unwrap();
+        let gateway = record("gw", Kind::Gateway);
+        tx.insert(&gateway).unwrap();
         tx.insert(&record("gw", Kind::Gateway)).unwrap();
         let revocation = Revocation {
             at: crate::registry::now(),
             reason: RevocationReason::Superseded,
         };
         tx.revoke(&first.serial, revocation).unwrap();
+        tx.revoke(&gateway.serial, revocation).unwrap();
         tx.insert(&record("a", Kind::Device)).unwrap();
-        assert_eq!(
-            tx.revoked_unexpired(OffsetDateTime::UNIX_EPOCH)
-                .unwrap()
-                .len(),
-            1
-        );
+        // Each CRL lists only its own CA's certificates.
+        for (scope, serial) in [
+            (Scope::Device, &first.serial),
+            (Scope::Server, &gateway.serial),
+        ] {
+            let listed = tx
+                .revoked_unexpired(scope, OffsetDateTime::UNIX_EPOCH)
+                .unwrap();
+            assert_eq!(listed.len(), 1, "{scope:?}");
+            assert_eq!(&listed[0].serial, serial, "{scope:?}");
+        }
         tx.commit().unwrap();
         let all = store
             .find(&Filter {
@@ -393,9 +412,11 @@ mod tests {
         {
             let tx = store.begin().unwrap();
             tx.insert(&record("a", Kind::Device)).unwrap();
-            assert_eq!(tx.next_crl_number(0).unwrap(), 1);
-            assert_eq!(tx.next_crl_number(7).unwrap(), 7);
-            assert_eq!(tx.next_crl_number(0).unwrap(), 8);
+            assert_eq!(tx.next_crl_number(Scope::Device, 0).unwrap(), 1);
+            assert_eq!(tx.next_crl_number(Scope::Device, 7).unwrap(), 7);
+            assert_eq!(tx.next_crl_number(Scope::Device, 0).unwrap(), 8);
+            // The server CA's CRL counts on its own.
+            assert_eq!(tx.next_crl_number(Scope::Server, 0).unwrap(), 1);
         }
         assert!(store.find(&Filter::default()).unwrap().is_empty());
         assert_eq!(store.setting("crl_number").unwrap(), None);
