@@ -2,7 +2,8 @@
 //! FILE, one row per device with its message count, last sequence number,
 //! gaps and latest readings. FILE holds `mosquitto_sub -F '%t %x'` lines
 //! (topic, space, the payload in hex). The demo redraws it while devices
-//! publish.
+//! publish. Every reading is shown, in its unit (bytes, seconds, °C),
+//! wrapped to the terminal's width (`COLUMNS`, default 100).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -52,14 +53,18 @@ fn main() -> ExitCode {
                 row.readings = t
                     .readings
                     .iter()
-                    .take(4)
-                    .map(|r| format!("{}={}", r.name, show(r.value)))
+                    .map(|r| show(r.name, r.value))
                     .collect::<Vec<_>>()
                     .join("  ");
             }
             _ => row.undecodable += 1,
         }
     }
+    let width = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+        .filter(|w| *w >= 60)
+        .unwrap_or(100);
     println!(
         "  {:<10} {:>5} {:>6} {:>5}  LATEST READINGS",
         "DEVICE", "MSGS", "SEQ", "GAPS"
@@ -74,10 +79,21 @@ fn main() -> ExitCode {
         if row.undecodable > 0 {
             readings.push_str(&format!("  ({} not telemetry)", row.undecodable));
         }
-        println!(
-            "  {:<10} {:>5} {:>6} {:>5}  {}",
-            device, row.messages, row.last_seq, gaps, readings
+        let lead = format!(
+            "  {:<10} {:>5} {:>6} {:>5}  ",
+            device, row.messages, row.last_seq, gaps
         );
+        for (i, line) in wrap(&readings, width.saturating_sub(lead.len()))
+            .iter()
+            .enumerate()
+        {
+            let lead = if i == 0 {
+                lead.clone()
+            } else {
+                " ".repeat(lead.len())
+            };
+            println!("{lead}{line}");
+        }
     }
     if rows.is_empty() {
         println!("  (no telemetry yet)");
@@ -85,10 +101,99 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn show(v: Value) -> String {
-    match v {
-        Value::Int(i) => i.to_string(),
-        Value::Float(f) => format!("{f:.1}"),
-        Value::Bool(b) => b.to_string(),
+/// `name=value` in the unit the name's suffix gives: `_bytes`, `_s`,
+/// `_ms`, `_c` (the agents' naming convention); anything else as it is.
+fn show(name: &str, v: Value) -> String {
+    let number = match v {
+        Value::Int(i) => i as f64,
+        Value::Float(f) => f,
+        Value::Bool(b) => return format!("{name}={b}"),
+    };
+    let raw = || match v {
+        Value::Float(f) => format!("{f:.2}"),
+        _ => format!("{number}"),
+    };
+    if let Some(base) = name.strip_suffix("_bytes") {
+        format!("{base}={}", bytes(number))
+    } else if let Some(base) = name.strip_suffix("_ms") {
+        format!("{base}={}", duration(number / 1000.0))
+    } else if let Some(base) = name.strip_suffix("_s") {
+        format!("{base}={}", duration(number))
+    } else if let Some(base) = name.strip_suffix("_c") {
+        format!("{base}={number:.1}°C")
+    } else {
+        format!("{name}={}", raw())
+    }
+}
+
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut n = n;
+    let mut unit = 0;
+    while n.abs() >= 1024.0 && unit < UNITS.len() - 1 {
+        n /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n:.0}{}", UNITS[0])
+    } else {
+        format!("{n:.1}{}", UNITS[unit])
+    }
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Splits `text` at double spaces into lines of at most `width` (a single
+/// item longer than that gets a line of its own).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for item in text.split("  ").filter(|i| !i.is_empty()) {
+        let line = lines.last_mut().expect("never empty");
+        if !line.is_empty() && line.chars().count() + 2 + item.chars().count() > width {
+            lines.push(item.to_owned());
+        } else {
+            if !line.is_empty() {
+                line.push_str("  ");
+            }
+            line.push_str(item);
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_shown_in_their_units() {
+        assert_eq!(
+            show("mem_total_bytes", Value::Int(8 << 30)),
+            "mem_total=8.0GiB"
+        );
+        assert_eq!(show("net_rx_bytes", Value::Int(512)), "net_rx=512B");
+        assert_eq!(show("uptime_s", Value::Int(3 * 3600 + 125)), "uptime=3h02m");
+        assert_eq!(show("uptime_ms", Value::Int(42_000)), "uptime=42s");
+        assert_eq!(show("cpu_temp_c", Value::Float(48.31)), "cpu_temp=48.3°C");
+        assert_eq!(show("load_1", Value::Float(0.5)), "load_1=0.50");
+        assert_eq!(show("door_open", Value::Bool(true)), "door_open=true");
+        assert_eq!(show("count", Value::Int(-3)), "count=-3");
+    }
+
+    #[test]
+    fn long_readings_wrap_without_losing_any() {
+        let text = "a=1  bb=22  ccc=333  dddd=4444";
+        assert_eq!(wrap(text, 12), ["a=1  bb=22", "ccc=333", "dddd=4444"]);
+        assert_eq!(wrap(text, 100), [text]);
+        assert_eq!(wrap("", 10), [""]);
+        assert_eq!(wrap("much-too-long=1  b=2", 5), ["much-too-long=1", "b=2"]);
     }
 }
