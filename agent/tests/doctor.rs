@@ -260,6 +260,14 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
     );
     agent.kill();
     assert_eq!(sessions(), 1, "{:?}", gw.events());
+    // The operator sees why in the gateway's audit log.
+    let refusal = gw.refusal("protocol_error");
+    assert!(
+        refusal["detail"].as_str().is_some_and(
+            |d| d.contains("client refused the gateway") && d.contains("CertificateRevoked")
+        ),
+        "{refusal}"
+    );
 
     // The device CA's CRL in place of the server CA's.
     std::fs::copy(fleet.path("gw/crl.pem"), pi.dir.join(files::SERVER_CRL)).unwrap();

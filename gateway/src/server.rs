@@ -198,9 +198,16 @@ async fn handshake(
             match tls_error {
                 Some(tls_error) => {
                     let reason = Reason::from_tls(tls_error);
+                    let detail = match tls_error {
+                        // The device refused us, e.g. our certificate is
+                        // in its server CRL: say so, not just "alert".
+                        rustls::Error::AlertReceived(alert) => {
+                            format!("the client refused the gateway (TLS alert {alert:?})")
+                        }
+                        other => other.to_string(),
+                    };
                     gateway.audit.record(
-                        &Event::refused(addr, reason, tls_error.to_string())
-                            .with_certificate(presented_info()),
+                        &Event::refused(addr, reason, detail).with_certificate(presented_info()),
                     );
                 }
                 // The peer went away mid-handshake: nothing to refuse.
