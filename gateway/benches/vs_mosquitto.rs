@@ -418,13 +418,14 @@ impl Server {
         self.pids().into_iter().map(cpu).sum()
     }
 
-    fn rss_kib(&self) -> u64 {
+    /// Resident memory of each server process, in [`Server::pids`] order.
+    fn rss_kib(&self) -> Vec<u64> {
         let rss = |pid: u32| -> u64 {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
             let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
             line.split_whitespace().nth(1).unwrap().parse().unwrap()
         };
-        self.pids().into_iter().map(rss).sum()
+        self.pids().into_iter().map(rss).collect()
     }
 }
 
@@ -563,11 +564,24 @@ async fn measure(fleet: &Fleet, server: &mut Server, sizes: &Sizes) -> Results {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss1 = server.rss_kib();
-    let idle_kib = (rss1.saturating_sub(rss0)) as f64 / held.len().max(1) as f64;
-    println!(
-        "idle: {} sessions, RSS {rss0} KiB -> {rss1} KiB",
-        held.len()
-    );
+    let grown: u64 = rss1
+        .iter()
+        .zip(&rss0)
+        .map(|(b, a)| b.saturating_sub(*a))
+        .sum();
+    let idle_kib = grown as f64 / held.len().max(1) as f64;
+    // Each process's share, e.g. the gateway's and the broker's behind it.
+    let shares: Vec<String> = rss0
+        .iter()
+        .zip(&rss1)
+        .map(|(a, b)| {
+            format!(
+                "{a} KiB -> {b} KiB ({:.1} KiB each)",
+                b.saturating_sub(*a) as f64 / held.len().max(1) as f64
+            )
+        })
+        .collect();
+    println!("idle: {} sessions, RSS {}", held.len(), shares.join(" + "));
     drop(held);
     tokio::time::sleep(Duration::from_secs(1)).await;
 

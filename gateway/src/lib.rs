@@ -15,6 +15,7 @@ pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod reason;

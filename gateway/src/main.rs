@@ -54,16 +54,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // rumqttd logs every ordinary disconnect as an ERROR; its
-                // logs are off unless RUST_LOG asks for them.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    twofold_gateway::logging::init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::reason::Reason;
 use crate::revocation::RevocationList;
@@ -33,6 +33,9 @@ pub struct Metrics {
     refusals: IntCounterVec,
     messages: IntCounterVec,
     bytes: IntCounterVec,
+    /// `messages` and `bytes` for each [`Direction`], looked up once:
+    /// they are counted for every relayed packet.
+    relayed: [(IntCounter, IntCounter); 2],
     crl_number: IntGauge,
     crl_age: IntGauge,
     crl_revoked: IntGauge,
@@ -62,6 +65,22 @@ impl Metrics {
         let gauge = |name: &str, help: &str| {
             IntGauge::with_opts(opts(name, help)).expect("static metric options")
         };
+        let messages = counter(
+            "messages_total",
+            "PUBLISH packets relayed, by direction",
+            "direction",
+        );
+        let bytes = counter(
+            "bytes_total",
+            "MQTT bytes relayed, by direction",
+            "direction",
+        );
+        let relayed = [Direction::In, Direction::Out].map(|d| {
+            (
+                messages.with_label_values(&[d.label()]),
+                bytes.with_label_values(&[d.label()]),
+            )
+        });
         let m = Metrics {
             registry: Registry::new(),
             sessions: gauge("sessions", "MQTT sessions relayed to the broker now"),
@@ -71,16 +90,9 @@ impl Metrics {
                 "Refused handshakes, CONNECTs and packets by reason",
                 "reason",
             ),
-            messages: counter(
-                "messages_total",
-                "PUBLISH packets relayed, by direction",
-                "direction",
-            ),
-            bytes: counter(
-                "bytes_total",
-                "MQTT bytes relayed, by direction",
-                "direction",
-            ),
+            messages,
+            bytes,
+            relayed,
             crl_number: gauge("crl_number", "CRL number in force (0 if none)"),
             crl_age: gauge(
                 "crl_age_seconds",
@@ -115,10 +127,6 @@ impl Metrics {
         for outcome in ["ok", "refused"] {
             m.handshakes.with_label_values(&[outcome]);
         }
-        for d in [Direction::In, Direction::Out] {
-            m.messages.with_label_values(&[d.label()]);
-            m.bytes.with_label_values(&[d.label()]);
-        }
         m
     }
 
@@ -134,14 +142,11 @@ impl Metrics {
     }
 
     pub fn relayed(&self, direction: Direction, messages: u64, bytes: u64) {
+        let (m, b) = &self.relayed[direction as usize];
         if messages > 0 {
-            self.messages
-                .with_label_values(&[direction.label()])
-                .inc_by(messages);
+            m.inc_by(messages);
         }
-        self.bytes
-            .with_label_values(&[direction.label()])
-            .inc_by(bytes);
+        b.inc_by(bytes);
     }
 
     /// A session started; `not_after` is its certificate's expiry.
