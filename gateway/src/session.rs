@@ -337,15 +337,18 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         match next_frame(&mut buf, max) {
             Ok(None) => return out,
             Err(_) => return out.close(Reason::ProtocolError),
-            Ok(Some(frame)) => match inspect(version, principal, &frame, max) {
-                Verdict::Forward => out.forwarded.push(frame.freeze()),
-                Verdict::Refuse {
-                    reason,
-                    close: false,
-                    ..
-                } => out.refusals.push(reason),
-                Verdict::Refuse { reason, .. } => return out.close(reason),
-            },
+            Ok(Some(frame)) => {
+                let frame = frame.freeze();
+                match inspect(version, principal, &frame, max) {
+                    Verdict::Forward => out.forwarded.push(frame),
+                    Verdict::Refuse(Refusal {
+                        reason,
+                        close: false,
+                        ..
+                    }) => out.refusals.push(reason),
+                    Verdict::Refuse(Refusal { reason, .. }) => return out.close(reason),
+                }
+            }
         }
     }
 }
@@ -353,26 +356,82 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
 /// What to do with one packet from the device.
 enum Verdict {
     Forward,
-    /// Refuse it: audit, optionally answer the device, optionally close.
-    Refuse {
-        reason: Reason,
-        detail: String,
-        reply: Option<Bytes>,
-        close: bool,
-    },
+    Refuse(Refusal),
+}
+
+/// A refused packet: audit it, optionally answer the device, optionally close.
+struct Refusal {
+    reason: Reason,
+    detail: String,
+    reply: Option<Bytes>,
+    close: bool,
 }
 
 fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Verdict {
-    Verdict::Refuse {
+    Verdict::Refuse(Refusal {
         reason,
         detail,
         reply,
         close,
+    })
+}
+
+/// Where a [`Batch`] ended before the bytes read so far ran out.
+enum Stop {
+    Refused(Refusal),
+    Frame(FrameError),
+}
+
+/// Whole frames from one read of the device's stream.
+struct Batch {
+    /// The frames to forward, in order, back to back.
+    forward: BytesMut,
+    /// How many of them are PUBLISH.
+    publishes: u64,
+    /// What ended the batch, if anything did: the frames after it wait in
+    /// the buffer for the next read.
+    stop: Option<Stop>,
+}
+
+/// Checks `first` and every whole frame behind it in `buf`, gathering the
+/// allowed ones until a refusal, a bad frame or the end of what was read.
+fn batch(
+    version: Version,
+    principal: &Principal,
+    first: Bytes,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Batch {
+    let mut out = Batch {
+        forward: BytesMut::new(),
+        publishes: 0,
+        stop: None,
+    };
+    let mut frame = first;
+    loop {
+        match inspect(version, principal, &frame, max) {
+            Verdict::Forward => {
+                out.publishes += u64::from(frame.first().is_some_and(|b| b >> 4 == 3));
+                out.forward.extend_from_slice(&frame);
+            }
+            Verdict::Refuse(refusal) => {
+                out.stop = Some(Stop::Refused(refusal));
+                return out;
+            }
+        }
+        match next_frame(buf, max) {
+            Ok(Some(next)) => frame = next.freeze(),
+            Ok(None) => return out,
+            Err(e) => {
+                out.stop = Some(Stop::Frame(e));
+                return out;
+            }
+        }
     }
 }
 
 /// Checks one packet from the device against the policy.
-fn inspect(version: Version, principal: &Principal, frame: &BytesMut, max: usize) -> Verdict {
+fn inspect(version: Version, principal: &Principal, frame: &Bytes, max: usize) -> Verdict {
     let packet_type = frame.first().map(|b| b >> 4).unwrap_or(0);
     match packet_type {
         // CONNECT again, or AUTH (enhanced authentication is not offered).
@@ -403,17 +462,16 @@ fn malformed(version: Version, what: &str, e: impl std::fmt::Display) -> Verdict
     )
 }
 
-fn inspect_publish(
-    version: Version,
-    principal: &Principal,
-    mut frame: BytesMut,
-    max: usize,
-) -> Verdict {
+// The PUBLISH and SUBSCRIBE readers below parse the frame in place (a
+// `Bytes` clone shares it); `inspect` has checked the packet type.
+
+fn inspect_publish(version: Version, principal: &Principal, frame: Bytes, max: usize) -> Verdict {
     match version {
         Version::V311 => {
-            let p = match v4::Packet::read(&mut frame, max) {
-                Ok(v4::Packet::Publish(p)) => p,
-                Ok(_) => return malformed(version, "PUBLISH", "not a PUBLISH"),
+            let p = match mqttbytes::check(frame.iter(), max)
+                .and_then(|header| v4::Publish::read(header, frame))
+            {
+                Ok(p) => p,
                 Err(e) => return malformed(version, "PUBLISH", e),
             };
             match policy::may_publish(principal, &p.topic) {
@@ -428,9 +486,10 @@ fn inspect_publish(
             }
         }
         Version::V5 => {
-            let p = match v5::Packet::read(&mut frame, Some(max as u32)) {
-                Ok(v5::Packet::Publish(p)) => p,
-                Ok(_) => return malformed(version, "PUBLISH", "not a PUBLISH"),
+            let p = match v5::check(frame.iter(), Some(max as u32))
+                .and_then(|header| v5::Publish::read(header, frame))
+            {
+                Ok(p) => p,
                 Err(e) => return malformed(version, "PUBLISH", e),
             };
             if p.properties
@@ -492,25 +551,18 @@ fn inspect_publish(
     }
 }
 
-fn inspect_subscribe(
-    version: Version,
-    principal: &Principal,
-    mut frame: BytesMut,
-    max: usize,
-) -> Verdict {
+fn inspect_subscribe(version: Version, principal: &Principal, frame: Bytes, max: usize) -> Verdict {
     let (pkid, filters): (u16, Vec<String>) = match version {
-        Version::V311 => match v4::Packet::read(&mut frame, max) {
-            Ok(v4::Packet::Subscribe(s)) => {
-                (s.pkid, s.filters.into_iter().map(|f| f.path).collect())
-            }
-            Ok(_) => return malformed(version, "SUBSCRIBE", "not a SUBSCRIBE"),
+        Version::V311 => match mqttbytes::check(frame.iter(), max)
+            .and_then(|header| v4::Subscribe::read(header, frame))
+        {
+            Ok(s) => (s.pkid, s.filters.into_iter().map(|f| f.path).collect()),
             Err(e) => return malformed(version, "SUBSCRIBE", e),
         },
-        Version::V5 => match v5::Packet::read(&mut frame, Some(max as u32)) {
-            Ok(v5::Packet::Subscribe(s)) => {
-                (s.pkid, s.filters.into_iter().map(|f| f.path).collect())
-            }
-            Ok(_) => return malformed(version, "SUBSCRIBE", "not a SUBSCRIBE"),
+        Version::V5 => match v5::check(frame.iter(), Some(max as u32))
+            .and_then(|header| v5::Subscribe::read(header, frame))
+        {
+            Ok(s) => (s.pkid, s.filters.into_iter().map(|f| f.path).collect()),
             Err(e) => return malformed(version, "SUBSCRIBE", e),
         },
     };
@@ -604,6 +656,9 @@ async fn connect_upstream(
         }
     })
 }
+
+/// The most bytes of queued messages joined into one write to a device.
+const WRITE_BATCH: usize = 16 * 1024;
 
 /// Runs a session to its end. Every refusal is audited exactly once.
 pub async fn run<S>(
@@ -714,7 +769,24 @@ pub async fn run<S>(
     // answers both go through it.
     let (to_device, mut outbox) = mpsc::channel::<Bytes>(16);
     let writer = tokio::spawn(async move {
-        while let Some(bytes) = outbox.recv().await {
+        while let Some(first) = outbox.recv().await {
+            // What else is already queued goes out with it: one TLS record
+            // and one write instead of one per message.
+            let bytes = match outbox.try_recv() {
+                Err(_) => first,
+                Ok(second) => {
+                    let mut joined = BytesMut::with_capacity(first.len() + second.len());
+                    joined.extend_from_slice(&first);
+                    joined.extend_from_slice(&second);
+                    while joined.len() < WRITE_BATCH {
+                        match outbox.try_recv() {
+                            Ok(next) => joined.extend_from_slice(&next),
+                            Err(_) => break,
+                        }
+                    }
+                    joined.freeze()
+                }
+            };
             if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
                 break;
             }
@@ -758,16 +830,22 @@ pub async fn run<S>(
     let mut watching = true;
     loop {
         tokio::select! {
-            read = read_frame(&mut rd, &mut buf, max) => match read {
-                Ok(frame) => match inspect(version, &peer.principal, &frame, max) {
-                    Verdict::Forward => {
-                        let publishes = u64::from(frame.first().is_some_and(|b| b >> 4 == 3));
-                        metrics.relayed(Direction::In, publishes, frame.len() as u64);
-                        if up_wr.write_all(&frame).await.is_err() {
-                            break;
-                        }
+            read = read_frame(&mut rd, &mut buf, max) => {
+                // This frame and every whole frame already read behind it
+                // go to the broker in one write.
+                let Batch { forward, publishes, stop } = match read {
+                    Ok(first) => batch(version, &peer.principal, first.freeze(), &mut buf, max),
+                    Err(e) => Batch { forward: BytesMut::new(), publishes: 0, stop: Some(Stop::Frame(e)) },
+                };
+                if !forward.is_empty() {
+                    metrics.relayed(Direction::In, publishes, forward.len() as u64);
+                    if up_wr.write_all(&forward).await.is_err() {
+                        break;
                     }
-                    Verdict::Refuse { reason, detail, reply, close } => {
+                }
+                match stop {
+                    None => {}
+                    Some(Stop::Refused(Refusal { reason, detail, reply, close })) => {
                         refuse(reason, detail, Some(&client_id));
                         if let Some(reply) = reply {
                             let _ = to_device.send(reply).await;
@@ -776,23 +854,23 @@ pub async fn run<S>(
                             break;
                         }
                     }
-                },
-                Err(FrameError::Closed) => break,
-                Err(FrameError::TooLarge(n)) => {
-                    if version == Version::V5 {
-                        let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge)).await;
+                    Some(Stop::Frame(FrameError::Closed)) => break,
+                    Some(Stop::Frame(FrameError::TooLarge(n))) => {
+                        if version == Version::V5 {
+                            let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge)).await;
+                        }
+                        refuse(Reason::ProtocolError, format!("packet of {n} bytes; the limit is {max}"), Some(&client_id));
+                        break;
                     }
-                    refuse(Reason::ProtocolError, format!("packet of {n} bytes; the limit is {max}"), Some(&client_id));
-                    break;
-                }
-                Err(FrameError::Malformed(e)) => {
-                    if version == Version::V5 {
-                        let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::MalformedPacket)).await;
+                    Some(Stop::Frame(FrameError::Malformed(e))) => {
+                        if version == Version::V5 {
+                            let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::MalformedPacket)).await;
+                        }
+                        refuse(Reason::ProtocolError, format!("malformed packet: {e}"), Some(&client_id));
+                        break;
                     }
-                    refuse(Reason::ProtocolError, format!("malformed packet: {e}"), Some(&client_id));
-                    break;
                 }
-            },
+            }
             _ = &mut pump => break,
             _ = shutdown.changed() => {
                 if version == Version::V5 {
