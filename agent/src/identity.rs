@@ -50,16 +50,22 @@ pub struct DeviceIdentity {
     pub tls: Arc<rustls::ClientConfig>,
 }
 
-/// Reads every certificate in a PEM file; refuses a file with none.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+/// Reads every `label` item (e.g. CERTIFICATE) of a PEM file; refuses a
+/// file with none.
+fn load_pem<T: PemObject>(path: &Path, label: &str) -> Result<Vec<T>, IdentityError> {
+    let items: Vec<T> = T::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?
         .collect::<Result<_, _>>()
         .map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no CERTIFICATE found"));
+    if items.is_empty() {
+        return Err(file_error(path, format!("no {label} found")));
     }
-    Ok(certs)
+    Ok(items)
+}
+
+/// Reads every certificate in a PEM file; refuses a file with none.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    load_pem(path, "CERTIFICATE")
 }
 
 /// Loads the server CA's CRLs from `path` and checks that each is signed
@@ -70,13 +76,7 @@ pub fn load_server_crl(
     path: &Path,
     server_ca: &[CertificateDer<'_>],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
-    let crls: Vec<_> = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| file_error(path, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| file_error(path, e))?;
-    if crls.is_empty() {
-        return Err(file_error(path, "no X509 CRL found"));
-    }
+    let crls: Vec<CertificateRevocationListDer<'static>> = load_pem(path, "X509 CRL")?;
     for der in &crls {
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
             .map_err(|e| file_error(path, format!("a CRL does not parse: {e}")))?;

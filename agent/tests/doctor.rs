@@ -279,6 +279,19 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
         "[FAIL]",
         &["not signed by the server CA", "fix:"],
     );
+
+    // A bundle made before there was a server CRL: nothing can refuse the
+    // revoked gateway, and doctor says so.
+    std::fs::remove_file(pi.dir.join(files::SERVER_CRL)).unwrap();
+    let (ok, report) = doctor(&fleet, "no-crl", &pi, port);
+    assert!(ok, "{report}");
+    assert_line(
+        &report,
+        "server CRL",
+        "[WARN]",
+        &["not checked for revocation", "fix:"],
+    );
+    assert_line(&report, "mqtt", "[ OK ]", &[]);
 }
 
 /// The key made on the board never leaves it: `agent keygen`, then

@@ -659,6 +659,9 @@ async fn connect_upstream(
 
 /// The most bytes of queued messages joined into one write to a device.
 const WRITE_BATCH: usize = 16 * 1024;
+/// The smallest and largest reads from the broker for one session.
+const READ_CHUNK_MIN: usize = 512;
+const READ_CHUNK_MAX: usize = 64 * 1024;
 
 /// Runs a session to its end. Every refusal is audited exactly once.
 pub async fn run<S>(
@@ -796,7 +799,8 @@ pub async fn run<S>(
     let pump_out = to_device.clone();
     let pump_metrics = metrics.clone();
     let mut pump = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(512);
+        let mut buf = BytesMut::with_capacity(READ_CHUNK_MIN);
+        let mut chunk = READ_CHUNK_MIN;
         if version == Version::V5 {
             match read_frame(&mut up_rd, &mut buf, usize::MAX).await {
                 Ok(connack) => {
@@ -820,9 +824,17 @@ pub async fn run<S>(
                     return;
                 }
             }
+            // Reads grow while they fill the buffer (a subscriber receiving
+            // many devices' traffic), so a busy session reads in large
+            // chunks and an idle one keeps a small buffer.
+            if buf.capacity() - buf.len() < READ_CHUNK_MIN {
+                buf.reserve(chunk);
+            }
+            let room = buf.capacity() - buf.len();
             match up_rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) if n == room => chunk = (chunk * 2).min(READ_CHUNK_MAX),
+                Ok(_) => chunk = READ_CHUNK_MIN,
             }
         }
     });

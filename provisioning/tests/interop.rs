@@ -272,22 +272,16 @@ fn revocation_reaches_the_crl_and_openssl_refuses_the_certificate() {
 fn a_revoked_gateway_certificate_is_refused_through_the_server_crl() {
     let env = Env::with_pki();
     let url = "http://pki.iot.example/server-crl.der";
-    env.ok(&[
-        "gateway-cert",
-        "gw.iot.example",
-        "--crl-url",
-        url,
-        "--out",
-        "gw",
-    ]);
-    env.ok(&[
-        "gateway-cert",
-        "gw.iot.example",
-        "--crl-url",
-        url,
-        "--out",
-        "gw2",
-    ]);
+    for out in ["gw", "gw2"] {
+        env.ok(&[
+            "gateway-cert",
+            "gw.iot.example",
+            "--crl-url",
+            url,
+            "--out",
+            out,
+        ]);
+    }
     let gateway = x509_text(&env, "gw/gateway.pem");
     assert!(
         gateway.contains("X509v3 CRL Distribution Points"),
