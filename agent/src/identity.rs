@@ -96,6 +96,19 @@ pub fn load_server_crl(
             ));
         }
     }
+    // rustls refuses some CRLs x509-parser reads (version 1, delta and
+    // indirect CRLs): find out here, and name this file, not the CA's.
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in server_ca {
+        let _ = roots.add(ca.clone());
+    }
+    rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+    )
+    .with_crls(crls.clone())
+    .build()
+    .map_err(|e| file_error(path, format!("rustls cannot use this CRL: {e}")))?;
     Ok(crls)
 }
 

@@ -36,7 +36,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         ),
         None => tracing::warn!(
             "no server-crl.pem: the gateway's certificate is not checked for revocation; \
-             re-enroll with a current provisioning or set identity.server_crl"
+             copy the PKI's server-crl.pem into the bundle directory (or set \
+             identity.server_crl when the files are listed one by one)"
         ),
     }
     let wake = Arc::new(Notify::new());

@@ -6,7 +6,9 @@
 //!
 //! It is the floor under the embedded broker's memory per connection
 //! (BENCHMARKS.md): the gateway's relay and its TLS session come on top.
-//! The router is configured as `broker::start_embedded` configures it.
+//! The router gets the per-link settings `broker::start_embedded` gives it
+//! (connections, outgoing packets, segment sizes); the fan-in filters'
+//! larger segments are left out, since no one publishes here.
 
 use std::time::Duration;
 

@@ -659,9 +659,12 @@ async fn connect_upstream(
 
 /// The most bytes of queued messages joined into one write to a device.
 const WRITE_BATCH: usize = 16 * 1024;
-/// The smallest and largest reads from the broker for one session.
+/// The smallest and largest reads from the broker for one session. A read
+/// shares its allocation with the frames split off it until the device
+/// has them, so at most the 16 queued sends times this is held for a
+/// slow device.
 const READ_CHUNK_MIN: usize = 512;
-const READ_CHUNK_MAX: usize = 64 * 1024;
+const READ_CHUNK_MAX: usize = 16 * 1024;
 
 /// Runs a session to its end. Every refusal is audited exactly once.
 pub async fn run<S>(
@@ -773,8 +776,8 @@ pub async fn run<S>(
     let (to_device, mut outbox) = mpsc::channel::<Bytes>(16);
     let writer = tokio::spawn(async move {
         while let Some(first) = outbox.recv().await {
-            // What else is already queued goes out with it: one TLS record
-            // and one write instead of one per message.
+            // What else is already queued goes out with it: one write (and
+            // as few TLS records as its size allows) instead of one each.
             let bytes = match outbox.try_recv() {
                 Err(_) => first,
                 Ok(second) => {
@@ -826,7 +829,10 @@ pub async fn run<S>(
             }
             // Reads grow while they fill the buffer (a subscriber receiving
             // many devices' traffic), so a busy session reads in large
-            // chunks and an idle one keeps a small buffer.
+            // chunks; once it is quiet again it goes back to a small one.
+            if buf.is_empty() && chunk == READ_CHUNK_MIN && buf.capacity() > 2 * READ_CHUNK_MIN {
+                buf = BytesMut::with_capacity(READ_CHUNK_MIN);
+            }
             if buf.capacity() - buf.len() < READ_CHUNK_MIN {
                 buf.reserve(chunk);
             }
@@ -947,6 +953,51 @@ mod tests {
         let mut p = v4::Publish::new(topic, qos, "x");
         p.pkid = u16::from(qos != mqttbytes::QoS::AtMostOnce);
         encode_v4(v4::Packet::Publish(p))
+    }
+
+    fn v5_publish(topic: &str, pkid: u16) -> Bytes {
+        let mut p = v5::Publish::new(topic, QoS::AtLeastOnce, "x", None);
+        p.pkid = pkid;
+        encode_v5(v5::Packet::Publish(p))
+    }
+
+    /// Frames read together go out together, in order, up to a refusal;
+    /// the frames behind a refusal that keeps the session wait in the
+    /// buffer for the next batch, and none is lost.
+    #[test]
+    fn a_batch_stops_at_a_refusal_and_the_rest_follows() {
+        let me = device("sensor-1");
+        let (a, denied, b, c) = (
+            v5_publish("devices/sensor-1/telemetry", 1),
+            v5_publish("devices/sensor-2/telemetry", 2),
+            v5_publish("devices/sensor-1/state", 3),
+            v5_publish("devices/sensor-1/telemetry", 4),
+        );
+        let mut buf = BytesMut::new();
+        for f in [&a, &denied, &b, &c] {
+            buf.extend_from_slice(f);
+        }
+        let first = next_frame(&mut buf, 1024).ok().flatten().unwrap().freeze();
+        let one = batch(Version::V5, &me, first, &mut buf, 1024);
+        assert_eq!(&one.forward[..], &a[..]);
+        assert_eq!(one.publishes, 1);
+        match one.stop {
+            Some(Stop::Refused(r)) => {
+                assert_eq!(r.reason, Reason::PolicyDenied);
+                assert!(
+                    !r.close,
+                    "MQTT 5 answers a denied QoS 1 PUBLISH and goes on"
+                );
+                assert!(r.reply.is_some());
+            }
+            _ => panic!("the batch must stop at the denied PUBLISH"),
+        }
+        let next = next_frame(&mut buf, 1024).ok().flatten().unwrap().freeze();
+        let two = batch(Version::V5, &me, next, &mut buf, 1024);
+        assert_eq!(&two.forward[..], &[&b[..], &c[..]].concat()[..]);
+        assert_eq!(two.publishes, 2);
+        assert!(two.stop.is_none());
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -25,7 +25,7 @@ const PASSPHRASE_ENV: &str = "TWOFOLD_CA_PASSPHRASE";
 
 /// Run the Twofold certificate authority and enroll devices.
 ///
-/// A PKI directory holds three CAs (root, device, server), the CRL and a
+/// A PKI directory holds three CAs (root, device, server), their CRLs and a
 /// registry of every certificate issued. Start with `init`, give the gateway
 /// a certificate with `gateway-cert`, then `enroll` devices.
 #[derive(Parser)]
@@ -367,11 +367,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             );
             println!("  root CA    {}", pki.dir().join("root-ca.pem").display());
             println!(
-                "  device CA  {}  (issues device and service certificates, signs the CRL)",
+                "  device CA  {}  (issues device and service certificates, signs crl.pem)",
                 pki.dir().join("device-ca.pem").display()
             );
             println!(
-                "  server CA  {}  (issues gateway certificates; devices trust only this)",
+                "  server CA  {}  (issues gateway certificates, signs server-crl.pem; devices trust only this)",
                 pki.dir().join("server-ca.pem").display()
             );
             println!(
@@ -487,7 +487,18 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             for old in &e.superseded {
                 println!("  superseded   {old} (revoked, listed in the CRL)");
             }
-            println!("  files        {}", file_list(out, written));
+            // A PKI made before there was a server CRL has none to hand out.
+            let listed: Vec<&str> = written
+                .iter()
+                .copied()
+                .filter(|f| *f != files::SERVER_CRL || server_crl.is_some())
+                .collect();
+            println!("  files        {}", file_list(out, &listed));
+            if *format == Format::Pem && server_crl.is_none() {
+                println!(
+                    "  note         this PKI has no server-crl.pem yet: run `provisioning crl --server --out ...` once"
+                );
+            }
         }
         Command::SignCsr {
             csr,

@@ -207,6 +207,14 @@ pub fn check_crl_url(url: &str) -> Result<()> {
     if url.len() > 1024 {
         return bad("longer than 1024 characters");
     }
+    // The certificate stores it as an IA5String: ASCII only, and exactly
+    // as given (a parser would drop a #fragment).
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return bad("only printable ASCII without spaces; percent-encode anything else");
+    }
+    if url.contains('#') {
+        return bad("a #fragment has no place in a CRL distribution point");
+    }
     let uri = match url.parse::<http::Uri>() {
         Ok(uri) => uri,
         Err(e) => return bad(&format!("not a URL: {e}")),

@@ -195,8 +195,13 @@ fn a_bad_crl_url_is_refused_before_anything_is_issued() {
         ("ldap://pki.example/s.der", "must be an http:// URL"),
         ("pki.example/s.der", "not a URL"),
         ("http://pki.example/", "names no file"),
-        ("http://pki example/s.der", "not a URL"),
+        (
+            "http://pki example/s.der",
+            "only printable ASCII without spaces",
+        ),
         ("http:///s.der", "not a URL"),
+        ("http://pki.example/\u{e9}.der", "only printable ASCII"),
+        ("http://pki.example/s.der#x", "#fragment"),
     ] {
         refused(
             &env,
