@@ -69,7 +69,7 @@ fn main() {
             connects: 2000,
             idle: 5000,
             publishers: 100,
-            messages: 500,
+            messages: 2000,
             storm: 2000,
             enroll: 10_000,
         }

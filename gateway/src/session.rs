@@ -333,21 +333,22 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         version: Some(version),
         ..out
     };
+    // As the session does it: batch after batch until the input runs out
+    // or a refusal closes the session.
     loop {
-        match next_frame(&mut buf, max) {
-            Ok(None) => return out,
-            Err(_) => return out.close(Reason::ProtocolError),
-            Ok(Some(frame)) => {
-                let frame = frame.freeze();
-                match inspect(version, principal, &frame, max) {
-                    Verdict::Forward => out.forwarded.push(frame),
-                    Verdict::Refuse(Refusal {
-                        reason,
-                        close: false,
-                        ..
-                    }) => out.refusals.push(reason),
-                    Verdict::Refuse(Refusal { reason, .. }) => return out.close(reason),
+        let Batch { forward, stop, .. } = batch(version, principal, &mut buf, max);
+        let mut forward = BytesMut::from(&forward[..]);
+        while let Ok(Some(frame)) = next_frame(&mut forward, usize::MAX) {
+            out.forwarded.push(frame.freeze());
+        }
+        match stop {
+            None => return out,
+            Some(Stop::Frame(_)) => return out.close(Reason::ProtocolError),
+            Some(Stop::Refused(Refusal { reason, close, .. })) => {
+                if close {
+                    return out.close(reason);
                 }
+                out.refusals.push(reason);
             }
         }
     }
@@ -385,7 +386,7 @@ enum Stop {
 /// Whole frames from one read of the device's stream.
 struct Batch {
     /// The frames to forward, in order, back to back.
-    forward: BytesMut,
+    forward: Bytes,
     /// How many of them are PUBLISH.
     publishes: u64,
     /// What ended the batch, if anything did: the frames after it wait in
@@ -393,41 +394,68 @@ struct Batch {
     stop: Option<Stop>,
 }
 
-/// Checks `first` and every whole frame behind it in `buf`, gathering the
-/// allowed ones until a refusal, a bad frame or the end of what was read.
-fn batch(
-    version: Version,
-    principal: &Principal,
-    first: Bytes,
-    buf: &mut BytesMut,
-    max: usize,
-) -> Batch {
+/// Checks the whole frames at the front of `buf`, taking the allowed ones
+/// off it until a refusal, a bad frame or the end of what was read. The
+/// allowed frames are forwarded as they were read, in one piece: no copy.
+fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize) -> Batch {
+    // First, how far the whole frames go, from their headers alone.
+    let mut whole = 0;
+    let mut bad = None;
+    loop {
+        match mqttbytes::check(buf[whole..].iter(), max) {
+            Ok(header) => whole += header.frame_length(),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+            Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
+                bad = Some(FrameError::TooLarge(n));
+                break;
+            }
+            Err(e) => {
+                bad = Some(FrameError::Malformed(e.to_string()));
+                break;
+            }
+        }
+    }
+    let frames = buf.split_to(whole).freeze();
     let mut out = Batch {
-        forward: BytesMut::new(),
+        forward: Bytes::new(),
         publishes: 0,
         stop: None,
     };
-    let mut frame = first;
-    loop {
-        match inspect(version, principal, &frame, max) {
-            Verdict::Forward => {
-                out.publishes += u64::from(frame.first().is_some_and(|b| b >> 4 == 3));
-                out.forward.extend_from_slice(&frame);
-            }
-            Verdict::Refuse(refusal) => {
-                out.stop = Some(Stop::Refused(refusal));
+    let mut at = 0;
+    while at < frames.len() {
+        // Each of these headers was read above.
+        let end = match mqttbytes::check(frames[at..].iter(), max) {
+            Ok(header) => at + header.frame_length(),
+            Err(e) => {
+                out.forward = frames.slice(..at);
+                out.stop = Some(Stop::Frame(FrameError::Malformed(e.to_string())));
                 return out;
             }
-        }
-        match next_frame(buf, max) {
-            Ok(Some(next)) => frame = next.freeze(),
-            Ok(None) => return out,
-            Err(e) => {
-                out.stop = Some(Stop::Frame(e));
+        };
+        let frame = frames.slice(at..end);
+        match inspect(version, principal, &frame, max) {
+            Verdict::Forward => {
+                out.publishes += u64::from(frame[0] >> 4 == 3);
+                at = end;
+            }
+            Verdict::Refuse(refusal) => {
+                out.forward = frames.slice(..at);
+                out.stop = Some(Stop::Refused(refusal));
+                // The frames behind the refused one go back in front of
+                // what was read after them, for the next batch.
+                if end < frames.len() {
+                    let mut back = BytesMut::with_capacity(frames.len() - end + buf.len());
+                    back.extend_from_slice(&frames[end..]);
+                    back.extend_from_slice(buf);
+                    *buf = back;
+                }
                 return out;
             }
         }
     }
+    out.forward = frames;
+    out.stop = bad.map(Stop::Frame);
+    out
 }
 
 /// Checks one packet from the device against the policy.
@@ -659,12 +687,70 @@ async fn connect_upstream(
 
 /// The most bytes of queued messages joined into one write to a device.
 const WRITE_BATCH: usize = 16 * 1024;
-/// The smallest and largest reads from the broker for one session. A read
-/// shares its allocation with the frames split off it until the device
-/// has them, so at most the 16 queued sends times this is held for a
-/// slow device.
+/// The smallest and largest reads of a session, from the device or from
+/// the broker. A read from the broker shares its allocation with the
+/// frames split off it until the device has them, so at most the 16 queued
+/// sends times this is held for a slow device.
 const READ_CHUNK_MIN: usize = 512;
 const READ_CHUNK_MAX: usize = 16 * 1024;
+
+/// How much one side of a session reads at a time. Reads grow while they
+/// fill the room they were given (a device sending a burst, a subscriber
+/// receiving many devices' traffic), so a busy session takes in large
+/// pieces and forwards them in one write each; once it is quiet again, it
+/// goes back to a small buffer.
+struct Reads {
+    chunk: usize,
+}
+
+impl Reads {
+    fn new() -> Reads {
+        Reads {
+            chunk: READ_CHUNK_MIN,
+        }
+    }
+
+    /// Reads once into `buf`; false when the stream has ended or failed.
+    async fn more<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> bool {
+        if buf.is_empty() && self.chunk == READ_CHUNK_MIN && buf.capacity() > 2 * READ_CHUNK_MIN {
+            *buf = BytesMut::with_capacity(READ_CHUNK_MIN);
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK_MIN {
+            buf.reserve(self.chunk);
+        }
+        let room = buf.capacity() - buf.len();
+        match rd.read_buf(buf).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.chunk = if n == room {
+                    (self.chunk * 2).min(READ_CHUNK_MAX)
+                } else {
+                    READ_CHUNK_MIN
+                };
+                true
+            }
+        }
+    }
+
+    /// Reads until `buf` starts with a whole frame, or with a header that
+    /// cannot start one (which [`batch`] reports).
+    async fn frame<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<(), FrameError> {
+        loop {
+            match mqttbytes::check(buf.iter(), max) {
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                _ => return Ok(()),
+            }
+            if !self.more(rd, buf).await {
+                return Err(FrameError::Closed);
+            }
+        }
+    }
+}
 
 /// Runs a session to its end. Every refusal is audited exactly once.
 pub async fn run<S>(
@@ -803,7 +889,7 @@ pub async fn run<S>(
     let pump_metrics = metrics.clone();
     let mut pump = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(READ_CHUNK_MIN);
-        let mut chunk = READ_CHUNK_MIN;
+        let mut reads = Reads::new();
         if version == Version::V5 {
             match read_frame(&mut up_rd, &mut buf, usize::MAX).await {
                 Ok(connack) => {
@@ -827,33 +913,22 @@ pub async fn run<S>(
                     return;
                 }
             }
-            // Reads grow while they fill the buffer (a subscriber receiving
-            // many devices' traffic), so a busy session reads in large
-            // chunks; once it is quiet again it goes back to a small one.
-            if buf.is_empty() && chunk == READ_CHUNK_MIN && buf.capacity() > 2 * READ_CHUNK_MIN {
-                buf = BytesMut::with_capacity(READ_CHUNK_MIN);
-            }
-            if buf.capacity() - buf.len() < READ_CHUNK_MIN {
-                buf.reserve(chunk);
-            }
-            let room = buf.capacity() - buf.len();
-            match up_rd.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) if n == room => chunk = (chunk * 2).min(READ_CHUNK_MAX),
-                Ok(_) => chunk = READ_CHUNK_MIN,
+            if !reads.more(&mut up_rd, &mut buf).await {
+                return;
             }
         }
     });
 
     let mut watching = true;
+    let mut reads = Reads::new();
     loop {
         tokio::select! {
-            read = read_frame(&mut rd, &mut buf, max) => {
-                // This frame and every whole frame already read behind it
-                // go to the broker in one write.
+            read = reads.frame(&mut rd, &mut buf, max) => {
+                // Every whole frame read so far goes to the broker in one
+                // write.
                 let Batch { forward, publishes, stop } = match read {
-                    Ok(first) => batch(version, &peer.principal, first.freeze(), &mut buf, max),
-                    Err(e) => Batch { forward: BytesMut::new(), publishes: 0, stop: Some(Stop::Frame(e)) },
+                    Ok(()) => batch(version, &peer.principal, &mut buf, max),
+                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, stop: Some(Stop::Frame(e)) },
                 };
                 if !forward.is_empty() {
                     metrics.relayed(Direction::In, publishes, forward.len() as u64);
@@ -977,9 +1052,12 @@ mod tests {
         for f in [&a, &denied, &b, &c] {
             buf.extend_from_slice(f);
         }
-        let first = next_frame(&mut buf, 1024).ok().flatten().unwrap().freeze();
-        let one = batch(Version::V5, &me, first, &mut buf, 1024);
+        // Half of a fifth frame: it waits for the rest.
+        buf.extend_from_slice(&c[..c.len() / 2]);
+        let read_at = buf.as_ptr();
+        let one = batch(Version::V5, &me, &mut buf, 1024);
         assert_eq!(&one.forward[..], &a[..]);
+        assert_eq!(one.forward.as_ptr(), read_at, "forwarded where it was read");
         assert_eq!(one.publishes, 1);
         match one.stop {
             Some(Stop::Refused(r)) => {
@@ -992,12 +1070,35 @@ mod tests {
             }
             _ => panic!("the batch must stop at the denied PUBLISH"),
         }
-        let next = next_frame(&mut buf, 1024).ok().flatten().unwrap().freeze();
-        let two = batch(Version::V5, &me, next, &mut buf, 1024);
+        let two = batch(Version::V5, &me, &mut buf, 1024);
         assert_eq!(&two.forward[..], &[&b[..], &c[..]].concat()[..]);
         assert_eq!(two.publishes, 2);
         assert!(two.stop.is_none());
-        assert!(buf.is_empty());
+        assert_eq!(&buf[..], &c[..c.len() / 2]);
+    }
+
+    #[test]
+    fn a_batch_forwards_the_frames_before_a_bad_header() {
+        let me = device("sensor-1");
+        let good = v4_publish("devices/sensor-1/telemetry", mqttbytes::QoS::AtLeastOnce);
+        let mut buf = BytesMut::from(&good[..]);
+        // A PUBLISH claiming more than the limit allows.
+        buf.extend_from_slice(&[0x30, 0xff, 0xff, 0x03]);
+        let out = batch(Version::V311, &me, &mut buf, 1024);
+        assert_eq!(&out.forward[..], &good[..]);
+        assert!(matches!(
+            out.stop,
+            Some(Stop::Frame(FrameError::TooLarge(_)))
+        ));
+        let mut malformed = BytesMut::from(&good[..]);
+        // A remaining length that never ends.
+        malformed.extend_from_slice(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        let out = batch(Version::V311, &me, &mut malformed, 1024);
+        assert_eq!(&out.forward[..], &good[..]);
+        assert!(matches!(
+            out.stop,
+            Some(Stop::Frame(FrameError::Malformed(_)))
+        ));
     }
 
     #[test]

@@ -189,3 +189,120 @@ fn a_rumqttc_device_over_5_gets_reason_codes_for_what_policy_refuses() {
         "{refusal}"
     );
 }
+
+/// Several packets in one TLS write, with a refusal among them that keeps
+/// the MQTT 5 session: the frames before it and after it all reach the
+/// broker, in order, and the device gets one answer per PUBLISH.
+#[test]
+fn packets_behind_a_refused_publish_in_the_same_write_are_not_lost() {
+    use bytes::BytesMut;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{Connect, Packet, PubAckReason, Publish};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ops = fleet.service("ops");
+    let gw = Gateway::start(&fleet, "");
+    let port = gw.addr.port();
+    let sub = Sub::start_tls(
+        &fleet,
+        port,
+        &ops,
+        "ops",
+        &["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"],
+    );
+    let acks = runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(tls_config(&fleet, &dev))
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .expect("handshake");
+        let mut out = BytesMut::new();
+        let connect = Connect {
+            keep_alive: 30,
+            client_id: "sensor-1".into(),
+            clean_start: true,
+            properties: None,
+        };
+        Packet::Connect(connect, None, None)
+            .write(&mut out, None)
+            .unwrap();
+        // The batch: allowed, denied (another device's topic), allowed,
+        // allowed; and half of one more, sent on its own afterwards.
+        for (pkid, topic) in [
+            (1, "devices/sensor-1/telemetry"),
+            (2, "devices/sensor-2/telemetry"),
+            (3, "devices/sensor-1/telemetry"),
+            (4, "devices/sensor-1/telemetry"),
+            (5, "devices/sensor-1/telemetry"),
+        ] {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, format!("m{pkid}"), None);
+            p.pkid = pkid;
+            Packet::Publish(p).write(&mut out, None).unwrap();
+        }
+        let tail = out.split_off(out.len() - 10);
+        tls.write_all(&out).await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tls.write_all(&tail).await.unwrap();
+        tls.flush().await.unwrap();
+
+        let mut buf = BytesMut::new();
+        let mut acks = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while acks.len() < 5 {
+                match Packet::read(&mut buf, None) {
+                    Ok(Packet::PubAck(ack)) => acks.push((ack.pkid, ack.reason)),
+                    Ok(_) => {}
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {
+                        assert!(tls.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        })
+        .await
+        .expect("five PUBACKs within 10 s");
+        acks
+    });
+    let mut acks = acks;
+    acks.sort_by_key(|(pkid, _)| *pkid);
+    assert_eq!(
+        acks,
+        [
+            (1, PubAckReason::Success),
+            (2, PubAckReason::NotAuthorized),
+            (3, PubAckReason::Success),
+            (4, PubAckReason::Success),
+            (5, PubAckReason::Success),
+        ]
+    );
+    sub.settle(10);
+    let payloads: Vec<Vec<u8>> = sub.messages().into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        payloads,
+        [
+            b"m1".to_vec(),
+            b"m3".to_vec(),
+            b"m4".to_vec(),
+            b"m5".to_vec()
+        ],
+        "in order, the denied one left out"
+    );
+    let refusals: Vec<_> = gw
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "refused")
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(refusals[0]["reason"], "policy_denied");
+    assert!(
+        refusals[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("devices/sensor-2/telemetry"),
+        "{}",
+        refusals[0]
+    );
+}
