@@ -110,7 +110,16 @@ pub fn write_device(
             PUBLIC,
             durability,
         ),
-        None => Ok(()),
+        // A PKI from before the server CRL: a server-crl.pem left in the
+        // directory by an earlier bundle would be checked as if it were
+        // current.
+        None => match std::fs::remove_file(dir.join(files::SERVER_CRL)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+                path: dir.join(files::SERVER_CRL),
+                source: err,
+            }),
+            _ => Ok(()),
+        },
     }
 }
 

@@ -375,3 +375,23 @@ fn what_a_csr_asks_for_beyond_its_key_and_name_is_ignored() {
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
     assert!(!text.contains("TLS Web Server Authentication"), "{text}");
 }
+
+#[test]
+fn a_bundle_rewritten_from_a_pki_without_a_server_crl_loses_the_stale_one() {
+    let env = Env::with_pki();
+    env.ok(&["enroll", "edge-9", "--out", "dev"]);
+    assert!(env.path("dev/server-crl.pem").exists());
+    // A PKI made before server CRLs existed has no server-crl.pem.
+    std::fs::remove_file(env.pki().join("server-crl.pem")).unwrap();
+    let out = env.ok(&["enroll", "edge-9", "--out", "dev", "--replace"]);
+    let files = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("files"))
+        .unwrap();
+    assert!(!files.contains("server-crl.pem"), "{out}");
+    assert!(
+        !env.path("dev/server-crl.pem").exists(),
+        "the agent would check the gateway against the old bundle's CRL"
+    );
+    assert!(env.path("dev/device.pem").exists());
+}
