@@ -5,6 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -47,6 +48,8 @@ pub struct DeviceIdentity {
     pub serial: String,
     pub not_before: i64,
     pub not_after: i64,
+    /// The highest CRL number in the server CRL in force, if any.
+    pub server_crl_number: Option<u64>,
     pub tls: Arc<rustls::ClientConfig>,
 }
 
@@ -211,10 +214,11 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
         Arc::new(roots),
         provider.clone(),
     );
+    let mut server_crl_number = None;
     if let Some(path) = &paths.server_crl {
-        verifier = verifier
-            .with_crls(load_server_crl(path, &server_ca)?)
-            .only_check_end_entity_revocation();
+        let crls = load_server_crl(path, &server_ca)?;
+        server_crl_number = crl_number(&crls);
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
     }
     let verifier = verifier
         .build()
@@ -236,8 +240,98 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
         serial,
         not_before,
         not_after,
+        server_crl_number,
         tls: Arc::new(tls),
     })
+}
+
+/// The highest CRL number among `crls` (which [`load_server_crl`] has
+/// parsed already).
+fn crl_number(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
+    crls.iter()
+        .filter_map(|der| {
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
+            crl.crl_number()?.to_string().parse::<u64>().ok()
+        })
+        .max()
+}
+
+/// How often the server CRL file is looked at for a new version.
+pub const SERVER_CRL_POLL: Duration = Duration::from_secs(2);
+
+/// The identity again, for a new server CRL: everything is checked as at
+/// start, and the CRL may not be older than the one in force (a replayed
+/// CRL would hide revocations made since).
+pub fn reload(
+    paths: &IdentityPaths,
+    current: &DeviceIdentity,
+) -> Result<DeviceIdentity, IdentityError> {
+    let next = build(paths)?;
+    if next.id != current.id {
+        return Err(file_error(
+            &paths.cert,
+            format!(
+                "now holds device {}'s certificate, not {}'s; restart the agent to use it",
+                next.id.as_str(),
+                current.id.as_str()
+            ),
+        ));
+    }
+    if let (Some(old), Some(new)) = (current.server_crl_number, next.server_crl_number)
+        && new < old
+    {
+        let path = paths.server_crl.as_deref().unwrap_or(&paths.server_ca);
+        return Err(file_error(
+            path,
+            format!("CRL number {new} is older than the one in force ({old})"),
+        ));
+    }
+    Ok(next)
+}
+
+/// Watches the server CRL file while the agent runs. A valid new one
+/// replaces the TLS config in `tls` (the link then reconnects, so the
+/// gateway is checked against it at once); a broken or older one is
+/// refused, loudly, and the one in force stays.
+pub async fn watch_server_crl(
+    paths: IdentityPaths,
+    mut current: DeviceIdentity,
+    tls: tokio::sync::watch::Sender<Arc<rustls::ClientConfig>>,
+) {
+    let Some(path) = paths.server_crl.clone() else {
+        return;
+    };
+    let stamp = || -> Option<(SystemTime, u64)> {
+        let meta = std::fs::metadata(&path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    let mut last = stamp();
+    let mut tick = tokio::time::interval(SERVER_CRL_POLL);
+    loop {
+        tick.tick().await;
+        let now = stamp();
+        if now == last {
+            continue;
+        }
+        last = now;
+        match reload(&paths, &current) {
+            Ok(next) => {
+                tracing::info!(
+                    crl = %path.display(),
+                    number = ?next.server_crl_number,
+                    "server CRL reloaded; reconnecting to check the gateway against it"
+                );
+                tls.send_replace(next.tls.clone());
+                current = next;
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                number_in_force = ?current.server_crl_number,
+                "REFUSED the new server CRL; the previous one stays in force"
+            ),
+        }
+    }
 }
 
 /// Where a certificate is in its life.

@@ -18,6 +18,7 @@ use rumqttc::{
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
+use tokio::time::timeout;
 
 use crate::identity::DeviceIdentity;
 use crate::queue::Queue;
@@ -33,6 +34,9 @@ const MAX_PACKET: usize = 256 * 1024;
 #[derive(Clone)]
 pub struct Link {
     pub identity: DeviceIdentity,
+    /// The TLS config to connect with; a new one (a new server CRL) ends
+    /// the session, and the next connects with it.
+    pub tls: watch::Receiver<Arc<rustls::ClientConfig>>,
     pub host: String,
     pub port: u16,
     pub keep_alive: Duration,
@@ -60,15 +64,13 @@ pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
 }
 
 impl Link {
-    fn options(&self) -> MqttOptions {
+    fn options(&self, tls: Arc<rustls::ClientConfig>) -> MqttOptions {
         let mut o = MqttOptions::new(self.identity.id.as_str(), &self.host, self.port);
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(true);
         o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
         o.set_inflight(WINDOW as u16 + 4);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            self.identity.tls.clone(),
-        )));
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         o
     }
 
@@ -107,8 +109,10 @@ impl Link {
 
     /// One connection, from CONNECT to its end. `Ok` only on shutdown.
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), String> {
-        let (client, mut events) = AsyncClient::new(self.options(), WINDOW * 2 + 16);
-        match tokio::time::timeout(Duration::from_secs(30), connack(&mut events)).await {
+        let mut tls = self.tls.clone();
+        let config = tls.borrow_and_update().clone();
+        let (client, mut events) = AsyncClient::new(self.options(config), WINDOW * 2 + 16);
+        match timeout(Duration::from_secs(30), connack(&mut events)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(describe(&e)),
             Err(_) => return Err("no CONNACK within 30 s".into()),
@@ -171,17 +175,26 @@ impl Link {
                     Err(e) => return Err(describe(&e)),
                 },
                 _ = self.wake.notified() => {}
+                Ok(()) = tls.changed() => {
+                    disconnect(&client, &mut events).await;
+                    return Err("the server CRL changed: reconnecting to check the gateway against it".into());
+                }
                 _ = shutdown.changed() => {
-                    let _ = client.try_disconnect();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while events.poll().await.is_ok() {}
-                    })
-                    .await;
+                    disconnect(&client, &mut events).await;
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Sends DISCONNECT and gives it two seconds to go out.
+async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = timeout(Duration::from_secs(2), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 async fn connack(events: &mut EventLoop) -> Result<(), ConnectionError> {

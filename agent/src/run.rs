@@ -42,9 +42,16 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     }
     let wake = Arc::new(Notify::new());
     let (commands_tx, mut commands_rx) = mpsc::channel::<Vec<u8>>(16);
+    let (tls_tx, tls) = watch::channel(me.tls.clone());
+    let crl_watch = tokio::spawn(identity::watch_server_crl(
+        config.identity.clone(),
+        me.clone(),
+        tls_tx,
+    ));
 
     let link = Link {
         identity: me.clone(),
+        tls,
         host: config.host.clone(),
         port: config.port,
         keep_alive: config.keep_alive,
@@ -145,7 +152,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     });
 
     let _ = link.await;
-    for task in [telemetry, runner, api, expiry] {
+    for task in [telemetry, runner, api, expiry, crl_watch] {
         task.abort();
     }
     let _ = std::fs::remove_file(&config.socket);
