@@ -40,6 +40,8 @@ pub struct IdentityFile {
     pub key: Option<PathBuf>,
     pub server_ca: Option<PathBuf>,
     pub server_crl: Option<PathBuf>,
+    pub server_crl_url: Option<String>,
+    pub server_crl_refresh_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +100,15 @@ pub struct IdentityPaths {
     pub server_crl: Option<PathBuf>,
 }
 
+/// Where the agent fetches new server CRLs, and how often.
+#[derive(Clone, Debug)]
+pub struct CrlFetch {
+    /// An `http://` URL: a CRL is signed, so it needs no TLS, and the
+    /// device has no CA to check a web server's certificate against.
+    pub url: String,
+    pub every: Duration,
+}
+
 /// An operator-defined command: a program with fixed arguments.
 #[derive(Clone, Debug)]
 pub struct CommandSpec {
@@ -113,6 +124,7 @@ pub struct Config {
     pub port: u16,
     pub keep_alive: Duration,
     pub identity: IdentityPaths,
+    pub server_crl_fetch: Option<CrlFetch>,
     pub telemetry_interval: Duration,
     pub format: Format,
     pub queue_path: PathBuf,
@@ -227,6 +239,48 @@ impl File {
             },
         };
 
+        let server_crl_fetch = match id.server_crl_url {
+            None => {
+                if id.server_crl_refresh_secs.is_some() {
+                    return Err(err(
+                        "identity.server_crl_refresh_secs",
+                        "set identity.server_crl_url too, or remove this",
+                    ));
+                }
+                None
+            }
+            Some(url) => {
+                check_crl_url(&url).map_err(|p| err("identity.server_crl_url", p))?;
+                let Some(path) = &identity.server_crl else {
+                    return Err(err(
+                        "identity.server_crl_url",
+                        "needs a server CRL to start from: copy the PKI's server-crl.pem into the \
+                         bundle (or set identity.server_crl)",
+                    ));
+                };
+                if !path.exists() {
+                    return Err(err(
+                        "identity.server_crl_url",
+                        format!(
+                            "needs a server CRL to start from, and {} does not exist",
+                            path.display()
+                        ),
+                    ));
+                }
+                let every = id.server_crl_refresh_secs.unwrap_or(3600);
+                if !(1..=604_800).contains(&every) {
+                    return Err(err(
+                        "identity.server_crl_refresh_secs",
+                        "must be 1 to 604800 (a week)",
+                    ));
+                }
+                Some(CrlFetch {
+                    url,
+                    every: Duration::from_secs(every),
+                })
+            }
+        };
+
         let interval = self.telemetry.interval_secs.unwrap_or(30);
         if !(1..=86_400).contains(&interval) {
             return Err(err("telemetry.interval_secs", "must be 1 to 86400"));
@@ -299,6 +353,7 @@ impl File {
             port,
             keep_alive: Duration::from_secs(keep_alive),
             identity,
+            server_crl_fetch,
             telemetry_interval: Duration::from_secs(interval),
             format,
             queue_path,
@@ -309,6 +364,29 @@ impl File {
             commands,
         })
     }
+}
+
+/// A server CRL's URL: `http://`, a host, and the path of a file.
+fn check_crl_url(url: &str) -> Result<(), String> {
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{url:?}: use http://; a CRL is signed by the server CA, so it needs no TLS"
+            ));
+        }
+        _ => return Err(format!("{url:?}: must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    if uri.path().ends_with('/') {
+        return Err(format!("{url:?} does not name a file"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -360,5 +438,48 @@ mod tests {
         let e = parse("[gateway]\nhost = \"gw\"\n[identity]\nbundle = \"/b\"\ncert = \"/c\"\n")
             .unwrap_err();
         assert_eq!(e.key, "identity.cert");
+    }
+
+    #[test]
+    fn a_server_crl_url_is_http_and_needs_a_crl_to_start_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let crl = dir.path().join("server-crl.pem");
+        let base = format!(
+            "[gateway]\nhost = \"gw\"\n[identity]\ncert = \"/c\"\nkey = \"/k\"\n\
+             server_ca = \"/ca\"\nserver_crl = {crl:?}\n"
+        );
+        let with =
+            |url: &str, extra: &str| parse(&format!("{base}server_crl_url = {url:?}\n{extra}"));
+        let url = "http://pki.example:8080/server-crl.der";
+        let e = with(url, "").unwrap_err();
+        assert_eq!(e.key, "identity.server_crl_url");
+        assert!(e.problem.contains("does not exist"), "{e}");
+        std::fs::write(&crl, "written by provisioning").unwrap();
+        let fetch = with(url, "").unwrap().server_crl_fetch.unwrap();
+        assert_eq!(fetch.url, url);
+        assert_eq!(fetch.every, Duration::from_secs(3600));
+        let fetch = with(url, "server_crl_refresh_secs = 60\n")
+            .unwrap()
+            .server_crl_fetch;
+        assert_eq!(fetch.unwrap().every, Duration::from_secs(60));
+        for (bad, why) in [
+            ("https://pki.example/server-crl.der", "use http://"),
+            (
+                "ftp://pki.example/server-crl.der",
+                "must start with http://",
+            ),
+            ("http://pki.example/crls/", "does not name a file"),
+            ("http://pki.example/a b", "not a URL"),
+            ("server-crl.der", "must start with http://"),
+        ] {
+            let e = with(bad, "").unwrap_err();
+            assert_eq!(e.key, "identity.server_crl_url", "{bad}");
+            assert!(e.problem.contains(why), "{bad}: {e}");
+        }
+        let e = with(url, "server_crl_refresh_secs = 0\n").unwrap_err();
+        assert_eq!(e.key, "identity.server_crl_refresh_secs");
+        let e = parse(&format!("{base}server_crl_refresh_secs = 60\n")).unwrap_err();
+        assert_eq!(e.key, "identity.server_crl_refresh_secs");
+        assert!(parse(&base).unwrap().server_crl_fetch.is_none());
     }
 }

@@ -247,7 +247,7 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
 
 /// The highest CRL number among `crls` (which [`load_server_crl`] has
 /// parsed already).
-fn crl_number(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
+pub fn crl_number(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
     crls.iter()
         .filter_map(|der| {
             let (_, crl) =

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod commands;
 pub mod config;
+pub mod crl_fetch;
 pub mod doctor;
 pub mod identity;
 pub mod keygen;

@@ -40,6 +40,9 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
              identity.server_crl when the files are listed one by one)"
         ),
     }
+    if let Some(fetch) = &config.server_crl_fetch {
+        tracing::info!(url = %fetch.url, every = ?fetch.every, "new server CRLs are fetched from this URL");
+    }
     let wake = Arc::new(Notify::new());
     let (commands_tx, mut commands_rx) = mpsc::channel::<Vec<u8>>(16);
     let (tls_tx, tls) = watch::channel(me.tls.clone());
@@ -48,6 +51,14 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         me.clone(),
         tls_tx,
     ));
+    let crl_fetch = tokio::spawn({
+        let (fetch, paths) = (config.server_crl_fetch.clone(), config.identity.clone());
+        async move {
+            if let Some(fetch) = fetch {
+                crate::crl_fetch::run(fetch, paths).await;
+            }
+        }
+    });
 
     let link = Link {
         identity: me.clone(),
@@ -152,7 +163,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     });
 
     let _ = link.await;
-    for task in [telemetry, runner, api, expiry, crl_watch] {
+    for task in [telemetry, runner, api, expiry, crl_watch, crl_fetch] {
         task.abort();
     }
     let _ = std::fs::remove_file(&config.socket);

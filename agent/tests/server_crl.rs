@@ -102,3 +102,124 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
     assert!(wait_until(10, || disconnected() == 2), "{:?}", gw.events());
     assert_eq!(connected(), 2, "no session under the revoked certificate");
 }
+
+/// The agent fetches the server CRL from an HTTP server (python's, on
+/// loopback) every second: what is not a CRL signed by the server CA is
+/// refused and the file stays; a new CRL revoking the gateway is written
+/// over the file, taken, and ends the device's session with that gateway.
+#[test]
+fn a_running_agent_fetches_the_server_crl_from_its_url() {
+    let mut fleet = Fleet::new();
+    let pi = fleet.device("pi-1");
+    let gw = Gateway::start(&fleet, "");
+    let www = fleet.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("server-crl.der"), b"not a CRL").unwrap();
+    let web_port = free_port();
+    let mut python = std::process::Command::new("python3");
+    python
+        .args([
+            "-m",
+            "http.server",
+            &web_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .arg("--directory")
+        .arg(&www);
+    let _web = spawn(python, fleet.path("http-server.log"));
+    wait_port(web_port, "python3 -m http.server");
+
+    let config = agent_config(&fleet, "pi-1", &pi, gw.addr.port(), "");
+    let with_url = std::fs::read_to_string(&config).unwrap().replace(
+        "[identity]\n",
+        &format!(
+            "[identity]\nserver_crl_url = \"http://127.0.0.1:{web_port}/server-crl.der\"\n\
+             server_crl_refresh_secs = 1\n"
+        ),
+    );
+    std::fs::write(&config, with_url).unwrap();
+    let crl = pi.dir.join(files::SERVER_CRL);
+    let before = std::fs::read(&crl).unwrap();
+    let mut agent = run_agent(
+        std::process::Command::new(built("agent")),
+        &fleet,
+        "pi-1",
+        &config,
+    );
+    let connected = || {
+        gw.events()
+            .iter()
+            .filter(|e| e["event"] == "connected")
+            .count()
+    };
+    assert!(wait_until(30, || connected() == 1), "{}", agent.log());
+    assert!(
+        wait_until(30, || agent
+            .log()
+            .contains("cannot use the server CRL from its URL")),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("what the URL served"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(std::fs::read(&crl).unwrap(), before, "the file stays");
+    assert_eq!(connected(), 1);
+
+    // The operator revokes this gateway's certificate and publishes the
+    // server CRL in DER, as `provisioning crl --server --der` writes it.
+    let this = fleet
+        .pki
+        .store()
+        .find(&Filter {
+            kind: Some(Kind::Gateway),
+            ..Filter::default()
+        })
+        .unwrap()
+        .pop()
+        .unwrap();
+    fleet
+        .pki
+        .revoke(
+            RevokeTarget::Serial(this.serial),
+            RevocationReason::KeyCompromise,
+        )
+        .unwrap();
+    let pem = fleet.path("server-crl-new.pem");
+    std::fs::write(&pem, fleet.pki.server_crl_pem().unwrap().unwrap()).unwrap();
+    let der = www.join("server-crl.der.tmp");
+    let out = run_bounded(
+        {
+            let mut c = std::process::Command::new("openssl");
+            c.args(["crl", "-outform", "DER", "-in"])
+                .arg(&pem)
+                .arg("-out")
+                .arg(&der);
+            c
+        },
+        30,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::rename(&der, www.join("server-crl.der")).unwrap();
+
+    assert!(
+        wait_until(30, || agent.log().contains("fetched a new server CRL")),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(30, || agent.log().contains("Revoked")),
+        "{}",
+        agent.log()
+    );
+    agent.kill();
+    assert_eq!(
+        std::fs::read_to_string(&crl).unwrap(),
+        std::fs::read_to_string(&pem).unwrap(),
+        "the fetched CRL is in the bundle, in PEM"
+    );
+    assert_eq!(connected(), 1, "no session under the revoked certificate");
+}

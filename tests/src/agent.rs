@@ -39,7 +39,7 @@ pub fn agent(fleet: &Fleet, name: &str, who: &Identity, port: u16, extra: &str) 
 /// [`agent`] with another way to run the binary, e.g. `qemu-aarch64 -L
 /// SYSROOT target/aarch64-unknown-linux-gnu/release/agent`.
 pub fn agent_with(
-    mut cmd: Command,
+    cmd: Command,
     fleet: &Fleet,
     name: &str,
     who: &Identity,
@@ -47,9 +47,16 @@ pub fn agent_with(
     extra: &str,
 ) -> Proc {
     let config = agent_config(fleet, name, who, port, extra);
+    run_agent(cmd, fleet, name, &config)
+}
+
+/// Starts `cmd run --config CONFIG` (`cmd` being the agent binary or a
+/// way to run it) and waits until its local socket is up; `name` is the
+/// one [`agent_config`] wrote the config under.
+pub fn run_agent(mut cmd: Command, fleet: &Fleet, name: &str, config: &std::path::Path) -> Proc {
     cmd.arg("run")
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .env("RUST_LOG", "info");
     let mut p = spawn(cmd, fleet.path(&format!("agent-{name}.log")));
     let socket = fleet.path(&format!("agent-{name}.sock"));

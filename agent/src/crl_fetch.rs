@@ -1,0 +1,129 @@
+//! Fetching the server CRL from where the operator publishes it
+//! (`identity.server_crl_url`, e.g. the CRL distribution point written
+//! into the gateway's certificate by `provisioning gateway-cert
+//! --crl-url`). A fetched CRL replaces the file only if it is signed by the
+//! server CA, rustls can use it, and its number is not lower than the one
+//! in force; the file's watcher ([`crate::identity::watch_server_crl`])
+//! then takes it, as it would a file the operator copied over.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{CrlFetch, IdentityPaths};
+use crate::identity;
+
+/// The largest CRL accepted: far above a server CA's (a few gateway
+/// certificates), far below what would hurt a small board.
+const MAX_CRL_BYTES: u64 = 1 << 20;
+/// The longest a fetch may take, connection to last byte.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one fetch did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fetched {
+    /// The same CRL as the file's.
+    Unchanged,
+    /// A newer CRL, now in the file.
+    Replaced { number: Option<u64> },
+}
+
+/// Fetches every `fetch.every` (the first at once) while the agent runs.
+pub async fn run(fetch: CrlFetch, paths: IdentityPaths) {
+    let mut tick = tokio::time::interval(fetch.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (url, p) = (fetch.url.clone(), paths.clone());
+        match tokio::task::spawn_blocking(move || once(&url, &p)).await {
+            Ok(Ok(Fetched::Unchanged)) => {
+                tracing::debug!(url = %fetch.url, "server CRL unchanged")
+            }
+            Ok(Ok(Fetched::Replaced { number })) => {
+                tracing::info!(url = %fetch.url, number = ?number, "fetched a new server CRL")
+            }
+            Ok(Err(e)) => tracing::warn!(
+                url = %fetch.url,
+                error = %e,
+                "cannot use the server CRL from its URL; the one in force stays"
+            ),
+            Err(e) => tracing::error!(error = %e, "server CRL fetch failed"),
+        }
+    }
+}
+
+/// One fetch: GET `url`, check what came, and write it over the server
+/// CRL file if it is new. Blocking.
+pub fn once(url: &str, paths: &IdentityPaths) -> Result<Fetched, String> {
+    let path = paths
+        .server_crl
+        .as_deref()
+        .ok_or("no server CRL file to update")?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(FETCH_TIMEOUT))
+        .build()
+        .into();
+    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_CRL_BYTES)
+        .read_to_vec()
+        .map_err(|e| e.to_string())?;
+    // Distribution points serve DER (RFC 5280); a PEM file is taken too.
+    let pem = if body.starts_with(b"-----BEGIN") {
+        body
+    } else {
+        let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+        pem::encode_config(&pem::Pem::new("X509 CRL", body), lf).into_bytes()
+    };
+    if std::fs::read(path).is_ok_and(|current| current == pem) {
+        return Ok(Fetched::Unchanged);
+    }
+    let fetched = sibling(path, ".fetched");
+    write_synced(&fetched, &pem).map_err(|e| format!("{}: {e}", fetched.display()))?;
+    let checked = check(&fetched, path, paths);
+    match checked {
+        Ok(number) => {
+            std::fs::rename(&fetched, path).map_err(|e| format!("{}: {e}", path.display()))?;
+            Ok(Fetched::Replaced { number })
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&fetched);
+            Err(e)
+        }
+    }
+}
+
+/// The fetched CRL's number, if it may replace the one in `in_force`.
+fn check(fetched: &Path, in_force: &Path, paths: &IdentityPaths) -> Result<Option<u64>, String> {
+    let cas = identity::load_certs(&paths.server_ca).map_err(|e| e.to_string())?;
+    let crls = identity::load_server_crl(fetched, &cas)
+        .map_err(|e| format!("what the URL served: {e}"))?;
+    let number = identity::crl_number(&crls);
+    let current = identity::load_server_crl(in_force, &cas)
+        .ok()
+        .and_then(|c| identity::crl_number(&c));
+    if let (Some(new), Some(old)) = (number, current)
+        && new < old
+    {
+        return Err(format!(
+            "it is CRL number {new}, older than the one in force ({old})"
+        ));
+    }
+    Ok(number)
+}
+
+/// `path` with `suffix` added to its file name, in the same directory (so
+/// a rename replaces the file in one step).
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
