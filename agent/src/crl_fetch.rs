@@ -19,12 +19,29 @@ const MAX_CRL_BYTES: u64 = 1 << 20;
 /// The longest a fetch may take, connection to last byte.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A CRL the URL served, checked against the server CA.
+#[derive(Debug)]
+pub struct Served {
+    /// As PEM, the way the file holds it.
+    pub pem: Vec<u8>,
+    pub number: Option<u64>,
+    /// The number of the CRL in the file, if it loads.
+    pub in_force: Option<u64>,
+}
+
+impl Served {
+    /// A CRL older than the one in force would hide revocations made since.
+    pub fn is_older(&self) -> bool {
+        matches!((self.number, self.in_force), (Some(new), Some(old)) if new < old)
+    }
+}
+
 /// What one fetch did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fetched {
     /// The same CRL as the file's.
     Unchanged,
-    /// A newer CRL, now in the file.
+    /// A new CRL, now in the file.
     Replaced { number: Option<u64> },
 }
 
@@ -52,13 +69,9 @@ pub async fn run(fetch: CrlFetch, paths: IdentityPaths) {
     }
 }
 
-/// One fetch: GET `url`, check what came, and write it over the server
-/// CRL file if it is new. Blocking.
-pub fn once(url: &str, paths: &IdentityPaths) -> Result<Fetched, String> {
-    let path = paths
-        .server_crl
-        .as_deref()
-        .ok_or("no server CRL file to update")?;
+/// GETs `url` and checks what it serves; writes nothing (`agent doctor`
+/// reports this). Blocking.
+pub fn fetch(url: &str, paths: &IdentityPaths) -> Result<Served, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .build()
@@ -77,49 +90,53 @@ pub fn once(url: &str, paths: &IdentityPaths) -> Result<Fetched, String> {
         let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
         pem::encode_config(&pem::Pem::new("X509 CRL", body), lf).into_bytes()
     };
-    if std::fs::read(path).is_ok_and(|current| current == pem) {
+    let cas = identity::load_certs(&paths.server_ca).map_err(|e| e.to_string())?;
+    let crls =
+        identity::server_crl_from_pem(&pem, Path::new(url), &cas).map_err(|e| e.to_string())?;
+    let in_force = paths
+        .server_crl
+        .as_deref()
+        .and_then(|path| identity::load_server_crl(path, &cas).ok())
+        .and_then(|c| identity::crl_number(&c));
+    Ok(Served {
+        number: identity::crl_number(&crls),
+        pem,
+        in_force,
+    })
+}
+
+/// One fetch: GET `url`, check what came, and write it over the server
+/// CRL file if it is new. Blocking.
+pub fn once(url: &str, paths: &IdentityPaths) -> Result<Fetched, String> {
+    let path = paths
+        .server_crl
+        .as_deref()
+        .ok_or("no server CRL file to update")?;
+    let served = fetch(url, paths)?;
+    if std::fs::read(path).is_ok_and(|current| current == served.pem) {
         return Ok(Fetched::Unchanged);
     }
-    let fetched = sibling(path, ".fetched");
-    write_synced(&fetched, &pem).map_err(|e| format!("{}: {e}", fetched.display()))?;
-    let checked = check(&fetched, path, paths);
-    match checked {
-        Ok(number) => {
-            std::fs::rename(&fetched, path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(Fetched::Replaced { number })
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&fetched);
-            Err(e)
-        }
-    }
-}
-
-/// The fetched CRL's number, if it may replace the one in `in_force`.
-fn check(fetched: &Path, in_force: &Path, paths: &IdentityPaths) -> Result<Option<u64>, String> {
-    let cas = identity::load_certs(&paths.server_ca).map_err(|e| e.to_string())?;
-    let crls = identity::load_server_crl(fetched, &cas)
-        .map_err(|e| format!("what the URL served: {e}"))?;
-    let number = identity::crl_number(&crls);
-    let current = identity::load_server_crl(in_force, &cas)
-        .ok()
-        .and_then(|c| identity::crl_number(&c));
-    if let (Some(new), Some(old)) = (number, current)
-        && new < old
-    {
+    if served.is_older() {
         return Err(format!(
-            "it is CRL number {new}, older than the one in force ({old})"
+            "it serves CRL number {}, older than the one in force ({})",
+            served.number.unwrap_or_default(),
+            served.in_force.unwrap_or_default()
         ));
     }
-    Ok(number)
-}
-
-/// `path` with `suffix` added to its file name, in the same directory (so
-/// a rename replaces the file in one step).
-fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    // Written beside the file and renamed over it, so the watcher never
+    // reads half of it.
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(suffix);
-    path.with_file_name(name)
+    name.push(".fetched");
+    let fetched = path.with_file_name(name);
+    write_synced(&fetched, &served.pem)
+        .and_then(|()| std::fs::rename(&fetched, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&fetched);
+            format!("{}: {e}", path.display())
+        })?;
+    Ok(Fetched::Replaced {
+        number: served.number,
+    })
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

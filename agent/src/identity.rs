@@ -79,7 +79,24 @@ pub fn load_server_crl(
     path: &Path,
     server_ca: &[CertificateDer<'_>],
 ) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
-    let crls: Vec<CertificateRevocationListDer<'static>> = load_pem(path, "X509 CRL")?;
+    let pem = std::fs::read(path).map_err(|e| file_error(path, e))?;
+    server_crl_from_pem(&pem, path, server_ca)
+}
+
+/// [`load_server_crl`] for PEM already read, e.g. fetched from `path` (a
+/// URL), which the errors name.
+pub fn server_crl_from_pem(
+    pem: &[u8],
+    path: &Path,
+    server_ca: &[CertificateDer<'_>],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_slice_iter(pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| file_error(path, e))?;
+    if crls.is_empty() {
+        return Err(file_error(path, "no X509 CRL found"));
+    }
     for der in &crls {
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
             .map_err(|e| file_error(path, format!("a CRL does not parse: {e}")))?;

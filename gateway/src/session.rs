@@ -333,24 +333,26 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         version: Some(version),
         ..out
     };
-    // As the session does it: batch after batch until the input runs out
-    // or a refusal closes the session.
-    loop {
-        let Batch { forward, stop, .. } = batch(version, principal, &mut buf, max);
-        let mut forward = BytesMut::from(&forward[..]);
-        while let Ok(Some(frame)) = next_frame(&mut forward, usize::MAX) {
-            out.forwarded.push(frame.freeze());
-        }
-        match stop {
-            None => return out,
-            Some(Stop::Frame(_)) => return out.close(Reason::ProtocolError),
-            Some(Stop::Refused(Refusal { reason, close, .. })) => {
-                if close {
-                    return out.close(reason);
-                }
-                out.refusals.push(reason);
-            }
-        }
+    // As the session does it, with everything read at once.
+    let Batch {
+        forward,
+        refused,
+        stop,
+        ..
+    } = batch(version, principal, &mut buf, max);
+    let mut forward = BytesMut::from(&forward[..]);
+    while let Ok(Some(frame)) = next_frame(&mut forward, usize::MAX) {
+        out.forwarded.push(frame.freeze());
+    }
+    assert!(
+        forward.is_empty(),
+        "batch() forwarded bytes that are not whole frames"
+    );
+    out.refusals.extend(refused.into_iter().map(|r| r.reason));
+    match stop {
+        None => out,
+        Some(Stop::Frame(_)) => out.close(Reason::ProtocolError),
+        Some(Stop::Refused(r)) => out.close(r.reason),
     }
 }
 
@@ -385,18 +387,22 @@ enum Stop {
 
 /// Whole frames from one read of the device's stream.
 struct Batch {
-    /// The frames to forward, in order, back to back.
+    /// The allowed frames, in order, back to back.
     forward: Bytes,
     /// How many of them are PUBLISH.
     publishes: u64,
-    /// What ended the batch, if anything did: the frames after it wait in
-    /// the buffer for the next read.
+    /// Refusals that keep the session (MQTT 5's reason codes), in order.
+    refused: Vec<Refusal>,
+    /// What ended the batch, if anything did: a refusal that closes the
+    /// session, or a frame that cannot be read.
     stop: Option<Stop>,
 }
 
-/// Checks the whole frames at the front of `buf`, taking the allowed ones
-/// off it until a refusal, a bad frame or the end of what was read. The
-/// allowed frames are forwarded as they were read, in one piece: no copy.
+/// Checks every whole frame at the front of `buf` and takes them off it.
+/// The allowed frames are forwarded as they were read: in one piece, with
+/// no copy, unless refused frames sit between them. A refusal that closes
+/// the session ends the batch. Linear in what was read, however many
+/// frames are refused.
 fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize) -> Batch {
     // First, how far the whole frames go, from their headers alone.
     let mut whole = 0;
@@ -419,42 +425,53 @@ fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize
     let mut out = Batch {
         forward: Bytes::new(),
         publishes: 0,
+        refused: Vec::new(),
         stop: None,
     };
+    // The allowed runs of frames, as ranges of `frames`.
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     let mut at = 0;
     while at < frames.len() {
         // Each of these headers was read above.
         let end = match mqttbytes::check(frames[at..].iter(), max) {
             Ok(header) => at + header.frame_length(),
             Err(e) => {
-                out.forward = frames.slice(..at);
-                out.stop = Some(Stop::Frame(FrameError::Malformed(e.to_string())));
-                return out;
+                bad = Some(FrameError::Malformed(e.to_string()));
+                break;
             }
         };
         let frame = frames.slice(at..end);
         match inspect(version, principal, &frame, max) {
             Verdict::Forward => {
                 out.publishes += u64::from(frame[0] >> 4 == 3);
-                at = end;
-            }
-            Verdict::Refuse(refusal) => {
-                out.forward = frames.slice(..at);
-                out.stop = Some(Stop::Refused(refusal));
-                // The frames behind the refused one go back in front of
-                // what was read after them, for the next batch.
-                if end < frames.len() {
-                    let mut back = BytesMut::with_capacity(frames.len() - end + buf.len());
-                    back.extend_from_slice(&frames[end..]);
-                    back.extend_from_slice(buf);
-                    *buf = back;
+                match runs.last_mut() {
+                    Some(run) if run.end == at => run.end = end,
+                    _ => runs.push(at..end),
                 }
-                return out;
             }
+            Verdict::Refuse(refusal) if refusal.close => {
+                bad = None;
+                out.stop = Some(Stop::Refused(refusal));
+                break;
+            }
+            Verdict::Refuse(refusal) => out.refused.push(refusal),
         }
+        at = end;
     }
-    out.forward = frames;
-    out.stop = bad.map(Stop::Frame);
+    out.forward = match &runs[..] {
+        [] => Bytes::new(),
+        [run] => frames.slice(run.clone()),
+        _ => {
+            let mut joined = BytesMut::with_capacity(runs.iter().map(|r| r.len()).sum());
+            for run in &runs {
+                joined.extend_from_slice(&frames[run.clone()]);
+            }
+            joined.freeze()
+        }
+    };
+    if out.stop.is_none() {
+        out.stop = bad.map(Stop::Frame);
+    }
     out
 }
 
@@ -712,8 +729,15 @@ impl Reads {
 
     /// Reads once into `buf`; false when the stream has ended or failed.
     async fn more<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> bool {
-        if buf.is_empty() && self.chunk == READ_CHUNK_MIN && buf.capacity() > 2 * READ_CHUNK_MIN {
-            *buf = BytesMut::with_capacity(READ_CHUNK_MIN);
+        // Quiet again after a burst or a large frame: what is left (at
+        // most the start of the next frame) moves to a small buffer.
+        if self.chunk == READ_CHUNK_MIN
+            && buf.capacity() > 2 * READ_CHUNK_MIN
+            && buf.len() < READ_CHUNK_MIN
+        {
+            let mut small = BytesMut::with_capacity(READ_CHUNK_MIN);
+            small.extend_from_slice(buf);
+            *buf = small;
         }
         if buf.capacity() - buf.len() < READ_CHUNK_MIN {
             buf.reserve(self.chunk);
@@ -926,9 +950,9 @@ pub async fn run<S>(
             read = reads.frame(&mut rd, &mut buf, max) => {
                 // Every whole frame read so far goes to the broker in one
                 // write.
-                let Batch { forward, publishes, stop } = match read {
+                let Batch { forward, publishes, refused, stop } = match read {
                     Ok(()) => batch(version, &peer.principal, &mut buf, max),
-                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, stop: Some(Stop::Frame(e)) },
+                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, refused: Vec::new(), stop: Some(Stop::Frame(e)) },
                 };
                 if !forward.is_empty() {
                     metrics.relayed(Direction::In, publishes, forward.len() as u64);
@@ -936,16 +960,20 @@ pub async fn run<S>(
                         break;
                     }
                 }
+                for Refusal { reason, detail, reply, .. } in refused {
+                    refuse(reason, detail, Some(&client_id));
+                    if let Some(reply) = reply {
+                        let _ = to_device.send(reply).await;
+                    }
+                }
                 match stop {
                     None => {}
-                    Some(Stop::Refused(Refusal { reason, detail, reply, close })) => {
+                    Some(Stop::Refused(Refusal { reason, detail, reply, .. })) => {
                         refuse(reason, detail, Some(&client_id));
                         if let Some(reply) = reply {
                             let _ = to_device.send(reply).await;
                         }
-                        if close {
-                            break;
-                        }
+                        break;
                     }
                     Some(Stop::Frame(FrameError::Closed)) => break,
                     Some(Stop::Frame(FrameError::TooLarge(n))) => {
@@ -1040,7 +1068,7 @@ mod tests {
     /// the frames behind a refusal that keeps the session wait in the
     /// buffer for the next batch, and none is lost.
     #[test]
-    fn a_batch_stops_at_a_refusal_and_the_rest_follows() {
+    fn a_batch_answers_refusals_that_keep_the_session_and_forwards_the_rest() {
         let me = device("sensor-1");
         let (a, denied, b, c) = (
             v5_publish("devices/sensor-1/telemetry", 1),
@@ -1054,13 +1082,12 @@ mod tests {
         }
         // Half of a fifth frame: it waits for the rest.
         buf.extend_from_slice(&c[..c.len() / 2]);
-        let read_at = buf.as_ptr();
         let one = batch(Version::V5, &me, &mut buf, 1024);
-        assert_eq!(&one.forward[..], &a[..]);
-        assert_eq!(one.forward.as_ptr(), read_at, "forwarded where it was read");
-        assert_eq!(one.publishes, 1);
-        match one.stop {
-            Some(Stop::Refused(r)) => {
+        assert_eq!(&one.forward[..], &[&a[..], &b[..], &c[..]].concat()[..]);
+        assert_eq!(one.publishes, 3);
+        assert!(one.stop.is_none());
+        match &one.refused[..] {
+            [r] => {
                 assert_eq!(r.reason, Reason::PolicyDenied);
                 assert!(
                     !r.close,
@@ -1068,13 +1095,52 @@ mod tests {
                 );
                 assert!(r.reply.is_some());
             }
-            _ => panic!("the batch must stop at the denied PUBLISH"),
+            other => panic!("one refusal expected, got {}", other.len()),
         }
-        let two = batch(Version::V5, &me, &mut buf, 1024);
-        assert_eq!(&two.forward[..], &[&b[..], &c[..]].concat()[..]);
-        assert_eq!(two.publishes, 2);
-        assert!(two.stop.is_none());
         assert_eq!(&buf[..], &c[..c.len() / 2]);
+
+        // Nothing refused: forwarded where it was read, no copy.
+        buf.clear();
+        buf.extend_from_slice(&a);
+        buf.extend_from_slice(&b);
+        let read_at = buf.as_ptr();
+        let two = batch(Version::V5, &me, &mut buf, 1024);
+        assert_eq!(two.forward.as_ptr(), read_at);
+        assert_eq!(two.forward.len(), a.len() + b.len());
+        assert!(buf.is_empty());
+
+        // Thousands of refused frames in one read are all answered, in one
+        // pass over them.
+        let mut flood = BytesMut::new();
+        for pkid in 1..=5000u16 {
+            flood.extend_from_slice(&v5_publish("devices/sensor-2/telemetry", pkid));
+        }
+        flood.extend_from_slice(&c);
+        let three = batch(Version::V5, &me, &mut flood, 1024);
+        assert_eq!(three.refused.len(), 5000);
+        assert_eq!(&three.forward[..], &c[..]);
+        assert!(flood.is_empty());
+    }
+
+    #[test]
+    fn a_batch_ends_at_a_refusal_that_closes_the_session() {
+        let me = device("sensor-1");
+        let good = v4_publish("devices/sensor-1/telemetry", mqttbytes::QoS::AtLeastOnce);
+        let denied = v4_publish("devices/sensor-2/telemetry", mqttbytes::QoS::AtLeastOnce);
+        let mut buf = BytesMut::new();
+        for f in [&good, &denied, &good] {
+            buf.extend_from_slice(f);
+        }
+        let out = batch(Version::V311, &me, &mut buf, 1024);
+        assert_eq!(&out.forward[..], &good[..], "nothing after the refusal");
+        assert!(out.refused.is_empty());
+        match out.stop {
+            Some(Stop::Refused(r)) => {
+                assert_eq!(r.reason, Reason::PolicyDenied);
+                assert!(r.close, "MQTT 3.1.1 has no negative PUBACK");
+            }
+            _ => panic!("the batch must end at the denied PUBLISH"),
+        }
     }
 
     #[test]
