@@ -70,19 +70,19 @@ pub async fn run(fetch: CrlFetch, paths: IdentityPaths) {
 }
 
 /// GETs `url` and checks what it serves; writes nothing (`agent doctor`
-/// reports this). Blocking.
+/// reports this). Errors name the URL. Blocking.
 pub fn fetch(url: &str, paths: &IdentityPaths) -> Result<Served, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .build()
         .into();
-    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+    let mut response = agent.get(url).call().map_err(|e| format!("{url}: {e}"))?;
     let body = response
         .body_mut()
         .with_config()
         .limit(MAX_CRL_BYTES)
         .read_to_vec()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{url}: {e}"))?;
     // Distribution points serve DER (RFC 5280); a PEM file is taken too.
     let pem = if body.starts_with(b"-----BEGIN") {
         body

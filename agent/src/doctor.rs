@@ -21,7 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::Config;
+use crate::config::{Config, CrlFetch, IdentityPaths};
+use crate::crl_fetch;
 use crate::identity::{self, Expiry};
 
 /// How long DNS, TCP, the TLS handshake and the CONNACK may each take.
@@ -254,7 +255,45 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
     }
     server_ca(&paths.server_ca, now, report);
     let crl_ok = server_crl(paths, now, report);
+    if let Some(fetch) = &config.server_crl_fetch {
+        crl_url(fetch, paths, report);
+    }
     key_ok && identity_ok && crl_ok
+}
+
+/// identity.server_crl_url: what it serves now, as the running agent would
+/// judge it. Never a failure: the file's CRL stays in force meanwhile.
+fn crl_url<W: Write>(fetch: &CrlFetch, paths: &IdentityPaths, report: &mut Report<W>) {
+    let number = |n: Option<u64>| n.map_or_else(|| "none".to_owned(), |n| n.to_string());
+    match crl_fetch::fetch(&fetch.url, paths) {
+        Ok(served) if served.is_older() => report.add(
+            "CRL URL",
+            Verdict::Warn,
+            format!(
+                "{} serves CRL number {}, older than the file's ({}); the agent keeps the file's",
+                fetch.url,
+                number(served.number),
+                number(served.in_force)
+            ),
+            "publish the PKI's current server CRL there (provisioning crl --server --der)",
+        ),
+        Ok(served) => report.ok(
+            "CRL URL",
+            format!(
+                "{} serves the server CA's CRL number {} (the file's: {}), fetched every {} s",
+                fetch.url,
+                number(served.number),
+                number(served.in_force),
+                fetch.every.as_secs()
+            ),
+        ),
+        Err(e) => report.add(
+            "CRL URL",
+            Verdict::Warn,
+            e,
+            "check identity.server_crl_url and that the device can reach it; meanwhile the file's CRL stays in force",
+        ),
+    }
 }
 
 /// server-crl.pem, when there is one, must be the server CA's own CRL:

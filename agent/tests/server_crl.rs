@@ -161,13 +161,30 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
         "{}",
         agent.log()
     );
+    assert_eq!(connected(), 1, "the session stays");
     assert!(
-        agent.log().contains("what the URL served"),
+        agent.log().contains("a CRL does not parse"),
         "{}",
         agent.log()
     );
+    let report = doctor_report(&config);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("[WARN] CRL URL") && l.contains("a CRL does not parse")),
+        "{report}"
+    );
     assert_eq!(std::fs::read(&crl).unwrap(), before, "the file stays");
-    assert_eq!(connected(), 1);
+    // doctor's session took the agent's over (same client id); the agent
+    // connects again.
+    let sessions = || {
+        agent
+            .log()
+            .matches("link: connected to the gateway")
+            .count()
+    };
+    assert!(wait_until(30, || sessions() == 2), "{}", agent.log());
+    let before_revocation = connected();
 
     // The operator revokes this gateway's certificate and publishes the
     // server CRL in DER, as `provisioning crl --server --der` writes it.
@@ -216,10 +233,31 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
         agent.log()
     );
     agent.kill();
+    let report = doctor_report(&config);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("[ OK ] CRL URL") && l.contains("CRL number 2 (the file's: 2)")),
+        "{report}"
+    );
     assert_eq!(
         std::fs::read_to_string(&crl).unwrap(),
         std::fs::read_to_string(&pem).unwrap(),
         "the fetched CRL is in the bundle, in PEM"
     );
-    assert_eq!(connected(), 1, "no session under the revoked certificate");
+    assert_eq!(
+        connected(),
+        before_revocation,
+        "no session under the revoked certificate"
+    );
+}
+
+/// `agent doctor`'s report for `config`.
+fn doctor_report(config: &std::path::Path) -> String {
+    let mut cmd = std::process::Command::new(built("agent"));
+    cmd.arg("doctor").arg("--config").arg(config);
+    let out = run_bounded(cmd, 60);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("agent doctor:\n{report}");
+    report
 }
