@@ -5,9 +5,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use twofold_provisioning::RevokeTarget;
 use twofold_provisioning::output::files;
-use twofold_provisioning::registry::{Filter, Kind, RevocationReason, Store};
+use twofold_provisioning::registry::RevocationReason;
 use twofold_tests::*;
 
 /// Runs `agent doctor` for `who` against `localhost:port`; returns
@@ -203,28 +202,9 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
     );
     assert_line(&report, "mqtt", "[ OK ]", &[]);
 
-    let gateway = fleet
-        .pki
-        .store()
-        .find(&Filter {
-            kind: Some(Kind::Gateway),
-            ..Filter::default()
-        })
-        .unwrap()
-        .pop()
-        .unwrap();
-    fleet
-        .pki
-        .revoke(
-            RevokeTarget::Serial(gateway.serial),
-            RevocationReason::KeyCompromise,
-        )
-        .unwrap();
-    std::fs::write(
-        pi.dir.join(files::SERVER_CRL),
-        fleet.pki.server_crl_pem().unwrap().unwrap(),
-    )
-    .unwrap();
+    let serial = fleet.gateway_serial.clone();
+    let server_crl = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    std::fs::write(pi.dir.join(files::SERVER_CRL), server_crl).unwrap();
     let (ok, report) = doctor(&fleet, "after", &pi, port);
     assert!(!ok, "{report}");
     assert_line(

@@ -3,9 +3,8 @@
 //! are connected loses them; a broken or older CRL is refused, loudly, and
 //! the one in force stays, with the session up.
 
-use twofold_provisioning::RevokeTarget;
 use twofold_provisioning::output::files;
-use twofold_provisioning::registry::{Filter, Kind, RevocationReason, Store};
+use twofold_provisioning::registry::RevocationReason;
 use twofold_tests::*;
 
 #[test]
@@ -38,14 +37,8 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
         .pki
         .issue_gateway(&["old-gw.example".into()], &[], 30, None)
         .unwrap();
-    fleet
-        .pki
-        .revoke(
-            RevokeTarget::Serial(other.record.serial.clone()),
-            RevocationReason::Superseded,
-        )
-        .unwrap();
-    std::fs::write(&crl, fleet.pki.server_crl_pem().unwrap().unwrap()).unwrap();
+    let newer = fleet.revoke_gateway(&other.record.serial, RevocationReason::Superseded);
+    std::fs::write(&crl, newer).unwrap();
     assert!(
         wait_until(30, || agent.log().contains("server CRL reloaded")),
         "{}",
@@ -74,25 +67,9 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
 
     // Now this gateway's own certificate is revoked while the agent is
     // connected to it: the agent drops the session and will not come back.
-    let this = fleet
-        .pki
-        .store()
-        .find(&Filter {
-            kind: Some(Kind::Gateway),
-            ..Filter::default()
-        })
-        .unwrap()
-        .into_iter()
-        .find(|r| r.serial != other.record.serial)
-        .unwrap();
-    fleet
-        .pki
-        .revoke(
-            RevokeTarget::Serial(this.serial),
-            RevocationReason::KeyCompromise,
-        )
-        .unwrap();
-    std::fs::write(&crl, fleet.pki.server_crl_pem().unwrap().unwrap()).unwrap();
+    let serial = fleet.gateway_serial.clone();
+    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    std::fs::write(&crl, revoked).unwrap();
     assert!(
         wait_until(30, || agent.log().contains("Revoked")),
         "{}",
@@ -188,25 +165,10 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
 
     // The operator revokes this gateway's certificate and publishes the
     // server CRL in DER, as `provisioning crl --server --der` writes it.
-    let this = fleet
-        .pki
-        .store()
-        .find(&Filter {
-            kind: Some(Kind::Gateway),
-            ..Filter::default()
-        })
-        .unwrap()
-        .pop()
-        .unwrap();
-    fleet
-        .pki
-        .revoke(
-            RevokeTarget::Serial(this.serial),
-            RevocationReason::KeyCompromise,
-        )
-        .unwrap();
+    let serial = fleet.gateway_serial.clone();
+    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
     let pem = fleet.path("server-crl-new.pem");
-    std::fs::write(&pem, fleet.pki.server_crl_pem().unwrap().unwrap()).unwrap();
+    std::fs::write(&pem, revoked).unwrap();
     let der = www.join("server-crl.der.tmp");
     let out = run_bounded(
         {

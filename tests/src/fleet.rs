@@ -11,7 +11,7 @@ use twofold_protocol::{DeviceId, Principal, ServiceName, TrustDomain};
 use twofold_provisioning::output::{self, files};
 use twofold_provisioning::registry::RevocationReason;
 use twofold_provisioning::{
-    EnrollOptions, EnrollRequest, KeySource, Pki, RevokeTarget, atomic::Durability,
+    EnrollOptions, EnrollRequest, KeySource, Pki, RevokeTarget, Serial, atomic::Durability,
 };
 
 use crate::process::{Proc, built, exit_status, run_bounded, text};
@@ -23,6 +23,8 @@ pub const TD: &str = "iot.example";
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
+    /// The serial of the certificate in `gw/`.
+    pub gateway_serial: Serial,
 }
 
 /// A certificate chain and key on disk: a bundle directory from
@@ -43,15 +45,13 @@ impl Default for Fleet {
 impl Fleet {
     pub fn new() -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(
+        let mut pki = Pki::init(
             &dir.path().join("pki"),
             TrustDomain::parse(TD).unwrap(),
             None,
         )
         .unwrap();
-        let mut fleet = Fleet { dir, pki };
-        let gw = fleet
-            .pki
+        let gw = pki
             .issue_gateway(
                 &["localhost".into()],
                 &["127.0.0.1".parse().unwrap()],
@@ -59,6 +59,11 @@ impl Fleet {
                 None,
             )
             .unwrap();
+        let fleet = Fleet {
+            dir,
+            pki,
+            gateway_serial: gw.record.serial.clone(),
+        };
         output::write_gateway(
             &fleet.path("gw"),
             &gw,
@@ -134,6 +139,16 @@ impl Fleet {
             .revoke(target, RevocationReason::KeyCompromise)
             .unwrap();
         self.publish_crl();
+    }
+
+    /// Revokes the gateway certificate with `serial` (`gateway_serial` for
+    /// the one in `gw/`); returns the server CRL that now lists it, for the
+    /// devices.
+    pub fn revoke_gateway(&mut self, serial: &Serial, reason: RevocationReason) -> String {
+        self.pki
+            .revoke(RevokeTarget::Serial(serial.clone()), reason)
+            .unwrap();
+        self.pki.server_crl_pem().unwrap().unwrap()
     }
 
     /// Writes the PKI's current CRL to `gw/crl.pem`, atomically.
