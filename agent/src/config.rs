@@ -206,15 +206,16 @@ impl File {
                     ("identity.cert", id.cert.is_some()),
                     ("identity.key", id.key.is_some()),
                     ("identity.server_ca", id.server_ca.is_some()),
-                    ("identity.server_crl", id.server_crl.is_some()),
                 ] {
                     if set {
                         return Err(err(
                             key,
-                            "give either identity.bundle or cert, key, server_ca (and server_crl), not both",
+                            "give either identity.bundle or cert, key and server_ca, not both",
                         ));
                     }
                 }
+                // identity.server_crl may stand in for the bundle's (e.g.
+                // in a directory the agent may write, for server_crl_url).
                 // Bundles written before provisioning had a server CRL
                 // have none; the agent says so when it starts.
                 let crl = dir.join("server-crl.pem");
@@ -222,7 +223,7 @@ impl File {
                     cert: dir.join("device.pem"),
                     key: dir.join("device.key"),
                     server_ca: dir.join("server-ca.pem"),
-                    server_crl: crl.exists().then_some(crl),
+                    server_crl: id.server_crl.or_else(|| crl.exists().then_some(crl)),
                 }
             }
             None => IdentityPaths {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{CrlFetch, IdentityPaths};
-use crate::identity;
+use crate::identity::{self, CrlFloor};
 
 /// The largest CRL accepted: far above a server CA's (a few gateway
 /// certificates), far below what would hurt a small board.
@@ -25,14 +25,19 @@ pub struct Served {
     /// As PEM, the way the file holds it.
     pub pem: Vec<u8>,
     pub number: Option<u64>,
-    /// The number of the CRL in the file, if it loads.
+    /// The number in force: the file's, or the running agent's if higher.
     pub in_force: Option<u64>,
 }
 
 impl Served {
-    /// A CRL older than the one in force would hide revocations made since.
+    /// A CRL older than the one in force would hide revocations made
+    /// since; so would one without a number, where there was one.
     pub fn is_older(&self) -> bool {
-        matches!((self.number, self.in_force), (Some(new), Some(old)) if new < old)
+        match (self.number, self.in_force) {
+            (Some(new), Some(old)) => new < old,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        }
     }
 }
 
@@ -46,13 +51,13 @@ pub enum Fetched {
 }
 
 /// Fetches every `fetch.every` (the first at once) while the agent runs.
-pub async fn run(fetch: CrlFetch, paths: IdentityPaths) {
+pub async fn run(fetch: CrlFetch, paths: IdentityPaths, floor: CrlFloor) {
     let mut tick = tokio::time::interval(fetch.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (url, p) = (fetch.url.clone(), paths.clone());
-        match tokio::task::spawn_blocking(move || once(&url, &p)).await {
+        let (url, p, floor) = (fetch.url.clone(), paths.clone(), floor.get());
+        match tokio::task::spawn_blocking(move || once(&url, &p, floor)).await {
             Ok(Ok(Fetched::Unchanged)) => {
                 tracing::debug!(url = %fetch.url, "server CRL unchanged")
             }
@@ -69,9 +74,10 @@ pub async fn run(fetch: CrlFetch, paths: IdentityPaths) {
     }
 }
 
-/// GETs `url` and checks what it serves; writes nothing (`agent doctor`
-/// reports this). Errors name the URL. Blocking.
-pub fn fetch(url: &str, paths: &IdentityPaths) -> Result<Served, String> {
+/// GETs `url` and checks what it serves against the server CA and the CRL
+/// in force (the file's, or `floor` if higher); writes nothing (`agent
+/// doctor` reports this). Errors name the URL. Blocking.
+pub fn fetch(url: &str, paths: &IdentityPaths, floor: Option<u64>) -> Result<Served, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .build()
@@ -97,7 +103,8 @@ pub fn fetch(url: &str, paths: &IdentityPaths) -> Result<Served, String> {
         .server_crl
         .as_deref()
         .and_then(|path| identity::load_server_crl(path, &cas).ok())
-        .and_then(|c| identity::crl_number(&c));
+        .and_then(|c| identity::crl_number(&c))
+        .max(floor);
     Ok(Served {
         number: identity::crl_number(&crls),
         pem,
@@ -107,20 +114,20 @@ pub fn fetch(url: &str, paths: &IdentityPaths) -> Result<Served, String> {
 
 /// One fetch: GET `url`, check what came, and write it over the server
 /// CRL file if it is new. Blocking.
-pub fn once(url: &str, paths: &IdentityPaths) -> Result<Fetched, String> {
+pub fn once(url: &str, paths: &IdentityPaths, floor: Option<u64>) -> Result<Fetched, String> {
     let path = paths
         .server_crl
         .as_deref()
         .ok_or("no server CRL file to update")?;
-    let served = fetch(url, paths)?;
+    let served = fetch(url, paths, floor)?;
     if std::fs::read(path).is_ok_and(|current| current == served.pem) {
         return Ok(Fetched::Unchanged);
     }
     if served.is_older() {
         return Err(format!(
             "it serves CRL number {}, older than the one in force ({})",
-            served.number.unwrap_or_default(),
-            served.in_force.unwrap_or_default()
+            served.number.map_or("none".into(), |n| n.to_string()),
+            served.in_force.map_or("none".into(), |n| n.to_string())
         ));
     }
     // Written beside the file and renamed over it, so the watcher never
@@ -130,6 +137,10 @@ pub fn once(url: &str, paths: &IdentityPaths) -> Result<Fetched, String> {
     let fetched = path.with_file_name(name);
     write_synced(&fetched, &served.pem)
         .and_then(|()| std::fs::rename(&fetched, path))
+        .and_then(|()| match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+            _ => Ok(()),
+        })
         .map_err(|e| {
             let _ = std::fs::remove_file(&fetched);
             format!("{}: {e}", path.display())

@@ -265,7 +265,7 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
 /// judge it. Never a failure: the file's CRL stays in force meanwhile.
 fn crl_url<W: Write>(fetch: &CrlFetch, paths: &IdentityPaths, report: &mut Report<W>) {
     let number = |n: Option<u64>| n.map_or_else(|| "none".to_owned(), |n| n.to_string());
-    match crl_fetch::fetch(&fetch.url, paths) {
+    match crl_fetch::fetch(&fetch.url, paths, None) {
         Ok(served) if served.is_older() => report.add(
             "CRL URL",
             Verdict::Warn,

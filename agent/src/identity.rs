@@ -2,10 +2,11 @@
 //! checked before anything connects, and the rustls client config built
 //! from them.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
@@ -48,9 +49,36 @@ pub struct DeviceIdentity {
     pub serial: String,
     pub not_before: i64,
     pub not_after: i64,
-    /// The highest CRL number in the server CRL in force, if any.
-    pub server_crl_number: Option<u64>,
+    /// The server CRL in force, if there is one.
+    pub server_crl: Option<ServerCrl>,
     pub tls: Arc<rustls::ClientConfig>,
+    /// What `tls` was made of: a new server CRL goes in with these, not
+    /// with whatever the certificate, key and server CA files hold by then.
+    parts: TlsParts,
+}
+
+/// A server CRL file as it was taken.
+#[derive(Clone, Debug)]
+pub struct ServerCrl {
+    /// Its CRL number (the highest, with several server CAs).
+    pub number: Option<u64>,
+    pub pem: Vec<u8>,
+}
+
+#[derive(Clone)]
+struct TlsParts {
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    server_ca: Vec<CertificateDer<'static>>,
+    paths: IdentityPaths,
+}
+
+impl std::fmt::Debug for TlsParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsParts")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Reads every `label` item (e.g. CERTIFICATE) of a PEM file; refuses a
@@ -97,9 +125,24 @@ pub fn server_crl_from_pem(
     if crls.is_empty() {
         return Err(file_error(path, "no X509 CRL found"));
     }
+    let mut issuers: Vec<Vec<u8>> = Vec::new();
     for der in &crls {
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
             .map_err(|e| file_error(path, format!("a CRL does not parse: {e}")))?;
+        // rustls checks against the first CRL of the issuer it finds, so a
+        // file with an old CRL in front of the current one would bring the
+        // old one back in force; one per CA, then.
+        let issuer = crl.issuer().as_raw().to_vec();
+        if issuers.contains(&issuer) {
+            return Err(file_error(
+                path,
+                format!(
+                    "holds more than one CRL of \"{}\"; a server CRL file holds one per CA, the newest",
+                    crl.issuer()
+                ),
+            ));
+        }
+        issuers.push(issuer);
         let signed = server_ca.iter().any(|ca| {
             X509Certificate::from_der(ca).is_ok_and(|(_, ca)| {
                 ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
@@ -217,8 +260,40 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
     let not_after = leaf.validity().not_after.timestamp();
 
     let server_ca = load_certs(&paths.server_ca)?;
+    key_matches(&paths.key, &paths.cert, &chain)?;
+    let parts = TlsParts {
+        chain,
+        key: Arc::new(key),
+        server_ca,
+        paths: paths.clone(),
+    };
+    let server_crl = match &paths.server_crl {
+        None => None,
+        Some(path) => Some(std::fs::read(path).map_err(|e| file_error(path, e))?),
+    };
+    let (tls, server_crl) = tls_config(&parts, server_crl)?;
+    Ok(DeviceIdentity {
+        id,
+        uri,
+        serial,
+        not_before,
+        not_after,
+        server_crl,
+        tls: Arc::new(tls),
+        parts,
+    })
+}
+
+/// The TLS client config: it trusts only the server CA, checks the
+/// gateway's name (and its certificate against `server_crl`, PEM, when
+/// there is one), and presents the device's chain.
+fn tls_config(
+    parts: &TlsParts,
+    server_crl: Option<Vec<u8>>,
+) -> Result<(rustls::ClientConfig, Option<ServerCrl>), IdentityError> {
+    let paths = &parts.paths;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in &server_ca {
+    for ca in &parts.server_ca {
         roots
             .add(ca.clone())
             .map_err(|e| file_error(&paths.server_ca, format!("not a usable CA: {e}")))?;
@@ -231,35 +306,29 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
         Arc::new(roots),
         provider.clone(),
     );
-    let mut server_crl_number = None;
-    if let Some(path) = &paths.server_crl {
-        let crls = load_server_crl(path, &server_ca)?;
-        server_crl_number = crl_number(&crls);
+    let mut taken = None;
+    if let (Some(path), Some(pem)) = (&paths.server_crl, server_crl) {
+        let crls = server_crl_from_pem(&pem, path, &parts.server_ca)?;
+        taken = Some(ServerCrl {
+            number: crl_number(&crls),
+            pem,
+        });
         verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
     }
     let verifier = verifier
         .build()
         .map_err(|e| file_error(&paths.server_ca, e))?;
-    key_matches(&paths.key, &paths.cert, &chain)?;
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| file_error(&paths.cert, e))?
         .with_webpki_verifier(verifier)
-        .with_client_auth_cert(chain, key)
+        .with_client_auth_cert(parts.chain.clone(), parts.key.clone_key())
         .map_err(|e| IdentityError::KeyMismatch {
             key: paths.key.clone(),
             cert: paths.cert.clone(),
             detail: e.to_string(),
         })?;
-    Ok(DeviceIdentity {
-        id,
-        uri,
-        serial,
-        not_before,
-        not_after,
-        server_crl_number,
-        tls: Arc::new(tls),
-    })
+    Ok((tls, taken))
 }
 
 /// The highest CRL number among `crls` (which [`load_server_crl`] has
@@ -277,74 +346,136 @@ pub fn crl_number(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
 /// How often the server CRL file is looked at for a new version.
 pub const SERVER_CRL_POLL: Duration = Duration::from_secs(2);
 
-/// The identity again, for a new server CRL: everything is checked as at
-/// start, and the CRL may not be older than the one in force (a replayed
-/// CRL would hide revocations made since).
-pub fn reload(
-    paths: &IdentityPaths,
-    current: &DeviceIdentity,
-) -> Result<DeviceIdentity, IdentityError> {
-    let next = build(paths)?;
-    if next.id != current.id {
-        return Err(file_error(
-            &paths.cert,
-            format!(
-                "now holds device {}'s certificate, not {}'s; restart the agent to use it",
-                next.id.as_str(),
-                current.id.as_str()
-            ),
-        ));
+impl DeviceIdentity {
+    /// This identity with `pem` (read from the server CRL file, `path`) as
+    /// its server CRL, built from the certificate, key and server CA it
+    /// started with. The CRL must be signed by the server CA and not be
+    /// older than `floor` (a replayed CRL would hide revocations made
+    /// since): a lower CRL number, or none where there was one, is refused.
+    pub fn with_server_crl(
+        &self,
+        path: &Path,
+        pem: Vec<u8>,
+        floor: Option<u64>,
+    ) -> Result<DeviceIdentity, IdentityError> {
+        let mut parts = self.parts.clone();
+        parts.paths.server_crl = Some(path.to_owned());
+        let (tls, taken) = tls_config(&parts, Some(pem))?;
+        let number = taken.as_ref().and_then(|c| c.number);
+        if let Some(old) = floor {
+            match number {
+                Some(new) if new >= old => {}
+                Some(new) => {
+                    return Err(file_error(
+                        path,
+                        format!("CRL number {new} is older than the one in force ({old})"),
+                    ));
+                }
+                None => {
+                    return Err(file_error(
+                        path,
+                        format!("the CRL has no CRL number, and the one in force has {old}"),
+                    ));
+                }
+            }
+        }
+        Ok(DeviceIdentity {
+            server_crl: taken,
+            tls: Arc::new(tls),
+            parts,
+            ..self.clone()
+        })
     }
-    if let (Some(old), Some(new)) = (current.server_crl_number, next.server_crl_number)
-        && new < old
-    {
-        let path = paths.server_crl.as_deref().unwrap_or(&paths.server_ca);
-        return Err(file_error(
-            path,
-            format!("CRL number {new} is older than the one in force ({old})"),
-        ));
-    }
-    Ok(next)
 }
 
-/// Watches the server CRL file while the agent runs. A valid new one
+/// The highest server CRL number the agent has taken so far, shared by the
+/// file's watcher and the fetcher, so neither lets an older CRL in.
+#[derive(Clone, Debug, Default)]
+pub struct CrlFloor(Arc<AtomicU64>);
+
+impl CrlFloor {
+    pub fn new(number: Option<u64>) -> CrlFloor {
+        let floor = CrlFloor::default();
+        if let Some(n) = number {
+            floor.raise(n);
+        }
+        floor
+    }
+
+    pub fn get(&self) -> Option<u64> {
+        // Stored plus one: 0 is "none yet".
+        self.0.load(Ordering::SeqCst).checked_sub(1)
+    }
+
+    pub fn raise(&self, number: u64) {
+        self.0.fetch_max(number.saturating_add(1), Ordering::SeqCst);
+    }
+}
+
+/// Watches the server CRL file while the agent runs. A new valid one
 /// replaces the TLS config in `tls` (the link then reconnects, so the
 /// gateway is checked against it at once); a broken or older one is
-/// refused, loudly, and the one in force stays.
+/// refused, loudly, and the one in force stays. The file is read again
+/// whenever its inode, size or times change, and taken only if its
+/// contents differ from the CRL in force.
 pub async fn watch_server_crl(
-    paths: IdentityPaths,
     mut current: DeviceIdentity,
+    floor: CrlFloor,
     tls: tokio::sync::watch::Sender<Arc<rustls::ClientConfig>>,
 ) {
-    let Some(path) = paths.server_crl.clone() else {
+    let Some(path) = current.parts.paths.server_crl.clone() else {
         return;
     };
-    let stamp = || -> Option<(SystemTime, u64)> {
-        let meta = std::fs::metadata(&path).ok()?;
-        Some((meta.modified().ok()?, meta.len()))
+    let stamp = || {
+        std::fs::metadata(&path).ok().map(|m| {
+            (
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            )
+        })
     };
-    let mut last = stamp();
+    // None at first: the file is compared once at start, in case it
+    // changed while the agent was starting.
+    let mut last = None;
     let mut tick = tokio::time::interval(SERVER_CRL_POLL);
     loop {
         tick.tick().await;
-        let now = stamp();
+        let now = Some(stamp());
         if now == last {
             continue;
         }
         last = now;
-        match reload(&paths, &current) {
+        let pem = match std::fs::read(&path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::error!(crl = %path.display(), error = %e, "cannot read the server CRL; the one in force stays");
+                continue;
+            }
+        };
+        if current.server_crl.as_ref().is_some_and(|c| c.pem == pem) {
+            continue;
+        }
+        match current.with_server_crl(&path, pem, floor.get()) {
             Ok(next) => {
+                let number = next.server_crl.as_ref().and_then(|c| c.number);
                 tracing::info!(
                     crl = %path.display(),
-                    number = ?next.server_crl_number,
+                    number = ?number,
                     "server CRL reloaded; reconnecting to check the gateway against it"
                 );
+                if let Some(n) = number {
+                    floor.raise(n);
+                }
                 tls.send_replace(next.tls.clone());
                 current = next;
             }
             Err(e) => tracing::error!(
                 error = %e,
-                number_in_force = ?current.server_crl_number,
+                number_in_force = ?floor.get(),
                 "REFUSED the new server CRL; the previous one stays in force"
             ),
         }

@@ -74,6 +74,24 @@ impl Link {
         o
     }
 
+    /// Sends DISCONNECT and gives it two seconds to go out. A command that
+    /// arrives meanwhile has been acknowledged to the gateway, so it still
+    /// goes to the runner.
+    async fn disconnect(&self, client: &AsyncClient, events: &mut EventLoop, commands_topic: &str) {
+        let _ = client.try_disconnect();
+        let _ = timeout(Duration::from_secs(2), async {
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event
+                    && p.topic == commands_topic
+                    && self.commands.try_send(p.payload.to_vec()).is_err()
+                {
+                    tracing::warn!("commands arrive faster than they run; one was dropped");
+                }
+            }
+        })
+        .await;
+    }
+
     fn topic(&self, channel: &str) -> String {
         format!("devices/{}/{channel}", self.identity.id.as_str())
     }
@@ -176,25 +194,16 @@ impl Link {
                 },
                 _ = self.wake.notified() => {}
                 Ok(()) = tls.changed() => {
-                    disconnect(&client, &mut events).await;
+                    self.disconnect(&client, &mut events, &commands_topic).await;
                     return Err("the server CRL changed: reconnecting to check the gateway against it".into());
                 }
                 _ = shutdown.changed() => {
-                    disconnect(&client, &mut events).await;
+                    self.disconnect(&client, &mut events, &commands_topic).await;
                     return Ok(());
                 }
             }
         }
     }
-}
-
-/// Sends DISCONNECT and gives it two seconds to go out.
-async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
-    let _ = client.try_disconnect();
-    let _ = timeout(Duration::from_secs(2), async {
-        while events.poll().await.is_ok() {}
-    })
-    .await;
 }
 
 async fn connack(events: &mut EventLoop) -> Result<(), ConnectionError> {

@@ -46,16 +46,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let wake = Arc::new(Notify::new());
     let (commands_tx, mut commands_rx) = mpsc::channel::<Vec<u8>>(16);
     let (tls_tx, tls) = watch::channel(me.tls.clone());
+    let floor = identity::CrlFloor::new(me.server_crl.as_ref().and_then(|c| c.number));
     let crl_watch = tokio::spawn(identity::watch_server_crl(
-        config.identity.clone(),
         me.clone(),
+        floor.clone(),
         tls_tx,
     ));
     let crl_fetch = tokio::spawn({
         let (fetch, paths) = (config.server_crl_fetch.clone(), config.identity.clone());
         async move {
             if let Some(fetch) = fetch {
-                crate::crl_fetch::run(fetch, paths).await;
+                crate::crl_fetch::run(fetch, paths, floor).await;
             }
         }
     });

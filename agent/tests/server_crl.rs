@@ -38,7 +38,7 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
         .issue_gateway(&["old-gw.example".into()], &[], 30, None)
         .unwrap();
     let newer = fleet.revoke_gateway(&other.record.serial, RevocationReason::Superseded);
-    std::fs::write(&crl, newer).unwrap();
+    replace(&crl, newer.as_bytes());
     assert!(
         wait_until(30, || agent.log().contains("server CRL reloaded")),
         "{}",
@@ -48,13 +48,22 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
 
     // A corrupt file: refused, and the session stays.
     let refusals = || agent.log().matches("REFUSED the new server CRL").count();
-    std::fs::write(&crl, b"-----BEGIN X509 CRL-----\nnot base64\n").unwrap();
+    replace(&crl, b"-----BEGIN X509 CRL-----\nnot base64\n");
     assert!(wait_until(30, || refusals() == 1), "{}", agent.log());
     // The CRL from before: older than the one in force, refused too.
-    std::fs::write(&crl, &first_crl).unwrap();
+    replace(&crl, &first_crl);
     assert!(wait_until(30, || refusals() == 2), "{}", agent.log());
     assert!(
         agent.log().contains("is older than the one in force"),
+        "{}",
+        agent.log()
+    );
+    // The old CRL in front of the current one: rustls would check against
+    // the first, so a file with two CRLs of one CA is refused.
+    replace(&crl, [&first_crl[..], newer.as_bytes()].concat().as_slice());
+    assert!(wait_until(30, || refusals() == 3), "{}", agent.log());
+    assert!(
+        agent.log().contains("holds more than one CRL"),
         "{}",
         agent.log()
     );
@@ -69,7 +78,7 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
     // connected to it: the agent drops the session and will not come back.
     let serial = fleet.gateway_serial.clone();
     let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
-    std::fs::write(&crl, revoked).unwrap();
+    replace(&crl, revoked.as_bytes());
     assert!(
         wait_until(30, || agent.log().contains("Revoked")),
         "{}",
@@ -161,34 +170,40 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
             .count()
     };
     assert!(wait_until(30, || sessions() == 2), "{}", agent.log());
-    let before_revocation = connected();
 
-    // The operator revokes this gateway's certificate and publishes the
-    // server CRL in DER, as `provisioning crl --server --der` writes it.
-    let serial = fleet.gateway_serial.clone();
-    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
-    let pem = fleet.path("server-crl-new.pem");
-    std::fs::write(&pem, revoked).unwrap();
-    let der = www.join("server-crl.der.tmp");
-    let out = run_bounded(
-        {
-            let mut c = std::process::Command::new("openssl");
-            c.args(["crl", "-outform", "DER", "-in"])
-                .arg(&pem)
-                .arg("-out")
-                .arg(&der);
-            c
-        },
-        30,
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    std::fs::rename(&der, www.join("server-crl.der")).unwrap();
+    // Another gateway's certificate is revoked: a newer CRL, served in
+    // DER as `provisioning crl --server --der` writes it. The agent takes
+    // it (and connects again under it).
+    let other = fleet
+        .pki
+        .issue_gateway(&["old-gw.example".into()], &[], 30, None)
+        .unwrap();
+    let newer = fleet.revoke_gateway(&other.record.serial, RevocationReason::Superseded);
+    serve_der(&fleet, &www, &newer);
+    let fetched = || agent.log().matches("fetched a new server CRL").count();
+    assert!(wait_until(30, || fetched() == 1), "{}", agent.log());
+    assert!(wait_until(30, || sessions() == 3), "{}", agent.log());
+    assert_eq!(std::fs::read_to_string(&crl).unwrap(), newer, "in PEM");
 
+    // The first CRL again, as a replay would serve it: older, refused.
+    serve_der(&fleet, &www, std::str::from_utf8(&before).unwrap());
     assert!(
-        wait_until(30, || agent.log().contains("fetched a new server CRL")),
+        wait_until(30, || agent.log().contains("older than the one in force")),
         "{}",
         agent.log()
     );
+    assert_eq!(
+        std::fs::read_to_string(&crl).unwrap(),
+        newer,
+        "the file stays"
+    );
+    let before_revocation = connected();
+
+    // Now this gateway's own certificate is revoked.
+    let serial = fleet.gateway_serial.clone();
+    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    serve_der(&fleet, &www, &revoked);
+    assert!(wait_until(30, || fetched() == 2), "{}", agent.log());
     assert!(
         wait_until(30, || agent.log().contains("Revoked")),
         "{}",
@@ -199,14 +214,10 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
     assert!(
         report
             .lines()
-            .any(|l| l.starts_with("[ OK ] CRL URL") && l.contains("CRL number 2 (the file's: 2)")),
+            .any(|l| l.starts_with("[ OK ] CRL URL") && l.contains("CRL number 3 (the file's: 3)")),
         "{report}"
     );
-    assert_eq!(
-        std::fs::read_to_string(&crl).unwrap(),
-        std::fs::read_to_string(&pem).unwrap(),
-        "the fetched CRL is in the bundle, in PEM"
-    );
+    assert_eq!(std::fs::read_to_string(&crl).unwrap(), revoked);
     assert_eq!(
         connected(),
         before_revocation,
@@ -222,4 +233,28 @@ fn doctor_report(config: &std::path::Path) -> String {
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("agent doctor:\n{report}");
     report
+}
+
+/// Puts `pem` where the web server serves it, converted to DER by openssl,
+/// in one rename.
+fn serve_der(fleet: &Fleet, www: &std::path::Path, pem: &str) {
+    let from = fleet.path("serve.pem");
+    std::fs::write(&from, pem).unwrap();
+    let der = www.join("server-crl.der.tmp");
+    let mut openssl = std::process::Command::new("openssl");
+    openssl
+        .args(["crl", "-outform", "DER", "-in"])
+        .arg(&from)
+        .arg("-out")
+        .arg(&der);
+    let out = run_bounded(openssl, 30);
+    assert!(out.status.success(), "{}", text(&out));
+    std::fs::rename(&der, www.join("server-crl.der")).unwrap();
+}
+
+/// Writes `bytes` over `path` in one rename, as an operator's tools would.
+fn replace(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }
