@@ -205,13 +205,7 @@ fn packets_behind_a_refused_publish_in_the_same_write_are_not_lost() {
     let ops = fleet.service("ops");
     let gw = Gateway::start(&fleet, "");
     let port = gw.addr.port();
-    let sub = Sub::start_tls(
-        &fleet,
-        port,
-        &ops,
-        "ops",
-        &["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"],
-    );
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "+");
     let acks = runtime().block_on(async {
         let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(tls_config(&fleet, &dev))
