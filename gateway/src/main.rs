@@ -184,9 +184,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         metrics: config.metrics,
     };
-    gateway
-        .serve(listener, stopped, Duration::from_secs(5))
-        .await?;
+    // The accept loop runs on a worker, not on this thread: block_on's
+    // thread would be woken by a worker for every new connection, and would
+    // wake a worker back for its session (two thread switches per connect).
+    tokio::spawn(gateway.serve(listener, stopped, Duration::from_secs(5)))
+        .await
+        .context("the accept loop stopped")??;
     tracing::info!("stopped");
     Ok(())
 }
