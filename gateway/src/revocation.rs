@@ -34,6 +34,10 @@ pub enum CrlError {
         new: u64,
         current: u64,
     },
+    #[error(
+        "{path}: holds more than one CRL of \"{issuer}\"; rustls checks a certificate against the first one only, so the file must hold one CRL per CA, the newest"
+    )]
+    TwoOfOneIssuer { path: String, issuer: String },
 }
 
 /// The CRLs in force.
@@ -98,6 +102,7 @@ impl RevocationList {
             .filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c))
             .collect();
         let mut list = RevocationList::default();
+        let mut issuers = HashSet::new();
         for der in &ders {
             let malformed = |detail: String| CrlError::Malformed {
                 path: name.to_owned(),
@@ -113,6 +118,12 @@ impl RevocationList {
             });
             if !signed {
                 return Err(CrlError::UnknownIssuer {
+                    path: name.to_owned(),
+                    issuer: crl.issuer().to_string(),
+                });
+            }
+            if !issuers.insert(crl.issuer().as_raw().to_vec()) {
+                return Err(CrlError::TwoOfOneIssuer {
                     path: name.to_owned(),
                     issuer: crl.issuer().to_string(),
                 });
@@ -159,4 +170,95 @@ pub fn serial_hex(raw: &[u8]) -> String {
         .position(|&b| b != 0)
         .unwrap_or(raw.len().saturating_sub(1));
     hex::encode(&raw[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
+        KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
+    };
+
+    struct Ca {
+        der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Ca {
+            der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn crl(ca: &Ca, number: u64, revoked: &[u64]) -> String {
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(7),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|&serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(serial),
+                    revocation_time: now,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+
+    fn load(pem: &str, cas: &[&Ca]) -> Result<RevocationList, CrlError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crl.pem");
+        std::fs::write(&path, pem).unwrap();
+        let cas: Vec<_> = cas.iter().map(|c| c.der.clone()).collect();
+        RevocationList::load(&path, &cas, None)
+    }
+
+    #[test]
+    fn one_crl_per_ca_is_accepted_and_their_serials_joined() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let list = load(&(crl(&a, 3, &[0x10]) + &crl(&b, 7, &[0x20])), &[&a, &b]).unwrap();
+        assert!(list.is_revoked("10") && list.is_revoked("20"));
+        assert_eq!(list.number, Some(7));
+        assert_eq!(list.ders.len(), 2);
+    }
+
+    #[test]
+    fn two_crls_of_one_ca_are_refused() {
+        let a = ca("CA A");
+        // An old CRL in front of the newest: rustls would check against
+        // the old one only, and a newly revoked device would get in.
+        let err = load(&(crl(&a, 1, &[]) + &crl(&a, 2, &[0x10])), &[&a]).unwrap_err();
+        assert!(matches!(err, CrlError::TwoOfOneIssuer { .. }), "{err}");
+        assert!(
+            err.to_string().contains("more than one CRL of \"CN=CA A\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_crl_signed_by_no_client_ca_is_refused() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let err = load(&crl(&b, 1, &[]), &[&a]).unwrap_err();
+        assert!(matches!(err, CrlError::UnknownIssuer { .. }), "{err}");
+    }
 }

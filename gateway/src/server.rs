@@ -239,17 +239,17 @@ async fn handshake(
         ));
         return None;
     };
-    // A resumed session skips certificate verification in rustls, so the
-    // revocation check is repeated here against the CRL in force now.
+    // A resumed session skips certificate verification in rustls, and a
+    // full handshake was checked against the CRLs in force when it began;
+    // so the check is repeated here against the CRL in force now.
     if live.revocations.borrow().is_revoked(&cert.serial) {
-        gateway.audit.record(
-            &Event::refused(
-                addr,
-                Reason::Revoked,
-                "certificate is on the CRL (resumed session)",
-            )
-            .with_certificate(Some(cert)),
-        );
+        let detail = match stream.get_ref().1.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "certificate is on the CRL (resumed session)",
+            _ => "certificate is on the CRL that came into force during the handshake",
+        };
+        gateway
+            .audit
+            .record(&Event::refused(addr, Reason::Revoked, detail).with_certificate(Some(cert)));
         return None;
     }
     let principal = match identity::principal(&leaf, &gateway.trust_domain) {
