@@ -12,35 +12,7 @@ use twofold_tests::*;
 /// Runs `agent doctor` for `who` against `localhost:port`; returns
 /// (success, stdout).
 fn doctor(fleet: &Fleet, name: &str, who: &Identity, port: u16) -> (bool, String) {
-    let config = agent_config(fleet, name, who, port, "");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agent"));
-    cmd.arg("doctor").arg("--config").arg(config);
-    let out = run_bounded(cmd, 60);
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("agent doctor ({name}):\n{report}");
-    (out.status.success(), report)
-}
-
-/// The line for `check`.
-fn line<'a>(report: &'a str, check: &str) -> &'a str {
-    report
-        .lines()
-        .find(|l| {
-            l.get(7..)
-                .is_some_and(|rest| rest.starts_with(&format!("{check} ")))
-        })
-        .unwrap_or_else(|| panic!("no {check} line in:\n{report}"))
-}
-
-fn assert_line(report: &str, check: &str, verdict: &str, words: &[&str]) {
-    let l = line(report, check);
-    assert!(
-        l.starts_with(verdict),
-        "{check}: expected {verdict}:\n{report}"
-    );
-    for w in words {
-        assert!(l.contains(w), "{check}: expected {w:?} in {l:?}\n{report}");
-    }
+    agent_doctor(&agent_config(fleet, name, who, port, ""))
 }
 
 #[test]
@@ -87,9 +59,9 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
         "tcp",
         "tls",
     ] {
-        assert_line(&report, check, "[ OK ]", &[]);
+        assert_doctor_line(&report, check, "[ OK ]", &[]);
     }
-    assert_line(
+    assert_doctor_line(
         &report,
         "mqtt",
         "[ OK ]",
@@ -98,8 +70,8 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
 
     let (ok, report) = doctor(&fleet, "revoked", &revoked, port);
     assert!(!ok, "{report}");
-    assert_line(&report, "validity", "[ OK ]", &[]);
-    assert_line(
+    assert_doctor_line(&report, "validity", "[ OK ]", &[]);
+    assert_doctor_line(
         &report,
         "tls",
         "[FAIL]",
@@ -110,17 +82,17 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
             "sign-csr",
         ],
     );
-    assert_line(&report, "mqtt", "[SKIP]", &[]);
+    assert_doctor_line(&report, "mqtt", "[SKIP]", &[]);
 
     let (ok, report) = doctor(&fleet, "expired", &expired, port);
     assert!(!ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "validity",
         "[FAIL]",
         &["expired on", "local clock", "fix:"],
     );
-    assert_line(
+    assert_doctor_line(
         &report,
         "tls",
         "[FAIL]",
@@ -129,8 +101,8 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
 
     let (ok, report) = doctor(&fleet, "foreign", &foreign, port);
     assert!(!ok, "{report}");
-    assert_line(&report, "chain", "[ OK ]", &[]);
-    assert_line(
+    assert_doctor_line(&report, "chain", "[ OK ]", &[]);
+    assert_doctor_line(
         &report,
         "tls",
         "[FAIL]",
@@ -143,8 +115,8 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
 
     let (ok, report) = doctor(&fleet, "misled", &misled, port);
     assert!(!ok, "{report}");
-    assert_line(&report, "server CA", "[ OK ]", &[]);
-    assert_line(
+    assert_doctor_line(&report, "server CA", "[ OK ]", &[]);
+    assert_doctor_line(
         &report,
         "tls",
         "[FAIL]",
@@ -158,27 +130,27 @@ fn doctor_diagnoses_each_failure_with_its_fix() {
     std::fs::set_permissions(&good.key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, report) = doctor(&fleet, "exposed", &good, port);
     assert!(!ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "files",
         "[FAIL]",
         &["readable by others", "fix: chmod 600"],
     );
-    assert_line(&report, "mqtt", "[ OK ]", &[]);
+    assert_doctor_line(&report, "mqtt", "[ OK ]", &[]);
     std::fs::set_permissions(&good.key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     drop(gw);
     let (ok, report) = doctor(&fleet, "stopped", &good, port);
     assert!(!ok, "{report}");
-    assert_line(&report, "dns", "[ OK ]", &[]);
-    assert_line(
+    assert_doctor_line(&report, "dns", "[ OK ]", &[]);
+    assert_doctor_line(
         &report,
         "tcp",
         "[FAIL]",
         &["refused", "is the gateway running"],
     );
-    assert_line(&report, "tls", "[SKIP]", &[]);
-    assert_line(&report, "mqtt", "[SKIP]", &[]);
+    assert_doctor_line(&report, "tls", "[SKIP]", &[]);
+    assert_doctor_line(&report, "mqtt", "[SKIP]", &[]);
 }
 
 /// The device checks the gateway's certificate against the server CA's CRL
@@ -194,26 +166,26 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
 
     let (ok, report) = doctor(&fleet, "before", &pi, port);
     assert!(ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "server CRL",
         "[ OK ]",
         &["0 revoked gateway certificate(s)"],
     );
-    assert_line(&report, "mqtt", "[ OK ]", &[]);
+    assert_doctor_line(&report, "mqtt", "[ OK ]", &[]);
 
     let serial = fleet.gateway_serial.clone();
     let server_crl = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
     std::fs::write(pi.dir.join(files::SERVER_CRL), server_crl).unwrap();
     let (ok, report) = doctor(&fleet, "after", &pi, port);
     assert!(!ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "server CRL",
         "[ OK ]",
         &["1 revoked gateway certificate(s)"],
     );
-    assert_line(
+    assert_doctor_line(
         &report,
         "tls",
         "[FAIL]",
@@ -253,7 +225,7 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
     std::fs::copy(fleet.path("gw/crl.pem"), pi.dir.join(files::SERVER_CRL)).unwrap();
     let (ok, report) = doctor(&fleet, "wrong-crl", &pi, port);
     assert!(!ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "server CRL",
         "[FAIL]",
@@ -265,13 +237,13 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
     std::fs::remove_file(pi.dir.join(files::SERVER_CRL)).unwrap();
     let (ok, report) = doctor(&fleet, "no-crl", &pi, port);
     assert!(ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "server CRL",
         "[WARN]",
         &["not checked for revocation", "fix:"],
     );
-    assert_line(&report, "mqtt", "[ OK ]", &[]);
+    assert_doctor_line(&report, "mqtt", "[ OK ]", &[]);
 }
 
 /// The key made on the board never leaves it: `agent keygen`, then
@@ -324,7 +296,7 @@ fn a_key_made_on_the_board_is_signed_and_connects() {
     };
     let (ok, report) = doctor(&fleet, "csr", &who, gw.addr.port());
     assert!(ok, "{report}");
-    assert_line(
+    assert_doctor_line(
         &report,
         "mqtt",
         "[ OK ]",

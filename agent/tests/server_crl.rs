@@ -153,13 +153,8 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
         "{}",
         agent.log()
     );
-    let report = doctor_report(&config);
-    assert!(
-        report
-            .lines()
-            .any(|l| l.starts_with("[WARN] CRL URL") && l.contains("a CRL does not parse")),
-        "{report}"
-    );
+    let (_, report) = agent_doctor(&config);
+    assert_doctor_line(&report, "CRL URL", "[WARN]", &["a CRL does not parse"]);
     assert_eq!(std::fs::read(&crl).unwrap(), before, "the file stays");
     // doctor's session took the agent's over (same client id); the agent
     // connects again.
@@ -210,12 +205,12 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
         agent.log()
     );
     agent.kill();
-    let report = doctor_report(&config);
-    assert!(
-        report
-            .lines()
-            .any(|l| l.starts_with("[ OK ] CRL URL") && l.contains("CRL number 3 (the file's: 3)")),
-        "{report}"
+    let (_, report) = agent_doctor(&config);
+    assert_doctor_line(
+        &report,
+        "CRL URL",
+        "[ OK ]",
+        &["CRL number 3 (the file's: 3)"],
     );
     assert_eq!(std::fs::read_to_string(&crl).unwrap(), revoked);
     assert_eq!(
@@ -223,16 +218,6 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
         before_revocation,
         "no session under the revoked certificate"
     );
-}
-
-/// `agent doctor`'s report for `config`.
-fn doctor_report(config: &std::path::Path) -> String {
-    let mut cmd = std::process::Command::new(built("agent"));
-    cmd.arg("doctor").arg("--config").arg(config);
-    let out = run_bounded(cmd, 60);
-    let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("agent doctor:\n{report}");
-    report
 }
 
 /// Puts `pem` where the web server serves it, converted to DER by openssl,

@@ -7,7 +7,7 @@ use std::process::Command;
 use twofold_protocol::message::{self, Telemetry};
 
 use crate::fleet::{Fleet, Identity};
-use crate::process::{Proc, built, spawn, wait_until};
+use crate::process::{Proc, built, run_bounded, spawn, wait_until};
 
 /// Writes `agent-<name>.toml` for the bundle in `who.dir`, talking to
 /// `localhost:port`, with `extra` TOML appended; returns its path.
@@ -68,6 +68,40 @@ pub fn run_agent(mut cmd: Command, fleet: &Fleet, name: &str, config: &std::path
     });
     assert!(up, "agent did not start:\n{}", p.log());
     p
+}
+
+/// Runs `agent doctor --config CONFIG`; returns whether every check
+/// passed, and the report.
+pub fn agent_doctor(config: &std::path::Path) -> (bool, String) {
+    let mut cmd = Command::new(built("agent"));
+    cmd.arg("doctor").arg("--config").arg(config);
+    let out = run_bounded(cmd, 60);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("agent doctor ({}):\n{report}", config.display());
+    (out.status.success(), report)
+}
+
+/// Asserts that `report` (from [`agent_doctor`]) has a `check` line with
+/// `verdict` (`"[ OK ]"`, `"[WARN]"` or `"[FAIL]"`) that holds every one
+/// of `words`.
+pub fn assert_doctor_line(report: &str, check: &str, verdict: &str, words: &[&str]) {
+    let line = report
+        .lines()
+        .find(|l| {
+            l.get(7..)
+                .is_some_and(|rest| rest.starts_with(&format!("{check} ")))
+        })
+        .unwrap_or_else(|| panic!("no {check} line in:\n{report}"));
+    assert!(
+        line.starts_with(verdict),
+        "{check}: expected {verdict}:\n{report}"
+    );
+    for w in words {
+        assert!(
+            line.contains(w),
+            "{check}: expected {w:?} in {line:?}\n{report}"
+        );
+    }
 }
 
 /// Where every telemetry sample of one agent went.

@@ -11,7 +11,10 @@ pub mod gateway;
 pub mod mqtt;
 pub mod process;
 
-pub use agent::{TelemetryAccount, account_telemetry, agent, agent_config, agent_with, run_agent};
+pub use agent::{
+    TelemetryAccount, account_telemetry, agent, agent_config, agent_doctor, agent_with,
+    assert_doctor_line, run_agent,
+};
 pub use fleet::{
     Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
     mint_with,
