@@ -98,6 +98,10 @@ pub struct IdentityPaths {
     /// Revoked gateway certificates. Without it the gateway's certificate
     /// is not checked for revocation.
     pub server_crl: Option<PathBuf>,
+    /// Whether `server_crl` must exist at start. One named in the config
+    /// must; a bundle's may be missing (bundles written before the PKI had
+    /// a server CRL), and the running agent takes it when it appears.
+    pub server_crl_required: bool,
 }
 
 /// Where the agent fetches new server CRLs, and how often.
@@ -217,13 +221,13 @@ impl File {
                 // identity.server_crl may stand in for the bundle's (e.g.
                 // in a directory the agent may write, for server_crl_url).
                 // Bundles written before provisioning had a server CRL
-                // have none; the agent says so when it starts.
-                let crl = dir.join("server-crl.pem");
+                // have none; the agent says so, and watches for it.
                 IdentityPaths {
                     cert: dir.join("device.pem"),
                     key: dir.join("device.key"),
                     server_ca: dir.join("server-ca.pem"),
-                    server_crl: id.server_crl.or_else(|| crl.exists().then_some(crl)),
+                    server_crl_required: id.server_crl.is_some(),
+                    server_crl: Some(id.server_crl.unwrap_or_else(|| dir.join("server-crl.pem"))),
                 }
             }
             None => IdentityPaths {
@@ -236,6 +240,7 @@ impl File {
                 server_ca: id
                     .server_ca
                     .ok_or_else(|| err("identity.server_ca", "missing (or set identity.bundle)"))?,
+                server_crl_required: id.server_crl.is_some(),
                 server_crl: id.server_crl,
             },
         };

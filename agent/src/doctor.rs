@@ -303,12 +303,22 @@ fn server_crl<W: Write>(
     now: i64,
     report: &mut Report<W>,
 ) -> bool {
-    let Some(path) = &paths.server_crl else {
+    let Some(path) = paths
+        .server_crl
+        .as_ref()
+        .filter(|p| paths.server_crl_required || p.exists())
+    else {
+        let place = paths.server_crl.as_ref().map_or_else(
+            || "set identity.server_crl to it".to_owned(),
+            |p| format!("copy it to {}; a running agent takes it", p.display()),
+        );
         report.add(
             "server CRL",
             Verdict::Warn,
             "none: the gateway's certificate is not checked for revocation".into(),
-            "give the device the PKI's server-crl.pem (provisioning writes it in new bundles)",
+            &format!(
+                "give the device the PKI's server-crl.pem (provisioning writes it in new bundles): {place}"
+            ),
         );
         return true;
     };

@@ -269,7 +269,13 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
     };
     let server_crl = match &paths.server_crl {
         None => None,
-        Some(path) => Some(std::fs::read(path).map_err(|e| file_error(path, e))?),
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !paths.server_crl_required => {
+                None
+            }
+            Err(e) => return Err(file_error(path, e)),
+        },
     };
     let (tls, server_crl) = tls_config(&parts, server_crl)?;
     Ok(DeviceIdentity {
@@ -417,7 +423,8 @@ impl CrlFloor {
 /// gateway is checked against it at once); a broken or older one is
 /// refused, loudly, and the one in force stays. The file is read again
 /// whenever its inode, size or times change, and taken only if its
-/// contents differ from the CRL in force.
+/// contents differ from the CRL in force. A bundle's server CRL that was
+/// missing at start is taken when it appears.
 pub async fn watch_server_crl(
     mut current: DeviceIdentity,
     floor: CrlFloor,
@@ -451,6 +458,10 @@ pub async fn watch_server_crl(
         last = now;
         let pem = match std::fs::read(&path) {
             Ok(pem) => pem,
+            // A bundle without one yet: taken when it appears.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && current.server_crl.is_none() => {
+                continue;
+            }
             Err(e) => {
                 tracing::error!(crl = %path.display(), error = %e, "cannot read the server CRL; the one in force stays");
                 continue;

@@ -29,15 +29,19 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         queued = waiting,
         "agent starting"
     );
-    match &config.identity.server_crl {
-        Some(path) => tracing::info!(
+    match (&config.identity.server_crl, &me.server_crl) {
+        (Some(path), Some(_)) => tracing::info!(
             crl = %path.display(),
             "the gateway's certificate is checked against this CRL"
         ),
-        None => tracing::warn!(
-            "no server-crl.pem: the gateway's certificate is not checked for revocation; \
-             copy the PKI's server-crl.pem into the bundle directory (or set \
-             identity.server_crl when the files are listed one by one)"
+        (Some(path), None) => tracing::warn!(
+            crl = %path.display(),
+            "no server CRL yet: the gateway's certificate is not checked for revocation; \
+             copy the PKI's server-crl.pem there and the agent takes it within seconds"
+        ),
+        (None, _) => tracing::warn!(
+            "no server CRL: the gateway's certificate is not checked for revocation; \
+             set identity.server_crl to the PKI's server-crl.pem (or use identity.bundle)"
         ),
     }
     if let Some(fetch) = &config.server_crl_fetch {

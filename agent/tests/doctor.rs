@@ -241,7 +241,11 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
         &report,
         "server CRL",
         "[WARN]",
-        &["not checked for revocation", "fix:"],
+        &[
+            "not checked for revocation",
+            "fix:",
+            "server-crl.pem; a running agent takes it",
+        ],
     );
     assert_doctor_line(&report, "mqtt", "[ OK ]", &[]);
 }

@@ -89,6 +89,43 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
     assert_eq!(connected(), 2, "no session under the revoked certificate");
 }
 
+/// A bundle written before the PKI had a server CRL: the agent connects,
+/// warns, and takes the CRL as soon as the operator copies it in; here it
+/// revokes the gateway the agent is connected to.
+#[test]
+fn an_agent_started_without_a_server_crl_takes_one_when_it_appears() {
+    let mut fleet = Fleet::new();
+    let pi = fleet.device("pi-1");
+    let crl = pi.dir.join(files::SERVER_CRL);
+    std::fs::remove_file(&crl).unwrap();
+    let gw = Gateway::start(&fleet, "");
+    let connected = || {
+        gw.events()
+            .iter()
+            .filter(|e| e["event"] == "connected")
+            .count()
+    };
+    let mut agent = agent(&fleet, "pi-1", &pi, gw.addr.port(), "");
+    assert!(wait_until(30, || connected() == 1), "{}", agent.log());
+    assert!(agent.log().contains("no server CRL yet"), "{}", agent.log());
+
+    let serial = fleet.gateway_serial.clone();
+    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    replace(&crl, revoked.as_bytes());
+    assert!(
+        wait_until(30, || agent.log().contains("server CRL reloaded")),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        wait_until(30, || agent.log().contains("Revoked")),
+        "{}",
+        agent.log()
+    );
+    agent.kill();
+    assert_eq!(connected(), 1, "no session under the revoked certificate");
+}
+
 /// The agent fetches the server CRL from an HTTP server (python's, on
 /// loopback) every second: what is not a CRL signed by the server CA is
 /// refused and the file stays; a new CRL revoking the gateway is written

@@ -98,6 +98,7 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
             key: dir.join("device.key"),
             server_ca: dir.join("server-ca.pem"),
             server_crl: Some(dir.join("server-crl.pem")),
+            server_crl_required: true,
         })
         .unwrap();
         let (commands, inbox) = mpsc::channel(1);
