@@ -286,12 +286,15 @@ async fn connection(
     addr: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
-    // Two steps, so that a session's task does not also carry the
-    // handshake's state (about 3 KB per connection).
-    let Some((stream, peer)) = handshake(&gateway, &live, &handshakes, tcp, addr).await else {
+    // Two steps, each boxed: a task's future is as large as its largest
+    // state, and inline, the handshake's (3 KB) and the session's (2.8 KB)
+    // states did not share their bytes: every idle session carried a 5.7 KB
+    // task. Boxed, the handshake's state is freed when it ends.
+    let handshake = Box::pin(handshake(&gateway, &live, &handshakes, tcp, addr));
+    let Some((stream, peer)) = handshake.await else {
         return;
     };
-    session::run(
+    Box::pin(session::run(
         stream,
         peer,
         gateway.broker.clone(),
@@ -299,7 +302,7 @@ async fn connection(
         gateway.audit.clone(),
         live.revocations.subscribe(),
         shutdown,
-    )
+    ))
     .await;
 }
 

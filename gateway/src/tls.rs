@@ -5,8 +5,11 @@
 //! Each connection gets its own `ServerConfig` around a verifier that
 //! remembers the certificate the client presented, so a refused handshake
 //! can still be audited with the certificate's subject, serial and
-//! fingerprint. Everything expensive (keys, roots, CRLs, the session
-//! cache) is shared.
+//! fingerprint. Everything expensive (keys, roots, CRLs, the ticket keys
+//! and session cache) is shared.
+//!
+//! Sessions resume from stateless tickets (TLS 1.3, and TLS 1.2 clients
+//! that ask for them): the gateway keeps nothing per device for them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier};
+use rustls::server::{
+    ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache, WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
@@ -76,6 +81,7 @@ pub struct TlsContext {
     resolver: Arc<FixedCert>,
     verifier: Arc<dyn ClientCertVerifier>,
     sessions: Arc<ServerSessionMemoryCache>,
+    tickets: Arc<dyn ProducesTickets>,
     max_fragment_size: Option<usize>,
     pub client_cas: Vec<CertificateDer<'static>>,
     pub revocations: Arc<RevocationList>,
@@ -109,8 +115,10 @@ fn provider() -> CryptoProvider {
     provider
 }
 
-/// How many TLS sessions are cached for resumption.
-const SESSION_CACHE: usize = 64 * 1024;
+/// How many TLS 1.2 sessions are cached for clients that resume by
+/// session id rather than ticket. TLS 1.3 (and TLS 1.2 with tickets)
+/// resumes from stateless tickets, which cost the gateway no memory.
+const SESSION_CACHE: usize = 4 * 1024;
 
 impl TlsContext {
     /// Loads and checks every file. `max_fragment_size` caps the TLS
@@ -135,14 +143,28 @@ impl TlsContext {
             &client_cas,
             previous.map(|p| p.revocations.as_ref()),
         )?;
-        let sessions = previous
+        // Resumed sessions skip certificate verification: they are checked
+        // against the current CRL after the handshake, but a session of a
+        // client CA that has just been removed would still get in. So the
+        // tickets and the session cache outlive a reload only while the
+        // client CAs stay the same.
+        let kept = previous.filter(|p| p.client_cas == client_cas);
+        let sessions = kept
             .map(|p| p.sessions.clone())
             .unwrap_or_else(|| ServerSessionMemoryCache::new(SESSION_CACHE));
+        let tickets = match kept {
+            Some(p) => p.tickets.clone(),
+            // RFC 5077's construction (AES-256, HMAC-SHA256) under random
+            // keys, rotated every 6 hours; a ticket lives 12 at most.
+            None => rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| TlsSetupError::Rustls(e.to_string()))?,
+        };
         let mut context = TlsContext {
             verifier: Arc::new(NoClients),
             provider,
             resolver: Arc::new(FixedCert(Arc::new(certified))),
             sessions,
+            tickets,
             max_fragment_size,
             client_cas,
             revocations: Arc::new(revocations),
@@ -183,6 +205,7 @@ impl TlsContext {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(self.resolver.clone());
         config.session_storage = self.sessions.clone();
+        config.ticketer = self.tickets.clone();
         config.max_fragment_size = self.max_fragment_size.map(plaintext_limit);
         // The server's order of cipher suites (`provider()`'s: AES-GCM
         // first) decides, not the client's, as TLS scanners expect.

@@ -638,32 +638,12 @@ fn a_resumed_tls_session_is_still_checked_against_the_current_crl() {
     let mut fleet = Fleet::new();
     let dev = fleet.device("sensor-1");
     let gw = Gateway::start(&fleet, "");
-    let ca_file = fleet.path("openssl-ca.pem");
-    let s_client = |extra: &[&str]| {
-        let mut cmd = Command::new("openssl");
-        cmd.args(["s_client", "-connect", &gw.addr.to_string(), "-CAfile"])
-            .arg(&ca_file)
-            .arg("-cert")
-            .arg(&dev.cert)
-            .arg("-key")
-            .arg(&dev.key)
-            .args(extra)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        // Stay a moment so the session ticket arrives, then hang up.
-        let stdin = child.stdin.take();
-        std::thread::sleep(Duration::from_millis(700));
-        drop(stdin);
-        finish(child, 10)
-    };
     let sess = fleet.path("session.pem");
-    let first = s_client(&["-sess_out", sess.to_str().unwrap()]);
+    let first = s_client_session(&fleet, &gw, &dev, &["-sess_out", sess.to_str().unwrap()]);
     assert!(text(&first).contains("New, TLSv1.3"), "{}", text(&first));
     fleet.revoke("sensor-1");
     std::thread::sleep(Duration::from_millis(1500)); // the gateway polls the CRL every second
-    let second = s_client(&["-sess_in", sess.to_str().unwrap()]);
+    let second = s_client_session(&fleet, &gw, &dev, &["-sess_in", sess.to_str().unwrap()]);
     assert!(
         text(&second).contains("Reused, TLSv1.3"),
         "the session was not resumed: {}",
@@ -671,6 +651,83 @@ fn a_resumed_tls_session_is_still_checked_against_the_current_crl() {
     );
     let e = gw.refusal("revoked");
     assert!(e["detail"].as_str().unwrap().contains("resumed"), "{e}");
+}
+
+/// Resumed sessions skip certificate verification, so a new client CA
+/// bundle ends them: a ticket from before is not taken, and the device
+/// makes a full handshake, checked against the CAs now in force. (A new
+/// CRL keeps them: the test above.)
+#[test]
+fn a_new_client_ca_bundle_ends_resumption() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let sess = fleet.path("session.pem");
+    let sess_out = ["-sess_out", sess.to_str().unwrap()];
+    let sess_in = ["-sess_in", sess.to_str().unwrap()];
+    let first = s_client_session(&fleet, &gw, &dev, &sess_out);
+    assert!(text(&first).contains("New, TLSv1.3"), "{}", text(&first));
+    let again = s_client_session(&fleet, &gw, &dev, &[&sess_in[..], &sess_out].concat());
+    assert!(text(&again).contains("Reused, TLSv1.3"), "{}", text(&again));
+
+    let other = Fleet::new();
+    let reloads = || gw.log().matches("TLS files reloaded").count();
+    let before = reloads();
+    let bundle = format!(
+        "{}{}",
+        fleet.pki.device_ca_pem().unwrap(),
+        other.pki.device_ca_pem().unwrap()
+    );
+    std::fs::write(fleet.path("gw/client-ca.pem.tmp"), bundle).unwrap();
+    std::fs::rename(
+        fleet.path("gw/client-ca.pem.tmp"),
+        fleet.path("gw/client-ca.pem"),
+    )
+    .unwrap();
+    assert!(wait_until(15, || reloads() > before), "{}", gw.log());
+
+    let after = s_client_session(&fleet, &gw, &dev, &sess_in);
+    assert!(
+        text(&after).contains("New, TLSv1.3"),
+        "a ticket from before the new client CAs was taken: {}",
+        text(&after)
+    );
+    assert!(
+        text(&after).contains("Verify return code: 0"),
+        "{}",
+        text(&after)
+    );
+    assert!(
+        gw.events().iter().all(|e| e["event"] != "refused"),
+        "{:?}",
+        gw.events()
+    );
+}
+
+/// `openssl s_client` as `dev`, with `extra` arguments (e.g. -sess_out);
+/// it stays a moment so the session ticket arrives, then hangs up.
+fn s_client_session(
+    fleet: &Fleet,
+    gw: &Gateway,
+    dev: &Identity,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &gw.addr.to_string(), "-CAfile"])
+        .arg(fleet.path("openssl-ca.pem"))
+        .arg("-cert")
+        .arg(&dev.cert)
+        .arg("-key")
+        .arg(&dev.key)
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdin = child.stdin.take();
+    std::thread::sleep(Duration::from_millis(700));
+    drop(stdin);
+    finish(child, 10)
 }
 
 #[test]
