@@ -215,7 +215,12 @@ async fn handshake(
             }
             return None;
         }
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(stream)) => {
+            // The session's config (and so the slot) lives as long as the
+            // session; the copy is only needed for refusals.
+            presented.clear();
+            stream
+        }
     };
     let leaf = stream
         .get_ref()

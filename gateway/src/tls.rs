@@ -236,6 +236,13 @@ impl PresentedCert {
     pub fn get(&self) -> Option<CertificateDer<'static>> {
         self.0.lock().ok().and_then(|g| g.clone())
     }
+
+    /// Frees the copy.
+    pub fn clear(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = None;
+        }
+    }
 }
 
 /// Placeholder verifier used only while a context is being built.
