@@ -6,7 +6,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use twofold_provisioning::output::files;
-use twofold_provisioning::registry::RevocationReason;
 use twofold_tests::*;
 
 /// Runs `agent doctor` for `who` against `localhost:port`; returns
@@ -174,8 +173,7 @@ fn a_revoked_gateway_certificate_is_refused_by_the_device() {
     );
     assert_doctor_line(&report, "mqtt", "[ OK ]", &[]);
 
-    let serial = fleet.gateway_serial.clone();
-    let server_crl = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    let server_crl = fleet.revoke_this_gateway();
     std::fs::write(pi.dir.join(files::SERVER_CRL), server_crl).unwrap();
     let (ok, report) = doctor(&fleet, "after", &pi, port);
     assert!(!ok, "{report}");

@@ -76,8 +76,7 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
 
     // Now this gateway's own certificate is revoked while the agent is
     // connected to it: the agent drops the session and will not come back.
-    let serial = fleet.gateway_serial.clone();
-    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    let revoked = fleet.revoke_this_gateway();
     replace(&crl, revoked.as_bytes());
     assert!(
         wait_until(30, || agent.log().contains("Revoked")),
@@ -109,8 +108,7 @@ fn an_agent_started_without_a_server_crl_takes_one_when_it_appears() {
     assert!(wait_until(30, || connected() == 1), "{}", agent.log());
     assert!(agent.log().contains("no server CRL yet"), "{}", agent.log());
 
-    let serial = fleet.gateway_serial.clone();
-    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    let revoked = fleet.revoke_this_gateway();
     replace(&crl, revoked.as_bytes());
     assert!(
         wait_until(30, || agent.log().contains("server CRL reloaded")),
@@ -232,8 +230,7 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
     let before_revocation = connected();
 
     // Now this gateway's own certificate is revoked.
-    let serial = fleet.gateway_serial.clone();
-    let revoked = fleet.revoke_gateway(&serial, RevocationReason::KeyCompromise);
+    let revoked = fleet.revoke_this_gateway();
     serve_der(&fleet, &www, &revoked);
     assert!(wait_until(30, || fetched() == 2), "{}", agent.log());
     assert!(

@@ -151,6 +151,13 @@ impl Fleet {
         self.pki.server_crl_pem().unwrap().unwrap()
     }
 
+    /// Revokes the certificate in `gw/` (key compromise); returns the
+    /// server CRL that now lists it, for the devices.
+    pub fn revoke_this_gateway(&mut self) -> String {
+        let serial = self.gateway_serial.clone();
+        self.revoke_gateway(&serial, RevocationReason::KeyCompromise)
+    }
+
     /// Writes the PKI's current CRL to `gw/crl.pem`, atomically.
     pub fn publish_crl(&self) {
         twofold_provisioning::atomic::write(
