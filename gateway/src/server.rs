@@ -247,14 +247,36 @@ async fn handshake(
     // A resumed session skips certificate verification in rustls, and a
     // full handshake was checked against the CRLs in force when it began;
     // so the check is repeated here against the CRL in force now.
+    let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     if live.revocations.borrow().is_revoked(&cert.serial) {
-        let detail = match stream.get_ref().1.handshake_kind() {
-            Some(rustls::HandshakeKind::Resumed) => "certificate is on the CRL (resumed session)",
-            _ => "certificate is on the CRL that came into force during the handshake",
+        let detail = if resumed {
+            "certificate is on the CRL (resumed session)"
+        } else {
+            "certificate is on the CRL that came into force during the handshake"
         };
         gateway
             .audit
             .record(&Event::refused(addr, Reason::Revoked, detail).with_certificate(Some(cert)));
+        return None;
+    }
+    // A ticket lives up to 12 hours, and the certificate it was issued for
+    // may have expired since.
+    if resumed && cert.not_after <= time::OffsetDateTime::now_utc().unix_timestamp() {
+        let at = time::OffsetDateTime::from_unix_timestamp(cert.not_after)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| cert.not_after.to_string());
+        gateway.audit.record(
+            &Event::refused(
+                addr,
+                Reason::Expired,
+                format!("certificate expired at {at} (resumed session)"),
+            )
+            .with_certificate(Some(cert)),
+        );
         return None;
     }
     let principal = match identity::principal(&leaf, &gateway.trust_domain) {

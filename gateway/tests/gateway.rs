@@ -653,6 +653,42 @@ fn a_resumed_tls_session_is_still_checked_against_the_current_crl() {
     assert!(e["detail"].as_str().unwrap().contains("resumed"), "{e}");
 }
 
+/// A ticket outlives the certificate it was issued for: resuming with a
+/// certificate that has expired since is refused as `expired`.
+#[test]
+fn a_resumed_tls_session_is_refused_once_its_certificate_has_expired() {
+    let fleet = Fleet::new();
+    let gw = Gateway::start(&fleet, "");
+    let expiry = time::OffsetDateTime::now_utc() + time::Duration::seconds(8);
+    let dev = fleet.mint("short-lived", |p| p.not_after = expiry);
+    let sess = fleet.path("session.pem");
+    let first = s_client_session(&fleet, &gw, &dev, &["-sess_out", sess.to_str().unwrap()]);
+    assert!(
+        text(&first).contains("New, TLSv1.3"),
+        "the first handshake, while the certificate was valid: {}",
+        text(&first)
+    );
+    while time::OffsetDateTime::now_utc() < expiry + time::Duration::seconds(1) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let second = s_client_session(&fleet, &gw, &dev, &["-sess_in", sess.to_str().unwrap()]);
+    assert!(
+        text(&second).contains("Reused, TLSv1.3"),
+        "the session was not resumed: {}",
+        text(&second)
+    );
+    let e = gw.refusal("expired");
+    let detail = e["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("expired at") && detail.contains("resumed"),
+        "{e}"
+    );
+    assert!(
+        e["subject"].as_str().unwrap().contains("short-lived"),
+        "{e}"
+    );
+}
+
 /// Resumed sessions skip certificate verification, so a new client CA
 /// bundle ends them: a ticket from before is not taken, and the device
 /// makes a full handshake, checked against the CAs now in force. (A new
