@@ -303,10 +303,12 @@ fn server_crl<W: Write>(
     now: i64,
     report: &mut Report<W>,
 ) -> bool {
+    // A bundle's missing file is a warning; one that cannot be looked at
+    // (permissions) is read below, and fails with the reason.
     let Some(path) = paths
         .server_crl
         .as_ref()
-        .filter(|p| paths.server_crl_required || p.exists())
+        .filter(|p| paths.server_crl_required || !matches!(p.try_exists(), Ok(false)))
     else {
         let place = paths.server_crl.as_ref().map_or_else(
             || "set identity.server_crl to it".to_owned(),

@@ -5,7 +5,7 @@
 //! certificate rustls does not verify again) and close live sessions the
 //! moment their certificate appears on a new CRL.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
@@ -27,15 +27,24 @@ pub enum CrlError {
     #[error("{path}: CRL issued by {issuer} is not signed by any client CA")]
     UnknownIssuer { path: String, issuer: String },
     #[error(
-        "{path}: CRL number {new} is lower than the one in force ({current}); refusing to go back"
+        "{path}: the CRL of \"{issuer}\" has number {new}, lower than the one in force ({current}); refusing to go back"
     )]
     NumberWentBack {
         path: String,
+        issuer: String,
         new: u64,
         current: u64,
     },
     #[error(
-        "{path}: holds more than one CRL of \"{issuer}\"; rustls checks a certificate against the first one only, so the file must hold one CRL per CA, the newest"
+        "{path}: the CRL of \"{issuer}\" has no CRL number, and the one in force has {current}; refusing what may be an old CRL"
+    )]
+    NumberLost {
+        path: String,
+        issuer: String,
+        current: u64,
+    },
+    #[error(
+        "{path}: holds more than one CRL of \"{issuer}\" (or of two CAs of that name); rustls checks a certificate against the first one only, so the file must hold one CRL per CA, the newest"
     )]
     TwoOfOneIssuer { path: String, issuer: String },
 }
@@ -47,6 +56,8 @@ pub struct RevocationList {
     pub ders: Vec<CertificateRevocationListDer<'static>>,
     /// Revoked serials, lowercase hex without leading zeros.
     revoked: HashSet<String>,
+    /// Each CRL's issuer (its name, DER) → its name and CRL number.
+    issuers: HashMap<Vec<u8>, (String, Option<u64>)>,
     /// The highest CRL number, when the CRLs carry one.
     pub number: Option<u64>,
     /// The newest `thisUpdate`, Unix seconds.
@@ -55,8 +66,10 @@ pub struct RevocationList {
 
 impl RevocationList {
     /// Reads PEM CRLs from `path` and checks each one's signature against
-    /// one of `client_cas`. With `current`, also refuses a CRL number lower
-    /// than the one in force.
+    /// one of `client_cas`. With `current`, also refuses, CA by CA, a CRL
+    /// number lower than the one in force, or none where there was one: a
+    /// replayed old CRL of one CA must not hide behind a newer one of
+    /// another.
     pub fn load(
         path: &Path,
         client_cas: &[CertificateDer<'static>],
@@ -80,14 +93,31 @@ impl RevocationList {
             return Err(CrlError::Empty { path: name });
         }
         let list = Self::from_ders(&name, ders, client_cas)?;
-        if let (Some(current), Some(new)) = (current.and_then(|c| c.number), list.number)
-            && new < current
-        {
-            return Err(CrlError::NumberWentBack {
-                path: name,
-                new,
-                current,
-            });
+        let Some(current) = current else {
+            return Ok(list);
+        };
+        for (issuer, (issuer_name, new)) in &list.issuers {
+            let Some((_, Some(current))) = current.issuers.get(issuer) else {
+                continue;
+            };
+            match new {
+                Some(new) if new >= current => {}
+                Some(new) => {
+                    return Err(CrlError::NumberWentBack {
+                        path: name,
+                        issuer: issuer_name.clone(),
+                        new: *new,
+                        current: *current,
+                    });
+                }
+                None => {
+                    return Err(CrlError::NumberLost {
+                        path: name,
+                        issuer: issuer_name.clone(),
+                        current: *current,
+                    });
+                }
+            }
         }
         Ok(list)
     }
@@ -102,7 +132,6 @@ impl RevocationList {
             .filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c))
             .collect();
         let mut list = RevocationList::default();
-        let mut issuers = HashSet::new();
         for der in &ders {
             let malformed = |detail: String| CrlError::Malformed {
                 path: name.to_owned(),
@@ -122,7 +151,15 @@ impl RevocationList {
                     issuer: crl.issuer().to_string(),
                 });
             }
-            if !issuers.insert(crl.issuer().as_raw().to_vec()) {
+            let number = crl
+                .crl_number()
+                .and_then(|n| n.to_string().parse::<u64>().ok());
+            let entry = (crl.issuer().to_string(), number);
+            if list
+                .issuers
+                .insert(crl.issuer().as_raw().to_vec(), entry)
+                .is_some()
+            {
                 return Err(CrlError::TwoOfOneIssuer {
                     path: name.to_owned(),
                     issuer: crl.issuer().to_string(),
@@ -131,10 +168,7 @@ impl RevocationList {
             for revoked in crl.iter_revoked_certificates() {
                 list.revoked.insert(serial_hex(revoked.raw_serial()));
             }
-            if let Some(n) = crl
-                .crl_number()
-                .and_then(|n| n.to_string().parse::<u64>().ok())
-            {
+            if let Some(n) = number {
                 list.number = Some(list.number.map_or(n, |m| m.max(n)));
             }
             let this_update = crl.last_update().timestamp();
@@ -145,6 +179,13 @@ impl RevocationList {
             .map(CertificateRevocationListDer::from)
             .collect();
         Ok(list)
+    }
+
+    /// Is there a CRL of the CA with this name (DER)? Without one, rustls
+    /// refuses a full handshake of its certificates (their status is
+    /// unknown); a resumed session must be refused too.
+    pub fn covers(&self, issuer: &[u8]) -> bool {
+        self.issuers.contains_key(issuer)
     }
 
     /// Is the certificate with this serial (lowercase hex) revoked?
@@ -172,20 +213,23 @@ pub fn serial_hex(raw: &[u8]) -> String {
     hex::encode(&raw[start..])
 }
 
+/// CAs and CRLs made with rcgen, for the unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_pki {
     use super::*;
     use rcgen::{
         BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer,
         KeyIdMethod, KeyPair, RevokedCertParams, SerialNumber,
     };
 
-    struct Ca {
-        der: CertificateDer<'static>,
-        issuer: Issuer<'static, KeyPair>,
+    pub struct Ca {
+        pub der: CertificateDer<'static>,
+        pub pem: String,
+        pub key_pem: String,
+        pub issuer: Issuer<'static, KeyPair>,
     }
 
-    fn ca(name: &str) -> Ca {
+    pub fn ca(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
@@ -195,11 +239,13 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         Ca {
             der: cert.der().clone(),
+            pem: cert.pem(),
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         }
     }
 
-    fn crl(ca: &Ca, number: u64, revoked: &[u64]) -> String {
+    pub fn crl(ca: &Ca, number: u64, revoked: &[u64]) -> String {
         let now = time::OffsetDateTime::now_utc()
             .replace_nanosecond(0)
             .unwrap();
@@ -225,12 +271,110 @@ mod tests {
         .unwrap()
     }
 
-    fn load(pem: &str, cas: &[&Ca]) -> Result<RevocationList, CrlError> {
+    /// A CRL without a CRL number, as `openssl ca -gencrl` makes one when
+    /// it is given no crlnumber file (rcgen always writes a number).
+    pub fn unnumbered_crl(ca: &Ca) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let index = file("index.txt", "");
+        let config = file(
+            "ca.cnf",
+            &format!(
+                "[ca]\ndefault_ca = test\n[test]\ndatabase = {}\ndefault_md = sha256\ndefault_crl_days = 7\n",
+                index.display()
+            ),
+        );
+        let out = std::process::Command::new("openssl")
+            .args(["ca", "-gencrl", "-batch", "-config"])
+            .arg(&config)
+            .arg("-cert")
+            .arg(file("ca.pem", &ca.pem))
+            .arg("-keyfile")
+            .arg(file("ca.key", &ca.key_pem))
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn load(pem: &str, cas: &[&Ca]) -> Result<RevocationList, CrlError> {
+        load_over(pem, cas, None)
+    }
+
+    pub fn load_over(
+        pem: &str,
+        cas: &[&Ca],
+        current: Option<&RevocationList>,
+    ) -> Result<RevocationList, CrlError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crl.pem");
         std::fs::write(&path, pem).unwrap();
         let cas: Vec<_> = cas.iter().map(|c| c.der.clone()).collect();
-        RevocationList::load(&path, &cas, None)
+        RevocationList::load(&path, &cas, current)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_pki::*;
+    use super::*;
+
+    #[test]
+    fn crl_numbers_may_not_go_back_ca_by_ca() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let now = load(&(crl(&a, 3, &[0x10]) + &crl(&b, 7, &[])), &[&a, &b]).unwrap();
+        // Newer for both, or the same: taken.
+        let newer = crl(&a, 4, &[0x10, 0x11]) + &crl(&b, 7, &[]);
+        assert!(load_over(&newer, &[&a, &b], Some(&now)).is_ok());
+        // A's old CRL (which did not list 0x10 yet) behind B's newer one:
+        // the highest number in the file went up, but A's went back.
+        let replayed = crl(&a, 2, &[]) + &crl(&b, 8, &[]);
+        let err = load_over(&replayed, &[&a, &b], Some(&now)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CrlError::NumberWentBack {
+                    new: 2,
+                    current: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("the CRL of \"CN=CA A\" has number 2"),
+            "{err}"
+        );
+        // No number where A's had one.
+        let unnumbered = unnumbered_crl(&a) + &crl(&b, 8, &[]);
+        let err = load_over(&unnumbered, &[&a, &b], Some(&now)).unwrap_err();
+        assert!(
+            matches!(err, CrlError::NumberLost { current: 3, .. }),
+            "{err}"
+        );
+        // Unnumbered from the start is taken (there is nothing to compare).
+        assert!(load(&unnumbered, &[&a, &b]).is_ok());
+    }
+
+    #[test]
+    fn covers_the_cas_whose_crl_is_in_the_file() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let list = load(&crl(&a, 1, &[]), &[&a, &b]).unwrap();
+        let name = |c: &Ca| {
+            let (_, cert) = X509Certificate::from_der(&c.der).unwrap();
+            cert.subject().as_raw().to_vec()
+        };
+        assert!(list.covers(&name(&a)));
+        assert!(!list.covers(&name(&b)));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::identity::{self, CertInfo};
 use crate::reason::Reason;
 use crate::revocation::RevocationList;
 use crate::session::{self, Limits, Peer};
-use crate::tls::{TlsContext, TlsFiles};
+use crate::tls::{PresentedCert, TlsContext, TlsFiles};
 
 /// Everything the accept loop needs.
 pub struct Gateway {
@@ -133,18 +133,59 @@ async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
         match TlsContext::load(&gateway.files, gateway.max_fragment_size, Some(&current)) {
             Ok(next) => {
                 let next = Arc::new(next);
-                tracing::info!(crl_number = ?next.revocations.number, revoked = next.revocations.len(), "TLS files reloaded");
+                let (number, revoked) = (next.revocations.number, next.revocations.len());
                 // send_replace stores the value even when no session is listening yet.
                 live.revocations.send_replace(next.revocations.clone());
                 if let Ok(mut slot) = live.tls.write() {
                     *slot = next;
                 }
+                tracing::info!(crl_number = ?number, revoked, "TLS files reloaded");
             }
             Err(e) => {
                 tracing::error!(error = %e, "REFUSED new TLS files; the previous ones stay in force")
             }
         }
     }
+}
+
+/// What a full handshake would refuse now, and rustls does not look at
+/// again when a session resumes: a ticket lives up to 12 hours, so the
+/// certificate may have expired since it was issued, or its CA may have
+/// no CRL in force any more (rustls refuses a certificate whose
+/// revocation status it cannot know). The revocation check itself is
+/// done for every handshake.
+fn recheck_resumed(
+    leaf: &[u8],
+    revocations: &RevocationList,
+    now: i64,
+) -> Option<(Reason, String)> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Some((
+            Reason::BadIdentity,
+            "client certificate does not parse".into(),
+        ));
+    };
+    let not_after = cert.validity().not_after;
+    if not_after.timestamp() <= now {
+        let at = not_after
+            .to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| not_after.to_string());
+        return Some((
+            Reason::Expired,
+            format!("certificate expired at {at} (resumed session)"),
+        ));
+    }
+    if !revocations.covers(cert.issuer().as_raw()) {
+        return Some((
+            Reason::UnknownIssuer,
+            format!(
+                "no CRL of \"{}\" is in force, so the certificate's revocation status is unknown (resumed session)",
+                cert.issuer()
+            ),
+        ));
+    }
+    None
 }
 
 /// The TLS handshake and the identity in the client certificate; every
@@ -156,19 +197,13 @@ async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
 ) -> Option<(Box<TlsStream<TcpStream>>, Peer)> {
-    let tls = match live.tls.read() {
-        Ok(g) => g.clone(),
-        Err(_) => return None,
-    };
-    let Ok((config, presented)) = tls.config() else {
-        return None;
-    };
     let deadline = tokio::time::Instant::now() + gateway.handshake_timeout;
     // Waiting for a ClientHello costs nothing, so it holds no permit: a
     // thousand silent sockets cannot crowd out a real device. The permit
     // bounds the handshakes doing cryptography at once.
     let hello =
         tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)).await;
+    let mut presented = PresentedCert::default();
     let accepted = match hello {
         Err(elapsed) => Err(elapsed),
         Ok(Err(e)) => Ok(Err(e)),
@@ -176,6 +211,16 @@ async fn handshake(
             let Ok(_permit) = handshakes.acquire().await else {
                 return None;
             };
+            // The TLS files in force now, not when the socket was opened:
+            // a client CA removed during the wait must not verify it.
+            let tls = match live.tls.read() {
+                Ok(g) => g.clone(),
+                Err(_) => return None,
+            };
+            let Ok((config, slot)) = tls.config() else {
+                return None;
+            };
+            presented = slot;
             tokio::time::timeout_at(deadline, start.into_stream(config)).await
         }
     };
@@ -259,25 +304,15 @@ async fn handshake(
             .record(&Event::refused(addr, Reason::Revoked, detail).with_certificate(Some(cert)));
         return None;
     }
-    // A ticket lives up to 12 hours, and the certificate it was issued for
-    // may have expired since.
-    if resumed && cert.not_after <= time::OffsetDateTime::now_utc().unix_timestamp() {
-        let at = time::OffsetDateTime::from_unix_timestamp(cert.not_after)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| cert.not_after.to_string());
-        gateway.audit.record(
-            &Event::refused(
-                addr,
-                Reason::Expired,
-                format!("certificate expired at {at} (resumed session)"),
-            )
-            .with_certificate(Some(cert)),
-        );
-        return None;
+    if resumed {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let refusal = recheck_resumed(&leaf, &live.revocations.borrow(), now);
+        if let Some((reason, detail)) = refusal {
+            gateway
+                .audit
+                .record(&Event::refused(addr, reason, detail).with_certificate(Some(cert)));
+            return None;
+        }
     }
     let principal = match identity::principal(&leaf, &gateway.trust_domain) {
         Ok(p) => p,
@@ -371,5 +406,48 @@ mod tokio_util_free {
             })
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::revocation::test_pki::{Ca, ca, crl, load};
+
+    fn leaf(issuer: &Ca, not_after: time::OffsetDateTime) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.not_before = not_after - time::Duration::days(30);
+        params.not_after = not_after;
+        let key = rcgen::KeyPair::generate().unwrap();
+        params
+            .signed_by(&key, &issuer.issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_resumed_session_is_refused_what_a_full_handshake_would_refuse() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let crls = load(&crl(&a, 1, &[]), &[&a, &b]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let (t, day) = (now.unix_timestamp(), time::Duration::days(1));
+
+        // Valid, and its CA's CRL is in force: no refusal.
+        assert_eq!(recheck_resumed(&leaf(&a, now + day), &crls, t), None);
+        // Expired since the ticket was issued.
+        let (reason, detail) = recheck_resumed(&leaf(&a, now - day), &crls, t).unwrap();
+        assert_eq!(reason, Reason::Expired);
+        assert!(
+            detail.contains("expired at") && detail.contains("resumed"),
+            "{detail}"
+        );
+        // Its CA has no CRL in force (a full handshake fails the same way).
+        let (reason, detail) = recheck_resumed(&leaf(&b, now + day), &crls, t).unwrap();
+        assert_eq!(reason, Reason::UnknownIssuer);
+        assert!(detail.contains("no CRL of \"CN=CA B\""), "{detail}");
+        // Not a certificate at all.
+        let (reason, _) = recheck_resumed(b"junk", &crls, t).unwrap();
+        assert_eq!(reason, Reason::BadIdentity);
     }
 }

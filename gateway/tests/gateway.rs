@@ -698,13 +698,34 @@ fn a_new_client_ca_bundle_ends_resumption() {
     let mut fleet = Fleet::new();
     let dev = fleet.device("sensor-1");
     let gw = Gateway::start(&fleet, "");
-    let sess = fleet.path("session.pem");
-    let sess_out = ["-sess_out", sess.to_str().unwrap()];
-    let sess_in = ["-sess_in", sess.to_str().unwrap()];
-    let first = s_client_session(&fleet, &gw, &dev, &sess_out);
-    assert!(text(&first).contains("New, TLSv1.3"), "{}", text(&first));
-    let again = s_client_session(&fleet, &gw, &dev, &[&sess_in[..], &sess_out].concat());
-    assert!(text(&again).contains("Reused, TLSv1.3"), "{}", text(&again));
+    // TLS 1.3 tickets, TLS 1.2 tickets, and TLS 1.2 session ids (the
+    // gateway's session cache).
+    let kinds: [(&str, &[&str]); 3] = [
+        ("TLSv1.3", &[]),
+        ("TLSv1.2", &["-tls1_2"]),
+        ("TLSv1.2", &["-tls1_2", "-no_ticket"]),
+    ];
+    let session = |i: usize, dir: &str| {
+        let file = fleet.path(&format!("session-{i}.pem"));
+        [dir.to_owned(), file.to_str().unwrap().to_owned()]
+    };
+    let run = |i: usize, args: &[String]| {
+        let mut all: Vec<&str> = kinds[i].1.to_vec();
+        all.extend(args.iter().map(String::as_str));
+        text(&s_client_session(&fleet, &gw, &dev, &all))
+    };
+    for (i, (version, _)) in kinds.iter().enumerate() {
+        let first = run(i, &session(i, "-sess_out"));
+        assert!(first.contains(&format!("New, {version}")), "{first}");
+        let again = run(
+            i,
+            &[session(i, "-sess_in"), session(i, "-sess_out")].concat(),
+        );
+        assert!(
+            again.contains(&format!("Reused, {version}")),
+            "{i}: {again}"
+        );
+    }
 
     let other = Fleet::new();
     let reloads = || gw.log().matches("TLS files reloaded").count();
@@ -722,17 +743,14 @@ fn a_new_client_ca_bundle_ends_resumption() {
     .unwrap();
     assert!(wait_until(15, || reloads() > before), "{}", gw.log());
 
-    let after = s_client_session(&fleet, &gw, &dev, &sess_in);
-    assert!(
-        text(&after).contains("New, TLSv1.3"),
-        "a ticket from before the new client CAs was taken: {}",
-        text(&after)
-    );
-    assert!(
-        text(&after).contains("Verify return code: 0"),
-        "{}",
-        text(&after)
-    );
+    for (i, (version, _)) in kinds.iter().enumerate() {
+        let after = run(i, &session(i, "-sess_in"));
+        assert!(
+            after.contains(&format!("New, {version}")),
+            "{i}: a session from before the new client CAs was resumed: {after}"
+        );
+        assert!(after.contains("Verify return code: 0"), "{after}");
+    }
     assert!(
         gw.events().iter().all(|e| e["event"] != "refused"),
         "{:?}",
