@@ -368,6 +368,9 @@ struct Refusal {
     detail: String,
     reply: Option<Bytes>,
     close: bool,
+    /// How many QoS 1 and 2 PUBLISHes of its batch went to the broker
+    /// before it: its answer goes to the device after theirs.
+    after: u64,
 }
 
 fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Verdict {
@@ -376,6 +379,7 @@ fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Ve
         detail,
         reply,
         close,
+        after: 0,
     })
 }
 
@@ -391,6 +395,8 @@ struct Batch {
     forward: Bytes,
     /// How many of them are PUBLISH.
     publishes: u64,
+    /// How many of them are PUBLISH at QoS 1 or 2, which the broker answers.
+    answered: u64,
     /// Refusals that keep the session (MQTT 5's reason codes), in order.
     refused: Vec<Refusal>,
     /// What ended the batch, if anything did: a refusal that closes the
@@ -425,6 +431,7 @@ fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize
     let mut out = Batch {
         forward: Bytes::new(),
         publishes: 0,
+        answered: 0,
         refused: Vec::new(),
         stop: None,
     };
@@ -443,7 +450,9 @@ fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize
         let frame = frames.slice(at..end);
         match inspect(version, principal, &frame, max) {
             Verdict::Forward => {
-                out.publishes += u64::from(frame[0] >> 4 == 3);
+                let publish = frame[0] >> 4 == 3;
+                out.publishes += u64::from(publish);
+                out.answered += u64::from(publish && frame[0] & 0b0110 != 0);
                 match runs.last_mut() {
                     Some(run) if run.end == at => run.end = end,
                     _ => runs.push(at..end),
@@ -451,10 +460,16 @@ fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize
             }
             Verdict::Refuse(refusal) if refusal.close => {
                 bad = None;
-                out.stop = Some(Stop::Refused(refusal));
+                out.stop = Some(Stop::Refused(Refusal {
+                    after: out.answered,
+                    ..refusal
+                }));
                 break;
             }
-            Verdict::Refuse(refusal) => out.refused.push(refusal),
+            Verdict::Refuse(refusal) => out.refused.push(Refusal {
+                after: out.answered,
+                ..refusal
+            }),
         }
         at = end;
     }
@@ -645,20 +660,110 @@ fn inspect_subscribe(version: Version, principal: &Principal, frame: Bytes, max:
 /// The length of the whole packets at the start of `buf`, and how many of
 /// them are PUBLISH. Bytes the codec cannot frame are passed on as they
 /// are: they come from the broker, which the gateway trusts.
-fn scan_frames(buf: &[u8]) -> (usize, u64) {
+fn scan_frames(buf: &[u8]) -> (usize, u64, u64) {
     let mut at = 0;
     let mut publishes = 0;
+    let mut answers = 0;
     while at < buf.len() {
         match mqttbytes::check(buf[at..].iter(), usize::MAX) {
             Ok(header) => {
                 publishes += u64::from(buf[at] >> 4 == 3);
+                answers += u64::from(is_answer(buf[at]));
                 at += header.frame_length();
             }
             Err(mqttbytes::Error::InsufficientBytes(_)) => break,
-            Err(_) => return (buf.len(), publishes),
+            Err(_) => return (buf.len(), publishes, answers),
         }
     }
-    (at, publishes)
+    (at, publishes, answers)
+}
+
+/// Is this (a frame's first byte) the broker's answer to a device's
+/// PUBLISH: PUBACK (QoS 1) or PUBREC (QoS 2)?
+fn is_answer(first: u8) -> bool {
+    matches!(first >> 4, 4 | 5)
+}
+
+/// What goes to the device's writer.
+enum Out {
+    /// Whole frames from the broker, `answers` of them PUBACK or PUBREC.
+    Broker { frames: Bytes, answers: u64 },
+    /// A packet of the gateway's own, to go out once the broker has
+    /// answered the first `after` QoS 1 and 2 PUBLISHes the device sent
+    /// through.
+    Gateway { packet: Bytes, after: u64 },
+}
+
+/// Keeps what goes to the device in order. The broker answers the
+/// PUBLISHes it was sent in order; the gateway's own answer to a refused
+/// PUBLISH waits until the broker has answered every PUBLISH the device
+/// sent before it, since MQTT 5 wants PUBACKs (and PUBRECs) in the order
+/// of the PUBLISHes. The gateway's other packets (a refused SUBSCRIBE's
+/// SUBACK, a DISCONNECT) keep their place after those answers too.
+#[derive(Default)]
+struct DeviceOrder {
+    /// The broker's PUBACKs and PUBRECs passed on so far.
+    answered: u64,
+    /// The gateway's packets waiting for their turn, in order.
+    held: std::collections::VecDeque<(u64, Bytes)>,
+}
+
+impl DeviceOrder {
+    /// Takes one message; appends what may go out now to `out`, in order.
+    fn take(&mut self, message: Out, out: &mut Vec<Bytes>) {
+        match message {
+            Out::Broker { frames, answers } if self.held.is_empty() => {
+                self.answered += answers;
+                out.push(frames);
+            }
+            Out::Broker { frames, .. } => {
+                // Frame by frame: a held packet goes out right after the
+                // answer it waits for.
+                let (mut at, mut start) = (0, 0);
+                while at < frames.len() {
+                    let Ok(header) = mqttbytes::check(frames[at..].iter(), usize::MAX) else {
+                        break;
+                    };
+                    let answer = is_answer(frames[at]);
+                    at += header.frame_length();
+                    if answer {
+                        self.answered += 1;
+                        if self.ready() {
+                            out.push(frames.slice(start..at.min(frames.len())));
+                            start = at.min(frames.len());
+                            self.release(out);
+                        }
+                    }
+                }
+                if start < frames.len() {
+                    out.push(frames.slice(start..));
+                }
+            }
+            Out::Gateway { packet, after } => {
+                self.held.push_back((after, packet));
+                self.release(out);
+            }
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.held
+            .front()
+            .is_some_and(|(after, _)| *after <= self.answered)
+    }
+
+    fn release(&mut self, out: &mut Vec<Bytes>) {
+        while self.ready() {
+            if let Some((_, packet)) = self.held.pop_front() {
+                out.push(packet);
+            }
+        }
+    }
+
+    /// The session is ending: whatever is still held goes out, in order.
+    fn flush(&mut self, out: &mut Vec<Bytes>) {
+        out.extend(self.held.drain(..).map(|(_, packet)| packet));
+    }
 }
 
 /// Removes topic alias support from a broker's MQTT 5 CONNACK.
@@ -883,22 +988,35 @@ pub async fn run<S>(
     metrics.session_started(peer.cert.not_after);
     // One writer owns the device side; the broker pump and the policy's
     // answers both go through it.
-    let (to_device, mut outbox) = mpsc::channel::<Bytes>(16);
+    let (to_device, mut outbox) = mpsc::channel::<Out>(16);
     let writer = tokio::spawn(async move {
-        while let Some(first) = outbox.recv().await {
+        let mut order = DeviceOrder::default();
+        let mut parts = Vec::new();
+        let mut open = true;
+        while open {
+            match outbox.recv().await {
+                Some(first) => order.take(first, &mut parts),
+                None => {
+                    order.flush(&mut parts);
+                    open = false;
+                }
+            }
             // What else is already queued goes out with it: one write (and
             // as few TLS records as its size allows) instead of one each.
-            let bytes = match outbox.try_recv() {
-                Err(_) => first,
-                Ok(second) => {
-                    let mut joined = BytesMut::with_capacity(first.len() + second.len());
-                    joined.extend_from_slice(&first);
-                    joined.extend_from_slice(&second);
-                    while joined.len() < WRITE_BATCH {
-                        match outbox.try_recv() {
-                            Ok(next) => joined.extend_from_slice(&next),
-                            Err(_) => break,
-                        }
+            let mut queued: usize = parts.iter().map(Bytes::len).sum();
+            while open && queued < WRITE_BATCH {
+                let Ok(next) = outbox.try_recv() else { break };
+                let before = parts.len();
+                order.take(next, &mut parts);
+                queued += parts[before..].iter().map(Bytes::len).sum::<usize>();
+            }
+            let bytes = match parts.len() {
+                0 => continue,
+                1 => parts.remove(0),
+                _ => {
+                    let mut joined = BytesMut::with_capacity(queued);
+                    for part in parts.drain(..) {
+                        joined.extend_from_slice(&part);
                     }
                     joined.freeze()
                 }
@@ -917,7 +1035,9 @@ pub async fn run<S>(
         if version == Version::V5 {
             match read_frame(&mut up_rd, &mut buf, usize::MAX).await {
                 Ok(connack) => {
-                    if pump_out.send(strip_topic_aliases(connack)).await.is_err() {
+                    let frames = strip_topic_aliases(connack);
+                    let connack = Out::Broker { frames, answers: 0 };
+                    if pump_out.send(connack).await.is_err() {
                         return;
                     }
                 }
@@ -926,11 +1046,12 @@ pub async fn run<S>(
         }
         loop {
             // Forward whole packets only, counting the PUBLISHes among them.
-            let (complete, publishes) = scan_frames(&buf);
+            let (complete, publishes, answers) = scan_frames(&buf);
             if complete > 0 {
                 pump_metrics.relayed(Direction::Out, publishes, complete as u64);
+                let frames = buf.split_to(complete).freeze();
                 if pump_out
-                    .send(buf.split_to(complete).freeze())
+                    .send(Out::Broker { frames, answers })
                     .await
                     .is_err()
                 {
@@ -945,47 +1066,53 @@ pub async fn run<S>(
 
     let mut watching = true;
     let mut reads = Reads::new();
+    // QoS 1 and 2 PUBLISHes sent to the broker so far: the gateway's own
+    // packets go to the device after the broker's answers to them.
+    let mut sent: u64 = 0;
+    let ours = |packet: Bytes, after: u64| Out::Gateway { packet, after };
     loop {
         tokio::select! {
             read = reads.frame(&mut rd, &mut buf, max) => {
                 // Every whole frame read so far goes to the broker in one
                 // write.
-                let Batch { forward, publishes, refused, stop } = match read {
+                let Batch { forward, publishes, answered, refused, stop } = match read {
                     Ok(()) => batch(version, &peer.principal, &mut buf, max),
-                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, refused: Vec::new(), stop: Some(Stop::Frame(e)) },
+                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, answered: 0, refused: Vec::new(), stop: Some(Stop::Frame(e)) },
                 };
+                let before = sent;
+                sent += answered;
                 if !forward.is_empty() {
                     metrics.relayed(Direction::In, publishes, forward.len() as u64);
                     if up_wr.write_all(&forward).await.is_err() {
                         break;
                     }
                 }
-                for Refusal { reason, detail, reply, .. } in refused {
+                for Refusal { reason, detail, reply, after, .. } in refused {
                     refuse(reason, detail, Some(&client_id));
                     if let Some(reply) = reply {
-                        let _ = to_device.send(reply).await;
+                        let _ = to_device.send(ours(reply, before + after)).await;
                     }
                 }
                 match stop {
                     None => {}
-                    Some(Stop::Refused(Refusal { reason, detail, reply, .. })) => {
+                    Some(Stop::Refused(Refusal { reason, detail, reply, after, .. })) => {
                         refuse(reason, detail, Some(&client_id));
                         if let Some(reply) = reply {
-                            let _ = to_device.send(reply).await;
+                            let _ = to_device.send(ours(reply, before + after)).await;
                         }
                         break;
                     }
                     Some(Stop::Frame(FrameError::Closed)) => break,
                     Some(Stop::Frame(FrameError::TooLarge(n))) => {
                         if version == Version::V5 {
-                            let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge)).await;
+                            let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge), sent)).await;
                         }
                         refuse(Reason::ProtocolError, format!("packet of {n} bytes; the limit is {max}"), Some(&client_id));
                         break;
                     }
                     Some(Stop::Frame(FrameError::Malformed(e))) => {
                         if version == Version::V5 {
-                            let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::MalformedPacket)).await;
+                            let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::MalformedPacket), sent)).await;
                         }
                         refuse(Reason::ProtocolError, format!("malformed packet: {e}"), Some(&client_id));
                         break;
@@ -995,7 +1122,7 @@ pub async fn run<S>(
             _ = &mut pump => break,
             _ = shutdown.changed() => {
                 if version == Version::V5 {
-                    let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::ServerShuttingDown)).await;
+                    let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::ServerShuttingDown), sent)).await;
                 }
                 break;
             }
@@ -1004,7 +1131,7 @@ pub async fn run<S>(
                     watching = false;
                 } else if revocations.borrow_and_update().is_revoked(&peer.cert.serial) {
                     if version == Version::V5 {
-                        let _ = to_device.send(v5_disconnect(v5::DisconnectReasonCode::AdministrativeAction)).await;
+                        let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::AdministrativeAction), sent)).await;
                     }
                     refuse(Reason::Revoked, "certificate revoked while connected; session closed".into(), Some(&client_id));
                     break;
@@ -1026,6 +1153,101 @@ pub async fn run<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn puback(pkid: u16) -> Bytes {
+        encode_v5(v5::Packet::PubAck(v5::PubAck {
+            pkid,
+            reason: v5::PubAckReason::Success,
+            properties: None,
+        }))
+    }
+
+    fn refused_puback(pkid: u16) -> Bytes {
+        encode_v5(v5::Packet::PubAck(v5::PubAck {
+            pkid,
+            reason: v5::PubAckReason::NotAuthorized,
+            properties: None,
+        }))
+    }
+
+    fn broker(frames: &[Bytes]) -> Out {
+        let frames: Bytes = frames.concat().into();
+        let (_, _, answers) = scan_frames(&frames);
+        Out::Broker { frames, answers }
+    }
+
+    /// What `order` lets out for `messages`, as one byte string.
+    fn through(order: &mut DeviceOrder, messages: Vec<Out>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in messages {
+            order.take(m, &mut out);
+        }
+        out.concat()
+    }
+
+    #[test]
+    fn the_gateways_answer_waits_for_the_brokers_answers_to_earlier_publishes() {
+        let mut order = DeviceOrder::default();
+        // The device sent 1 and 2 through, then 3 was refused (after 2),
+        // then 4 went through.
+        let held = through(
+            &mut order,
+            vec![
+                broker(&[puback(1)]),
+                Out::Gateway {
+                    packet: refused_puback(3),
+                    after: 2,
+                },
+            ],
+        );
+        assert_eq!(held, puback(1), "3's answer waits for 2's");
+        let rest = through(&mut order, vec![broker(&[puback(2), puback(4)])]);
+        assert_eq!(rest, [puback(2), refused_puback(3), puback(4)].concat());
+    }
+
+    #[test]
+    fn without_earlier_publishes_the_gateways_answer_goes_at_once_and_in_turn() {
+        let mut order = DeviceOrder::default();
+        let publish = encode_v5(v5::Packet::Publish(v5::Publish::new(
+            "devices/d/commands",
+            QoS::AtMostOnce,
+            "x",
+            None,
+        )));
+        let out = through(
+            &mut order,
+            vec![
+                broker(std::slice::from_ref(&publish)),
+                Out::Gateway {
+                    packet: refused_puback(1),
+                    after: 0,
+                },
+            ],
+        );
+        assert_eq!(out, [publish, refused_puback(1)].concat());
+        // A packet after a held one keeps its place behind it, even if it
+        // waits for nothing itself.
+        let mut order = DeviceOrder::default();
+        let disconnect = v5_disconnect(v5::DisconnectReasonCode::ServerShuttingDown);
+        let out = through(
+            &mut order,
+            vec![
+                Out::Gateway {
+                    packet: refused_puback(2),
+                    after: 1,
+                },
+                Out::Gateway {
+                    packet: disconnect.clone(),
+                    after: 0,
+                },
+            ],
+        );
+        assert!(out.is_empty());
+        // The session ends before the broker answers: both still go, in order.
+        let mut out = Vec::new();
+        order.flush(&mut out);
+        assert_eq!(out.concat(), [refused_puback(2), disconnect].concat());
+    }
 
     #[test]
     fn reads_the_protocol_level() {
