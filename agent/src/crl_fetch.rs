@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{CrlFetch, IdentityPaths};
-use crate::identity::{self, CrlFloor};
+use crate::identity::{self, CrlFloor, CrlNumbers, Floor};
 
 /// The largest CRL accepted: far above a server CA's (a few gateway
 /// certificates), far below what would hurt a small board.
@@ -24,21 +24,13 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Served {
     /// As PEM, the way the file holds it.
     pub pem: Vec<u8>,
+    /// Its CRL number (the highest, with several server CAs).
     pub number: Option<u64>,
     /// The number in force: the file's, or the running agent's if higher.
     pub in_force: Option<u64>,
-}
-
-impl Served {
-    /// A CRL older than the one in force would hide revocations made
-    /// since; so would one without a number, where there was one.
-    pub fn is_older(&self) -> bool {
-        match (self.number, self.in_force) {
-            (Some(new), Some(old)) => new < old,
-            (None, Some(_)) => true,
-            (_, None) => false,
-        }
-    }
+    /// Why it is older than the CRL in force, CA by CA: a lower number,
+    /// or none where there was one. It would hide revocations made since.
+    pub older: Option<String>,
 }
 
 /// What one fetch did.
@@ -57,7 +49,7 @@ pub async fn run(fetch: CrlFetch, paths: IdentityPaths, floor: CrlFloor) {
     loop {
         tick.tick().await;
         let (url, p, floor) = (fetch.url.clone(), paths.clone(), floor.get());
-        match tokio::task::spawn_blocking(move || once(&url, &p, floor)).await {
+        match tokio::task::spawn_blocking(move || once(&url, &p, &floor)).await {
             Ok(Ok(Fetched::Unchanged)) => {
                 tracing::debug!(url = %fetch.url, "server CRL unchanged")
             }
@@ -77,7 +69,7 @@ pub async fn run(fetch: CrlFetch, paths: IdentityPaths, floor: CrlFloor) {
 /// GETs `url` and checks what it serves against the server CA and the CRL
 /// in force (the file's, or `floor` if higher); writes nothing (`agent
 /// doctor` reports this). Errors name the URL. Blocking.
-pub fn fetch(url: &str, paths: &IdentityPaths, floor: Option<u64>) -> Result<Served, String> {
+pub fn fetch(url: &str, paths: &IdentityPaths, floor: &Floor) -> Result<Served, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .build()
@@ -99,22 +91,26 @@ pub fn fetch(url: &str, paths: &IdentityPaths, floor: Option<u64>) -> Result<Ser
     let cas = identity::load_certs(&paths.server_ca).map_err(|e| e.to_string())?;
     let crls =
         identity::server_crl_from_pem(&pem, Path::new(url), &cas).map_err(|e| e.to_string())?;
-    let in_force = paths
+    let mut in_force = floor.clone();
+    if let Some(file) = paths
         .server_crl
         .as_deref()
         .and_then(|path| identity::load_server_crl(path, &cas).ok())
-        .and_then(|c| identity::crl_number(&c))
-        .max(floor);
+    {
+        CrlNumbers::of(&file).raise(&mut in_force);
+    }
+    let numbers = CrlNumbers::of(&crls);
     Ok(Served {
-        number: identity::crl_number(&crls),
+        number: numbers.highest(),
         pem,
-        in_force,
+        in_force: in_force.values().copied().max(),
+        older: numbers.older_than(&in_force),
     })
 }
 
 /// One fetch: GET `url`, check what came, and write it over the server
 /// CRL file if it is new. Blocking.
-pub fn once(url: &str, paths: &IdentityPaths, floor: Option<u64>) -> Result<Fetched, String> {
+pub fn once(url: &str, paths: &IdentityPaths, floor: &Floor) -> Result<Fetched, String> {
     let path = paths
         .server_crl
         .as_deref()
@@ -123,12 +119,8 @@ pub fn once(url: &str, paths: &IdentityPaths, floor: Option<u64>) -> Result<Fetc
     if std::fs::read(path).is_ok_and(|current| current == served.pem) {
         return Ok(Fetched::Unchanged);
     }
-    if served.is_older() {
-        return Err(format!(
-            "it serves CRL number {}, older than the one in force ({})",
-            served.number.map_or("none".into(), |n| n.to_string()),
-            served.in_force.map_or("none".into(), |n| n.to_string())
-        ));
+    if let Some(why) = served.older {
+        return Err(format!("it serves an older CRL: {why}"));
     }
     // Written beside the file and renamed over it, so the watcher never
     // reads half of it.

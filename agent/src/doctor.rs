@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{Config, CrlFetch, IdentityPaths};
-use crate::crl_fetch;
+use crate::crl_fetch::{self, Served};
 use crate::identity::{self, Expiry};
 
 /// How long DNS, TCP, the TLS handshake and the CONNACK may each take.
@@ -265,15 +265,15 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
 /// judge it. Never a failure: the file's CRL stays in force meanwhile.
 fn crl_url<W: Write>(fetch: &CrlFetch, paths: &IdentityPaths, report: &mut Report<W>) {
     let number = |n: Option<u64>| n.map_or_else(|| "none".to_owned(), |n| n.to_string());
-    match crl_fetch::fetch(&fetch.url, paths, None) {
-        Ok(served) if served.is_older() => report.add(
+    match crl_fetch::fetch(&fetch.url, paths, &Default::default()) {
+        Ok(Served {
+            older: Some(why), ..
+        }) => report.add(
             "CRL URL",
             Verdict::Warn,
             format!(
-                "{} serves CRL number {}, older than the file's ({}); the agent keeps the file's",
+                "{} serves a CRL older than the file's ({why}); the agent keeps the file's",
                 fetch.url,
-                number(served.number),
-                number(served.in_force)
             ),
             "publish the PKI's current server CRL there (provisioning crl --server --der)",
         ),

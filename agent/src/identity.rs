@@ -2,10 +2,10 @@
 //! checked before anything connects, and the rustls client config built
 //! from them.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
@@ -62,6 +62,8 @@ pub struct DeviceIdentity {
 pub struct ServerCrl {
     /// Its CRL number (the highest, with several server CAs).
     pub number: Option<u64>,
+    /// Each server CA's CRL number.
+    pub numbers: CrlNumbers,
     pub pem: Vec<u8>,
 }
 
@@ -315,8 +317,10 @@ fn tls_config(
     let mut taken = None;
     if let (Some(path), Some(pem)) = (&paths.server_crl, server_crl) {
         let crls = server_crl_from_pem(&pem, path, &parts.server_ca)?;
+        let numbers = CrlNumbers::of(&crls);
         taken = Some(ServerCrl {
-            number: crl_number(&crls),
+            number: numbers.highest(),
+            numbers,
             pem,
         });
         verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
@@ -337,17 +341,75 @@ fn tls_config(
     Ok((tls, taken))
 }
 
-/// The highest CRL number among `crls` (which [`load_server_crl`] has
-/// parsed already).
-pub fn crl_number(crls: &[CertificateRevocationListDer<'_>]) -> Option<u64> {
-    crls.iter()
-        .filter_map(|der| {
-            let (_, crl) =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
-            crl.crl_number()?.to_string().parse::<u64>().ok()
-        })
-        .max()
+/// Each CA's CRL number in a server CRL file: the CA's name (DER) → its
+/// name as text and the number, if the CRL has one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CrlNumbers(BTreeMap<Vec<u8>, (String, Option<u64>)>);
+
+impl CrlNumbers {
+    /// Of CRLs that [`load_server_crl`] has parsed already.
+    pub fn of(crls: &[CertificateRevocationListDer<'_>]) -> CrlNumbers {
+        CrlNumbers(
+            crls.iter()
+                .filter_map(|der| {
+                    let (_, crl) =
+                        x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+                            .ok()?;
+                    let number = crl
+                        .crl_number()
+                        .and_then(|n| n.to_string().parse::<u64>().ok());
+                    Some((
+                        crl.issuer().as_raw().to_vec(),
+                        (crl.issuer().to_string(), number),
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// The highest number, for logs and reports.
+    pub fn highest(&self) -> Option<u64> {
+        self.0.values().filter_map(|(_, n)| *n).max()
+    }
+
+    /// Why these CRLs are older than `floor` (the numbers in force, CA by
+    /// CA): a lower number, or none where there was one. CA by CA, so an
+    /// old CRL of one server CA cannot hide behind a newer one of another.
+    pub fn older_than(&self, floor: &Floor) -> Option<String> {
+        for (issuer, (name, number)) in &self.0 {
+            let Some(old) = floor.get(issuer) else {
+                continue;
+            };
+            match number {
+                Some(new) if new >= old => {}
+                Some(new) => {
+                    return Some(format!(
+                        "CRL number {new} of \"{name}\" is older than the one in force ({old})"
+                    ));
+                }
+                None => {
+                    return Some(format!(
+                        "the CRL of \"{name}\" has no CRL number, and the one in force has {old}"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Raises `floor` to these numbers, CA by CA.
+    pub fn raise(&self, floor: &mut Floor) {
+        for (issuer, (_, number)) in &self.0 {
+            if let Some(n) = number {
+                let old = floor.entry(issuer.clone()).or_insert(*n);
+                *old = (*old).max(*n);
+            }
+        }
+    }
 }
+
+/// The CRL numbers in force, by CA (its name, DER).
+pub type Floor = BTreeMap<Vec<u8>, u64>;
 
 /// How often the server CRL file is looked at for a new version.
 pub const SERVER_CRL_POLL: Duration = Duration::from_secs(2);
@@ -357,33 +419,19 @@ impl DeviceIdentity {
     /// its server CRL, built from the certificate, key and server CA it
     /// started with. The CRL must be signed by the server CA and not be
     /// older than `floor` (a replayed CRL would hide revocations made
-    /// since): a lower CRL number, or none where there was one, is refused.
+    /// since): a lower CRL number, or none where there was one, is refused,
+    /// CA by CA.
     pub fn with_server_crl(
         &self,
         path: &Path,
         pem: Vec<u8>,
-        floor: Option<u64>,
+        floor: &Floor,
     ) -> Result<DeviceIdentity, IdentityError> {
         let mut parts = self.parts.clone();
         parts.paths.server_crl = Some(path.to_owned());
         let (tls, taken) = tls_config(&parts, Some(pem))?;
-        let number = taken.as_ref().and_then(|c| c.number);
-        if let Some(old) = floor {
-            match number {
-                Some(new) if new >= old => {}
-                Some(new) => {
-                    return Err(file_error(
-                        path,
-                        format!("CRL number {new} is older than the one in force ({old})"),
-                    ));
-                }
-                None => {
-                    return Err(file_error(
-                        path,
-                        format!("the CRL has no CRL number, and the one in force has {old}"),
-                    ));
-                }
-            }
+        if let Some(why) = taken.as_ref().and_then(|c| c.numbers.older_than(floor)) {
+            return Err(file_error(path, why));
         }
         Ok(DeviceIdentity {
             server_crl: taken,
@@ -394,27 +442,33 @@ impl DeviceIdentity {
     }
 }
 
-/// The highest server CRL number the agent has taken so far, shared by the
-/// file's watcher and the fetcher, so neither lets an older CRL in.
+/// The server CRL numbers the agent has taken so far, CA by CA, shared by
+/// the file's watcher and the fetcher, so neither lets an older CRL in.
 #[derive(Clone, Debug, Default)]
-pub struct CrlFloor(Arc<AtomicU64>);
+pub struct CrlFloor(Arc<Mutex<Floor>>);
 
 impl CrlFloor {
-    pub fn new(number: Option<u64>) -> CrlFloor {
+    pub fn new(numbers: Option<&CrlNumbers>) -> CrlFloor {
         let floor = CrlFloor::default();
-        if let Some(n) = number {
-            floor.raise(n);
+        if let Some(numbers) = numbers {
+            floor.raise(numbers);
         }
         floor
     }
 
-    pub fn get(&self) -> Option<u64> {
-        // Stored plus one: 0 is "none yet".
-        self.0.load(Ordering::SeqCst).checked_sub(1)
+    pub fn get(&self) -> Floor {
+        self.0.lock().map(|f| f.clone()).unwrap_or_default()
     }
 
-    pub fn raise(&self, number: u64) {
-        self.0.fetch_max(number.saturating_add(1), Ordering::SeqCst);
+    /// The highest number in force, for logs.
+    pub fn highest(&self) -> Option<u64> {
+        self.get().values().copied().max()
+    }
+
+    pub fn raise(&self, numbers: &CrlNumbers) {
+        if let Ok(mut floor) = self.0.lock() {
+            numbers.raise(&mut floor);
+        }
     }
 }
 
@@ -470,7 +524,7 @@ pub async fn watch_server_crl(
         if current.server_crl.as_ref().is_some_and(|c| c.pem == pem) {
             continue;
         }
-        match current.with_server_crl(&path, pem, floor.get()) {
+        match current.with_server_crl(&path, pem, &floor.get()) {
             Ok(next) => {
                 let number = next.server_crl.as_ref().and_then(|c| c.number);
                 tracing::info!(
@@ -478,15 +532,15 @@ pub async fn watch_server_crl(
                     number = ?number,
                     "server CRL reloaded; reconnecting to check the gateway against it"
                 );
-                if let Some(n) = number {
-                    floor.raise(n);
+                if let Some(taken) = &next.server_crl {
+                    floor.raise(&taken.numbers);
                 }
                 tls.send_replace(next.tls.clone());
                 current = next;
             }
             Err(e) => tracing::error!(
                 error = %e,
-                number_in_force = ?floor.get(),
+                number_in_force = ?floor.highest(),
                 "REFUSED the new server CRL; the previous one stays in force"
             ),
         }
@@ -523,6 +577,56 @@ pub fn expiry(not_before: i64, not_after: i64, now: i64) -> Expiry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CRL of a new CA named `name`, numbered `number`.
+    fn crl(name: &str, number: u64) -> CertificateRevocationListDer<'static> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(params, rcgen::KeyPair::generate().unwrap());
+        let now = time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap();
+        rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(7),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .unwrap()
+        .der()
+        .clone()
+    }
+
+    #[test]
+    fn crl_numbers_are_compared_ca_by_ca() {
+        let in_force = CrlNumbers::of(&[crl("Server CA 1", 3), crl("Server CA 2", 7)]);
+        assert_eq!(in_force.highest(), Some(7));
+        let mut floor = Floor::new();
+        in_force.raise(&mut floor);
+        assert_eq!(in_force.older_than(&floor), None, "the same is not older");
+        let newer = CrlNumbers::of(&[crl("Server CA 1", 4), crl("Server CA 2", 7)]);
+        assert_eq!(newer.older_than(&floor), None);
+        // CA 1's old CRL next to a newer one of CA 2: the highest number
+        // went up, CA 1's went back.
+        let replayed = CrlNumbers::of(&[crl("Server CA 1", 2), crl("Server CA 2", 9)]);
+        let why = replayed.older_than(&floor).unwrap();
+        assert!(
+            why.contains("CRL number 2 of \"CN=Server CA 1\" is older than the one in force (3)"),
+            "{why}"
+        );
+        // A CA the floor does not know yet: nothing to compare.
+        let other = CrlNumbers::of(&[crl("Server CA 3", 1)]);
+        assert_eq!(other.older_than(&floor), None);
+        // Raising keeps the highest of each.
+        replayed.raise(&mut floor);
+        assert_eq!(floor.values().copied().collect::<Vec<_>>(), [3, 9]);
+    }
 
     #[test]
     fn expiry_warns_at_two_thirds() {
