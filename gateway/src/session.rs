@@ -694,6 +694,9 @@ enum Out {
     Gateway { packet: Bytes, after: u64 },
 }
 
+/// The most packets of the gateway's own held back for their turn.
+const MAX_HELD: usize = 1024;
+
 /// Keeps what goes to the device in order. The broker answers the
 /// PUBLISHes it was sent in order; the gateway's own answer to a refused
 /// PUBLISH waits until the broker has answered every PUBLISH the device
@@ -742,6 +745,14 @@ impl DeviceOrder {
             Out::Gateway { packet, after } => {
                 self.held.push_back((after, packet));
                 self.release(out);
+                // A device that floods refused PUBLISHes while the broker
+                // has yet to answer an earlier one: the order gives way
+                // before memory does.
+                while self.held.len() > MAX_HELD {
+                    if let Some((_, packet)) = self.held.pop_front() {
+                        out.push(packet);
+                    }
+                }
             }
         }
     }
@@ -1247,6 +1258,29 @@ mod tests {
         let mut out = Vec::new();
         order.flush(&mut out);
         assert_eq!(out.concat(), [refused_puback(2), disconnect].concat());
+    }
+
+    #[test]
+    fn a_flood_of_refused_publishes_is_held_only_so_far() {
+        let mut order = DeviceOrder::default();
+        let mut out = Vec::new();
+        for pkid in 0..3000u16 {
+            order.take(
+                Out::Gateway {
+                    packet: refused_puback(pkid),
+                    after: 1,
+                },
+                &mut out,
+            );
+        }
+        assert_eq!(order.held.len(), MAX_HELD);
+        assert_eq!(out.len(), 3000 - MAX_HELD);
+        // Still in order among themselves.
+        assert_eq!(out[0], refused_puback(0));
+        order.take(broker(&[puback(1)]), &mut out);
+        assert!(order.held.is_empty());
+        assert_eq!(out.len(), 3001);
+        assert_eq!(out.last(), Some(&refused_puback(2999)));
     }
 
     #[test]
