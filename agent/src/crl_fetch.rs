@@ -103,7 +103,7 @@ pub fn fetch(url: &str, paths: &IdentityPaths, floor: &Floor) -> Result<Served, 
     Ok(Served {
         number: numbers.highest(),
         pem,
-        in_force: in_force.values().copied().max(),
+        in_force: in_force.values().map(|(_, n)| *n).max(),
         older: numbers.older_than(&in_force),
     })
 }

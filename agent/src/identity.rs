@@ -373,21 +373,25 @@ impl CrlNumbers {
     }
 
     /// Why these CRLs are older than `floor` (the numbers in force, CA by
-    /// CA): a lower number, or none where there was one. CA by CA, so an
-    /// old CRL of one server CA cannot hide behind a newer one of another.
+    /// CA): a lower number, none where there was one, or no CRL at all of
+    /// a CA that had one (rustls could then not check that CA's gateways).
+    /// CA by CA, so an old CRL of one server CA cannot hide behind a newer
+    /// one of another.
     pub fn older_than(&self, floor: &Floor) -> Option<String> {
-        for (issuer, (name, number)) in &self.0 {
-            let Some(old) = floor.get(issuer) else {
-                continue;
-            };
-            match number {
-                Some(new) if new >= old => {}
-                Some(new) => {
+        for (issuer, (name, old)) in floor {
+            match self.0.get(issuer) {
+                None => {
+                    return Some(format!(
+                        "it holds no CRL of \"{name}\", and the one in force has number {old}"
+                    ));
+                }
+                Some((_, Some(new))) if new >= old => {}
+                Some((_, Some(new))) => {
                     return Some(format!(
                         "CRL number {new} of \"{name}\" is older than the one in force ({old})"
                     ));
                 }
-                None => {
+                Some((_, None)) => {
                     return Some(format!(
                         "the CRL of \"{name}\" has no CRL number, and the one in force has {old}"
                     ));
@@ -399,17 +403,18 @@ impl CrlNumbers {
 
     /// Raises `floor` to these numbers, CA by CA.
     pub fn raise(&self, floor: &mut Floor) {
-        for (issuer, (_, number)) in &self.0 {
+        for (issuer, (name, number)) in &self.0 {
             if let Some(n) = number {
-                let old = floor.entry(issuer.clone()).or_insert(*n);
-                *old = (*old).max(*n);
+                let old = floor.entry(issuer.clone()).or_insert((name.clone(), *n));
+                old.1 = old.1.max(*n);
             }
         }
     }
 }
 
-/// The CRL numbers in force, by CA (its name, DER).
-pub type Floor = BTreeMap<Vec<u8>, u64>;
+/// The CRL numbers in force, by CA: its name as DER → as text, and the
+/// number.
+pub type Floor = BTreeMap<Vec<u8>, (String, u64)>;
 
 /// How often the server CRL file is looked at for a new version.
 pub const SERVER_CRL_POLL: Duration = Duration::from_secs(2);
@@ -457,18 +462,17 @@ impl CrlFloor {
     }
 
     pub fn get(&self) -> Floor {
-        self.0.lock().map(|f| f.clone()).unwrap_or_default()
+        // A poisoned lock still holds the numbers: never fail open.
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The highest number in force, for logs.
     pub fn highest(&self) -> Option<u64> {
-        self.get().values().copied().max()
+        self.get().values().map(|(_, n)| *n).max()
     }
 
     pub fn raise(&self, numbers: &CrlNumbers) {
-        if let Ok(mut floor) = self.0.lock() {
-            numbers.raise(&mut floor);
-        }
+        numbers.raise(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -621,11 +625,19 @@ mod tests {
             "{why}"
         );
         // A CA the floor does not know yet: nothing to compare.
-        let other = CrlNumbers::of(&[crl("Server CA 3", 1)]);
+        let other = CrlNumbers::of(&[
+            crl("Server CA 1", 3),
+            crl("Server CA 2", 7),
+            crl("Server CA 3", 1),
+        ]);
         assert_eq!(other.older_than(&floor), None);
         // Raising keeps the highest of each.
         replayed.raise(&mut floor);
-        assert_eq!(floor.values().copied().collect::<Vec<_>>(), [3, 9]);
+        assert_eq!(floor.values().map(|(_, n)| *n).collect::<Vec<_>>(), [3, 9]);
+        // A file without CA 2's CRL: its gateways could not be checked.
+        let dropped = CrlNumbers::of(&[crl("Server CA 1", 5)]);
+        let why = dropped.older_than(&floor).unwrap();
+        assert!(why.contains("no CRL of \"CN=Server CA 2\""), "{why}");
     }
 
     #[test]

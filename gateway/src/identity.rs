@@ -16,6 +16,9 @@ pub struct CertInfo {
     /// Unix seconds.
     #[serde(skip)]
     pub not_after: i64,
+    /// The issuer's name, DER: with the serial, what a CRL lists.
+    #[serde(skip)]
+    pub issuer: Vec<u8>,
 }
 
 impl CertInfo {
@@ -27,6 +30,7 @@ impl CertInfo {
             serial: hex::encode(trim_zeros(cert.raw_serial())),
             fingerprint: hex::encode(Sha256::digest(der)),
             not_after: cert.validity().not_after.timestamp(),
+            issuer: cert.issuer().as_raw().to_vec(),
         })
     }
 }

@@ -47,6 +47,10 @@ pub enum CrlError {
         "{path}: holds more than one CRL of \"{issuer}\" (or of two CAs of that name); rustls checks a certificate against the first one only, so the file must hold one CRL per CA, the newest"
     )]
     TwoOfOneIssuer { path: String, issuer: String },
+    #[error(
+        "{path}: holds no CRL of \"{issuer}\" any more, which is still a client CA: its devices could not connect (rustls cannot tell whether their certificates are revoked); keep its newest CRL in the file, or remove the CA from the client CAs"
+    )]
+    Dropped { path: String, issuer: String },
 }
 
 /// The CRLs in force.
@@ -54,10 +58,15 @@ pub enum CrlError {
 pub struct RevocationList {
     /// For rustls' verifier.
     pub ders: Vec<CertificateRevocationListDer<'static>>,
-    /// Revoked serials, lowercase hex without leading zeros.
-    revoked: HashSet<String>,
+    /// Revoked certificates: issuer's name (DER), and serial as lowercase
+    /// hex without leading zeros.
+    revoked: HashSet<(Vec<u8>, String)>,
     /// Each CRL's issuer (its name, DER) → its name and CRL number.
     issuers: HashMap<Vec<u8>, (String, Option<u64>)>,
+    /// The highest CRL number each CA has had since the gateway started,
+    /// including CAs whose CRL has left the file since: a CRL number never
+    /// goes back, even across several reloads.
+    floors: HashMap<Vec<u8>, u64>,
     /// The highest CRL number, when the CRLs carry one.
     pub number: Option<u64>,
     /// The newest `thisUpdate`, Unix seconds.
@@ -66,10 +75,12 @@ pub struct RevocationList {
 
 impl RevocationList {
     /// Reads PEM CRLs from `path` and checks each one's signature against
-    /// one of `client_cas`. With `current`, also refuses, CA by CA, a CRL
-    /// number lower than the one in force, or none where there was one: a
-    /// replayed old CRL of one CA must not hide behind a newer one of
-    /// another.
+    /// one of `client_cas`. With `current` (the CRLs in force), also
+    /// refuses, CA by CA, a CRL number lower than the highest that CA has
+    /// had, or none where there was one (a replayed old CRL of one CA must
+    /// not hide behind a newer one of another), and a file that no longer
+    /// holds the CRL of a CA still trusted. The CRL of a CA no longer among
+    /// `client_cas` is left out, with a warning: trust in it was withdrawn.
     pub fn load(
         path: &Path,
         client_cas: &[CertificateDer<'static>],
@@ -92,12 +103,22 @@ impl RevocationList {
         if ders.is_empty() {
             return Err(CrlError::Empty { path: name });
         }
-        let list = Self::from_ders(&name, ders, client_cas)?;
+        let withdrawn = |issuer: &[u8]| current.is_some_and(|c| c.issuers.contains_key(issuer));
+        let mut list = Self::from_ders(&name, ders, client_cas, &withdrawn)?;
         let Some(current) = current else {
+            list.floors = list.numbers();
             return Ok(list);
         };
+        for (issuer, (issuer_name, _)) in &current.issuers {
+            if !list.issuers.contains_key(issuer) && is_client_ca(client_cas, issuer) {
+                return Err(CrlError::Dropped {
+                    path: name,
+                    issuer: issuer_name.clone(),
+                });
+            }
+        }
         for (issuer, (issuer_name, new)) in &list.issuers {
-            let Some((_, Some(current))) = current.issuers.get(issuer) else {
+            let Some(current) = current.floors.get(issuer) else {
                 continue;
             };
             match new {
@@ -119,19 +140,34 @@ impl RevocationList {
                 }
             }
         }
+        list.floors = current.floors.clone();
+        for (issuer, number) in list.numbers() {
+            let floor = list.floors.entry(issuer).or_insert(number);
+            *floor = (*floor).max(number);
+        }
         Ok(list)
+    }
+
+    /// Each CA's CRL number in this file.
+    fn numbers(&self) -> HashMap<Vec<u8>, u64> {
+        self.issuers
+            .iter()
+            .filter_map(|(issuer, (_, n))| Some((issuer.clone(), (*n)?)))
+            .collect()
     }
 
     fn from_ders(
         name: &str,
         ders: Vec<Vec<u8>>,
         client_cas: &[CertificateDer<'static>],
+        withdrawn: &dyn Fn(&[u8]) -> bool,
     ) -> Result<RevocationList, CrlError> {
         let cas: Vec<X509Certificate<'_>> = client_cas
             .iter()
             .filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c))
             .collect();
         let mut list = RevocationList::default();
+        let mut kept = Vec::new();
         for der in &ders {
             let malformed = |detail: String| CrlError::Malformed {
                 path: name.to_owned(),
@@ -145,6 +181,14 @@ impl RevocationList {
             let signed = cas.iter().any(|ca| {
                 ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
             });
+            if !signed && withdrawn(crl.issuer().as_raw()) {
+                tracing::warn!(
+                    crl = name,
+                    issuer = %crl.issuer(),
+                    "left out the CRL of a CA that is no longer a client CA"
+                );
+                continue;
+            }
             if !signed {
                 return Err(CrlError::UnknownIssuer {
                     path: name.to_owned(),
@@ -166,15 +210,23 @@ impl RevocationList {
                 });
             }
             for revoked in crl.iter_revoked_certificates() {
-                list.revoked.insert(serial_hex(revoked.raw_serial()));
+                let issuer = crl.issuer().as_raw().to_vec();
+                list.revoked
+                    .insert((issuer, serial_hex(revoked.raw_serial())));
             }
             if let Some(n) = number {
                 list.number = Some(list.number.map_or(n, |m| m.max(n)));
             }
             let this_update = crl.last_update().timestamp();
             list.this_update = Some(list.this_update.map_or(this_update, |t| t.max(this_update)));
+            kept.push(der.clone());
         }
-        list.ders = ders
+        if kept.is_empty() {
+            return Err(CrlError::Empty {
+                path: name.to_owned(),
+            });
+        }
+        list.ders = kept
             .into_iter()
             .map(CertificateRevocationListDer::from)
             .collect();
@@ -188,9 +240,10 @@ impl RevocationList {
         self.issuers.contains_key(issuer)
     }
 
-    /// Is the certificate with this serial (lowercase hex) revoked?
-    pub fn is_revoked(&self, serial: &str) -> bool {
-        self.revoked.contains(serial)
+    /// Is the certificate with this serial (lowercase hex) from the CA
+    /// with this name (DER) revoked?
+    pub fn is_revoked(&self, issuer: &[u8], serial: &str) -> bool {
+        self.revoked.contains(&(issuer.to_vec(), serial.to_owned()))
     }
 
     /// How many certificates are revoked.
@@ -202,6 +255,13 @@ impl RevocationList {
     pub fn is_empty(&self) -> bool {
         self.revoked.is_empty()
     }
+}
+
+/// Is a CA with this name (DER) among `client_cas`?
+fn is_client_ca(client_cas: &[CertificateDer<'static>], name: &[u8]) -> bool {
+    client_cas
+        .iter()
+        .any(|ca| X509Certificate::from_der(ca).is_ok_and(|(_, ca)| ca.subject().as_raw() == name))
 }
 
 /// A serial as lowercase hex without leading zero bytes.
@@ -273,6 +333,12 @@ pub(crate) mod test_pki {
 
     /// A CRL without a CRL number, as `openssl ca -gencrl` makes one when
     /// it is given no crlnumber file (rcgen always writes a number).
+    /// A CA's name, DER, as CRLs and certificates carry it.
+    pub fn name(c: &Ca) -> Vec<u8> {
+        let (_, cert) = X509Certificate::from_der(&c.der).unwrap();
+        cert.subject().as_raw().to_vec()
+    }
+
     pub fn unnumbered_crl(ca: &Ca) -> String {
         let dir = tempfile::tempdir().unwrap();
         let file = |name: &str, text: &str| {
@@ -369,19 +435,60 @@ mod tests {
     fn covers_the_cas_whose_crl_is_in_the_file() {
         let (a, b) = (ca("CA A"), ca("CA B"));
         let list = load(&crl(&a, 1, &[]), &[&a, &b]).unwrap();
-        let name = |c: &Ca| {
-            let (_, cert) = X509Certificate::from_der(&c.der).unwrap();
-            cert.subject().as_raw().to_vec()
-        };
         assert!(list.covers(&name(&a)));
         assert!(!list.covers(&name(&b)));
+    }
+
+    #[test]
+    fn a_file_that_drops_the_crl_of_a_trusted_ca_is_refused() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let now = load(&(crl(&a, 3, &[]) + &crl(&b, 7, &[])), &[&a, &b]).unwrap();
+        let err = load_over(&crl(&b, 8, &[]), &[&a, &b], Some(&now)).unwrap_err();
+        assert!(matches!(err, CrlError::Dropped { .. }), "{err}");
+        assert!(
+            err.to_string().contains("no CRL of \"CN=CA A\" any more"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_withdrawn_cas_crl_is_left_out_and_its_number_still_counts() {
+        let (a, b) = (ca("CA A"), ca("CA B"));
+        let now = load(&(crl(&a, 5, &[0x10]) + &crl(&b, 7, &[])), &[&a, &b]).unwrap();
+        // CA A is no longer trusted; its CRL still in the file is left out.
+        let same = crl(&a, 5, &[0x10]) + &crl(&b, 7, &[]);
+        let without_a = load_over(&same, &[&b], Some(&now)).unwrap();
+        assert!(!without_a.covers(&name(&a)) && without_a.covers(&name(&b)));
+        assert_eq!(without_a.ders.len(), 1);
+        // At start, with nothing in force, the same file is a mistake.
+        assert!(matches!(
+            load(&same, &[&b]).unwrap_err(),
+            CrlError::UnknownIssuer { .. }
+        ));
+        // Trusted again later, A may not come back with an older CRL:
+        // its number 5 is remembered across the reload that left it out.
+        let replayed = crl(&a, 2, &[]) + &crl(&b, 7, &[]);
+        let err = load_over(&replayed, &[&a, &b], Some(&without_a)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CrlError::NumberWentBack {
+                    new: 2,
+                    current: 5,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn one_crl_per_ca_is_accepted_and_their_serials_joined() {
         let (a, b) = (ca("CA A"), ca("CA B"));
         let list = load(&(crl(&a, 3, &[0x10]) + &crl(&b, 7, &[0x20])), &[&a, &b]).unwrap();
-        assert!(list.is_revoked("10") && list.is_revoked("20"));
+        assert!(list.is_revoked(&name(&a), "10") && list.is_revoked(&name(&b), "20"));
+        // A serial is revoked for its own CA only.
+        assert!(!list.is_revoked(&name(&b), "10"));
         assert_eq!(list.number, Some(7));
         assert_eq!(list.ders.len(), 2);
     }

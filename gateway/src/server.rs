@@ -293,7 +293,11 @@ async fn handshake(
     // full handshake was checked against the CRLs in force when it began;
     // so the check is repeated here against the CRL in force now.
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    if live.revocations.borrow().is_revoked(&cert.serial) {
+    if live
+        .revocations
+        .borrow()
+        .is_revoked(&cert.issuer, &cert.serial)
+    {
         let detail = if resumed {
             "certificate is on the CRL (resumed session)"
         } else {

@@ -694,8 +694,10 @@ enum Out {
     Gateway { packet: Bytes, after: u64 },
 }
 
-/// The most packets of the gateway's own held back for their turn.
+/// The most packets of the gateway's own held back for their turn, and
+/// the most bytes (a refused SUBSCRIBE's SUBACK grows with its filters).
 const MAX_HELD: usize = 1024;
+const MAX_HELD_BYTES: usize = 64 * 1024;
 
 /// Keeps what goes to the device in order. The broker answers the
 /// PUBLISHes it was sent in order; the gateway's own answer to a refused
@@ -709,6 +711,8 @@ struct DeviceOrder {
     answered: u64,
     /// The gateway's packets waiting for their turn, in order.
     held: std::collections::VecDeque<(u64, Bytes)>,
+    /// Their bytes.
+    held_bytes: usize,
 }
 
 impl DeviceOrder {
@@ -743,15 +747,14 @@ impl DeviceOrder {
                 }
             }
             Out::Gateway { packet, after } => {
+                self.held_bytes += packet.len();
                 self.held.push_back((after, packet));
                 self.release(out);
                 // A device that floods refused PUBLISHes while the broker
                 // has yet to answer an earlier one: the order gives way
                 // before memory does.
-                while self.held.len() > MAX_HELD {
-                    if let Some((_, packet)) = self.held.pop_front() {
-                        out.push(packet);
-                    }
+                while self.held.len() > MAX_HELD || self.held_bytes > MAX_HELD_BYTES {
+                    self.pop(out);
                 }
             }
         }
@@ -765,15 +768,22 @@ impl DeviceOrder {
 
     fn release(&mut self, out: &mut Vec<Bytes>) {
         while self.ready() {
-            if let Some((_, packet)) = self.held.pop_front() {
-                out.push(packet);
-            }
+            self.pop(out);
+        }
+    }
+
+    fn pop(&mut self, out: &mut Vec<Bytes>) {
+        if let Some((_, packet)) = self.held.pop_front() {
+            self.held_bytes -= packet.len();
+            out.push(packet);
         }
     }
 
     /// The session is ending: whatever is still held goes out, in order.
     fn flush(&mut self, out: &mut Vec<Bytes>) {
-        out.extend(self.held.drain(..).map(|(_, packet)| packet));
+        while !self.held.is_empty() {
+            self.pop(out);
+        }
     }
 }
 
@@ -1090,27 +1100,33 @@ pub async fn run<S>(
                     Ok(()) => batch(version, &peer.principal, &mut buf, max),
                     Err(e) => Batch { forward: Bytes::new(), publishes: 0, answered: 0, refused: Vec::new(), stop: Some(Stop::Frame(e)) },
                 };
+                // The gateway's answers are queued before the allowed frames
+                // go to the broker: the broker's answers to PUBLISHes after
+                // a refused one cannot overtake its answer then.
                 let before = sent;
                 sent += answered;
+                let stopped = match &stop {
+                    Some(Stop::Refused(refusal)) => Some(refusal),
+                    _ => None,
+                };
+                for Refusal { reply, after, .. } in refused.iter().chain(stopped) {
+                    if let Some(reply) = reply {
+                        let _ = to_device.send(ours(reply.clone(), before + after)).await;
+                    }
+                }
                 if !forward.is_empty() {
                     metrics.relayed(Direction::In, publishes, forward.len() as u64);
                     if up_wr.write_all(&forward).await.is_err() {
                         break;
                     }
                 }
-                for Refusal { reason, detail, reply, after, .. } in refused {
+                for Refusal { reason, detail, .. } in refused {
                     refuse(reason, detail, Some(&client_id));
-                    if let Some(reply) = reply {
-                        let _ = to_device.send(ours(reply, before + after)).await;
-                    }
                 }
                 match stop {
                     None => {}
-                    Some(Stop::Refused(Refusal { reason, detail, reply, after, .. })) => {
+                    Some(Stop::Refused(Refusal { reason, detail, .. })) => {
                         refuse(reason, detail, Some(&client_id));
-                        if let Some(reply) = reply {
-                            let _ = to_device.send(ours(reply, before + after)).await;
-                        }
                         break;
                     }
                     Some(Stop::Frame(FrameError::Closed)) => break,
@@ -1140,7 +1156,7 @@ pub async fn run<S>(
             changed = revocations.changed(), if watching => {
                 if changed.is_err() {
                     watching = false;
-                } else if revocations.borrow_and_update().is_revoked(&peer.cert.serial) {
+                } else if revocations.borrow_and_update().is_revoked(&peer.cert.issuer, &peer.cert.serial) {
                     if version == Version::V5 {
                         let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::AdministrativeAction), sent)).await;
                     }
@@ -1281,6 +1297,19 @@ mod tests {
         assert!(order.held.is_empty());
         assert_eq!(out.len(), 3001);
         assert_eq!(out.last(), Some(&refused_puback(2999)));
+    }
+
+    #[test]
+    fn large_held_packets_are_bounded_by_their_bytes() {
+        let mut order = DeviceOrder::default();
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            let packet = Bytes::from(vec![0u8; 20 * 1024]);
+            order.take(Out::Gateway { packet, after: 1 }, &mut out);
+        }
+        assert!(order.held_bytes <= MAX_HELD_BYTES, "{}", order.held_bytes);
+        assert_eq!(order.held_bytes, order.held.len() * 20 * 1024);
+        assert_eq!(out.len() + order.held.len(), 10);
     }
 
     #[test]
