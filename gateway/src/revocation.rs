@@ -51,6 +51,10 @@ pub enum CrlError {
         "{path}: holds no CRL of \"{issuer}\" any more, which is still a client CA: its devices could not connect (rustls cannot tell whether their certificates are revoked); keep its newest CRL in the file, or remove the CA from the client CAs"
     )]
     Dropped { path: String, issuer: String },
+    #[error(
+        "{path}: holds no CRL of a client CA, only of CAs no longer trusted; the client CAs' CRLs are needed"
+    )]
+    OnlyWithdrawn { path: String },
 }
 
 /// The CRLs in force.
@@ -67,6 +71,9 @@ pub struct RevocationList {
     /// including CAs whose CRL has left the file since: a CRL number never
     /// goes back, even across several reloads.
     floors: HashMap<Vec<u8>, u64>,
+    /// Every CA whose CRL has been in force since the gateway started: a
+    /// CRL of one that is no longer a client CA is left out, not refused.
+    known: HashSet<Vec<u8>>,
     /// The highest CRL number, when the CRLs carry one.
     pub number: Option<u64>,
     /// The newest `thisUpdate`, Unix seconds.
@@ -103,12 +110,16 @@ impl RevocationList {
         if ders.is_empty() {
             return Err(CrlError::Empty { path: name });
         }
-        let withdrawn = |issuer: &[u8]| current.is_some_and(|c| c.issuers.contains_key(issuer));
+        let withdrawn = |issuer: &[u8]| {
+            current.is_some_and(|c| c.known.contains(issuer)) && !is_client_ca(client_cas, issuer)
+        };
         let mut list = Self::from_ders(&name, ders, client_cas, &withdrawn)?;
+        list.known = list.issuers.keys().cloned().collect();
         let Some(current) = current else {
             list.floors = list.numbers();
             return Ok(list);
         };
+        list.known.extend(current.known.iter().cloned());
         for (issuer, (issuer_name, _)) in &current.issuers {
             if !list.issuers.contains_key(issuer) && is_client_ca(client_cas, issuer) {
                 return Err(CrlError::Dropped {
@@ -222,7 +233,7 @@ impl RevocationList {
             kept.push(der.clone());
         }
         if kept.is_empty() {
-            return Err(CrlError::Empty {
+            return Err(CrlError::OnlyWithdrawn {
                 path: name.to_owned(),
             });
         }
@@ -465,10 +476,22 @@ mod tests {
             load(&same, &[&b]).unwrap_err(),
             CrlError::UnknownIssuer { .. }
         ));
+        // And on every reload after that one.
+        let again = load_over(&same, &[&b], Some(&without_a)).unwrap();
+        assert!(!again.covers(&name(&a)) && again.covers(&name(&b)));
+        // Only withdrawn CAs' CRLs: refused (no revocation checks at all
+        // otherwise), saying so.
+        let err = load_over(&crl(&a, 5, &[]), &[&b], Some(&again)).unwrap_err();
+        assert!(matches!(err, CrlError::OnlyWithdrawn { .. }), "{err}");
+        // A CRL that fails its signature check while its CA is still
+        // trusted is refused as such, not left out.
+        let forged = crl(&ca("CA A"), 6, &[]) + &crl(&b, 7, &[]);
+        let err = load_over(&forged, &[&a, &b], Some(&now)).unwrap_err();
+        assert!(matches!(err, CrlError::UnknownIssuer { .. }), "{err}");
         // Trusted again later, A may not come back with an older CRL:
         // its number 5 is remembered across the reload that left it out.
         let replayed = crl(&a, 2, &[]) + &crl(&b, 7, &[]);
-        let err = load_over(&replayed, &[&a, &b], Some(&without_a)).unwrap_err();
+        let err = load_over(&replayed, &[&a, &b], Some(&again)).unwrap_err();
         assert!(
             matches!(
                 err,

@@ -1114,21 +1114,21 @@ pub async fn run<S>(
                         let _ = to_device.send(ours(reply.clone(), before + after)).await;
                     }
                 }
+                for Refusal { reason, detail, .. } in refused {
+                    refuse(reason, detail, Some(&client_id));
+                }
+                if let Some(Stop::Refused(Refusal { reason, detail, .. })) = &stop {
+                    refuse(*reason, detail.clone(), Some(&client_id));
+                }
                 if !forward.is_empty() {
                     metrics.relayed(Direction::In, publishes, forward.len() as u64);
                     if up_wr.write_all(&forward).await.is_err() {
                         break;
                     }
                 }
-                for Refusal { reason, detail, .. } in refused {
-                    refuse(reason, detail, Some(&client_id));
-                }
                 match stop {
                     None => {}
-                    Some(Stop::Refused(Refusal { reason, detail, .. })) => {
-                        refuse(reason, detail, Some(&client_id));
-                        break;
-                    }
+                    Some(Stop::Refused(_)) => break,
                     Some(Stop::Frame(FrameError::Closed)) => break,
                     Some(Stop::Frame(FrameError::TooLarge(n))) => {
                         if version == Version::V5 {
