@@ -15,7 +15,9 @@
 //!   server name is an address; the CN is never used);
 //! - every issuer, intermediates and the anchor, has basicConstraints
 //!   cA=TRUE, its subject equals the issuer name of the certificate below
-//!   it, and its key verifies that certificate's signature;
+//!   it, its key verifies that certificate's signature, and no more CA
+//!   certificates stand below it than its pathLenConstraint allows (the
+//!   server CA's 0 means the gateway's certificate comes straight from it);
 //! - the chain ends at the single server CA from the bundle (a copy of the
 //!   anchor sent by the server is accepted and ignored);
 //! - with a clock, every certificate in the chain, the anchor included, is
@@ -75,6 +77,8 @@ pub enum Refusal {
     BadChainShape,
     /// A certificate could not be read or uses something unsupported.
     Unreadable { depth: u8, error: X509Error },
+    /// A certificate's key is not a P-256 key (the device speaks nothing else).
+    KeyNotP256 { depth: u8 },
     /// The server's certificate lacks extendedKeyUsage serverAuth.
     NotServerAuth,
     /// The server's certificate is itself a CA certificate.
@@ -85,6 +89,10 @@ pub enum Refusal {
     IssuerNotCa { depth: u8 },
     /// An issuer's subject is not the issuer name of the certificate below it.
     IssuerNameMismatch { depth: u8 },
+    /// More CA certificates stand below this issuer than its
+    /// pathLenConstraint allows (e.g. a sub-CA under a server CA with
+    /// pathLen 0).
+    PathLenExceeded { depth: u8 },
     /// The signature on a certificate does not verify with its issuer's key.
     BadSignature { depth: u8 },
     /// The chain does not end at the server CA from the bundle: the server
@@ -105,11 +113,16 @@ impl core::fmt::Display for Refusal {
             Refusal::Unreadable { depth, error } => {
                 return write!(f, "certificate {depth} unreadable: {}", error.as_str());
             }
+            Refusal::KeyNotP256 { depth } => ("not a P-256 key", Some(depth)),
             Refusal::NotServerAuth => ("the server certificate lacks serverAuth", None),
             Refusal::LeafIsCa => ("the server certificate is a CA certificate", None),
             Refusal::WrongName => ("the server certificate does not name the gateway", None),
             Refusal::IssuerNotCa { depth } => ("an issuer is not a CA", Some(depth)),
             Refusal::IssuerNameMismatch { depth } => ("issuer name mismatch", Some(depth)),
+            Refusal::PathLenExceeded { depth } => (
+                "chain longer than the issuer's path length constraint allows",
+                Some(depth),
+            ),
             Refusal::BadSignature { depth } => ("bad signature", Some(depth)),
             Refusal::NotOurCa => ("not issued by the server CA in the bundle", None),
             Refusal::Expired { depth } => ("expired", Some(depth)),
@@ -180,16 +193,10 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
             return Err(Refusal::BadChainShape);
         }
         let now = self.clock.now();
-        let anchor = x509::parse(self.server_ca).map_err(|error| Refusal::Unreadable {
-            depth: n as u8,
-            error,
-        })?;
+        let anchor = x509::parse(self.server_ca).map_err(|e| unreadable(n, e))?;
         let mut certs: heapless::Vec<Cert<'_>, MAX_CHAIN> = heapless::Vec::new();
         for (depth, der) in chain[..n].iter().enumerate() {
-            let cert = x509::parse(der).map_err(|error| Refusal::Unreadable {
-                depth: depth as u8,
-                error,
-            })?;
+            let cert = x509::parse(der).map_err(|e| unreadable(depth, e))?;
             // Cannot fail: n <= MAX_CHAIN.
             let _ = certs.push(cert);
         }
@@ -229,6 +236,13 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
             if cert.is_ca != Some(true) {
                 return Err(Refusal::IssuerNotCa { depth: depth as u8 });
             }
+            // Below `cert`: depth - 1 CA certificates, then the leaf.
+            if cert
+                .path_len
+                .is_some_and(|max| usize::from(max) < depth - 1)
+            {
+                return Err(Refusal::PathLenExceeded { depth: depth as u8 });
+            }
             let at_anchor = depth == n;
             if cert.subject != issued.issuer {
                 return Err(if at_anchor {
@@ -237,12 +251,8 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
                     Refusal::IssuerNameMismatch { depth: below }
                 });
             }
-            let key = VerifyingKey::from_sec1_bytes(cert.public_key).map_err(|_| {
-                Refusal::Unreadable {
-                    depth: depth as u8,
-                    error: X509Error::UnsupportedKey,
-                }
-            })?;
+            let key = VerifyingKey::from_sec1_bytes(cert.public_key)
+                .map_err(|_| Refusal::KeyNotP256 { depth: depth as u8 })?;
             let signature = x509::ecdsa_signature(issued.signature)
                 .ok_or(Refusal::BadSignature { depth: below })?;
             if key.verify(issued.tbs, &signature).is_err() {
@@ -253,10 +263,17 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
                 });
             }
         }
-        VerifyingKey::from_sec1_bytes(leaf.public_key).map_err(|_| Refusal::Unreadable {
-            depth: 0,
-            error: X509Error::UnsupportedKey,
-        })
+        VerifyingKey::from_sec1_bytes(leaf.public_key).map_err(|_| Refusal::KeyNotP256 { depth: 0 })
+    }
+}
+
+/// Why the certificate at `depth` could not be used; a key of another
+/// kind gets its own refusal, as it is a choice of the PKI, not damage.
+fn unreadable(depth: usize, error: X509Error) -> Refusal {
+    let depth = depth as u8;
+    match error {
+        X509Error::UnsupportedKey => Refusal::KeyNotP256 { depth },
+        error => Refusal::Unreadable { depth, error },
     }
 }
 

@@ -89,6 +89,9 @@ pub struct Cert<'a> {
     pub public_key: &'a [u8],
     /// basicConstraints cA; `None` when the extension is absent.
     pub is_ca: Option<bool>,
+    /// basicConstraints pathLenConstraint: how many CA certificates may
+    /// follow this one below it (255 stands for anything larger).
+    pub path_len: Option<u8>,
     /// extendedKeyUsage lists id-kp-serverAuth.
     pub server_auth: bool,
     /// The subjectAltName GeneralNames (the SEQUENCE's contents), if any.
@@ -310,6 +313,7 @@ pub fn parse(der: &[u8]) -> Result<Cert<'_>, X509Error> {
         not_after,
         public_key,
         is_ca: None,
+        path_len: None,
         server_auth: false,
         san: None,
     };
@@ -342,6 +346,10 @@ fn extension<'a>(r: &mut Der<'a>, cert: &mut Cert<'a>) -> Result<(), X509Error> 
             let mut bc = v.sequence()?;
             let ca = bc.peek_tag() == Some(BOOLEAN) && bc.boolean()?;
             cert.is_ca = Some(ca);
+            if !bc.is_empty() {
+                cert.path_len = Some(small_uint(bc.expect(INTEGER)?)?);
+            }
+            bc.finish()?;
         }
         EXT_KEY_USAGE => {
             let mut purposes = v.sequence()?;
@@ -360,6 +368,17 @@ fn extension<'a>(r: &mut Der<'a>, cert: &mut Cert<'a>) -> Result<(), X509Error> 
     }
     // Nothing may follow the value of an extension read here.
     v.finish()
+}
+
+/// A non-negative, minimally encoded INTEGER, saturated at 255.
+fn small_uint(int: &[u8]) -> Result<u8, X509Error> {
+    match int {
+        [] => Err(X509Error::Malformed),
+        [first, ..] if first & 0x80 != 0 => Err(X509Error::Malformed), // negative
+        [0, second, ..] if second & 0x80 == 0 => Err(X509Error::Malformed), // not minimal
+        [n] | [0, n] => Ok(*n),
+        _ => Ok(u8::MAX),
+    }
 }
 
 /// Whether any subjectAltName entry in `san` (from [`Cert::san`])
@@ -490,6 +509,7 @@ mod tests {
             not_after: 0,
             public_key: &[],
             is_ca: None,
+            path_len: None,
             server_auth: false,
             san: None,
         };

@@ -23,12 +23,21 @@ struct Ca {
 
 impl Ca {
     fn new(name: &str) -> Ca {
+        Ca::issued(name, BasicConstraints::Unconstrained, None)
+    }
+
+    /// A CA with `constraints`, self-signed or issued by `parent`.
+    fn issued(name: &str, constraints: BasicConstraints, parent: Option<&Ca>) -> Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.is_ca = IsCa::Ca(constraints);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let der = params.clone().self_signed(&key).unwrap().der().to_vec();
+        let cert = match parent {
+            Some(parent) => params.clone().signed_by(&key, &parent.issuer()),
+            None => params.clone().self_signed(&key),
+        };
+        let der = cert.unwrap().der().to_vec();
         Ca { key, params, der }
     }
 
@@ -276,9 +285,74 @@ async fn a_server_certificate_without_server_auth_is_refused() {
     let client_only = scene.server(|p| {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     });
-    let out = scene.offer(&client_only, &[], NAME, NoClock).await;
-    assert_eq!(out.refusal, Some(Refusal::NotServerAuth), "{out:?}");
-    assert!(out.open.is_err() && !out.verified);
+    let no_eku = scene.server(|p| p.extended_key_usages = vec![]);
+    for server in [&client_only, &no_eku] {
+        let out = scene.offer(server, &[], NAME, NoClock).await;
+        assert_eq!(out.refusal, Some(Refusal::NotServerAuth), "{out:?}");
+        assert!(out.open.is_err() && !out.verified);
+    }
+}
+
+#[tokio::test]
+async fn a_server_under_a_sub_ca_of_a_path_len_0_server_ca_is_refused() {
+    // The server CA may sign gateways only (pathLen 0); a sub-CA it
+    // signed anyway, or whose key leaked from a mis-issuance, must not
+    // be able to mint gateways.
+    for (server_ca_constraints, accepted) in [
+        (BasicConstraints::Constrained(0), false),
+        (BasicConstraints::Constrained(1), true),
+        (BasicConstraints::Unconstrained, true),
+    ] {
+        let server_ca = Ca::issued("Server CA", server_ca_constraints, None);
+        let sub = Ca::issued("Sub CA", BasicConstraints::Unconstrained, Some(&server_ca));
+        let scene = Scene {
+            device: device(),
+            anchor: server_ca.der.clone(),
+            server_ca,
+        };
+        let gw = leaf("gateway", &sub.issuer(), |_| {});
+        let out = scene.offer(&gw, &[&sub.der], NAME, Clocked(now())).await;
+        if accepted {
+            assert!(out.open.is_ok() && out.verified, "{out:?}");
+        } else {
+            assert_eq!(
+                out.refusal,
+                Some(Refusal::PathLenExceeded { depth: 2 }),
+                "{out:?}"
+            );
+            assert!(out.open.is_err() && !out.verified);
+        }
+    }
+    // A sub-CA's own pathLen 0 forbids another sub-CA below it.
+    let server_ca = Ca::new("Server CA");
+    let sub = Ca::issued("Sub CA", BasicConstraints::Constrained(0), Some(&server_ca));
+    let sub2 = Ca::issued("Sub CA 2", BasicConstraints::Unconstrained, Some(&sub));
+    let gw = leaf("gateway", &sub2.issuer(), |_| {});
+    let mut verifier = StrictVerifier::new(&server_ca.der, NAME, NoClock);
+    assert_eq!(
+        verifier.check_chain(&[&gw.der, &sub2.der, &sub.der]).err(),
+        Some(Refusal::PathLenExceeded { depth: 2 })
+    );
+}
+
+#[test]
+fn a_server_key_other_than_p256_is_refused_as_such() {
+    let server_ca = Ca::new("Server CA");
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "gateway");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.subject_alt_names = vec![SanType::DnsName(NAME.try_into().unwrap())];
+    let p384 = params.signed_by(&key, &server_ca.issuer()).unwrap();
+    let mut verifier = StrictVerifier::new(&server_ca.der, NAME, NoClock);
+    let refusal = verifier.check_chain(&[p384.der()]).err();
+    assert_eq!(refusal, Some(Refusal::KeyNotP256 { depth: 0 }));
+    assert_eq!(
+        refusal.unwrap().to_string(),
+        "not a P-256 key (certificate 0; 0 is the server's)"
+    );
 }
 
 #[tokio::test]
