@@ -157,7 +157,7 @@ impl<S: Store> Pki<S> {
                 &name,
                 Some(identity.to_string()),
                 now,
-                |serial| profile::client(&identity, serial, validity),
+                |serial| profile::client(&identity, serial, validity, &public),
                 &public,
             )?;
             let chain_pem = chain_pem(&record.der, &ca.cert_pem);
@@ -223,7 +223,7 @@ impl<S: Store> Pki<S> {
             &name,
             None,
             now,
-            |serial| profile::gateway(dns_names, ips, crl_url, serial, validity),
+            |serial| profile::gateway(dns_names, ips, crl_url, serial, validity, &key),
             &key,
         )?;
         tx.commit()?;

@@ -13,13 +13,17 @@
 //! The EKU on each intermediate confines everything below it to one
 //! purpose, for verifiers that honour it; devices additionally trust only
 //! the server CA.
+//!
+//! Every certificate is DER, as X.509 requires: strict parsers (Python's
+//! `cryptography`, RustCrypto's `x509-cert`) refuse anything else.
 
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, PublicKeyData, SanType,
 };
+use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 use twofold_protocol::Identity;
 
@@ -90,6 +94,39 @@ fn base(cn: &str, serial: &Serial, validity: Validity) -> CertificateParams {
     params
 }
 
+/// id-ce-basicConstraints (RFC 5280 4.2.1.9).
+const BASIC_CONSTRAINTS: &[u64] = &[2, 5, 29, 19];
+/// id-ce-subjectKeyIdentifier (RFC 5280 4.2.1.2).
+const SUBJECT_KEY_IDENTIFIER: &[u64] = &[2, 5, 29, 14];
+
+/// Marks a leaf as not a CA, and names its key.
+///
+/// basicConstraints is `SEQUENCE { cA BOOLEAN DEFAULT FALSE, ... }`, and
+/// DER leaves a DEFAULT value out, so "not a CA" is the empty SEQUENCE
+/// `30 00`. rcgen's `IsCa::ExplicitNoCa` writes `cA FALSE` out
+/// (`30 03 01 01 00`), which is BER but not DER: strict parsers refuse the
+/// whole certificate's extensions. `IsCa::NoCa` would omit the extension,
+/// which RFC 5280 allows for a leaf; we keep it, critical as before, so
+/// the certificates change only in encoding: every verifier (OpenSSL,
+/// webpki, agent-nostd's, which reads the flag) sees the same explicit
+/// "not a CA" it saw. rcgen writes the subject key identifier only along
+/// with its own basicConstraints, so both extensions are written here,
+/// the key identifier derived as rcgen derives it for CAs (the first 20
+/// bytes of the SHA-256 of the SubjectPublicKeyInfo).
+fn not_a_ca(p: &mut CertificateParams, public_key: &impl PublicKeyData) {
+    p.is_ca = IsCa::NoCa;
+    let spki = public_key.subject_public_key_info();
+    let mut key_id = vec![0x04, 20];
+    key_id.extend_from_slice(&Sha256::digest(&spki)[..20]);
+    p.custom_extensions.push(CustomExtension::from_oid_content(
+        SUBJECT_KEY_IDENTIFIER,
+        key_id,
+    ));
+    let mut basic = CustomExtension::from_oid_content(BASIC_CONSTRAINTS, vec![0x30, 0x00]);
+    basic.set_criticality(true);
+    p.custom_extensions.push(basic);
+}
+
 /// A CA's common name. It carries the start of the CA's serial so that two
 /// PKIs for one trust domain (a rotation, a second site) never share a CA
 /// name: verifiers find a CRL's and a certificate's issuer by name, and a
@@ -143,28 +180,32 @@ pub fn intermediate_ca(
     p
 }
 
-/// A device or service client certificate: CN is the name, the SAN URI is
-/// the identity, and it is good for TLS client authentication only.
+/// A device or service client certificate for `public_key`: CN is the
+/// name, the SAN URI is the identity, and it is good for TLS client
+/// authentication only.
 pub fn client(
     identity: &Identity,
     serial: &Serial,
     validity: Validity,
+    public_key: &impl PublicKeyData,
 ) -> Result<CertificateParams> {
     let mut p = base(identity.principal.name(), serial, validity);
-    p.is_ca = IsCa::ExplicitNoCa;
+    not_a_ca(&mut p, public_key);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
     Ok(p)
 }
 
-/// A gateway server certificate for `dns_names` and `ips`.
+/// A gateway server certificate for `dns_names` and `ips`, for
+/// `public_key`.
 pub fn gateway(
     dns_names: &[String],
     ips: &[IpAddr],
     crl_url: Option<&str>,
     serial: &Serial,
     validity: Validity,
+    public_key: &impl PublicKeyData,
 ) -> Result<CertificateParams> {
     let cn = dns_names
         .first()
@@ -175,7 +216,7 @@ pub fn gateway(
             reason: "give at least one name or --ip",
         })?;
     let mut p = base(&cn, serial, validity);
-    p.is_ca = IsCa::ExplicitNoCa;
+    not_a_ca(&mut p, public_key);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     for name in dns_names {
