@@ -44,7 +44,7 @@ use twofold_protocol::{Bundle, Channel, Topic};
 use crate::link::Link;
 use crate::mqtt::{self, Inbound, MqttError, Outbound};
 use crate::provider::{DeviceKey, DeviceProvider};
-use crate::verify::{Clock, Refusal, StrictVerifier};
+use crate::verify::{Clock, Refusal, StrictVerifier, is_ip_address};
 
 /// The smallest TLS 1.3 record: header, one byte, content type, tag.
 pub const MIN_RECORD: u64 = 5 + 1 + 1 + 16;
@@ -595,7 +595,14 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         C: Clock,
     {
         let b = self.bundle;
-        let config = TlsConfig::new().with_server_name(b.server_name);
+        // RFC 6066 allows host names only in SNI (a strict server aborts
+        // on an address with illegal_parameter); the verifier checks the
+        // name, DNS or IP address, either way.
+        let config = if is_ip_address(b.server_name) {
+            TlsConfig::new()
+        } else {
+            TlsConfig::new().with_server_name(b.server_name)
+        };
         let verifier = StrictVerifier::new(b.server_ca, b.server_name, clock);
         let mut provider = DeviceProvider::new(rng, key, b.leaf(), verifier);
         let mut tls: TlsConnection<'_, &Link<L>, Aes128GcmSha256> =

@@ -291,6 +291,11 @@ pub fn names_server(san: &[u8], server: &str) -> Result<bool, X509Error> {
     })
 }
 
+/// Whether `name` is an IPv4 or IPv6 address rather than a host name.
+pub fn is_ip_address(name: &str) -> bool {
+    parse_ip(name, &mut [0; 16]).is_some()
+}
+
 /// `text` as an IPv4 address (four decimal parts, no leading zeros) or an
 /// IPv6 address (hex groups, at most one `::`; no embedded IPv4 part).
 ///
