@@ -10,6 +10,8 @@
 //!   `read` cannot be cancelled safely: a record header half read is lost.
 //! - byte counters, from which the session bounds the number of TLS
 //!   records per connection (see [`crate::session`] on KeyUpdate).
+//! - the handshake [`Gate`], which keeps the device's second flight in
+//!   until the server has proven itself.
 //!
 //! A `&Link` is what embedded-tls gets as its socket, so the session keeps
 //! its own `&Link` to wait on while the TLS connection holds another.
@@ -20,14 +22,82 @@
 
 use core::cell::{Cell, RefCell};
 
+use embedded_io::{Error as _, ErrorKind};
 use embedded_io_async::{ErrorType, Read, Write};
 
-/// A link with a one-byte lookahead and byte counters.
+/// A link with a one-byte lookahead, byte counters and a handshake gate.
 pub struct Link<T> {
     io: RefCell<T>,
     peeked: Cell<Option<u8>>,
     received: Cell<u64>,
     sent: Cell<u64>,
+    gate: Gate,
+}
+
+/// The handshake gate.
+///
+/// embedded-tls 0.19 sends the device's second flight (Certificate,
+/// CertificateVerify, Finished) as soon as the server's Finished checks
+/// out, whether or not the server sent a Certificate and a
+/// CertificateVerify: its handshake never insists on them, the verifier
+/// is only called when they come, and nothing the provider is asked
+/// afterwards can end the handshake (`client_cert()` can only decline,
+/// which sends an empty Certificate and a Finished). So the link does it:
+/// once [armed](Gate::arm), it lets the ClientHello out, and from the
+/// server's first byte on it writes nothing until the verifier
+/// [opens](Gate::open) the gate (chain and CertificateVerify verified).
+/// A write held back fails with `PermissionDenied`, which ends the
+/// handshake before anything of the device's identity is sent or signed.
+#[derive(Default)]
+pub struct Gate(Cell<Phase>);
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum Phase {
+    /// Not armed: everything passes (a link used without the gate).
+    #[default]
+    Unguarded,
+    /// Armed, nothing received yet: the ClientHello may go.
+    Hello,
+    /// The server has spoken and not proven itself.
+    Held,
+    /// As `Held`, and a write has been held back.
+    HeldBack,
+    /// The server has proven itself.
+    Open,
+}
+
+impl Gate {
+    /// Guards the handshake about to start.
+    pub fn arm(&self) {
+        self.0.set(Phase::Hello);
+    }
+
+    /// The server has proven itself: the device may answer.
+    pub fn open(&self) {
+        self.0.set(Phase::Open);
+    }
+
+    /// Whether a write was held back because the server had not proven
+    /// itself.
+    pub fn held_back(&self) -> bool {
+        self.0.get() == Phase::HeldBack
+    }
+
+    fn received(&self) {
+        if self.0.get() == Phase::Hello {
+            self.0.set(Phase::Held);
+        }
+    }
+
+    fn may_write(&self) -> bool {
+        match self.0.get() {
+            Phase::Unguarded | Phase::Hello | Phase::Open => true,
+            Phase::Held | Phase::HeldBack => {
+                self.0.set(Phase::HeldBack);
+                false
+            }
+        }
+    }
 }
 
 impl<T: Read + Write> Link<T> {
@@ -37,7 +107,13 @@ impl<T: Read + Write> Link<T> {
             peeked: Cell::new(None),
             received: Cell::new(0),
             sent: Cell::new(0),
+            gate: Gate::default(),
         }
+    }
+
+    /// The handshake gate of this link.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// Waits until at least one byte has arrived. Cancel-safe as long as
@@ -52,6 +128,7 @@ impl<T: Read + Write> Link<T> {
         if n == 1 {
             self.received.set(self.received.get() + 1);
             self.peeked.set(Some(byte[0]));
+            self.gate.received();
         }
         // n == 0 is end of stream: the next TLS read sees it too.
         Ok(())
@@ -74,7 +151,7 @@ impl<T: Read + Write> Link<T> {
 }
 
 impl<T: ErrorType> ErrorType for &Link<T> {
-    type Error = T::Error;
+    type Error = ErrorKind;
 }
 
 impl<T: Read + Write> Read for &Link<T> {
@@ -86,20 +163,31 @@ impl<T: Read + Write> Read for &Link<T> {
             buf[0] = b;
             return Ok(1);
         }
-        let n = self.io.borrow_mut().read(buf).await?;
+        let n = self.io.borrow_mut().read(buf).await.map_err(|e| e.kind())?;
         self.received.set(self.received.get() + n as u64);
+        if n > 0 {
+            self.gate.received();
+        }
         Ok(n)
     }
 }
 
 impl<T: Read + Write> Write for &Link<T> {
     async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
-        let n = self.io.borrow_mut().write(buf).await?;
+        if !self.gate.may_write() {
+            return Err(ErrorKind::PermissionDenied);
+        }
+        let n = self
+            .io
+            .borrow_mut()
+            .write(buf)
+            .await
+            .map_err(|e| e.kind())?;
         self.sent.set(self.sent.get() + n as u64);
         Ok(n)
     }
 
     async fn flush(&mut self) -> Result<(), Self::Error> {
-        self.io.borrow_mut().flush().await
+        self.io.borrow_mut().flush().await.map_err(|e| e.kind())
     }
 }

@@ -95,13 +95,23 @@ where
         Ok(&mut self.verifier)
     }
 
+    // embedded-tls asks for the certificate and the signature whenever
+    // the server's Finished checks out, proven or not (see link::Gate,
+    // which keeps the answer in); neither is given to a server that has
+    // not proven itself.
+
     fn signer(
         &mut self,
     ) -> Result<(impl signature::SignerMut<Self::Signature>, SignatureScheme), TlsError> {
+        if !self.verifier.verified() {
+            return Err(TlsError::InvalidCertificate);
+        }
         Ok((Lend(&mut self.key), SignatureScheme::EcdsaSecp256r1Sha256))
     }
 
     fn client_cert(&mut self) -> Option<Certificate<impl AsRef<[u8]>>> {
-        Some(Certificate::X509(self.leaf))
+        self.verifier
+            .verified()
+            .then_some(Certificate::X509(self.leaf))
     }
 }

@@ -603,7 +603,8 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         } else {
             TlsConfig::new().with_server_name(b.server_name)
         };
-        let verifier = StrictVerifier::new(b.server_ca, b.server_name, clock);
+        link.gate().arm();
+        let verifier = StrictVerifier::new(b.server_ca, b.server_name, clock).opening(link.gate());
         let mut provider = DeviceProvider::new(rng, key, b.leaf(), verifier);
         let mut tls: TlsConnection<'_, &Link<L>, Aes128GcmSha256> =
             TlsConnection::new(link, bufs.tls_rx, bufs.tls_tx);
@@ -617,7 +618,15 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             Either::First(r) => r,
             Either::Second(()) => return Err(Error::Timeout(Waiting::Handshake)),
         };
-        if let Some(why) = provider.verifier().refusal() {
+        let verifier = provider.verifier();
+        // Refused by a check, or it finished without proving itself (the
+        // gate held our answer back; or, were the gate not there, the
+        // handshake went through without a Certificate or CertificateVerify).
+        let unproven = link.gate().held_back() || (opened.is_ok() && !verifier.verified());
+        if let Some(why) = verifier
+            .refusal()
+            .or_else(|| unproven.then(|| verifier.unproven()))
+        {
             return Err(Error::ServerRefused(why));
         }
         match opened {
@@ -633,11 +642,6 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                 | TlsError::InternalError,
             ) if provider.verifier().verified() => return Err(Error::CertificateRefused),
             Err(e) => return Err(tls_error(e)),
-        }
-        // embedded-tls does not insist on a Certificate and CertificateVerify
-        // before Finished; the verifier does.
-        if !provider.verifier().verified() {
-            return Err(Error::ServerRefused(Refusal::BadChainShape));
         }
         self.app.event(Event::TlsUp);
 

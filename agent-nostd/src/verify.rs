@@ -41,6 +41,7 @@ use p256::ecdsa::VerifyingKey;
 use p256::ecdsa::signature::Verifier;
 use sha2::Digest;
 
+use crate::link::Gate;
 use crate::x509::{self, AltName, Cert, X509Error};
 
 /// At most this many certificates from the server.
@@ -75,6 +76,12 @@ impl Clock for NoClock {
 pub enum Refusal {
     /// The server sent no certificate, a raw public key, or more than [`MAX_CHAIN`].
     BadChainShape,
+    /// The server finished its part of the handshake without a
+    /// Certificate (or sent CertificateVerify without one).
+    NoCertificate,
+    /// The server finished its part of the handshake without a
+    /// CertificateVerify: it did not prove it holds its certificate's key.
+    NoCertificateVerify,
     /// A certificate could not be read or uses something unsupported.
     Unreadable { depth: u8, error: X509Error },
     /// A certificate's key is not a P-256 key (the device speaks nothing else).
@@ -110,6 +117,11 @@ impl core::fmt::Display for Refusal {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let (what, depth) = match *self {
             Refusal::BadChainShape => ("no usable certificate chain", None),
+            Refusal::NoCertificate => ("the server sent no certificate", None),
+            Refusal::NoCertificateVerify => (
+                "the server did not prove it holds its key (no CertificateVerify)",
+                None,
+            ),
             Refusal::Unreadable { depth, error } => {
                 return write!(f, "certificate {depth} unreadable: {}", error.as_str());
             }
@@ -148,6 +160,8 @@ pub struct StrictVerifier<'a, C: Clock> {
     transcript: heapless::Vec<u8, 48>,
     refusal: Option<Refusal>,
     verified: bool,
+    /// Opened once the server has proven itself.
+    gate: Option<&'a Gate>,
 }
 
 impl<'a, C: Clock> StrictVerifier<'a, C> {
@@ -162,7 +176,15 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
             transcript: heapless::Vec::new(),
             refusal: None,
             verified: false,
+            gate: None,
         }
+    }
+
+    /// Opens `gate` (the link's) once the chain and the CertificateVerify
+    /// signature have both been verified, and not before.
+    pub fn opening(mut self, gate: &'a Gate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Why the last handshake's server was refused, if it was.
@@ -174,6 +196,17 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
     /// passed. A connection must not be used unless this holds.
     pub fn verified(&self) -> bool {
         self.verified
+    }
+
+    /// What the server has left out, when it has not proven itself and no
+    /// check refused it: its certificate, or the CertificateVerify for the
+    /// certificate it sent.
+    pub fn unproven(&self) -> Refusal {
+        if self.leaf_key.is_some() {
+            Refusal::NoCertificateVerify
+        } else {
+            Refusal::NoCertificate
+        }
     }
 
     fn refuse(&mut self, why: Refusal) -> TlsError {
@@ -411,7 +444,7 @@ impl<CS: TlsCipherSuite, C: Clock> TlsVerifier<CS> for StrictVerifier<'_, C> {
 
     fn verify_signature(&mut self, verify: CertificateVerifyRef<'_>) -> Result<(), TlsError> {
         let Some(key) = self.leaf_key.take() else {
-            return Err(self.refuse(Refusal::BadChainShape));
+            return Err(self.refuse(Refusal::NoCertificate));
         };
         if verify.signature_scheme != SignatureScheme::EcdsaSecp256r1Sha256 {
             return Err(self.refuse(Refusal::BadHandshakeSignature));
@@ -430,6 +463,9 @@ impl<CS: TlsCipherSuite, C: Clock> TlsVerifier<CS> for StrictVerifier<'_, C> {
             return Err(self.refuse(Refusal::BadHandshakeSignature));
         }
         self.verified = true;
+        if let Some(gate) = self.gate {
+            gate.open();
+        }
         Ok(())
     }
 }

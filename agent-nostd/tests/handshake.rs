@@ -29,7 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use twofold_agent_nostd::basic::{BasicApp, Limits};
 use twofold_agent_nostd::{
-    Agent, Buffers, Clock, Connect, Error, NoClock, Refusal, Settings, Timer,
+    Agent, Buffers, Clock, Connect, DeviceProvider, Error, NoClock, Refusal, Settings,
+    StrictVerifier, Timer,
 };
 use twofold_protocol::{Bundle, DeviceId};
 
@@ -116,6 +117,10 @@ impl Pki {
 enum Proof {
     /// Certificate and a good CertificateVerify.
     Full,
+    /// Certificate, then a CertificateVerify made with another key.
+    WrongKey,
+    /// Certificate, no CertificateVerify.
+    NoCertificateVerify,
     /// Neither Certificate nor CertificateVerify.
     Nothing,
 }
@@ -152,6 +157,18 @@ enum Sent {
 struct Seen {
     sni: Option<String>,
     sent: Vec<Sent>,
+}
+
+impl Seen {
+    /// Whether the device sent anything that identifies it or proves its key.
+    fn device_spoke(&self) -> bool {
+        self.sent.iter().any(|s| {
+            matches!(
+                s,
+                Sent::Handshake(11 | 15 | 20) | Sent::Opaque | Sent::Plaintext { .. }
+            )
+        })
+    }
 }
 
 fn u16be(n: usize) -> [u8; 2] {
@@ -372,11 +389,15 @@ async fn serve(listener: TcpListener, flight: Flight) -> Seen {
         body.extend(list);
         add(handshake(11, &body), &mut transcript);
     }
-    if flight.proof == Proof::Full {
+    if matches!(flight.proof, Proof::Full | Proof::WrongKey) {
         let mut content = vec![b' '; 64];
         content.extend(b"TLS 1.3, server CertificateVerify\0");
         content.extend(transcript.clone().finalize());
-        let signature: p256::ecdsa::Signature = flight.key.sign(&content);
+        let key = match flight.proof {
+            Proof::Full => flight.key.clone(),
+            _ => SigningKey::random(&mut rand_core::OsRng),
+        };
+        let signature: p256::ecdsa::Signature = key.sign(&content);
         let der = signature.to_der();
         let mut body = vec![4, 3];
         body.extend(u16be(der.as_bytes().len()));
@@ -583,4 +604,53 @@ async fn no_sni_is_sent_for_an_ip_address_and_its_san_still_verifies() {
         matches!(error, Error::ServerRefused(Refusal::WrongName)),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_server_that_proves_nothing_learns_nothing_from_the_device() {
+    // The device's certificate names it, and its CertificateVerify is a
+    // signature on the attacker's transcript: neither may go to a server
+    // that has not shown a verified chain and a CertificateVerify made
+    // with that chain's key. Nor may its Finished.
+    let pki = Pki::new();
+    for (proof, request_certificate, refusal) in [
+        (
+            Proof::NoCertificateVerify,
+            true,
+            Refusal::NoCertificateVerify,
+        ),
+        (Proof::Nothing, true, Refusal::NoCertificate),
+        (
+            Proof::NoCertificateVerify,
+            false,
+            Refusal::NoCertificateVerify,
+        ),
+        (Proof::Nothing, false, Refusal::NoCertificate),
+        (Proof::WrongKey, true, Refusal::BadHandshakeSignature),
+    ] {
+        let mut f = flight(&pki, proof);
+        f.request_certificate = request_certificate;
+        let (error, seen) = connect(&pki, "gateway.test", Clocked(now()), f).await;
+        let case = format!("{proof:?}, CertificateRequest {request_certificate}");
+        assert!(!seen.device_spoke(), "{case}: {:?}", seen.sent);
+        assert!(
+            matches!(error, Error::ServerRefused(r) if r == refusal),
+            "{case}: {error}"
+        );
+    }
+}
+
+#[test]
+fn the_provider_gives_an_unproven_server_no_certificate_and_no_signature() {
+    use embedded_tls::CryptoProvider;
+    let pki = Pki::new();
+    let verifier = StrictVerifier::new(&pki.server_ca.der, "gateway.test", NoClock);
+    let mut provider = DeviceProvider::new(
+        rand_core::OsRng,
+        pki.device.key.clone(),
+        &pki.device.der,
+        verifier,
+    );
+    assert!(provider.client_cert().is_none());
+    assert!(provider.signer().is_err());
 }
