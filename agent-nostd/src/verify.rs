@@ -269,13 +269,6 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
             if cert.is_ca != Some(true) {
                 return Err(Refusal::IssuerNotCa { depth: depth as u8 });
             }
-            // Below `cert`: depth - 1 CA certificates, then the leaf.
-            if cert
-                .path_len
-                .is_some_and(|max| usize::from(max) < depth - 1)
-            {
-                return Err(Refusal::PathLenExceeded { depth: depth as u8 });
-            }
             let at_anchor = depth == n;
             if cert.subject != issued.issuer {
                 return Err(if at_anchor {
@@ -294,6 +287,14 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
                 } else {
                     Refusal::BadSignature { depth: below }
                 });
+            }
+            // Below `cert`, now known to be the issuer: depth - 1 CA
+            // certificates, then the leaf.
+            if cert
+                .path_len
+                .is_some_and(|max| usize::from(max) < depth - 1)
+            {
+                return Err(Refusal::PathLenExceeded { depth: depth as u8 });
             }
         }
         VerifyingKey::from_sec1_bytes(leaf.public_key).map_err(|_| Refusal::KeyNotP256 { depth: 0 })

@@ -323,6 +323,16 @@ async fn a_server_under_a_sub_ca_of_a_path_len_0_server_ca_is_refused() {
             assert!(out.open.is_err() && !out.verified);
         }
     }
+    // An impostor sending its own root of the same name is not ours; its
+    // chain is not long, it is foreign.
+    let server_ca = Ca::issued("Server CA", BasicConstraints::Constrained(0), None);
+    let impostor = Ca::new("Server CA");
+    let forged = leaf("gateway", &impostor.issuer(), |_| {});
+    let mut verifier = StrictVerifier::new(&server_ca.der, NAME, NoClock);
+    assert_eq!(
+        verifier.check_chain(&[&forged.der, &impostor.der]).err(),
+        Some(Refusal::NotOurCa)
+    );
     // A sub-CA's own pathLen 0 forbids another sub-CA below it.
     let server_ca = Ca::new("Server CA");
     let sub = Ca::issued("Sub CA", BasicConstraints::Constrained(0), Some(&server_ca));
