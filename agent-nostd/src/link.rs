@@ -24,6 +24,7 @@ use core::cell::{Cell, RefCell};
 
 use embedded_io::{Error as _, ErrorKind};
 use embedded_io_async::{ErrorType, Read, Write};
+use embedded_tls::alert::AlertDescription;
 
 /// A link with a one-byte lookahead, byte counters and a handshake gate.
 pub struct Link<T> {
@@ -142,6 +143,25 @@ impl<T: Read + Write> Link<T> {
     /// Bytes sent since the link was made.
     pub fn sent(&self) -> u64 {
         self.sent.get()
+    }
+
+    /// Sends a fatal TLS alert as a plaintext record, past the gate: the
+    /// device refusing the server during the handshake, so the gateway can
+    /// record why.
+    ///
+    /// Plaintext because embedded-tls 0.19 offers no way to send an alert
+    /// under the handshake keys (its own handshake alerts go out as
+    /// plaintext records typed ChangeCipherSpec, which servers reject as
+    /// a malformed ChangeCipherSpec). A TLS 1.3 server takes a plaintext
+    /// alert until it has decrypted a record from the client (rustls
+    /// does), and nothing encrypted has left the device by then.
+    pub async fn send_alert(&self, description: AlertDescription) -> Result<(), ErrorKind> {
+        const FATAL: u8 = 2;
+        let record = [21, 3, 3, 0, 2, FATAL, description as u8];
+        let mut io = self.io.borrow_mut();
+        io.write_all(&record).await.map_err(|e| e.kind())?;
+        self.sent.set(self.sent.get() + record.len() as u64);
+        io.flush().await.map_err(|e| e.kind())
     }
 
     /// The link itself, e.g. to close a socket.

@@ -627,6 +627,9 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             .refusal()
             .or_else(|| unproven.then(|| verifier.unproven()))
         {
+            // The gate let nothing encrypted out yet; the gateway can record why
+            // (a failed alert changes nothing: we close either way).
+            let _ = link.send_alert(why.alert()).await;
             return Err(Error::ServerRefused(why));
         }
         match opened {

@@ -31,8 +31,10 @@
 //! Revocation lists are never checked on the device.
 //!
 //! When it refuses, embedded-tls only reports `InvalidCertificate`; the
-//! precise [`Refusal`] is kept here for the device's log.
+//! precise [`Refusal`] is kept here for the device's log, and the session
+//! tells the server with the TLS alert [`Refusal::alert`] names.
 
+use embedded_tls::alert::AlertDescription;
 use embedded_tls::{
     CertificateEntryRef, CertificateRef, CertificateVerifyRef, SignatureScheme, TlsCipherSuite,
     TlsError, TlsVerifier,
@@ -145,6 +147,38 @@ impl core::fmt::Display for Refusal {
         match depth {
             Some(depth) => write!(f, " (certificate {depth}; 0 is the server's)"),
             None => Ok(()),
+        }
+    }
+}
+
+impl Refusal {
+    /// The TLS alert that tells the server why (RFC 8446 6.2; as rustls
+    /// and OpenSSL name these reasons), so the gateway can record it.
+    pub fn alert(self) -> AlertDescription {
+        match self {
+            // Its Finished came where Certificate or CertificateVerify had to.
+            Refusal::NoCertificate | Refusal::NoCertificateVerify => {
+                AlertDescription::UnexpectedMessage
+            }
+            Refusal::Unreadable {
+                error: X509Error::Malformed,
+                ..
+            } => AlertDescription::BadCertificate,
+            Refusal::Unreadable { .. } | Refusal::KeyNotP256 { .. } | Refusal::NotServerAuth => {
+                AlertDescription::UnsupportedCertificate
+            }
+            Refusal::BadChainShape
+            | Refusal::LeafIsCa
+            | Refusal::WrongName
+            | Refusal::PathLenExceeded { .. }
+            | Refusal::BadSignature { .. } => AlertDescription::BadCertificate,
+            Refusal::IssuerNotCa { .. }
+            | Refusal::IssuerNameMismatch { .. }
+            | Refusal::NotOurCa => AlertDescription::UnknownCa,
+            Refusal::Expired { .. } | Refusal::NotYetValid { .. } => {
+                AlertDescription::CertificateExpired
+            }
+            Refusal::BadHandshakeSignature => AlertDescription::DecryptError,
         }
     }
 }

@@ -44,12 +44,23 @@ struct Ca {
 
 impl Ca {
     fn new(name: &str) -> Ca {
+        Ca::issued(name, None)
+    }
+
+    /// A CA (pathLen 0), self-signed or issued by `parent`.
+    fn issued(name: &str, parent: Option<&Ca>) -> Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let der = params.clone().self_signed(&key).unwrap().der().to_vec();
+        let cert = match parent {
+            Some(parent) => params
+                .clone()
+                .signed_by(&key, &Issuer::new(parent.params.clone(), &parent.key)),
+            None => params.clone().self_signed(&key),
+        };
+        let der = cert.unwrap().der().to_vec();
         Ca { key, params, der }
     }
 
@@ -71,14 +82,16 @@ impl Ca {
         edit(&mut params);
         let issuer = Issuer::new(self.params.clone(), &self.key);
         let der = params.signed_by(&key, &issuer).unwrap().der().to_vec();
-        let key = SigningKey::from_pkcs8_der(&key.serialize_der()).unwrap();
-        Leaf { der, key }
+        let pkcs8 = key.serialize_der();
+        let key = SigningKey::from_pkcs8_der(&pkcs8).unwrap();
+        Leaf { der, key, pkcs8 }
     }
 }
 
 struct Leaf {
     der: Vec<u8>,
     key: SigningKey,
+    pkcs8: Vec<u8>,
 }
 
 /// The server CA the device trusts, a gateway certificate from it, and
@@ -500,7 +513,12 @@ async fn connect<C: Clock>(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(serve(listener, flight));
+    let error = run_device(pki, server_name, clock, port).await;
+    (error, server.await.unwrap())
+}
 
+/// The device's one session with the server on `port`, which must fail.
+async fn run_device<C: Clock>(pki: &Pki, server_name: &str, mut clock: C, port: u16) -> Error {
     let mut key = pki.device.key.clone();
     let private_key = key.to_bytes();
     let mut chain = heapless::Vec::new();
@@ -535,7 +553,6 @@ async fn connect<C: Clock>(
         mqtt_rx: &mut mqtt_rx,
         mqtt_tx: &mut mqtt_tx,
     };
-    let mut clock = clock;
     let result = tokio::time::timeout(
         Duration::from_secs(20),
         agent.run(
@@ -548,8 +565,7 @@ async fn connect<C: Clock>(
     )
     .await
     .expect("the device hung");
-    let error = result.expect_err("the session cannot succeed: the server speaks no MQTT");
-    (error, server.await.unwrap())
+    result.expect_err("the session cannot succeed: the server speaks no MQTT")
 }
 
 /// A flight from the gateway certificate of `pki`.
@@ -653,4 +669,102 @@ fn the_provider_gives_an_unproven_server_no_certificate_and_no_signature() {
     );
     assert!(provider.client_cert().is_none());
     assert!(provider.signer().is_err());
+}
+
+/// The alert a refusing device sends: fatal, in plaintext.
+fn alert(description: u8) -> Sent {
+    Sent::Alert {
+        level: 2,
+        description,
+        encrypted: false,
+    }
+}
+
+#[tokio::test]
+async fn a_refused_server_gets_an_alert_naming_the_reason() {
+    let pki = Pki::new();
+    let other_ca = Ca::new("Server CA");
+    let sub_ca = Ca::issued("Sub CA", Some(&pki.server_ca));
+    let with = |gateway: Leaf, extra: &Ca| Flight {
+        chain: vec![gateway.der, extra.der.clone()],
+        key: gateway.key,
+        proof: Proof::Full,
+        request_certificate: true,
+    };
+    let expired = pki.server_ca.leaf("gateway", |p| {
+        p.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+    });
+    let client_only = pki.server_ca.leaf("gateway", |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    });
+    let cases = [
+        ("bad CertificateVerify", flight(&pki, Proof::WrongKey), 51),
+        (
+            "no CertificateVerify",
+            flight(&pki, Proof::NoCertificateVerify),
+            10,
+        ),
+        ("no Certificate", flight(&pki, Proof::Nothing), 10),
+        ("expired", with(expired, &pki.server_ca), 45),
+        (
+            "unknown CA",
+            with(other_ca.leaf("gateway", |_| {}), &other_ca),
+            48,
+        ),
+        ("no serverAuth", with(client_only, &pki.server_ca), 43),
+        (
+            "path length",
+            with(sub_ca.leaf("gateway", |_| {}), &sub_ca),
+            42,
+        ),
+    ];
+    for (case, flight, description) in cases {
+        let (error, seen) = connect(&pki, "gateway.test", Clocked(now()), flight).await;
+        assert!(matches!(error, Error::ServerRefused(_)), "{case}: {error}");
+        assert_eq!(seen.sent, [alert(description)], "{case}: {error}");
+    }
+    let (error, seen) = connect(&pki, "other.test", NoClock, flight(&pki, Proof::Full)).await;
+    assert_eq!(seen.sent, [alert(42)], "wrong name: {error}");
+}
+
+#[tokio::test]
+async fn rustls_reads_the_alert_of_a_refusing_device() {
+    // The gateway's TLS stack takes the plaintext alert and reports it.
+    let pki = Pki::new();
+    let expired = pki.server_ca.leaf("gateway", |p| {
+        p.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+    });
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![expired.der.clone().into(), pki.server_ca.der.clone().into()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(expired.pkcs8.clone()).into(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let Err(error) = acceptor.accept(tcp).await else {
+            panic!("handshake completed");
+        };
+        error
+            .into_inner()
+            .unwrap()
+            .downcast::<rustls::Error>()
+            .unwrap()
+    });
+    let error = run_device(&pki, "gateway.test", Clocked(now()), port).await;
+    assert!(
+        matches!(error, Error::ServerRefused(Refusal::Expired { depth: 0 })),
+        "{error}"
+    );
+    assert_eq!(
+        *server.await.unwrap(),
+        rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired)
+    );
 }
