@@ -23,6 +23,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{Config, CrlFetch, IdentityPaths};
 use crate::crl_fetch::{self, Served};
+use crate::gateway_cert::GatewayRefusal;
 use crate::identity::{self, Expiry};
 
 /// How long DNS, TCP, the TLS handshake and the CONNACK may each take.
@@ -807,6 +808,13 @@ pub fn tls_failure(e: &std::io::Error, host: &str, now: i64) -> (String, String)
                     ),
                     SYNC_CLOCK.into(),
                 ),
+                CertificateError::Other(other) => match other.0.downcast_ref::<GatewayRefusal>() {
+                    Some(refusal) => profile_refusal(refusal),
+                    None => (
+                        format!("the gateway's certificate was refused: {other:?}"),
+                        fix_ca.into(),
+                    ),
+                },
                 other => (
                     format!("the gateway's certificate was refused: {other:?}"),
                     fix_ca.into(),
@@ -816,6 +824,32 @@ pub fn tls_failure(e: &std::io::Error, host: &str, now: i64) -> (String, String)
         other => (
             format!("TLS failed: {other}"),
             "look at the gateway's log; check both ends support TLS 1.2 or 1.3".into(),
+        ),
+    }
+}
+
+/// Said when the gateway's certificate is ours but not of the profile
+/// provisioning issues.
+const REISSUE: &str = "the operator must issue the gateway's certificate with provisioning gateway-cert (and revoke this one); provisioning never issues this, so if it came from the PKI, its server CA key has been misused";
+
+/// The agent's own refusals: what provisioning never issues to a gateway.
+fn profile_refusal(refusal: &GatewayRefusal) -> (String, String) {
+    match refusal {
+        GatewayRefusal::NoExtendedKeyUsage => (
+            "the gateway's certificate has no extendedKeyUsage; provisioning always gives a gateway serverAuth, so this certificate is not one provisioning issued".into(),
+            REISSUE.into(),
+        ),
+        GatewayRefusal::NotP256 { algorithm } => (
+            format!("the gateway's certificate has an {algorithm} key; provisioning gives gateways ECDSA P-256 keys only, so this certificate is not one provisioning issued"),
+            REISSUE.into(),
+        ),
+        GatewayRefusal::BelowServerCa { issuer } => (
+            format!("the gateway's certificate is issued by \"{issuer}\", a CA below the server CA; the server CA issues gateway certificates itself (path length 0) and never a CA, so this chain is forged or the server CA's key was misused"),
+            "do not connect to it; tell the operator that the server CA's key signed a CA certificate: the server CA must be replaced (provisioning init a new PKI, new bundles)".into(),
+        ),
+        GatewayRefusal::Unreadable { detail } => (
+            format!("the gateway's certificate does not parse: {detail}"),
+            REISSUE.into(),
         ),
     }
 }

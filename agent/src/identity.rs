@@ -14,6 +14,7 @@ use twofold_protocol::{DeviceId, Identity, Principal};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::config::IdentityPaths;
+use crate::gateway_cert::GatewayVerifier;
 
 /// Why the device's identity cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +295,7 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
 
 /// The TLS client config: it trusts only the server CA, checks the
 /// gateway's name (and its certificate against `server_crl`, PEM, when
-/// there is one), and presents the device's chain.
+/// there is one) and profile, and presents the device's chain.
 fn tls_config(
     parts: &TlsParts,
     server_crl: Option<Vec<u8>>,
@@ -328,10 +329,13 @@ fn tls_config(
     let verifier = verifier
         .build()
         .map_err(|e| file_error(&paths.server_ca, e))?;
+    // webpki's checks, then the gateway profile (gateway_cert.rs).
+    let verifier = GatewayVerifier::new(verifier, parts.server_ca.clone());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| file_error(&paths.cert, e))?
-        .with_webpki_verifier(verifier)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(parts.chain.clone(), parts.key.clone_key())
         .map_err(|e| IdentityError::KeyMismatch {
             key: paths.key.clone(),

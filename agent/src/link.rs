@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio::time::timeout;
 
+use crate::gateway_cert::{self, GatewayRefusal};
 use crate::identity::DeviceIdentity;
 use crate::queue::Queue;
 
@@ -221,13 +222,31 @@ pub fn describe(e: &ConnectionError) -> String {
         ConnectionError::ConnectionRefused(code) => {
             format!("the gateway refused the MQTT session: {code:?}")
         }
-        ConnectionError::Tls(t) => format!("TLS: {t}"),
+        ConnectionError::Tls(t) => {
+            // The agent's own refusal of the gateway's certificate, in its
+            // words rather than rustls's debug text of `Other`.
+            let refused = match t {
+                rumqttc::TlsError::Io(io) => refusal(io),
+                _ => None,
+            };
+            match refused {
+                Some(refusal) => format!("TLS: {refusal}"),
+                None => format!("TLS: {t}"),
+            }
+        }
         ConnectionError::MqttState(rumqttc::StateError::Io(io)) => {
             // rustls reports the peer's alert inside an I/O error.
             format!("connection lost: {io}")
         }
         other => other.to_string(),
     }
+}
+
+/// The agent's refusal of the gateway's certificate inside an I/O error.
+fn refusal(io: &std::io::Error) -> Option<&GatewayRefusal> {
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(gateway_cert::refusal_of)
 }
 
 #[cfg(test)]
