@@ -781,46 +781,7 @@ pub fn tls_failure(e: &std::io::Error, host: &str, now: i64) -> (String, String)
                 fix,
             )
         }
-        rustls::Error::InvalidCertificate(cert) => {
-            let fix_ca = "server-ca.pem must be the server CA of the PKI that issued the gateway's certificate; get it from the operator's bundle";
-            match cert {
-                CertificateError::Revoked => (
-                    "the gateway's certificate is revoked (server-crl.pem lists it); this may not be our gateway".into(),
-                    "do not connect to it; ask the operator for the gateway's new certificate, or a server-crl.pem that does not list it if it was revoked by mistake".into(),
-                ),
-                CertificateError::UnknownIssuer | CertificateError::BadSignature => (
-                    format!(
-                        "the gateway's certificate is not signed by server-ca.pem ({cert:?}); this may not be our gateway"
-                    ),
-                    fix_ca.into(),
-                ),
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => (
-                    format!("the gateway's certificate is not for \"{host}\""),
-                    "set [gateway] host to a name the gateway's certificate holds (ask the operator which)".into(),
-                ),
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => (
-                    format!("the gateway's certificate has expired (local clock {clock})"),
-                    format!("the operator must renew the gateway's certificate; if the clock is ahead, {SYNC_CLOCK}"),
-                ),
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => (
-                    format!(
-                        "the gateway's certificate is not valid yet at local clock {clock}: the clock is probably behind"
-                    ),
-                    SYNC_CLOCK.into(),
-                ),
-                CertificateError::Other(other) => match other.0.downcast_ref::<GatewayRefusal>() {
-                    Some(refusal) => profile_refusal(refusal),
-                    None => (
-                        format!("the gateway's certificate was refused: {other:?}"),
-                        fix_ca.into(),
-                    ),
-                },
-                other => (
-                    format!("the gateway's certificate was refused: {other:?}"),
-                    fix_ca.into(),
-                ),
-            }
-        }
+        rustls::Error::InvalidCertificate(cert) => gateway_certificate(cert, host, &clock),
         other => (
             format!("TLS failed: {other}"),
             "look at the gateway's log; check both ends support TLS 1.2 or 1.3".into(),
@@ -828,9 +789,89 @@ pub fn tls_failure(e: &std::io::Error, host: &str, now: i64) -> (String, String)
     }
 }
 
+/// Said when the gateway's certificate shows it is not our gateway.
+const NOT_OURS: &str = "do not connect to it; check where [gateway] host leads (DNS, proxies, the network path) and tell the operator";
 /// Said when the gateway's certificate is ours but not of the profile
 /// provisioning issues.
 const REISSUE: &str = "the operator must issue the gateway's certificate with provisioning gateway-cert (and revoke this one); provisioning never issues this, so if it came from the PKI, its server CA key has been misused";
+
+/// What our refusal of the gateway's certificate (or of its handshake
+/// signature) means, and what to do: rustls's reason, webpki's inside
+/// `Other`, or the agent's own profile check ([`GatewayRefusal`]), matched
+/// by type.
+fn gateway_certificate(cert: &CertificateError, host: &str, clock: &str) -> (String, String) {
+    let fix_ca = "server-ca.pem must be the server CA of the PKI that issued the gateway's certificate; get it from the operator's bundle";
+    match cert {
+        CertificateError::Revoked => (
+            "the gateway's certificate is revoked (server-crl.pem lists it); this may not be our gateway".into(),
+            "do not connect to it; ask the operator for the gateway's new certificate, or a server-crl.pem that does not list it if it was revoked by mistake".into(),
+        ),
+        CertificateError::UnknownIssuer => (
+            "the gateway's certificate is not signed by server-ca.pem (UnknownIssuer); this may not be our gateway".into(),
+            fix_ca.into(),
+        ),
+        CertificateError::BadSignature => (
+            "the gateway's certificate names our server CA as its issuer, but the CA's signature on it does not verify (BadSignature): a forged certificate, not our gateway".into(),
+            NOT_OURS.into(),
+        ),
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => (
+            format!("the gateway's certificate is not for \"{host}\""),
+            "set [gateway] host to a name the gateway's certificate holds (ask the operator which)".into(),
+        ),
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => (
+            format!("the gateway's certificate has expired (local clock {clock})"),
+            format!("the operator must renew the gateway's certificate; if the clock is ahead, {SYNC_CLOCK}"),
+        ),
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => (
+            format!(
+                "the gateway's certificate is not valid yet at local clock {clock}: the clock is probably behind"
+            ),
+            SYNC_CLOCK.into(),
+        ),
+        CertificateError::UnknownRevocationStatus => (
+            "server-crl.pem holds no CRL of the CA that issued the gateway's certificate, so the agent cannot tell whether it is revoked (UnknownRevocationStatus)".into(),
+            "get the PKI's current server-crl.pem from the operator (provisioning crl --server): it holds a CRL of every server CA".into(),
+        ),
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. } => (
+            format!("server-crl.pem is out of date at local clock {clock}: its next update has passed"),
+            format!("get a fresh server-crl.pem from the operator (provisioning crl --server); if the clock is ahead, {SYNC_CLOCK}"),
+        ),
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => (
+            "the gateway's certificate is not for TLS servers (its extendedKeyUsage lacks serverAuth), e.g. a device's certificate: not our gateway".into(),
+            NOT_OURS.into(),
+        ),
+        CertificateError::BadEncoding => (
+            "the gateway's certificate is not valid DER".into(),
+            REISSUE.into(),
+        ),
+        CertificateError::UnhandledCriticalExtension => (
+            "the gateway's certificate has a critical extension the agent does not know".into(),
+            REISSUE.into(),
+        ),
+        CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => (
+            "the gateway's certificate is signed with an algorithm the agent does not accept".into(),
+            REISSUE.into(),
+        ),
+        CertificateError::Other(other) => {
+            if let Some(refusal) = other.0.downcast_ref::<GatewayRefusal>() {
+                profile_refusal(refusal)
+            } else if let Some(error) = other.0.downcast_ref::<webpki::Error>() {
+                webpki_refusal(error)
+            } else {
+                (
+                    format!("the gateway's certificate was refused: {}", other.0),
+                    fix_ca.into(),
+                )
+            }
+        }
+        other => (
+            format!("the gateway's certificate was refused ({other:?})"),
+            fix_ca.into(),
+        ),
+    }
+}
 
 /// The agent's own refusals: what provisioning never issues to a gateway.
 fn profile_refusal(refusal: &GatewayRefusal) -> (String, String) {
@@ -847,11 +888,66 @@ fn profile_refusal(refusal: &GatewayRefusal) -> (String, String) {
             format!("the gateway's certificate is issued by \"{issuer}\", a CA below the server CA; the server CA issues gateway certificates itself (path length 0) and never a CA, so this chain is forged or the server CA's key was misused"),
             "do not connect to it; tell the operator that the server CA's key signed a CA certificate: the server CA must be replaced (provisioning init a new PKI, new bundles)".into(),
         ),
+        GatewayRefusal::HandshakeSignature { .. } => (
+            "the gateway sent a certificate of our PKI but signed the handshake with another key: whoever answered does not hold that certificate's key (a copied certificate, possibly a man in the middle)".into(),
+            "do not trust this endpoint: check that [gateway] host leads to the real gateway (DNS, proxies); if it is the gateway, its gateway.key does not belong to its gateway.pem and the operator must install the matching pair".into(),
+        ),
         GatewayRefusal::Unreadable { detail } => (
             format!("the gateway's certificate does not parse: {detail}"),
             REISSUE.into(),
         ),
     }
+}
+
+/// webpki's reasons that rustls passes on only inside `Other`.
+fn webpki_refusal(error: &webpki::Error) -> (String, String) {
+    let (detail, fix) = match error {
+        webpki::Error::EndEntityUsedAsCa => (
+            "the gateway's certificate is signed by a certificate that is not a CA (a leaf of our PKI used as an issuer): forged with a leaked key, not our gateway",
+            "do not connect to it; tell the operator that the key of a gateway or device certificate signed another certificate: that certificate must be revoked",
+        ),
+        webpki::Error::CaUsedAsEndEntity => (
+            "the gateway presented a CA certificate as its own: not a gateway certificate",
+            REISSUE,
+        ),
+        webpki::Error::PathLenConstraintViolated | webpki::Error::MaximumPathDepthExceeded => (
+            "the gateway's chain is longer than our PKI allows (path length): not issued by provisioning",
+            NOT_OURS,
+        ),
+        webpki::Error::NameConstraintViolation => (
+            "the gateway's certificate holds a name its CA may not issue (name constraints)",
+            REISSUE,
+        ),
+        webpki::Error::UnsupportedCriticalExtension => (
+            "the gateway's certificate has a critical extension the agent does not know",
+            REISSUE,
+        ),
+        webpki::Error::EmptyEkuExtension
+        | webpki::Error::ExtensionValueInvalid
+        | webpki::Error::MalformedExtensions
+        | webpki::Error::UnsupportedCertVersion
+        | webpki::Error::InvalidSerialNumber => (
+            "the gateway's certificate is malformed (an extension, its version or its serial number)",
+            REISSUE,
+        ),
+        webpki::Error::SignatureAlgorithmMismatch => (
+            "the gateway's certificate says two different things about its signature algorithm",
+            REISSUE,
+        ),
+        webpki::Error::MaximumSignatureChecksExceeded
+        | webpki::Error::MaximumPathBuildCallsExceeded
+        | webpki::Error::MaximumNameConstraintComparisonsExceeded => (
+            "the gateway sent a chain too costly to check (more certificates than a gateway ever sends)",
+            NOT_OURS,
+        ),
+        other => {
+            return (
+                format!("the gateway's certificate was refused by webpki ({other})"),
+                REISSUE.into(),
+            );
+        }
+    };
+    (format!("{detail} ({error})"), fix.into())
 }
 
 #[cfg(test)]
@@ -889,6 +985,80 @@ mod tests {
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         let (detail, _) = tls_failure(&reset, "gw", 0);
         assert!(detail.contains("broke off"), "{detail}");
+    }
+
+    /// Each refusal of the gateway's certificate has its own words and
+    /// its own fix, never rustls's debug text, and only an unknown issuer
+    /// points at server-ca.pem.
+    #[test]
+    fn each_refusal_of_the_gateway_has_its_own_reason() {
+        let other = |e: Arc<dyn std::error::Error + Send + Sync>| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(e)))
+        };
+        let cases: Vec<(rustls::Error, &str, &str)> = vec![
+            (
+                CertificateError::BadSignature.into(),
+                "a forged certificate",
+                "do not connect",
+            ),
+            (
+                CertificateError::UnknownRevocationStatus.into(),
+                "holds no CRL of the CA that issued",
+                "crl --server",
+            ),
+            (
+                CertificateError::InvalidPurpose.into(),
+                "not for TLS servers",
+                "do not connect",
+            ),
+            (
+                other(Arc::new(webpki::Error::EndEntityUsedAsCa)),
+                "signed by a certificate that is not a CA",
+                "must be revoked",
+            ),
+            (
+                other(Arc::new(webpki::Error::CaUsedAsEndEntity)),
+                "a CA certificate as its own",
+                "gateway-cert",
+            ),
+            (
+                GatewayRefusal::NoExtendedKeyUsage.into(),
+                "no extendedKeyUsage",
+                "gateway-cert",
+            ),
+            (
+                GatewayRefusal::NotP256 {
+                    algorithm: "RSA-2048".into(),
+                }
+                .into(),
+                "an RSA-2048 key",
+                "gateway-cert",
+            ),
+            (
+                GatewayRefusal::BelowServerCa {
+                    issuer: "CN=Sub".into(),
+                }
+                .into(),
+                "a CA below the server CA",
+                "server CA must be replaced",
+            ),
+            (
+                GatewayRefusal::HandshakeSignature {
+                    detail: String::new(),
+                }
+                .into(),
+                "signed the handshake with another key",
+                "do not trust this endpoint",
+            ),
+        ];
+        for (error, says, fix_says) in cases {
+            let (detail, fix) = tls_failure(&io(error), "gw", 0);
+            assert!(detail.contains(says), "{detail}");
+            assert!(fix.contains(fix_says), "{fix}");
+            assert!(!detail.contains("OtherError"), "{detail}");
+            assert!(!detail.contains("server-ca.pem"), "{detail}");
+            assert!(!fix.contains("server-ca.pem"), "{fix}");
+        }
     }
 
     #[test]

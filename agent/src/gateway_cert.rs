@@ -8,7 +8,9 @@
 //! anchor, and webpki does not apply an anchor's pathLenConstraint, 0
 //! here). Each of these could only come from a mistake or a forgery, so
 //! the device refuses it, with its own [`GatewayRefusal`] (defence in
-//! depth: devices refuse what the PKI never issues).
+//! depth: devices refuse what the PKI never issues). A handshake not
+//! signed by the certificate's key gets its own refusal too: it means a
+//! copy of a real certificate without its key, not a wrong server CA.
 //!
 //! Refusals reach rustls callers as
 //! `Error::InvalidCertificate(CertificateError::Other(..))` holding a
@@ -43,6 +45,9 @@ pub enum GatewayRefusal {
         "the gateway's certificate is issued by \"{issuer}\", a CA below the server CA; Twofold gateway certificates are issued by the server CA itself"
     )]
     BelowServerCa { issuer: String },
+    /// The handshake is not signed by the key of the certificate presented.
+    #[error("the gateway's handshake is not signed by the key of its certificate ({detail})")]
+    HandshakeSignature { detail: String },
     /// The leaf does not parse (after webpki has read it).
     #[error("the gateway's certificate does not parse: {detail}")]
     Unreadable { detail: String },
@@ -112,7 +117,9 @@ impl ServerCertVerifier for GatewayVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.webpki
+            .verify_tls12_signature(message, cert, dss)
+            .map_err(handshake_signature)
     }
 
     fn verify_tls13_signature(
@@ -121,11 +128,28 @@ impl ServerCertVerifier for GatewayVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.webpki
+            .verify_tls13_signature(message, cert, dss)
+            .map_err(handshake_signature)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
+    }
+}
+
+/// A handshake signature that does not verify with the certificate's key
+/// (a wrong signature, or one by a key of another type).
+fn handshake_signature(error: rustls::Error) -> rustls::Error {
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::BadSignature
+            | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. },
+        ) => GatewayRefusal::HandshakeSignature {
+            detail: error.to_string(),
+        }
+        .into(),
+        other => other,
     }
 }
 

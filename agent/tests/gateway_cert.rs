@@ -200,3 +200,61 @@ fn the_agent_refuses_gateway_certificates_the_pki_never_issues() {
     );
     agent.kill();
 }
+
+/// Failures that used to be misnamed: the real gateway certificate with a
+/// handshake signed by another key, and a chain through a leaf of our PKI
+/// used as a CA (webpki's reason, which rustls passes on only as `Other`).
+#[test]
+fn doctor_names_a_stolen_certificate_and_a_leaf_used_as_ca() {
+    let mut fleet = Fleet::new();
+    let pi = fleet.device("pi-1");
+    let real_chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(fleet.path("gw/gateway.pem"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+
+    let other_key = KeyPair::generate().unwrap();
+    let gw = FakeGateway::start(real_chain.clone(), der_key(&other_key));
+    let report = doctor(&fleet, "stolen", &pi, gw.port);
+    assert_doctor_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &[
+            "signed the handshake with another key",
+            "does not hold that certificate's key",
+            "fix:",
+            "do not trust this endpoint",
+        ],
+    );
+    assert!(!report.contains("not signed by server-ca.pem"), "{report}");
+    assert!(!report.contains("replace server-ca.pem"), "{report}");
+
+    // A leaf signed with the real gateway's key, as if it were a CA.
+    let gateway_key =
+        KeyPair::from_pem(&std::fs::read_to_string(fleet.path("gw/gateway.key")).unwrap()).unwrap();
+    let gateway_issuer = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(fleet.path("gw/gateway.pem")).unwrap(),
+        gateway_key,
+    )
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = gateway_params().signed_by(&key, &gateway_issuer).unwrap();
+    let mut chain = vec![leaf.der().clone()];
+    chain.extend(real_chain);
+    let gw = FakeGateway::start(chain, der_key(&key));
+    let report = doctor(&fleet, "leaf-as-ca", &pi, gw.port);
+    assert_doctor_line(
+        &report,
+        "tls",
+        "[FAIL]",
+        &[
+            "signed by a certificate that is not a CA",
+            "(EndEntityUsedAsCa)",
+            "fix:",
+            "must be revoked",
+        ],
+    );
+    assert!(!report.contains("OtherError"), "{report}");
+}
