@@ -111,11 +111,24 @@ pub fn client_id_matches(principal: &Principal, client_id: &str) -> bool {
     }
 }
 
-/// The client id used at the broker: namespaced by kind, so a service
-/// instance `billing-1` can never take over the session of a device whose
-/// id is `billing-1`.
+/// The client id used at the broker: `<kind>:<name>` for a device or a
+/// service's own session, `service:<name>:<instance>` for a service
+/// instance. Names and instances never contain `:`, so the mapping is
+/// injective over (kind, name, instance): service `dashboard` with client
+/// id `dashboard-eu` (instance `eu`) is `service:dashboard:eu`, never the
+/// session `service:dashboard-eu` of service `dashboard-eu`; and no
+/// service instance can take over a device's session.
 pub fn broker_client_id(principal: &Principal, client_id: &str) -> String {
-    format!("{}:{client_id}", principal.kind())
+    match principal {
+        Principal::Device(_) => format!("{}:{client_id}", principal.kind()),
+        Principal::Service(name) => match client_id
+            .strip_prefix(name.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+        {
+            Some(instance) => format!("{}:{}:{instance}", principal.kind(), name.as_str()),
+            None => format!("{}:{}", principal.kind(), name.as_str()),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +157,31 @@ mod tests {
                 "billing-1"
             )
         );
+    }
+
+    #[test]
+    fn broker_ids_never_collide_across_services_and_instances() {
+        let svc = |n: &str| Principal::Service(ServiceName::parse(n).unwrap());
+        let dev = |n: &str| Principal::Device(DeviceId::parse(n).unwrap());
+        // (principal, client id) pairs that were one broker session before.
+        let pairs = [
+            (svc("dashboard"), "dashboard-eu"),
+            (svc("dashboard-eu"), "dashboard-eu"),
+            (svc("dashboard"), "dashboard-eu-1"),
+            (svc("dashboard-eu"), "dashboard-eu-1"),
+            (svc("dashboard-eu-1"), "dashboard-eu-1"),
+            (dev("dashboard-eu"), "dashboard-eu"),
+        ];
+        let ids: std::collections::HashSet<String> = pairs
+            .iter()
+            .map(|(p, c)| {
+                assert!(client_id_matches(p, c), "{p:?} {c}");
+                broker_client_id(p, c)
+            })
+            .collect();
+        assert_eq!(ids.len(), pairs.len(), "{ids:?}");
+        assert_eq!(broker_client_id(&svc("dashboard"), "dashboard-eu"), "service:dashboard:eu");
+        assert_eq!(broker_client_id(&svc("dashboard-eu"), "dashboard-eu"), "service:dashboard-eu");
+        assert_eq!(broker_client_id(&dev("sensor-1"), "sensor-1"), "device:sensor-1");
     }
 }
