@@ -13,6 +13,10 @@ pub enum Reason {
     NoCertificate,
     /// The certificate does not chain to a trusted client CA.
     UnknownIssuer,
+    /// A certificate that chains to a trusted CA, presented with a
+    /// handshake signature (CertificateVerify) made by another key: the
+    /// peer holds a copy of the certificate but not its private key.
+    KeyNotHeld,
     /// The certificate has expired.
     Expired,
     /// The certificate is not valid yet.
@@ -31,13 +35,19 @@ pub enum Reason {
     HandshakeTimeout,
     /// Not TLS 1.2/1.3, not MQTT, or a malformed or oversized packet.
     ProtocolError,
+    /// An MQTT feature the gateway's broker does not honour (MQTT 5's
+    /// no-local with the embedded broker), refused rather than ignored.
+    Unsupported,
+    /// The broker cannot be reached, or did not accept the session.
+    BrokerUnavailable,
 }
 
 impl Reason {
     /// Every reason, for metrics that list zero counts too.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 14] = [
         Reason::NoCertificate,
         Reason::UnknownIssuer,
+        Reason::KeyNotHeld,
         Reason::Expired,
         Reason::NotYetValid,
         Reason::Revoked,
@@ -47,6 +57,8 @@ impl Reason {
         Reason::PolicyDenied,
         Reason::HandshakeTimeout,
         Reason::ProtocolError,
+        Reason::Unsupported,
+        Reason::BrokerUnavailable,
     ];
 
     /// The label as written in logs and metrics.
@@ -54,6 +66,7 @@ impl Reason {
         match self {
             Reason::NoCertificate => "no_certificate",
             Reason::UnknownIssuer => "unknown_issuer",
+            Reason::KeyNotHeld => "key_not_held",
             Reason::Expired => "expired",
             Reason::NotYetValid => "not_yet_valid",
             Reason::Revoked => "revoked",
@@ -63,6 +76,8 @@ impl Reason {
             Reason::PolicyDenied => "policy_denied",
             Reason::HandshakeTimeout => "handshake_timeout",
             Reason::ProtocolError => "protocol_error",
+            Reason::Unsupported => "unsupported",
+            Reason::BrokerUnavailable => "broker_unavailable",
         }
     }
 
@@ -85,8 +100,14 @@ impl Reason {
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 Reason::BadKeyUsage
             }
-            // webpki reports a CA certificate presented as a leaf this way.
-            CertificateError::Other(other) if other.to_string().contains("CaUsedAsEndEntity") => {
+            // webpki reports a CA certificate presented as a leaf as its
+            // own error inside `Other`.
+            CertificateError::Other(other)
+                if matches!(
+                    other.0.downcast_ref::<webpki::Error>(),
+                    Some(webpki::Error::CaUsedAsEndEntity)
+                ) =>
+            {
                 Reason::BadKeyUsage
             }
             CertificateError::BadEncoding => Reason::ProtocolError,
@@ -124,6 +145,13 @@ mod tests {
         for (e, want) in cases {
             assert_eq!(Reason::from_tls(&TlsError::InvalidCertificate(e)), want);
         }
+        let ca_as_leaf = CertificateError::Other(rustls::OtherError(std::sync::Arc::new(
+            webpki::Error::CaUsedAsEndEntity,
+        )));
+        assert_eq!(
+            Reason::from_tls(&TlsError::InvalidCertificate(ca_as_leaf)),
+            Reason::BadKeyUsage
+        );
         assert_eq!(
             Reason::from_tls(&TlsError::PeerIncompatible(
                 rustls::PeerIncompatible::Tls12NotOffered

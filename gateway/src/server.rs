@@ -242,15 +242,7 @@ async fn handshake(
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>());
             match tls_error {
                 Some(tls_error) => {
-                    let reason = Reason::from_tls(tls_error);
-                    let detail = match tls_error {
-                        // The device refused us, e.g. our certificate is
-                        // in its server CRL: say so, not just "alert".
-                        rustls::Error::AlertReceived(alert) => {
-                            format!("the client refused the gateway (TLS alert {alert:?})")
-                        }
-                        other => other.to_string(),
-                    };
+                    let (reason, detail) = presented.classify(tls_error);
                     gateway.audit.record(
                         &Event::refused(addr, reason, detail).with_certificate(presented_info()),
                     );

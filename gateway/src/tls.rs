@@ -22,11 +22,13 @@ use rustls::server::{
 };
 use rustls::sign::CertifiedKey;
 use rustls::{
-    DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig,
+    SignatureScheme,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
+use crate::reason::Reason;
 use crate::revocation::RevocationList;
 
 /// Why TLS material was refused.
@@ -229,18 +231,57 @@ fn plaintext_limit(record: usize) -> usize {
 
 /// The end-entity certificate a client presented, if any.
 #[derive(Clone, Default, Debug)]
-pub struct PresentedCert(Arc<Mutex<Option<CertificateDer<'static>>>>);
+pub struct PresentedCert(Arc<Mutex<Presented>>);
+
+#[derive(Debug, Default)]
+struct Presented {
+    cert: Option<CertificateDer<'static>>,
+    /// The certificate verified, but the handshake signature made with it
+    /// did not: the peer does not hold the certificate's key.
+    key_not_held: bool,
+}
 
 impl PresentedCert {
     /// The DER, if the client presented a certificate.
     pub fn get(&self) -> Option<CertificateDer<'static>> {
-        self.0.lock().ok().and_then(|g| g.clone())
+        self.0.lock().ok().and_then(|g| g.cert.clone())
     }
 
     /// Frees the copy.
     pub fn clear(&self) {
         if let Ok(mut slot) = self.0.lock() {
-            *slot = None;
+            slot.cert = None;
+        }
+    }
+
+    /// Why a handshake that failed with `error` was refused, and what to
+    /// tell the operator. rustls reports a bad CertificateVerify as
+    /// `BadSignature`, as it does a forged chain; the verifier knows which.
+    pub fn classify(&self, error: &rustls::Error) -> (Reason, String) {
+        let key_not_held = self.0.lock().is_ok_and(|g| g.key_not_held);
+        match error {
+            rustls::Error::InvalidCertificate(CertificateError::BadSignature) if key_not_held => (
+                Reason::KeyNotHeld,
+                "the client's certificate is valid, but its handshake signature \
+                 (CertificateVerify) was not made with that certificate's key: the peer \
+                 holds a copy of the certificate without its private key (a copied \
+                 certificate); find where it came from, and revoke it if the key may \
+                 have leaked too"
+                    .into(),
+            ),
+            // The device refused us, e.g. our certificate is in its server
+            // CRL: say so, not just "alert".
+            rustls::Error::AlertReceived(alert) => (
+                Reason::from_tls(error),
+                format!("the client refused the gateway (TLS alert {alert:?})"),
+            ),
+            other => (Reason::from_tls(other), other.to_string()),
+        }
+    }
+
+    fn proof_failed(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.key_not_held = true;
         }
     }
 }
@@ -306,7 +347,7 @@ impl ClientCertVerifier for Capturing {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         if let Ok(mut slot) = self.presented.0.lock() {
-            *slot = Some(end_entity.clone().into_owned());
+            slot.cert = Some(end_entity.clone().into_owned());
         }
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
@@ -317,7 +358,11 @@ impl ClientCertVerifier for Capturing {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        let verified = self.inner.verify_tls12_signature(message, cert, dss);
+        if verified.is_err() {
+            self.presented.proof_failed();
+        }
+        verified
     }
     fn verify_tls13_signature(
         &self,
@@ -325,7 +370,11 @@ impl ClientCertVerifier for Capturing {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        let verified = self.inner.verify_tls13_signature(message, cert, dss);
+        if verified.is_err() {
+            self.presented.proof_failed();
+        }
+        verified
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
