@@ -180,8 +180,17 @@ mod tests {
             })
             .collect();
         assert_eq!(ids.len(), pairs.len(), "{ids:?}");
-        assert_eq!(broker_client_id(&svc("dashboard"), "dashboard-eu"), "service:dashboard:eu");
-        assert_eq!(broker_client_id(&svc("dashboard-eu"), "dashboard-eu"), "service:dashboard-eu");
-        assert_eq!(broker_client_id(&dev("sensor-1"), "sensor-1"), "device:sensor-1");
+        assert_eq!(
+            broker_client_id(&svc("dashboard"), "dashboard-eu"),
+            "service:dashboard:eu"
+        );
+        assert_eq!(
+            broker_client_id(&svc("dashboard-eu"), "dashboard-eu"),
+            "service:dashboard-eu"
+        );
+        assert_eq!(
+            broker_client_id(&dev("sensor-1"), "sensor-1"),
+            "device:sensor-1"
+        );
     }
 }
