@@ -1,9 +1,11 @@
 //! The audit log: one JSON object per line for every refusal, and for
 //! every session that starts or ends.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use time::OffsetDateTime;
@@ -23,6 +25,10 @@ pub enum EventKind {
     Connected,
     /// A session ended.
     Disconnected,
+    /// A second connection with the same identity took a live session
+    /// over: one certificate in use from two places at once is what a
+    /// cloned device looks like.
+    TakenOver,
 }
 
 /// One audit record.
@@ -35,6 +41,9 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub peer: String,
+    /// The connection a takeover displaced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_peer: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,6 +62,7 @@ impl Event {
             reason: None,
             detail: None,
             peer: peer.to_string(),
+            previous_peer: None,
             identity: None,
             client_id: None,
             certificate: None,
@@ -63,8 +73,29 @@ impl Event {
     pub fn refused(peer: SocketAddr, reason: Reason, detail: impl Into<String>) -> Event {
         let mut e = Event::new(EventKind::Refused, peer);
         e.reason = Some(reason);
-        e.detail = Some(detail.into());
+        e.detail = Some(clip(detail.into(), MAX_DETAIL));
         e
+    }
+
+    /// `peer`'s session took over the live one of `previous`.
+    pub fn taken_over(peer: &crate::session::Peer, client_id: &str, previous: SocketAddr) -> Event {
+        let mut e = Event::new(EventKind::TakenOver, peer.addr)
+            .with_identity(peer.identity.clone())
+            .with_client_id(client_id)
+            .with_certificate(Some(peer.cert.clone()))
+            .with_detail(format!(
+                "a second connection with this identity took over the session of {previous}; \
+                 if the device did not just reconnect, its certificate is in use from two \
+                 places (a cloned device)"
+            ));
+        e.previous_peer = Some(previous.to_string());
+        e
+    }
+
+    /// A human explanation, for events other than refusals.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Event {
+        self.detail = Some(clip(detail.into(), MAX_DETAIL));
+        self
     }
 
     pub fn with_certificate(mut self, cert: Option<CertInfo>) -> Event {
@@ -77,9 +108,70 @@ impl Event {
         self
     }
 
+    /// The client id the peer sent, cut if it is long: it is the peer's
+    /// to choose, and an audit line must stay small.
     pub fn with_client_id(mut self, client_id: impl Into<String>) -> Event {
-        self.client_id = Some(client_id.into());
+        self.client_id = Some(clip(client_id.into(), MAX_CLIENT_ID));
         self
+    }
+}
+
+/// The most bytes of a client id an audit line repeats (a valid one is
+/// at most 97: a service name, `-` and a 32-character instance).
+const MAX_CLIENT_ID: usize = 128;
+/// The most bytes of an explanation (a refused SUBSCRIBE names each of
+/// its filters, each already cut to 128 characters).
+const MAX_DETAIL: usize = 2048;
+
+/// `s` cut to at most `max` bytes on a character boundary, saying so.
+fn clip(mut s: String, max: usize) -> String {
+    if s.len() <= max {
+        return s;
+    }
+    let total = s.len();
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    s.push_str(&format!("… ({total} bytes, truncated)"));
+    s
+}
+
+/// Which connection holds each broker session now, so that a takeover
+/// (and the session it displaced) can be named.
+#[derive(Default)]
+pub struct Presence {
+    holders: Mutex<HashMap<String, (u64, SocketAddr)>>,
+    next: AtomicU64,
+}
+
+impl Presence {
+    /// `addr` now holds the session `id`: returns its token, and the
+    /// address of the connection that held it until now, if any.
+    pub fn arrive(&self, id: &str, addr: SocketAddr) -> (u64, Option<SocketAddr>) {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        let previous = self
+            .holders
+            .lock()
+            .ok()
+            .and_then(|mut h| h.insert(id.to_owned(), (token, addr)))
+            .map(|(_, addr)| addr);
+        (token, previous)
+    }
+
+    /// The connection with `token` has ended. Returns the address of the
+    /// connection holding the session now, if another took it over.
+    pub fn leave(&self, id: &str, token: u64) -> Option<SocketAddr> {
+        let mut holders = self.holders.lock().ok()?;
+        match holders.get(id) {
+            Some((holder, _)) if *holder == token => {
+                holders.remove(id);
+                None
+            }
+            Some((_, addr)) => Some(*addr),
+            None => None,
+        }
     }
 }
 
@@ -88,6 +180,7 @@ impl Event {
 pub struct Audit {
     sink: Arc<Mutex<Box<dyn Write + Send>>>,
     metrics: Arc<Metrics>,
+    presence: Arc<Presence>,
 }
 
 impl Audit {
@@ -105,6 +198,7 @@ impl Audit {
         Audit {
             sink: Arc::new(Mutex::new(sink)),
             metrics: Arc::new(Metrics::new()),
+            presence: Arc::new(Presence::default()),
         }
     }
 
@@ -130,8 +224,47 @@ impl Audit {
         }
     }
 
+    /// Who holds each session, for takeovers.
+    pub fn presence(&self) -> &Arc<Presence> {
+        &self.presence
+    }
+
     /// The metrics this log's refusals are counted in.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_peer_strings_are_cut_and_say_so() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let e = Event::refused(addr, Reason::PolicyDenied, "x".repeat(40_000))
+            .with_client_id("é".repeat(40_000));
+        let line = serde_json::to_string(&e).unwrap();
+        assert!(line.len() < 4096, "{} bytes", line.len());
+        assert!(e.detail.unwrap().ends_with("… (40000 bytes, truncated)"));
+        assert!(e.client_id.unwrap().ends_with("… (80000 bytes, truncated)"));
+        let short = Event::refused(addr, Reason::PolicyDenied, "short");
+        assert_eq!(short.detail.as_deref(), Some("short"));
+    }
+
+    #[test]
+    fn presence_names_the_connection_a_takeover_displaced() {
+        let p = Presence::default();
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
+        let (first, previous) = p.arrive("device:sensor-1", a);
+        assert_eq!(previous, None);
+        let (second, previous) = p.arrive("device:sensor-1", b);
+        assert_eq!(previous, Some(a));
+        // The displaced session learns who holds it now; the holder leaves cleanly.
+        assert_eq!(p.leave("device:sensor-1", first), Some(b));
+        assert_eq!(p.leave("device:sensor-1", second), None);
+        let (_, previous) = p.arrive("device:sensor-1", a);
+        assert_eq!(previous, None);
     }
 }

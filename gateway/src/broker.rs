@@ -41,6 +41,9 @@ pub struct BrokerTarget {
     pub credential: Option<Credential>,
     /// TLS towards the broker, for `mqtts://`.
     pub tls: Option<UpstreamTls>,
+    /// The embedded rumqttd, whose departures from MQTT the sessions
+    /// make up for (`session::Quirks`).
+    pub embedded: bool,
 }
 
 /// How the gateway speaks TLS to an external broker.
@@ -204,6 +207,7 @@ pub fn start_embedded(limits: &EmbeddedLimits) -> Result<BrokerTarget, BrokerErr
         v5,
         credential: Some(credential),
         tls: None,
+        embedded: true,
     })
 }
 

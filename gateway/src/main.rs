@@ -142,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 v5: resolved,
                 credential,
                 tls,
+                embedded: false,
             }
         }
     };

@@ -8,8 +8,9 @@
 //! bytes are copied as they come, except the MQTT 5 CONNACK, from which
 //! topic aliases are removed so that every PUBLISH names its topic.
 
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -58,6 +59,8 @@ pub enum Version {
 
 enum FrameError {
     Closed,
+    /// The connection failed (a TLS error, a reset), not a clean close.
+    Broken(String),
     TooLarge(usize),
     Malformed(String),
 }
@@ -148,17 +151,23 @@ fn v5_connack(code: v5::ConnectReturnCode) -> Bytes {
     }))
 }
 
+/// An MQTT 5 DISCONNECT with a reason code and an empty property list.
+/// Written by hand: rumqttc 0.25 encodes this packet as remaining length 1
+/// followed by two bytes (the reason and a property length), so a client
+/// reads a stray byte after it; and its reader (like some others) cannot
+/// read the shorter legal form, remaining length 1, at all.
 fn v5_disconnect(reason_code: v5::DisconnectReasonCode) -> Bytes {
-    encode_v5(v5::Packet::Disconnect(v5::Disconnect {
-        reason_code,
-        properties: None,
-    }))
+    Bytes::from(vec![0xE0, 0x02, reason_code as u8, 0x00])
 }
 
 /// The parts of a CONNECT the gateway decides on, and the rewritten frame.
 struct Connect {
     client_id: String,
     will_topic: Option<String>,
+    /// An MQTT 5 will's response topic.
+    will_response_topic: Option<String>,
+    /// Keepalive 0 was sent to the broker as [`KEEPALIVE_OFF`].
+    keepalive_raised: bool,
     forward: Bytes,
 }
 
@@ -169,6 +178,7 @@ fn rewrite_connect(
     principal: &Principal,
     credential: Option<&Credential>,
     max: usize,
+    quirks: Quirks,
 ) -> Result<Connect, String> {
     let mut frame = frame;
     match version {
@@ -182,9 +192,15 @@ fn rewrite_connect(
             let will_topic = c.last_will.as_ref().map(|w| w.topic.clone());
             c.client_id = identity::broker_client_id(principal, &client_id);
             c.login = credential.map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
+            let keepalive_raised = quirks.no_keepalive_off && c.keep_alive == 0;
+            if keepalive_raised {
+                c.keep_alive = KEEPALIVE_OFF;
+            }
             Ok(Connect {
                 client_id,
                 will_topic,
+                will_response_topic: None,
+                keepalive_raised,
                 forward: encode_v4(v4::Packet::Connect(c)),
             })
         }
@@ -202,11 +218,21 @@ fn rewrite_connect(
                 ),
                 None => None,
             };
+            let will_response_topic = will
+                .as_ref()
+                .and_then(|w| w.properties.as_ref())
+                .and_then(|p| p.response_topic.clone());
             c.client_id = identity::broker_client_id(principal, &client_id);
             let login = credential.map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
+            let keepalive_raised = quirks.no_keepalive_off && c.keep_alive == 0;
+            if keepalive_raised {
+                c.keep_alive = KEEPALIVE_OFF;
+            }
             Ok(Connect {
                 client_id,
                 will_topic,
+                will_response_topic,
+                keepalive_raised,
                 forward: encode_v5(v5::Packet::Connect(c, will, login)),
             })
         }
@@ -230,6 +256,7 @@ fn admit(
     principal: &Principal,
     credential: Option<&Credential>,
     max: usize,
+    quirks: Quirks,
 ) -> Result<(Version, Connect), ConnectRefusal> {
     let refusal = |reason, detail, reply, client_id| ConnectRefusal {
         reason,
@@ -246,10 +273,11 @@ fn admit(
             return Err(refusal(Reason::ProtocolError, detail, Some(reply), None));
         }
     };
-    let connect = rewrite_connect(version, frame, principal, credential, max).map_err(|e| {
-        let detail = format!("malformed CONNECT: {e}");
-        refusal(Reason::ProtocolError, detail, None, None)
-    })?;
+    let connect =
+        rewrite_connect(version, frame, principal, credential, max, quirks).map_err(|e| {
+            let detail = format!("malformed CONNECT: {e}");
+            refusal(Reason::ProtocolError, detail, None, None)
+        })?;
     let client_id = connect.client_id.clone();
     if !identity::client_id_matches(principal, &client_id) {
         let reply = match version {
@@ -262,7 +290,10 @@ fn admit(
                 format!("{:?} or \"{}-<instance>\"", name.as_str(), name.as_str())
             }
         };
-        let detail = format!("client id {client_id:?}; the certificate requires {expected}");
+        let detail = format!(
+            "client id {}; the certificate requires {expected}",
+            shown(&client_id)
+        );
         return Err(refusal(
             Reason::ClientIdMismatch,
             detail,
@@ -270,14 +301,21 @@ fn admit(
             Some(client_id),
         ));
     }
-    if let Some(topic) = &connect.will_topic
-        && let Err(d) = policy::may_publish(principal, topic)
-    {
+    let will = [
+        ("will topic", &connect.will_topic),
+        ("will response topic", &connect.will_response_topic),
+    ];
+    if let Some((what, topic, d)) = will.iter().find_map(|(what, topic)| {
+        let topic = topic.as_deref()?;
+        policy::may_publish(principal, topic)
+            .err()
+            .map(|d| (what, topic, d))
+    }) {
         let reply = match version {
             Version::V311 => v4_connack(v4::ConnectReturnCode::NotAuthorized),
             Version::V5 => v5_connack(v5::ConnectReturnCode::NotAuthorized),
         };
-        let detail = format!("will topic {topic:?}: {}", d.as_str());
+        let detail = format!("{what} {}: {}", shown(topic), d.as_str());
         return Err(refusal(
             Reason::PolicyDenied,
             detail,
@@ -293,8 +331,11 @@ fn admit(
 pub struct Screened {
     /// The protocol version, once a CONNECT was admitted.
     pub version: Option<Version>,
-    /// The frames after the CONNECT that would reach the broker, as sent.
+    /// The bytes after the CONNECT that would reach the broker, frame by
+    /// frame (the gateway's own PINGREQ after an UNSUBSCRIBE included).
     pub forwarded: Vec<Bytes>,
+    /// The gateway's own answers to the device, in order.
+    pub answered: Vec<Bytes>,
     /// Every refusal, in order (each would be one audit event).
     pub refusals: Vec<Reason>,
     /// Whether the session would be closed (after the last refusal).
@@ -311,9 +352,10 @@ impl Screened {
 
 /// Runs the session's checks on `input`, bytes from a device that
 /// authenticated as `principal`, without any I/O: the CONNECT decision,
-/// then the policy on every later frame, as [`run`] makes them. Bytes after
-/// the last whole frame are ignored (a session would wait for more). The
-/// fuzz target `gateway_inbound` runs it on arbitrary input.
+/// then the [`Inspector`] on every later frame, as [`run`] uses them,
+/// against the embedded broker. Bytes after the last whole frame are
+/// ignored (a session would wait for more). The fuzz target
+/// `gateway_inbound` runs it on arbitrary input.
 pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
     let out = Screened::default();
     let mut buf = BytesMut::from(input);
@@ -325,7 +367,8 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         Ok(None) => return out,
         Err(_) => return out.close(Reason::ProtocolError),
     };
-    let version = match admit(frame, principal, None, max) {
+    let quirks = Quirks::EMBEDDED;
+    let version = match admit(frame, principal, None, max, quirks) {
         Ok((version, _)) => version,
         Err(refusal) => return out.close(refusal.reason),
     };
@@ -333,13 +376,15 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         version: Some(version),
         ..out
     };
+    let mut inspector = Inspector::new(version, *principal, max, quirks);
     // As the session does it, with everything read at once.
     let Batch {
         forward,
+        replies,
         refused,
         stop,
         ..
-    } = batch(version, principal, &mut buf, max);
+    } = inspector.batch(&mut buf);
     let mut forward = BytesMut::from(&forward[..]);
     while let Ok(Some(frame)) = next_frame(&mut forward, usize::MAX) {
         out.forwarded.push(frame.freeze());
@@ -348,44 +393,85 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         forward.is_empty(),
         "batch() forwarded bytes that are not whole frames"
     );
-    out.refusals.extend(refused.into_iter().map(|r| r.reason));
+    out.answered = replies.into_iter().map(|(_, reply)| reply).collect();
+    out.refusals
+        .extend(refused.into_iter().map(|(reason, _)| reason));
     match stop {
         None => out,
         Some(Stop::Frame(_)) => out.close(Reason::ProtocolError),
-        Some(Stop::Refused(r)) => out.close(r.reason),
+        Some(Stop::Refused(reason, _)) => out.close(reason),
     }
 }
 
-/// What to do with one packet from the device.
-enum Verdict {
-    Forward,
-    Refuse(Refusal),
+/// What the broker behind the gateway gets wrong, so the gateway answers
+/// for it. rumqttd 0.20 (the embedded broker) closes a link whose
+/// keepalive is 0 without a CONNACK, and one that sends a PUBREL for a
+/// packet id it does not know (the PUBREL a client must resend after a
+/// reconnect); it also ignores MQTT 5's no-local. An external broker
+/// (mosquitto, NATS) is trusted to speak MQTT itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quirks {
+    /// Keepalive 0 ("off") is sent to the broker as [`KEEPALIVE_OFF`].
+    pub no_keepalive_off: bool,
+    /// A PUBREL for a packet id not PUBLISHed in this connection is
+    /// answered by the gateway, never passed on.
+    pub unknown_pubrel_closes: bool,
+    /// SUBSCRIBE with MQTT 5's no-local is refused (0x83): the broker
+    /// would send a client its own messages.
+    pub no_local_ignored: bool,
 }
 
-/// A refused packet: audit it, optionally answer the device, optionally close.
-struct Refusal {
-    reason: Reason,
-    detail: String,
-    reply: Option<Bytes>,
-    close: bool,
-    /// How many QoS 1 and 2 PUBLISHes of its batch went to the broker
-    /// before it: its answer goes to the device after theirs.
-    after: u64,
+impl Quirks {
+    /// rumqttd 0.20, in process.
+    pub const EMBEDDED: Quirks = Quirks {
+        no_keepalive_off: true,
+        unknown_pubrel_closes: true,
+        no_local_ignored: true,
+    };
+    /// A broker that speaks MQTT as the specification says.
+    pub const NONE: Quirks = Quirks {
+        no_keepalive_off: false,
+        unknown_pubrel_closes: false,
+        no_local_ignored: false,
+    };
 }
 
-fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Verdict {
-    Verdict::Refuse(Refusal {
-        reason,
-        detail,
-        reply,
-        close,
-        after: 0,
-    })
+/// The keepalive a device that turned keepalive off (0) gets at the
+/// embedded broker, which refuses 0: the largest MQTT can say, 65,535 s
+/// (18 h 12 min). A device silent for 1.5 times that is closed; an MQTT 5
+/// device is told this value in its CONNACK (Server Keep Alive).
+pub const KEEPALIVE_OFF: u16 = u16::MAX;
+
+/// The most refusals one session may earn before it is closed: a device
+/// that keeps sending what the policy refuses is misbehaving, and each
+/// refusal costs an audit line.
+pub const MAX_REFUSALS: u32 = 32;
+
+/// The most PINGREQs and UNSUBSCRIBEs awaiting the broker's answer.
+const MAX_PINGS: usize = 1024;
+
+/// Who is owed the broker's next PINGRESP. After each UNSUBSCRIBE the
+/// gateway sends a PINGREQ of its own: the broker answers in order, so its
+/// PINGRESP says the UNSUBSCRIBE is done, and the gateway sends the one
+/// UNSUBACK the device is owed (the broker's own are dropped: rumqttd
+/// sends one per subscribed filter, and none for a filter never
+/// subscribed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ping {
+    Device,
+    Unsubscribe { pkid: u16, filters: usize },
 }
+
+/// The pings awaiting the broker, shared by both directions of a session.
+type Pings = Arc<Mutex<VecDeque<Ping>>>;
+
+const PINGREQ: &[u8] = &[0xC0, 0x00];
 
 /// Where a [`Batch`] ended before the bytes read so far ran out.
 enum Stop {
-    Refused(Refusal),
+    /// A refusal that closes the session (its reply, if any, is among the
+    /// batch's replies).
+    Refused(Reason, String),
     Frame(FrameError),
 }
 
@@ -397,285 +483,599 @@ struct Batch {
     publishes: u64,
     /// How many of them are PUBLISH at QoS 1 or 2, which the broker answers.
     answered: u64,
-    /// Refusals that keep the session (MQTT 5's reason codes), in order.
-    refused: Vec<Refusal>,
+    /// The gateway's own packets for the device, in order, each with how
+    /// many of the batch's QoS 1 and 2 PUBLISHes went to the broker before
+    /// it (its answer goes to the device after theirs).
+    replies: Vec<(u64, Bytes)>,
+    /// Refusals that keep the session (MQTT 5's reason codes), in order,
+    /// for the audit log.
+    refused: Vec<(Reason, String)>,
     /// What ended the batch, if anything did: a refusal that closes the
     /// session, or a frame that cannot be read.
     stop: Option<Stop>,
 }
 
-/// Checks every whole frame at the front of `buf` and takes them off it.
-/// The allowed frames are forwarded as they were read: in one piece, with
-/// no copy, unless refused frames sit between them. A refusal that closes
-/// the session ends the batch. Linear in what was read, however many
-/// frames are refused.
-fn batch(version: Version, principal: &Principal, buf: &mut BytesMut, max: usize) -> Batch {
-    // First, how far the whole frames go, from their headers alone.
-    let mut whole = 0;
-    let mut bad = None;
-    loop {
-        match mqttbytes::check(buf[whole..].iter(), max) {
-            Ok(header) => whole += header.frame_length(),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => break,
-            Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
-                bad = Some(FrameError::TooLarge(n));
-                break;
-            }
-            Err(e) => {
-                bad = Some(FrameError::Malformed(e.to_string()));
-                break;
-            }
+/// What to do with one packet from the device.
+enum Verdict {
+    Forward,
+    /// Forward it, followed by bytes of the gateway's own.
+    ForwardThen(&'static [u8]),
+    /// Keep it from the broker and answer it: not a refusal.
+    Answer(Bytes),
+    Refuse(Refusal),
+}
+
+/// A refused packet: audit it, optionally answer the device, optionally close.
+struct Refusal {
+    reason: Reason,
+    detail: String,
+    reply: Option<Bytes>,
+    close: bool,
+}
+
+fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Verdict {
+    Verdict::Refuse(Refusal {
+        reason,
+        detail,
+        reply,
+        close,
+    })
+}
+
+/// The most characters of a peer's topic, filter or client id that an
+/// audit line repeats: a 32 KB topic must not make a 32 KB line.
+const SHOWN: usize = 128;
+
+/// A peer's string for an audit line: quoted, and cut after [`SHOWN`]
+/// characters with its full length said.
+pub fn shown(s: &str) -> String {
+    match s.char_indices().nth(SHOWN) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes, truncated)", &s[..cut], s.len()),
+    }
+}
+
+/// The policy and protocol checks on a device's packets after CONNECT,
+/// and what they must remember between packets. Pure: bytes in, verdicts
+/// out; [`run`] performs them and [`screen`] records them.
+pub struct Inspector {
+    version: Version,
+    principal: Principal,
+    max: usize,
+    quirks: Quirks,
+    /// QoS 2 PUBLISHes passed to the broker in this connection and not
+    /// yet released (PUBREL).
+    awaiting_release: HashSet<u16>,
+    pings: Pings,
+    refusals: u32,
+}
+
+impl Inspector {
+    pub fn new(version: Version, principal: Principal, max: usize, quirks: Quirks) -> Inspector {
+        Inspector {
+            version,
+            principal,
+            max,
+            quirks,
+            awaiting_release: HashSet::new(),
+            pings: Pings::default(),
+            refusals: 0,
         }
     }
-    let frames = buf.split_to(whole).freeze();
-    let mut out = Batch {
-        forward: Bytes::new(),
-        publishes: 0,
-        answered: 0,
-        refused: Vec::new(),
-        stop: None,
-    };
-    // The allowed runs of frames, as ranges of `frames`.
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut at = 0;
-    while at < frames.len() {
-        // Each of these headers was read above.
-        let end = match mqttbytes::check(frames[at..].iter(), max) {
-            Ok(header) => at + header.frame_length(),
-            Err(e) => {
-                bad = Some(FrameError::Malformed(e.to_string()));
-                break;
-            }
-        };
-        let frame = frames.slice(at..end);
-        match inspect(version, principal, &frame, max) {
-            Verdict::Forward => {
-                let publish = frame[0] >> 4 == 3;
-                out.publishes += u64::from(publish);
-                out.answered += u64::from(publish && frame[0] & 0b0110 != 0);
-                match runs.last_mut() {
-                    Some(run) if run.end == at => run.end = end,
-                    _ => runs.push(at..end),
+
+    /// Checks every whole frame at the front of `buf` and takes them off
+    /// it. The allowed frames are forwarded as they were read: in one
+    /// piece, with no copy, unless refused frames or the gateway's own
+    /// bytes sit between them. A refusal that closes the session ends the
+    /// batch. Linear in what was read, however many frames are refused.
+    fn batch(&mut self, buf: &mut BytesMut) -> Batch {
+        let max = self.max;
+        // First, how far the whole frames go, from their headers alone.
+        let mut whole = 0;
+        let mut bad = None;
+        loop {
+            match mqttbytes::check(buf[whole..].iter(), max) {
+                Ok(header) => whole += header.frame_length(),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
+                    bad = Some(FrameError::TooLarge(n));
+                    break;
+                }
+                Err(e) => {
+                    bad = Some(FrameError::Malformed(e.to_string()));
+                    break;
                 }
             }
-            Verdict::Refuse(refusal) if refusal.close => {
-                bad = None;
-                out.stop = Some(Stop::Refused(Refusal {
-                    after: out.answered,
-                    ..refusal
-                }));
-                break;
-            }
-            Verdict::Refuse(refusal) => out.refused.push(Refusal {
-                after: out.answered,
-                ..refusal
-            }),
         }
-        at = end;
-    }
-    out.forward = match &runs[..] {
-        [] => Bytes::new(),
-        [run] => frames.slice(run.clone()),
-        _ => {
-            let mut joined = BytesMut::with_capacity(runs.iter().map(|r| r.len()).sum());
-            for run in &runs {
-                joined.extend_from_slice(&frames[run.clone()]);
-            }
-            joined.freeze()
-        }
-    };
-    if out.stop.is_none() {
-        out.stop = bad.map(Stop::Frame);
-    }
-    out
-}
-
-/// Checks one packet from the device against the policy.
-fn inspect(version: Version, principal: &Principal, frame: &Bytes, max: usize) -> Verdict {
-    let packet_type = frame.first().map(|b| b >> 4).unwrap_or(0);
-    match packet_type {
-        // CONNECT again, or AUTH (enhanced authentication is not offered).
-        1 | 15 => {
-            let reply = (version == Version::V5)
-                .then(|| v5_disconnect(v5::DisconnectReasonCode::ProtocolError));
-            deny(
-                Reason::ProtocolError,
-                "unexpected CONNECT or AUTH in a session".into(),
-                reply,
-                true,
-            )
-        }
-        3 => inspect_publish(version, principal, frame.clone(), max),
-        8 => inspect_subscribe(version, principal, frame.clone(), max),
-        _ => Verdict::Forward,
-    }
-}
-
-fn malformed(version: Version, what: &str, e: impl std::fmt::Display) -> Verdict {
-    let reply =
-        (version == Version::V5).then(|| v5_disconnect(v5::DisconnectReasonCode::MalformedPacket));
-    deny(
-        Reason::ProtocolError,
-        format!("malformed {what}: {e}"),
-        reply,
-        true,
-    )
-}
-
-// The PUBLISH and SUBSCRIBE readers below parse the frame in place (a
-// `Bytes` clone shares it); `inspect` has checked the packet type.
-
-fn inspect_publish(version: Version, principal: &Principal, frame: Bytes, max: usize) -> Verdict {
-    match version {
-        Version::V311 => {
-            let p = match mqttbytes::check(frame.iter(), max)
-                .and_then(|header| v4::Publish::read(header, frame))
-            {
-                Ok(p) => p,
-                Err(e) => return malformed(version, "PUBLISH", e),
+        let frames = buf.split_to(whole).freeze();
+        let mut out = Batch {
+            forward: Bytes::new(),
+            publishes: 0,
+            answered: 0,
+            replies: Vec::new(),
+            refused: Vec::new(),
+            stop: None,
+        };
+        // The allowed runs of frames, as ranges of `frames`, and the
+        // gateway's own bytes between them.
+        let mut runs: Vec<Piece> = Vec::new();
+        let mut at = 0;
+        while at < frames.len() {
+            // Each of these headers was read above.
+            let end = match mqttbytes::check(frames[at..].iter(), max) {
+                Ok(header) => at + header.frame_length(),
+                Err(e) => {
+                    bad = Some(FrameError::Malformed(e.to_string()));
+                    break;
+                }
             };
-            match policy::may_publish(principal, &p.topic) {
-                Ok(()) => Verdict::Forward,
-                // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
-                Err(d) => deny(
-                    Reason::PolicyDenied,
-                    format!("PUBLISH to {:?}: {}", p.topic, d.as_str()),
-                    None,
-                    true,
-                ),
+            let frame = frames.slice(at..end);
+            let mut verdict = self.inspect(&frame);
+            if let Verdict::Refuse(refusal) = &mut verdict
+                && !refusal.close
+            {
+                self.refusals += 1;
+                if self.refusals >= MAX_REFUSALS {
+                    refusal.close = true;
+                    refusal.detail = format!(
+                        "{}; {} refusals in this session, the most allowed: session closed",
+                        refusal.detail, self.refusals
+                    );
+                    if self.version == Version::V5 {
+                        refusal.reply =
+                            Some(v5_disconnect(v5::DisconnectReasonCode::QuotaExceeded));
+                    }
+                }
             }
+            match verdict {
+                Verdict::Forward | Verdict::ForwardThen(_) => {
+                    let publish = frame[0] >> 4 == 3;
+                    out.publishes += u64::from(publish);
+                    out.answered += u64::from(publish && frame[0] & 0b0110 != 0);
+                    match runs.last_mut() {
+                        Some(Piece::Run(run)) if run.end == at => run.end = end,
+                        _ => runs.push(Piece::Run(at..end)),
+                    }
+                    if let Verdict::ForwardThen(extra) = verdict {
+                        runs.push(Piece::Ours(extra));
+                    }
+                }
+                Verdict::Answer(reply) => out.replies.push((out.answered, reply)),
+                Verdict::Refuse(refusal) => {
+                    if let Some(reply) = refusal.reply {
+                        out.replies.push((out.answered, reply));
+                    }
+                    if refusal.close {
+                        bad = None;
+                        out.stop = Some(Stop::Refused(refusal.reason, refusal.detail));
+                        break;
+                    }
+                    out.refused.push((refusal.reason, refusal.detail));
+                }
+            }
+            at = end;
         }
-        Version::V5 => {
-            let p = match v5::check(frame.iter(), Some(max as u32))
-                .and_then(|header| v5::Publish::read(header, frame))
-            {
-                Ok(p) => p,
-                Err(e) => return malformed(version, "PUBLISH", e),
-            };
-            if p.properties
-                .as_ref()
-                .is_some_and(|props| props.topic_alias.is_some())
-            {
-                let reply = Some(v5_disconnect(v5::DisconnectReasonCode::TopicAliasInvalid));
-                return deny(
+        out.forward = match &runs[..] {
+            [] => Bytes::new(),
+            [Piece::Run(run)] => frames.slice(run.clone()),
+            _ => {
+                let mut joined = BytesMut::new();
+                for piece in &runs {
+                    match piece {
+                        Piece::Run(run) => joined.extend_from_slice(&frames[run.clone()]),
+                        Piece::Ours(bytes) => joined.extend_from_slice(bytes),
+                    }
+                }
+                joined.freeze()
+            }
+        };
+        if out.stop.is_none() {
+            out.stop = bad.map(Stop::Frame);
+        }
+        out
+    }
+
+    /// Checks one packet from the device.
+    fn inspect(&mut self, frame: &Bytes) -> Verdict {
+        let version = self.version;
+        let packet_type = frame.first().map(|b| b >> 4).unwrap_or(0);
+        match packet_type {
+            // CONNECT again, or AUTH (enhanced authentication is not offered).
+            1 | 15 => {
+                let reply = (version == Version::V5)
+                    .then(|| v5_disconnect(v5::DisconnectReasonCode::ProtocolError));
+                deny(
                     Reason::ProtocolError,
-                    "topic aliases are not accepted".into(),
+                    "unexpected CONNECT or AUTH in a session".into(),
                     reply,
                     true,
-                );
+                )
             }
-            let Ok(topic) = std::str::from_utf8(&p.topic) else {
-                return malformed(version, "PUBLISH", "topic is not UTF-8");
-            };
-            match policy::may_publish(principal, topic) {
-                Ok(()) => Verdict::Forward,
-                Err(d) => {
-                    let detail = format!("PUBLISH to {topic:?}: {}", d.as_str());
-                    match p.qos {
-                        QoS::AtMostOnce => deny(
+            3 => self.inspect_publish(frame.clone()),
+            6 => self.inspect_pubrel(frame.clone()),
+            8 => self.inspect_subscribe(frame.clone()),
+            10 => self.inspect_unsubscribe(frame.clone()),
+            12 => self.expect_pong(Ping::Device, Verdict::Forward),
+            _ => Verdict::Forward,
+        }
+    }
+
+    /// Queues who is owed the broker's next PINGRESP.
+    fn expect_pong(&mut self, owner: Ping, verdict: Verdict) -> Verdict {
+        let Ok(mut pings) = self.pings.lock() else {
+            return deny(
+                Reason::ProtocolError,
+                "session state poisoned".into(),
+                None,
+                true,
+            );
+        };
+        if pings.len() >= MAX_PINGS {
+            let reply = (self.version == Version::V5)
+                .then(|| v5_disconnect(v5::DisconnectReasonCode::ReceiveMaximumExceeded));
+            return deny(
+                Reason::ProtocolError,
+                format!("{MAX_PINGS} PINGREQs or UNSUBSCRIBEs await the broker's answer"),
+                reply,
+                true,
+            );
+        }
+        pings.push_back(owner);
+        verdict
+    }
+
+    fn malformed(&self, what: &str, e: impl std::fmt::Display) -> Verdict {
+        let reply = (self.version == Version::V5)
+            .then(|| v5_disconnect(v5::DisconnectReasonCode::MalformedPacket));
+        deny(
+            Reason::ProtocolError,
+            format!("malformed {what}: {e}"),
+            reply,
+            true,
+        )
+    }
+
+    // The readers below parse the frame in place (a `Bytes` clone shares
+    // it); `inspect` has checked the packet type.
+
+    fn inspect_publish(&mut self, frame: Bytes) -> Verdict {
+        let (max, principal) = (self.max, self.principal);
+        match self.version {
+            Version::V311 => {
+                let p = match mqttbytes::check(frame.iter(), max)
+                    .and_then(|header| v4::Publish::read(header, frame))
+                {
+                    Ok(p) => p,
+                    Err(e) => return self.malformed("PUBLISH", e),
+                };
+                match policy::may_publish(&principal, &p.topic) {
+                    Ok(()) => self.passed(p.qos as u8, p.pkid),
+                    // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
+                    Err(d) => deny(
+                        Reason::PolicyDenied,
+                        format!("PUBLISH to {}: {}", shown(&p.topic), d.as_str()),
+                        None,
+                        true,
+                    ),
+                }
+            }
+            Version::V5 => {
+                let p = match v5::check(frame.iter(), Some(max as u32))
+                    .and_then(|header| v5::Publish::read(header, frame))
+                {
+                    Ok(p) => p,
+                    Err(e) => return self.malformed("PUBLISH", e),
+                };
+                if p.properties
+                    .as_ref()
+                    .is_some_and(|props| props.topic_alias.is_some())
+                {
+                    let reply = Some(v5_disconnect(v5::DisconnectReasonCode::TopicAliasInvalid));
+                    return deny(
+                        Reason::ProtocolError,
+                        "topic aliases are not accepted".into(),
+                        reply,
+                        true,
+                    );
+                }
+                let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                    return self.malformed("PUBLISH", "topic is not UTF-8");
+                };
+                // A response topic is where a service will publish its
+                // answer: the device may name only a topic it could
+                // publish to itself, never another device's commands.
+                let response = p
+                    .properties
+                    .as_ref()
+                    .and_then(|props| props.response_topic.as_deref());
+                let denied = match policy::may_publish(&principal, topic) {
+                    Err(d) => Some(format!("PUBLISH to {}: {}", shown(topic), d.as_str())),
+                    Ok(()) => response.and_then(|r| {
+                        policy::may_publish(&principal, r).err().map(|d| {
+                            format!(
+                                "PUBLISH to {} with response topic {}: {}",
+                                shown(topic),
+                                shown(r),
+                                d.as_str()
+                            )
+                        })
+                    }),
+                };
+                let Some(detail) = denied else {
+                    return self.passed(p.qos as u8, p.pkid);
+                };
+                match p.qos {
+                    QoS::AtMostOnce => deny(
+                        Reason::PolicyDenied,
+                        detail,
+                        Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
+                        true,
+                    ),
+                    QoS::AtLeastOnce => {
+                        let ack = v5::PubAck {
+                            pkid: p.pkid,
+                            reason: v5::PubAckReason::NotAuthorized,
+                            properties: None,
+                        };
+                        deny(
                             Reason::PolicyDenied,
                             detail,
-                            Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
-                            true,
-                        ),
-                        QoS::AtLeastOnce => {
-                            let ack = v5::PubAck {
-                                pkid: p.pkid,
-                                reason: v5::PubAckReason::NotAuthorized,
-                                properties: None,
-                            };
-                            deny(
-                                Reason::PolicyDenied,
-                                detail,
-                                Some(encode_v5(v5::Packet::PubAck(ack))),
-                                false,
-                            )
-                        }
-                        QoS::ExactlyOnce => {
-                            let rec = v5::PubRec {
-                                pkid: p.pkid,
-                                reason: v5::PubRecReason::NotAuthorized,
-                                properties: None,
-                            };
-                            deny(
-                                Reason::PolicyDenied,
-                                detail,
-                                Some(encode_v5(v5::Packet::PubRec(rec))),
-                                false,
-                            )
-                        }
+                            Some(encode_v5(v5::Packet::PubAck(ack))),
+                            false,
+                        )
+                    }
+                    QoS::ExactlyOnce => {
+                        let rec = v5::PubRec {
+                            pkid: p.pkid,
+                            reason: v5::PubRecReason::NotAuthorized,
+                            properties: None,
+                        };
+                        deny(
+                            Reason::PolicyDenied,
+                            detail,
+                            Some(encode_v5(v5::Packet::PubRec(rec))),
+                            false,
+                        )
                     }
                 }
             }
         }
     }
-}
 
-fn inspect_subscribe(version: Version, principal: &Principal, frame: Bytes, max: usize) -> Verdict {
-    let (pkid, filters): (u16, Vec<String>) = match version {
-        Version::V311 => match mqttbytes::check(frame.iter(), max)
-            .and_then(|header| v4::Subscribe::read(header, frame))
-        {
-            Ok(s) => (s.pkid, s.filters.into_iter().map(|f| f.path).collect()),
-            Err(e) => return malformed(version, "SUBSCRIBE", e),
-        },
-        Version::V5 => match v5::check(frame.iter(), Some(max as u32))
-            .and_then(|header| v5::Subscribe::read(header, frame))
-        {
-            Ok(s) => (s.pkid, s.filters.into_iter().map(|f| f.path).collect()),
-            Err(e) => return malformed(version, "SUBSCRIBE", e),
-        },
-    };
-    let denied: Vec<String> = filters
-        .iter()
-        .filter_map(|f| {
-            policy::may_subscribe(principal, f)
-                .err()
-                .map(|d| format!("{f:?}: {}", d.as_str()))
-        })
-        .collect();
-    if denied.is_empty() {
-        return Verdict::Forward;
+    /// A PUBLISH the policy allows: a QoS 2 one awaits its PUBREL.
+    fn passed(&mut self, qos: u8, pkid: u16) -> Verdict {
+        if qos == 2 {
+            self.awaiting_release.insert(pkid);
+        }
+        Verdict::Forward
     }
-    let detail = format!("SUBSCRIBE {}", denied.join(", "));
-    match version {
-        Version::V311 => deny(Reason::PolicyDenied, detail, None, true),
-        // A SUBSCRIBE with any denied filter is refused as a whole.
-        Version::V5 => {
-            let ack = v5::SubAck {
+
+    /// A PUBREL releases a QoS 2 PUBLISH. One for a packet id not
+    /// PUBLISHed in this connection is the resend the specification asks
+    /// for after a reconnect (the PUBCOMP was lost); rumqttd closes the
+    /// link on it, so the gateway answers it: PUBCOMP, in MQTT 5 with
+    /// 0x92 (packet identifier not found), as rumqttd kept nothing of it.
+    fn inspect_pubrel(&mut self, frame: Bytes) -> Verdict {
+        if !self.quirks.unknown_pubrel_closes {
+            return Verdict::Forward;
+        }
+        let pkid = match self.version {
+            Version::V311 => mqttbytes::check(frame.iter(), self.max)
+                .and_then(|header| v4::PubRel::read(header, frame))
+                .map(|p| p.pkid)
+                .map_err(|e| e.to_string()),
+            Version::V5 => v5::check(frame.iter(), Some(self.max as u32))
+                .and_then(|header| v5::PubRel::read(header, frame))
+                .map(|p| p.pkid)
+                .map_err(|e| e.to_string()),
+        };
+        let pkid = match pkid {
+            Ok(pkid) => pkid,
+            Err(e) => return self.malformed("PUBREL", e),
+        };
+        if self.awaiting_release.remove(&pkid) {
+            return Verdict::Forward;
+        }
+        Verdict::Answer(match self.version {
+            Version::V311 => encode_v4(v4::Packet::PubComp(v4::PubComp { pkid })),
+            Version::V5 => encode_v5(v5::Packet::PubComp(v5::PubComp {
                 pkid,
-                return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; filters.len()],
+                reason: v5::PubCompReason::PacketIdentifierNotFound,
                 properties: None,
-            };
-            deny(
+            })),
+        })
+    }
+
+    fn inspect_subscribe(&mut self, frame: Bytes) -> Verdict {
+        let (version, max) = (self.version, self.max);
+        let (pkid, filters): (u16, Vec<(String, bool)>) = match version {
+            Version::V311 => match mqttbytes::check(frame.iter(), max)
+                .and_then(|header| v4::Subscribe::read(header, frame))
+            {
+                Ok(s) => (
+                    s.pkid,
+                    s.filters.into_iter().map(|f| (f.path, false)).collect(),
+                ),
+                Err(e) => return self.malformed("SUBSCRIBE", e),
+            },
+            Version::V5 => match v5::check(frame.iter(), Some(max as u32))
+                .and_then(|header| v5::Subscribe::read(header, frame))
+            {
+                Ok(s) => (
+                    s.pkid,
+                    s.filters.into_iter().map(|f| (f.path, f.nolocal)).collect(),
+                ),
+                Err(e) => return self.malformed("SUBSCRIBE", e),
+            },
+        };
+        let denied: Vec<String> = filters
+            .iter()
+            .filter_map(|(f, _)| {
+                policy::may_subscribe(&self.principal, f)
+                    .err()
+                    .map(|d| format!("{}: {}", shown(f), d.as_str()))
+            })
+            .collect();
+        let (reason, detail, code) = if !denied.is_empty() {
+            (
                 Reason::PolicyDenied,
-                detail,
-                Some(encode_v5(v5::Packet::SubAck(ack))),
-                false,
+                format!("SUBSCRIBE {}", denied.join(", ")),
+                v5::SubscribeReasonCode::NotAuthorized,
             )
+        } else if self.quirks.no_local_ignored && filters.iter().any(|(_, no_local)| *no_local) {
+            let named: Vec<String> = filters
+                .iter()
+                .filter(|(_, no_local)| *no_local)
+                .map(|(f, _)| shown(f))
+                .collect();
+            (
+                Reason::Unsupported,
+                format!(
+                    "SUBSCRIBE {} with no-local, which the embedded broker does not honour",
+                    named.join(", ")
+                ),
+                v5::SubscribeReasonCode::ImplementationSpecific,
+            )
+        } else {
+            return Verdict::Forward;
+        };
+        match version {
+            Version::V311 => deny(reason, detail, None, true),
+            // A SUBSCRIBE with any refused filter is refused as a whole.
+            Version::V5 => {
+                let ack = v5::SubAck {
+                    pkid,
+                    return_codes: vec![code; filters.len()],
+                    properties: None,
+                };
+                deny(
+                    reason,
+                    detail,
+                    Some(encode_v5(v5::Packet::SubAck(ack))),
+                    false,
+                )
+            }
+        }
+    }
+
+    /// An UNSUBSCRIBE goes to the broker with a PINGREQ of the gateway's
+    /// behind it: see [`Ping`].
+    fn inspect_unsubscribe(&mut self, frame: Bytes) -> Verdict {
+        let filters = match self.version {
+            Version::V311 => mqttbytes::check(frame.iter(), self.max)
+                .and_then(|header| v4::Unsubscribe::read(header, frame))
+                .map(|u| (u.pkid, u.topics.len()))
+                .map_err(|e| e.to_string()),
+            Version::V5 => v5::check(frame.iter(), Some(self.max as u32))
+                .and_then(|header| v5::Unsubscribe::read(header, frame))
+                .map(|u| (u.pkid, u.filters.len()))
+                .map_err(|e| e.to_string()),
+        };
+        match filters {
+            Ok((pkid, filters)) => self.expect_pong(
+                Ping::Unsubscribe { pkid, filters },
+                Verdict::ForwardThen(PINGREQ),
+            ),
+            Err(e) => self.malformed("UNSUBSCRIBE", e),
         }
     }
 }
 
-/// The length of the whole packets at the start of `buf`, and how many of
-/// them are PUBLISH. Bytes the codec cannot frame are passed on as they
-/// are: they come from the broker, which the gateway trusts.
-fn scan_frames(buf: &[u8]) -> (usize, u64, u64) {
-    let mut at = 0;
-    let mut publishes = 0;
-    let mut answers = 0;
-    while at < buf.len() {
-        match mqttbytes::check(buf[at..].iter(), usize::MAX) {
-            Ok(header) => {
-                publishes += u64::from(buf[at] >> 4 == 3);
-                answers += u64::from(is_answer(buf[at]));
-                at += header.frame_length();
+/// A part of what a batch forwards.
+enum Piece {
+    /// Frames as the device sent them.
+    Run(std::ops::Range<usize>),
+    /// Bytes of the gateway's own.
+    Ours(&'static [u8]),
+}
+
+/// What the broker sent, made ready for the device: whole frames only,
+/// with the broker's UNSUBACKs dropped and the gateway's own taking the
+/// place of the PINGRESP that answers its PINGREQ (see [`Ping`]).
+struct FromBroker {
+    version: Version,
+    pings: Pings,
+}
+
+/// Frames for the device, with how many are PUBLISH and how many answer
+/// the device's PUBLISHes.
+struct ToDevice {
+    frames: Bytes,
+    publishes: u64,
+    answers: u64,
+}
+
+impl FromBroker {
+    /// Takes the whole frames at the front of `buf`. Bytes the codec cannot
+    /// frame are passed on as they are: they come from the broker, which
+    /// the gateway trusts.
+    fn take(&self, buf: &mut BytesMut) -> ToDevice {
+        let mut at = 0;
+        let mut publishes = 0;
+        let mut answers = 0;
+        // Cut points: a frame to drop, or to replace.
+        let mut edits: Vec<(std::ops::Range<usize>, Option<Bytes>)> = Vec::new();
+        while at < buf.len() {
+            match mqttbytes::check(buf[at..].iter(), usize::MAX) {
+                Ok(header) => {
+                    let end = at + header.frame_length();
+                    match buf[at] >> 4 {
+                        3 => publishes += 1,
+                        4 | 5 => answers += 1,
+                        11 => edits.push((at..end, None)),
+                        13 => {
+                            let owner = self.pings.lock().ok().and_then(|mut p| p.pop_front());
+                            if let Some(Ping::Unsubscribe { pkid, filters }) = owner {
+                                edits.push((at..end, Some(self.unsuback(pkid, filters))));
+                            }
+                        }
+                        _ => {}
+                    }
+                    at = end;
+                }
+                Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(_) => {
+                    at = buf.len();
+                    break;
+                }
             }
-            Err(mqttbytes::Error::InsufficientBytes(_)) => break,
-            Err(_) => return (buf.len(), publishes, answers),
+        }
+        let taken = buf.split_to(at).freeze();
+        let frames = if edits.is_empty() {
+            taken
+        } else {
+            let mut joined = BytesMut::with_capacity(taken.len());
+            let mut from = 0;
+            for (cut, with) in edits {
+                joined.extend_from_slice(&taken[from..cut.start]);
+                if let Some(with) = with {
+                    joined.extend_from_slice(&with);
+                }
+                from = cut.end;
+            }
+            joined.extend_from_slice(&taken[from..]);
+            joined.freeze()
+        };
+        ToDevice {
+            frames,
+            publishes,
+            answers,
         }
     }
-    (at, publishes, answers)
+
+    /// One UNSUBACK for one UNSUBSCRIBE. The broker cannot tell which
+    /// filters it held, so MQTT 5 gets Success for each (the
+    /// specification's answer once the subscription is gone).
+    fn unsuback(&self, pkid: u16, filters: usize) -> Bytes {
+        match self.version {
+            Version::V311 => encode_v4(v4::Packet::UnsubAck(v4::UnsubAck { pkid })),
+            Version::V5 => encode_v5(v5::Packet::UnsubAck(v5::UnsubAck {
+                pkid,
+                reasons: vec![v5::UnsubAckReason::Success; filters],
+                properties: None,
+            })),
+        }
+    }
 }
 
 /// Is this (a frame's first byte) the broker's answer to a device's
@@ -787,22 +1187,6 @@ impl DeviceOrder {
     }
 }
 
-/// Removes topic alias support from a broker's MQTT 5 CONNACK.
-fn strip_topic_aliases(frame: BytesMut) -> Bytes {
-    let mut frame = frame;
-    let original = frame.clone().freeze();
-    match v5::Packet::read(&mut frame, None) {
-        Ok(v5::Packet::ConnAck(mut ack)) => {
-            if let Some(props) = ack.properties.as_mut() {
-                props.topic_alias_max = None;
-                props.assigned_client_identifier = None;
-            }
-            encode_v5(v5::Packet::ConnAck(ack))
-        }
-        _ => original,
-    }
-}
-
 type UpstreamHalves = (
     Box<dyn AsyncRead + Send + Unpin>,
     Box<dyn AsyncWrite + Send + Unpin>,
@@ -830,6 +1214,13 @@ async fn connect_upstream(
 
 /// The most bytes of queued messages joined into one write to a device.
 const WRITE_BATCH: usize = 16 * 1024;
+/// What one read brought.
+enum Read {
+    Data,
+    End,
+    Failed(std::io::Error),
+}
+
 /// The smallest and largest reads of a session, from the device or from
 /// the broker. A read from the broker shares its allocation with the
 /// frames split off it until the device has them, so at most the 16 queued
@@ -853,8 +1244,8 @@ impl Reads {
         }
     }
 
-    /// Reads once into `buf`; false when the stream has ended or failed.
-    async fn more<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> bool {
+    /// Reads once into `buf`.
+    async fn more<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> Read {
         // Quiet again after a burst or a large frame: what is left (at
         // most the start of the next frame) moves to a small buffer.
         if self.chunk == READ_CHUNK_MIN
@@ -870,14 +1261,15 @@ impl Reads {
         }
         let room = buf.capacity() - buf.len();
         match rd.read_buf(buf).await {
-            Ok(0) | Err(_) => false,
+            Ok(0) => Read::End,
+            Err(e) => Read::Failed(e),
             Ok(n) => {
                 self.chunk = if n == room {
                     (self.chunk * 2).min(READ_CHUNK_MAX)
                 } else {
                     READ_CHUNK_MIN
                 };
-                true
+                Read::Data
             }
         }
     }
@@ -895,8 +1287,10 @@ impl Reads {
                 Err(mqttbytes::Error::InsufficientBytes(_)) => {}
                 _ => return Ok(()),
             }
-            if !self.more(rd, buf).await {
-                return Err(FrameError::Closed);
+            match self.more(rd, buf).await {
+                Read::Data => {}
+                Read::End => return Err(FrameError::Closed),
+                Read::Failed(e) => return Err(FrameError::Broken(e.to_string())),
             }
         }
     }
@@ -938,7 +1332,7 @@ pub async fn run<S>(
                     None,
                 );
             }
-            Ok(Err(FrameError::Closed)) => return,
+            Ok(Err(FrameError::Closed | FrameError::Broken(_))) => return,
             Ok(Err(FrameError::TooLarge(n))) => {
                 return refuse(
                     Reason::ProtocolError,
@@ -957,7 +1351,12 @@ pub async fn run<S>(
         };
 
     let credential = broker.credential.as_ref();
-    let (version, connect) = match admit(frame, &peer.principal, credential, max) {
+    let quirks = if broker.embedded {
+        Quirks::EMBEDDED
+    } else {
+        Quirks::NONE
+    };
+    let (version, connect) = match admit(frame, &peer.principal, credential, max, quirks) {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(reply) = &refusal.reply {
@@ -973,43 +1372,78 @@ pub async fn run<S>(
         Version::V311 => broker.v4,
         Version::V5 => broker.v5,
     };
-    let upstream = match tokio::time::timeout(
-        Duration::from_secs(5),
-        connect_upstream(addr, broker.tls.as_ref()),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        failed => {
-            let error = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
-            tracing::error!(broker = %addr, %error, "cannot reach the broker");
-            let reply = match version {
-                Version::V311 => v4_connack(v4::ConnectReturnCode::ServiceUnavailable),
-                Version::V5 => v5_connack(v5::ConnectReturnCode::ServerUnavailable),
-            };
+    let unavailable = match version {
+        Version::V311 => v4_connack(v4::ConnectReturnCode::ServiceUnavailable),
+        Version::V5 => v5_connack(v5::ConnectReturnCode::ServerUnavailable),
+    };
+    let upstream =
+        match tokio::time::timeout(BROKER_TIMEOUT, connect_upstream(addr, broker.tls.as_ref()))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::error!(broker = %addr, %error, "cannot reach the broker");
+                let _ = wr.write_all(&unavailable).await;
+                return refuse(
+                    Reason::BrokerUnavailable,
+                    format!("cannot reach the broker at {addr}: {error}"),
+                    Some(&client_id),
+                );
+            }
+        };
+    let (mut up_rd, mut up_wr) = upstream;
+    let mut up_buf = BytesMut::with_capacity(READ_CHUNK_MIN);
+    // The session exists once the broker has accepted it: the device's
+    // later packets wait in its socket until then.
+    let connack = async {
+        up_wr.write_all(&connect.forward).await.ok()?;
+        read_frame(&mut up_rd, &mut up_buf, usize::MAX).await.ok()
+    };
+    let connack = match tokio::time::timeout(BROKER_TIMEOUT, connack).await {
+        Ok(Some(frame)) => answer_connack(version, frame, &connect, max),
+        _ => Err(("no CONNACK from the broker".to_owned(), unavailable)),
+    };
+    let connack = match connack {
+        Ok(connack) => connack,
+        Err((why, reply)) => {
             let _ = wr.write_all(&reply).await;
-            return;
+            let _ = wr.shutdown().await;
+            return refuse(Reason::BrokerUnavailable, why, Some(&client_id));
         }
     };
-    let (mut up_rd, mut up_wr) = upstream;
-    if up_wr.write_all(&connect.forward).await.is_err() {
-        return;
-    }
+    let metrics = audit.metrics().clone();
+    metrics.session_started(peer.cert.not_after);
+    let presence = audit.presence().clone();
+    let broker_id = identity::broker_client_id(&peer.principal, &client_id);
+    let (token, previous) = presence.arrive(&broker_id, peer.addr);
     audit.record(
         &Event::new(EventKind::Connected, peer.addr)
             .with_identity(peer.identity.clone())
             .with_client_id(client_id.clone())
             .with_certificate(Some(peer.cert.clone())),
     );
+    if let Some(previous) = previous {
+        audit.record(&Event::taken_over(&peer, &client_id, previous));
+    }
 
-    let metrics = audit.metrics().clone();
-    metrics.session_started(peer.cert.not_after);
+    let mut inspector = Inspector::new(version, peer.principal, max, quirks);
+    let from_broker = FromBroker {
+        version,
+        pings: inspector.pings.clone(),
+    };
     // One writer owns the device side; the broker pump and the policy's
     // answers both go through it.
     let (to_device, mut outbox) = mpsc::channel::<Out>(16);
+    let _ = to_device
+        .send(Out::Broker {
+            frames: connack,
+            answers: 0,
+        })
+        .await;
     let writer = tokio::spawn(async move {
         let mut order = DeviceOrder::default();
         let mut parts = Vec::new();
@@ -1051,26 +1485,17 @@ pub async fn run<S>(
     let pump_out = to_device.clone();
     let pump_metrics = metrics.clone();
     let mut pump = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK_MIN);
+        let mut buf = up_buf;
         let mut reads = Reads::new();
-        if version == Version::V5 {
-            match read_frame(&mut up_rd, &mut buf, usize::MAX).await {
-                Ok(connack) => {
-                    let frames = strip_topic_aliases(connack);
-                    let connack = Out::Broker { frames, answers: 0 };
-                    if pump_out.send(connack).await.is_err() {
-                        return;
-                    }
-                }
-                Err(_) => return,
-            }
-        }
         loop {
             // Forward whole packets only, counting the PUBLISHes among them.
-            let (complete, publishes, answers) = scan_frames(&buf);
-            if complete > 0 {
-                pump_metrics.relayed(Direction::Out, publishes, complete as u64);
-                let frames = buf.split_to(complete).freeze();
+            let ToDevice {
+                frames,
+                publishes,
+                answers,
+            } = from_broker.take(&mut buf);
+            if !frames.is_empty() {
+                pump_metrics.relayed(Direction::Out, publishes, frames.len() as u64);
                 if pump_out
                     .send(Out::Broker { frames, answers })
                     .await
@@ -1079,7 +1504,7 @@ pub async fn run<S>(
                     return;
                 }
             }
-            if !reads.more(&mut up_rd, &mut buf).await {
+            if !matches!(reads.more(&mut up_rd, &mut buf).await, Read::Data) {
                 return;
             }
         }
@@ -1091,45 +1516,46 @@ pub async fn run<S>(
     // packets go to the device after the broker's answers to them.
     let mut sent: u64 = 0;
     let ours = |packet: Bytes, after: u64| Out::Gateway { packet, after };
+    // Why the session ended, when neither side simply closed it.
+    let mut ended: Option<String> = None;
     loop {
         tokio::select! {
             read = reads.frame(&mut rd, &mut buf, max) => {
                 // Every whole frame read so far goes to the broker in one
                 // write.
-                let Batch { forward, publishes, answered, refused, stop } = match read {
-                    Ok(()) => batch(version, &peer.principal, &mut buf, max),
-                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, answered: 0, refused: Vec::new(), stop: Some(Stop::Frame(e)) },
+                let Batch { forward, publishes, answered, replies, refused, stop } = match read {
+                    Ok(()) => inspector.batch(&mut buf),
+                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, answered: 0, replies: Vec::new(), refused: Vec::new(), stop: Some(Stop::Frame(e)) },
                 };
                 // The gateway's answers are queued before the allowed frames
                 // go to the broker: the broker's answers to PUBLISHes after
                 // a refused one cannot overtake its answer then.
                 let before = sent;
                 sent += answered;
-                let stopped = match &stop {
-                    Some(Stop::Refused(refusal)) => Some(refusal),
-                    _ => None,
-                };
-                for Refusal { reply, after, .. } in refused.iter().chain(stopped) {
-                    if let Some(reply) = reply {
-                        let _ = to_device.send(ours(reply.clone(), before + after)).await;
-                    }
+                for (after, reply) in replies {
+                    let _ = to_device.send(ours(reply, before + after)).await;
                 }
-                for Refusal { reason, detail, .. } in refused {
+                for (reason, detail) in refused {
                     refuse(reason, detail, Some(&client_id));
                 }
-                if let Some(Stop::Refused(Refusal { reason, detail, .. })) = &stop {
+                if let Some(Stop::Refused(reason, detail)) = &stop {
                     refuse(*reason, detail.clone(), Some(&client_id));
                 }
                 if !forward.is_empty() {
                     metrics.relayed(Direction::In, publishes, forward.len() as u64);
                     if up_wr.write_all(&forward).await.is_err() {
+                        ended = Some("the broker connection failed".into());
                         break;
                     }
                 }
                 match stop {
                     None => {}
-                    Some(Stop::Refused(_)) => break,
+                    Some(Stop::Refused(..)) => break,
                     Some(Stop::Frame(FrameError::Closed)) => break,
+                    Some(Stop::Frame(FrameError::Broken(e))) => {
+                        ended = Some(format!("the device's connection failed: {e}"));
+                        break;
+                    }
                     Some(Stop::Frame(FrameError::TooLarge(n))) => {
                         if version == Version::V5 {
                             let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge), sent)).await;
@@ -1146,11 +1572,15 @@ pub async fn run<S>(
                     }
                 }
             }
-            _ = &mut pump => break,
+            _ = &mut pump => {
+                ended = Some("the broker ended the session".into());
+                break;
+            }
             _ = shutdown.changed() => {
                 if version == Version::V5 {
                     let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::ServerShuttingDown), sent)).await;
                 }
+                ended = Some("the gateway is shutting down".into());
                 break;
             }
             changed = revocations.changed(), if watching => {
@@ -1170,11 +1600,96 @@ pub async fn run<S>(
     metrics.session_ended(peer.cert.not_after);
     drop(to_device);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
-    audit.record(
-        &Event::new(EventKind::Disconnected, peer.addr)
-            .with_identity(peer.identity.clone())
-            .with_client_id(client_id),
-    );
+    // A lingering close: what the device still sends is read and dropped
+    // until it closes too (at most half a second), since closing a socket
+    // with unread bytes resets it, and the reset can destroy the last
+    // packet (a DISCONNECT with its reason) before the device reads it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut sink = [0u8; 1024];
+        while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    if let Some(holder) = presence.leave(&broker_id, token) {
+        ended = Some(format!(
+            "taken over by another connection of this identity from {holder}"
+        ));
+    }
+    let mut event = Event::new(EventKind::Disconnected, peer.addr)
+        .with_identity(peer.identity.clone())
+        .with_client_id(client_id);
+    if let Some(why) = ended {
+        event = event.with_detail(why);
+    }
+    audit.record(&event);
+}
+
+/// How long the broker has to accept a connection and answer a CONNECT.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The broker's CONNACK, as the device gets it, or why the session is
+/// refused and what the device is told. MQTT 5's CONNACK says what the
+/// gateway offers: no topic aliases (every PUBLISH names its topic), no
+/// shared subscriptions, wildcards and subscription identifiers, the
+/// gateway's own packet size limit, and the keepalive a device that asked
+/// for none must keep.
+fn answer_connack(
+    version: Version,
+    frame: BytesMut,
+    connect: &Connect,
+    max: usize,
+) -> Result<Bytes, (String, Bytes)> {
+    let mut frame = frame;
+    let original = frame.clone().freeze();
+    let refused = |code: String| {
+        (
+            format!("the broker refused the session ({code})"),
+            original.clone(),
+        )
+    };
+    match version {
+        Version::V311 => match v4::Packet::read(&mut frame, usize::MAX) {
+            Ok(v4::Packet::ConnAck(ack)) if ack.code == v4::ConnectReturnCode::Success => {
+                Ok(original)
+            }
+            Ok(v4::Packet::ConnAck(ack)) => Err(refused(format!("{:?}", ack.code))),
+            _ => Err(refused("not a CONNACK".into())),
+        },
+        Version::V5 => match v5::Packet::read(&mut frame, None) {
+            Ok(v5::Packet::ConnAck(mut ack)) if ack.code == v5::ConnectReturnCode::Success => {
+                let props = ack.properties.get_or_insert_with(|| v5::ConnAckProperties {
+                    session_expiry_interval: None,
+                    receive_max: None,
+                    max_qos: None,
+                    retain_available: None,
+                    max_packet_size: None,
+                    assigned_client_identifier: None,
+                    topic_alias_max: None,
+                    reason_string: None,
+                    user_properties: Vec::new(),
+                    wildcard_subscription_available: None,
+                    subscription_identifiers_available: None,
+                    shared_subscription_available: None,
+                    server_keep_alive: None,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                });
+                props.topic_alias_max = None;
+                props.assigned_client_identifier = None;
+                props.shared_subscription_available = Some(0);
+                props.wildcard_subscription_available = Some(1);
+                props.subscription_identifiers_available = Some(1);
+                props.max_packet_size = Some(u32::try_from(max).unwrap_or(u32::MAX));
+                if connect.keepalive_raised {
+                    props.server_keep_alive = Some(KEEPALIVE_OFF);
+                }
+                Ok(encode_v5(v5::Packet::ConnAck(ack)))
+            }
+            Ok(v5::Packet::ConnAck(ack)) => Err(refused(format!("{:?}", ack.code))),
+            _ => Err(refused("not a CONNACK".into())),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -1198,9 +1713,19 @@ mod tests {
     }
 
     fn broker(frames: &[Bytes]) -> Out {
-        let frames: Bytes = frames.concat().into();
-        let (_, _, answers) = scan_frames(&frames);
+        let mut buf = BytesMut::from(&frames.concat()[..]);
+        let relay = FromBroker {
+            version: Version::V5,
+            pings: Pings::default(),
+        };
+        let ToDevice {
+            frames, answers, ..
+        } = relay.take(&mut buf);
         Out::Broker { frames, answers }
+    }
+
+    fn inspector(version: Version, me: &Principal) -> Inspector {
+        Inspector::new(version, *me, 1024, Quirks::EMBEDDED)
     }
 
     /// What `order` lets out for `messages`, as one byte string.
@@ -1313,6 +1838,23 @@ mod tests {
     }
 
     #[test]
+    fn a_v5_disconnect_is_well_formed() {
+        for code in [
+            v5::DisconnectReasonCode::NotAuthorized,
+            v5::DisconnectReasonCode::QuotaExceeded,
+            v5::DisconnectReasonCode::ServerShuttingDown,
+        ] {
+            let bytes = v5_disconnect(code);
+            let mut buf = BytesMut::from(&bytes[..]);
+            match v5::Packet::read(&mut buf, None) {
+                Ok(v5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, code),
+                other => panic!("{other:?}"),
+            }
+            assert!(buf.is_empty(), "a stray byte after the DISCONNECT");
+        }
+    }
+
+    #[test]
     fn reads_the_protocol_level() {
         let mut c = v4::Connect::new("a");
         let frame = encode_v4(v4::Packet::Connect(c.clone()));
@@ -1367,21 +1909,16 @@ mod tests {
         }
         // Half of a fifth frame: it waits for the rest.
         buf.extend_from_slice(&c[..c.len() / 2]);
-        let one = batch(Version::V5, &me, &mut buf, 1024);
+        let one = inspector(Version::V5, &me).batch(&mut buf);
         assert_eq!(&one.forward[..], &[&a[..], &b[..], &c[..]].concat()[..]);
         assert_eq!(one.publishes, 3);
         assert!(one.stop.is_none());
         match &one.refused[..] {
-            [r] => {
-                assert_eq!(r.reason, Reason::PolicyDenied);
-                assert!(
-                    !r.close,
-                    "MQTT 5 answers a denied QoS 1 PUBLISH and goes on"
-                );
-                assert!(r.reply.is_some());
-            }
+            [(reason, _)] => assert_eq!(*reason, Reason::PolicyDenied),
             other => panic!("one refusal expected, got {}", other.len()),
         }
+        // MQTT 5 answers a denied QoS 1 PUBLISH after the one before it.
+        assert_eq!(one.replies, [(1, refused_puback(2))]);
         assert_eq!(&buf[..], &c[..c.len() / 2]);
 
         // Nothing refused: forwarded where it was read, no copy.
@@ -1389,22 +1926,42 @@ mod tests {
         buf.extend_from_slice(&a);
         buf.extend_from_slice(&b);
         let read_at = buf.as_ptr();
-        let two = batch(Version::V5, &me, &mut buf, 1024);
+        let two = inspector(Version::V5, &me).batch(&mut buf);
         assert_eq!(two.forward.as_ptr(), read_at);
         assert_eq!(two.forward.len(), a.len() + b.len());
         assert!(buf.is_empty());
 
-        // Thousands of refused frames in one read are all answered, in one
-        // pass over them.
+        // Refusals up to the session's budget are answered; the one that
+        // exhausts it closes the session, with MQTT 5's QuotaExceeded.
         let mut flood = BytesMut::new();
         for pkid in 1..=5000u16 {
             flood.extend_from_slice(&v5_publish("devices/sensor-2/telemetry", pkid));
         }
         flood.extend_from_slice(&c);
-        let three = batch(Version::V5, &me, &mut flood, 1024);
-        assert_eq!(three.refused.len(), 5000);
-        assert_eq!(&three.forward[..], &c[..]);
-        assert!(flood.is_empty());
+        let three = inspector(Version::V5, &me).batch(&mut flood);
+        assert_eq!(three.refused.len() as u32, MAX_REFUSALS - 1);
+        assert!(three.forward.is_empty());
+        match &three.stop {
+            Some(Stop::Refused(Reason::PolicyDenied, detail)) => {
+                assert!(detail.contains("32 refusals in this session"), "{detail}")
+            }
+            _ => panic!("the refusal budget must close the session"),
+        }
+        assert_eq!(
+            three.replies.last().map(|(_, r)| r.clone()),
+            Some(v5_disconnect(v5::DisconnectReasonCode::QuotaExceeded))
+        );
+        // Budgets are per session, and refusals in separate batches add up.
+        let mut session = inspector(Version::V5, &me);
+        for pkid in 1..MAX_REFUSALS as u16 {
+            let mut one = BytesMut::from(&v5_publish("devices/sensor-2/telemetry", pkid)[..]);
+            assert!(session.batch(&mut one).stop.is_none());
+        }
+        let mut last = BytesMut::from(&v5_publish("devices/sensor-2/telemetry", 99)[..]);
+        assert!(matches!(
+            session.batch(&mut last).stop,
+            Some(Stop::Refused(..))
+        ));
     }
 
     #[test]
@@ -1416,14 +1973,12 @@ mod tests {
         for f in [&good, &denied, &good] {
             buf.extend_from_slice(f);
         }
-        let out = batch(Version::V311, &me, &mut buf, 1024);
+        let out = inspector(Version::V311, &me).batch(&mut buf);
         assert_eq!(&out.forward[..], &good[..], "nothing after the refusal");
         assert!(out.refused.is_empty());
         match out.stop {
-            Some(Stop::Refused(r)) => {
-                assert_eq!(r.reason, Reason::PolicyDenied);
-                assert!(r.close, "MQTT 3.1.1 has no negative PUBACK");
-            }
+            // MQTT 3.1.1 has no negative PUBACK.
+            Some(Stop::Refused(reason, _)) => assert_eq!(reason, Reason::PolicyDenied),
             _ => panic!("the batch must end at the denied PUBLISH"),
         }
     }
@@ -1435,7 +1990,7 @@ mod tests {
         let mut buf = BytesMut::from(&good[..]);
         // A PUBLISH claiming more than the limit allows.
         buf.extend_from_slice(&[0x30, 0xff, 0xff, 0x03]);
-        let out = batch(Version::V311, &me, &mut buf, 1024);
+        let out = inspector(Version::V311, &me).batch(&mut buf);
         assert_eq!(&out.forward[..], &good[..]);
         assert!(matches!(
             out.stop,
@@ -1444,7 +1999,7 @@ mod tests {
         let mut malformed = BytesMut::from(&good[..]);
         // A remaining length that never ends.
         malformed.extend_from_slice(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01]);
-        let out = batch(Version::V311, &me, &mut malformed, 1024);
+        let out = inspector(Version::V311, &me).batch(&mut malformed);
         assert_eq!(&out.forward[..], &good[..]);
         assert!(matches!(
             out.stop,

@@ -1,0 +1,661 @@
+//! What outside clients found (issue 17), tried with a raw MQTT client over
+//! mutual TLS: the gateway must answer as MQTT says where the embedded
+//! broker would not, refuse what it cannot carry with a reason code, keep
+//! identities apart at the broker, and keep the audit log small and telling.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{self, v4};
+use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5;
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use twofold_tests::*;
+
+#[derive(Debug)]
+struct Always(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Always {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS client presenting `cert` with `key` (not necessarily its key).
+fn tls_config(
+    fleet: &Fleet,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let server_ca = fleet.pki.server_ca_pem().unwrap();
+    for ca in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::from_pem_file(key).unwrap())
+        .unwrap();
+    // `CertifiedKey::new` does not check that the key is the
+    // certificate's: a peer holding a copied certificate can do the same.
+    let certified = Arc::new(CertifiedKey::new(chain, key));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(Always(certified)));
+    Arc::new(config)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum V {
+    V4,
+    V5,
+}
+
+/// A raw MQTT client over mutual TLS.
+struct Raw {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: BytesMut,
+    version: V,
+}
+
+/// What the gateway sent.
+#[derive(Debug)]
+enum Got {
+    V4(v4::Packet),
+    V5(v5::Packet),
+    /// The connection ended (cleanly or not).
+    Closed,
+}
+
+impl Raw {
+    fn open(fleet: &Fleet, gw: &Gateway, who: &Identity, version: V) -> Raw {
+        Raw::open_with(fleet, gw, &who.cert, &who.key, version)
+    }
+
+    fn open_with(
+        fleet: &Fleet,
+        gw: &Gateway,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        version: V,
+    ) -> Raw {
+        let config = tls_config(fleet, cert, key);
+        let name = ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(config, name).unwrap();
+        let tcp = TcpStream::connect(gw.addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            buf: BytesMut::new(),
+            version,
+        }
+    }
+
+    /// Opens a session: CONNECT, and the CONNACK it got.
+    fn connect(
+        fleet: &Fleet,
+        gw: &Gateway,
+        who: &Identity,
+        version: V,
+        client_id: &str,
+        clean: bool,
+        keep_alive: u16,
+    ) -> (Raw, Got) {
+        let mut raw = Raw::open(fleet, gw, who, version);
+        let connect = match version {
+            V::V4 => {
+                let mut c = v4::Connect::new(client_id);
+                c.clean_session = clean;
+                c.keep_alive = keep_alive;
+                v4_bytes(v4::Packet::Connect(c))
+            }
+            V::V5 => {
+                let mut c = v5::Connect {
+                    keep_alive,
+                    client_id: client_id.into(),
+                    clean_start: clean,
+                    properties: None,
+                };
+                if !clean {
+                    // A session that outlives the connection.
+                    c.properties = Some(v5::ConnectProperties {
+                        session_expiry_interval: Some(3600),
+                        ..v5::ConnectProperties::new()
+                    });
+                }
+                v5_bytes(v5::Packet::Connect(c, None, None))
+            }
+        };
+        raw.send(&connect);
+        let ack = raw.next();
+        (raw, ack)
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        let _ = self.tls.write_all(bytes).and_then(|_| self.tls.flush());
+    }
+
+    /// The next packet, or `Closed`; panics after 10 s of silence.
+    fn next(&mut self) -> Got {
+        loop {
+            let mut frame = self.buf.clone();
+            let parsed = match self.version {
+                V::V4 => match v4::Packet::read(&mut frame, usize::MAX) {
+                    Ok(p) => Some(Got::V4(p)),
+                    Err(mqttbytes::Error::InsufficientBytes(_)) => None,
+                    Err(e) => panic!("undecodable packet from the gateway: {e}"),
+                },
+                V::V5 => match v5::Packet::read(&mut frame, None) {
+                    Ok(p) => Some(Got::V5(p)),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => None,
+                    Err(e) => panic!("undecodable packet from the gateway: {e}"),
+                },
+            };
+            if let Some(p) = parsed {
+                self.buf = frame;
+                return p;
+            }
+            let mut chunk = [0u8; 4096];
+            match self.tls.read(&mut chunk) {
+                Ok(0) => return Got::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("nothing from the gateway within 10 s")
+                }
+                Err(_) => return Got::Closed,
+            }
+        }
+    }
+
+    /// A PINGREQ and its PINGRESP: everything the gateway sent before it
+    /// comes back first.
+    fn drain(&mut self) -> Vec<Got> {
+        self.send(&[0xC0, 0x00]);
+        let mut got = Vec::new();
+        loop {
+            match self.next() {
+                Got::V4(v4::Packet::PingResp) | Got::V5(v5::Packet::PingResp(_)) => return got,
+                Got::Closed => panic!("closed before PINGRESP, after {got:?}"),
+                other => got.push(other),
+            }
+        }
+    }
+}
+
+fn v4_bytes(p: v4::Packet) -> Bytes {
+    let mut out = BytesMut::new();
+    p.write(&mut out, usize::MAX).unwrap();
+    out.freeze()
+}
+
+fn v5_bytes(p: v5::Packet) -> Bytes {
+    let mut out = BytesMut::new();
+    p.write(&mut out, None).unwrap();
+    out.freeze()
+}
+
+fn v5_publish(topic: &str, qos: QoS5, pkid: u16, props: Option<v5::PublishProperties>) -> Bytes {
+    let mut p = v5::Publish::new(topic, qos, "x", props);
+    p.pkid = pkid;
+    v5_bytes(v5::Packet::Publish(p))
+}
+
+fn v5_connack(got: Got) -> v5::ConnAck {
+    match got {
+        Got::V5(v5::Packet::ConnAck(ack)) => ack,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+fn v4_connack(got: Got) -> v4::ConnAck {
+    match got {
+        Got::V4(v4::Packet::ConnAck(ack)) => ack,
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+fn publish_props() -> v5::PublishProperties {
+    v5::PublishProperties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        topic_alias: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+        subscription_identifiers: Vec::new(),
+        content_type: None,
+    }
+}
+
+#[test]
+fn a_service_cannot_take_over_another_services_session() {
+    let mut fleet = Fleet::new();
+    let dash = fleet.service("dashboard");
+    let dash_eu = fleet.service("dashboard-eu");
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+
+    for (intruder_id, victim, victim_id) in [
+        ("dashboard-eu", &dash_eu, "dashboard-eu"),
+        ("dashboard-eu-1", &dash_eu, "dashboard-eu-1"),
+    ] {
+        // The real one: a persistent session with a subscription.
+        let (mut real, ack) = Raw::connect(&fleet, &gw, victim, V::V4, victim_id, false, 60);
+        assert_eq!(v4_connack(ack).code, v4::ConnectReturnCode::Success);
+        let sub = v4::Subscribe::new("devices/+/telemetry", mqttbytes::QoS::AtLeastOnce);
+        real.send(&v4_bytes(v4::Packet::Subscribe(sub)));
+        assert!(matches!(real.next(), Got::V4(v4::Packet::SubAck(_))));
+
+        // `dashboard` with the client id of `dashboard-eu`'s session (as
+        // its instance `eu` or `eu-1`): a session of its own.
+        let (mut intruder, ack) = Raw::connect(&fleet, &gw, &dash, V::V4, intruder_id, false, 60);
+        let ack = v4_connack(ack);
+        assert_eq!(ack.code, v4::ConnectReturnCode::Success);
+        assert!(
+            !ack.session_present,
+            "{intruder_id}: the intruder got {victim_id}'s session"
+        );
+        let (mut device, ack) = Raw::connect(&fleet, &gw, &dev, V::V4, "sensor-1", true, 60);
+        assert_eq!(v4_connack(ack).code, v4::ConnectReturnCode::Success);
+        let mut p = v4::Publish::new(
+            "devices/sensor-1/telemetry",
+            mqttbytes::QoS::AtLeastOnce,
+            "t",
+        );
+        p.pkid = 1;
+        device.send(&v4_bytes(v4::Packet::Publish(p)));
+        assert!(matches!(device.next(), Got::V4(v4::Packet::PubAck(_))));
+        // The real subscriber still has its session, and the telemetry.
+        match real.next() {
+            Got::V4(v4::Packet::Publish(p)) => assert_eq!(p.topic, "devices/sensor-1/telemetry"),
+            other => panic!("{victim_id} lost its session to {intruder_id}: {other:?}"),
+        }
+        assert!(
+            intruder.drain().is_empty(),
+            "the intruder received something"
+        );
+    }
+    assert!(
+        !gw.events().iter().any(|e| e["event"] == "taken_over"),
+        "{:#?}",
+        gw.events()
+    );
+}
+
+#[test]
+fn a_session_takeover_is_audited_with_both_addresses() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let (mut first, ack) = Raw::connect(&fleet, &gw, &dev, V::V4, "sensor-1", true, 60);
+    assert_eq!(v4_connack(ack).code, v4::ConnectReturnCode::Success);
+    let first_addr = first.tls.sock.local_addr().unwrap().to_string();
+    let (second, ack) = Raw::connect(&fleet, &gw, &dev, V::V4, "sensor-1", true, 60);
+    assert_eq!(v4_connack(ack).code, v4::ConnectReturnCode::Success);
+    let second_addr = second.tls.sock.local_addr().unwrap().to_string();
+    assert!(
+        matches!(first.next(), Got::Closed),
+        "the first session stays"
+    );
+    let taken = gw
+        .wait_for(|e| e["event"] == "taken_over")
+        .unwrap_or_else(|| panic!("no takeover audited: {:#?}", gw.events()));
+    assert_eq!(taken["peer"], second_addr);
+    assert_eq!(taken["previous_peer"], first_addr);
+    assert_eq!(taken["client_id"], "sensor-1");
+    assert!(taken["detail"].as_str().unwrap().contains("cloned device"));
+    let gone = gw
+        .wait_for(|e| e["event"] == "disconnected" && e["peer"] == first_addr)
+        .unwrap();
+    assert!(
+        gone["detail"].as_str().unwrap().contains(&format!(
+            "taken over by another connection of this identity from {second_addr}"
+        )),
+        "{gone}"
+    );
+}
+
+#[test]
+fn a_tls_error_inside_a_session_is_audited() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let (mut raw, ack) = Raw::connect(&fleet, &gw, &dev, V::V4, "sensor-1", true, 60);
+    assert_eq!(v4_connack(ack).code, v4::ConnectReturnCode::Success);
+    let addr = raw.tls.sock.local_addr().unwrap().to_string();
+    // An application-data record that does not decrypt.
+    let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+    record.extend_from_slice(&[0xAB; 32]);
+    raw.tls.sock.write_all(&record).unwrap();
+    assert!(matches!(raw.next(), Got::Closed));
+    let gone = gw
+        .wait_for(|e| e["event"] == "disconnected" && e["peer"] == addr)
+        .unwrap_or_else(|| panic!("{:#?}", gw.events()));
+    let detail = gone["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("the device's connection failed"), "{gone}");
+}
+
+#[test]
+fn keepalive_zero_is_accepted_and_mqtt_5_is_told_the_servers_keepalive() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let (mut v4c, ack) = Raw::connect(&fleet, &gw, &dev, V::V4, "sensor-1", true, 0);
+    assert_eq!(v4_connack(ack).code, v4::ConnectReturnCode::Success);
+    assert!(v4c.drain().is_empty());
+    drop(v4c);
+    let (mut v5c, ack) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 0);
+    let ack = v5_connack(ack);
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    assert_eq!(ack.properties.unwrap().server_keep_alive, Some(65535));
+    assert!(v5c.drain().is_empty());
+    // With a keepalive of its own, a device is told nothing about it.
+    let (_c, ack) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 30);
+    assert_eq!(v5_connack(ack).properties.unwrap().server_keep_alive, None);
+    // "connected" means the broker accepted: one per session, no refusal.
+    let connected = gw
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "connected")
+        .count();
+    assert_eq!(connected, 3, "{:#?}", gw.events());
+    assert!(!gw.events().iter().any(|e| e["event"] == "refused"));
+}
+
+#[test]
+fn mqtt_5_connack_says_what_the_gateway_offers() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "[limits]\nmax_packet_size = 4096\n");
+    let (_c, ack) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 30);
+    let props = v5_connack(ack).properties.expect("CONNACK properties");
+    assert_eq!(props.shared_subscription_available, Some(0));
+    assert_eq!(props.wildcard_subscription_available, Some(1));
+    assert_eq!(props.subscription_identifiers_available, Some(1));
+    assert_eq!(props.max_packet_size, Some(4096));
+    assert_eq!(props.topic_alias_max, None, "topic aliases are refused");
+    assert_eq!(props.assigned_client_identifier, None);
+}
+
+#[test]
+fn a_pubrel_resent_after_a_reconnect_gets_its_pubcomp() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    for version in [V::V4, V::V5] {
+        let (mut c, _) = Raw::connect(&fleet, &gw, &dev, version, "sensor-1", false, 60);
+        let (publish, pubrel) = match version {
+            V::V4 => {
+                let mut p = v4::Publish::new(
+                    "devices/sensor-1/telemetry",
+                    mqttbytes::QoS::ExactlyOnce,
+                    "x",
+                );
+                p.pkid = 7;
+                (
+                    v4_bytes(v4::Packet::Publish(p)),
+                    v4_bytes(v4::Packet::PubRel(v4::PubRel::new(7))),
+                )
+            }
+            V::V5 => (
+                v5_publish("devices/sensor-1/telemetry", QoS5::ExactlyOnce, 7, None),
+                v5_bytes(v5::Packet::PubRel(v5::PubRel::new(7, None))),
+            ),
+        };
+        c.send(&publish);
+        assert!(matches!(
+            c.next(),
+            Got::V4(v4::Packet::PubRec(_)) | Got::V5(v5::Packet::PubRec(_))
+        ));
+        // The PUBCOMP is lost: the connection drops after PUBREL.
+        drop(c);
+        let (mut c, ack) = Raw::connect(&fleet, &gw, &dev, version, "sensor-1", false, 60);
+        match ack {
+            Got::V4(v4::Packet::ConnAck(a)) => assert_eq!(a.code, v4::ConnectReturnCode::Success),
+            Got::V5(v5::Packet::ConnAck(a)) => assert_eq!(a.code, v5::ConnectReturnCode::Success),
+            other => panic!("{other:?}"),
+        }
+        // As the specification asks, the client sends PUBREL again.
+        c.send(&pubrel);
+        match c.next() {
+            Got::V4(v4::Packet::PubComp(p)) => assert_eq!(p.pkid, 7),
+            Got::V5(v5::Packet::PubComp(p)) => {
+                assert_eq!(p.pkid, 7);
+                assert_eq!(p.reason, v5::PubCompReason::PacketIdentifierNotFound);
+            }
+            other => panic!("{version:?}: expected PUBCOMP, got {other:?}"),
+        }
+        // And the session goes on.
+        assert!(c.drain().is_empty());
+        // A QoS 2 flow inside one connection still goes to the broker.
+        c.send(&publish);
+        assert!(matches!(
+            c.next(),
+            Got::V4(v4::Packet::PubRec(_)) | Got::V5(v5::Packet::PubRec(_))
+        ));
+        c.send(&pubrel);
+        match c.next() {
+            Got::V4(v4::Packet::PubComp(p)) => assert_eq!(p.pkid, 7),
+            Got::V5(v5::Packet::PubComp(p)) => assert_eq!(p.reason, v5::PubCompReason::Success),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_unsubscribe_gets_exactly_one_unsuback() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    // 3.1.1: a filter never subscribed.
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V4, "sensor-1", true, 60);
+    let mut unsub = v4::Unsubscribe::new("devices/sensor-1/commands");
+    unsub.pkid = 5;
+    c.send(&v4_bytes(v4::Packet::Unsubscribe(unsub)));
+    match &c.drain()[..] {
+        [Got::V4(v4::Packet::UnsubAck(a))] => assert_eq!(a.pkid, 5),
+        other => panic!("one UNSUBACK expected, got {other:?}"),
+    }
+    drop(c);
+    // 5: two filters subscribed, one never, in one UNSUBSCRIBE.
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    let filters = ["devices/sensor-1/commands", "devices/sensor-1/config"];
+    let mut sub = v5::Subscribe::new_many(
+        filters
+            .iter()
+            .map(|f| v5::Filter::new(*f, QoS5::AtLeastOnce)),
+        None,
+    );
+    sub.pkid = 1;
+    c.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+    assert!(matches!(c.next(), Got::V5(v5::Packet::SubAck(_))));
+    let mut unsub = v5::Unsubscribe::new(filters[0], None);
+    unsub.filters.push(filters[1].into());
+    unsub.filters.push("devices/sensor-1/never".into());
+    unsub.pkid = 2;
+    c.send(&v5_bytes(v5::Packet::Unsubscribe(unsub)));
+    match &c.drain()[..] {
+        [Got::V5(v5::Packet::UnsubAck(a))] => {
+            assert_eq!(a.pkid, 2);
+            assert_eq!(a.reasons.len(), 3, "one reason code per filter");
+        }
+        other => panic!("one UNSUBACK expected, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_response_topic_is_checked_as_a_publish_by_the_device() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    let steer = v5::PublishProperties {
+        response_topic: Some("devices/sensor-2/commands".into()),
+        ..publish_props()
+    };
+    c.send(&v5_publish(
+        "devices/sensor-1/requests",
+        QoS5::AtLeastOnce,
+        1,
+        Some(steer),
+    ));
+    match c.next() {
+        Got::V5(v5::Packet::PubAck(a)) => assert_eq!(a.reason, v5::PubAckReason::NotAuthorized),
+        other => panic!("{other:?}"),
+    }
+    let e = gw.refusal("policy_denied");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("response topic \"devices/sensor-2/commands\""),
+        "{e}"
+    );
+    let own = v5::PublishProperties {
+        response_topic: Some("devices/sensor-1/replies".into()),
+        ..publish_props()
+    };
+    c.send(&v5_publish(
+        "devices/sensor-1/requests",
+        QoS5::AtLeastOnce,
+        2,
+        Some(own),
+    ));
+    match c.next() {
+        Got::V5(v5::Packet::PubAck(a)) => assert_eq!(a.reason, v5::PubAckReason::Success),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn no_local_is_refused_with_a_reason_code_by_the_embedded_broker() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    let mut filter = v5::Filter::new("devices/sensor-1/#", QoS5::AtLeastOnce);
+    filter.nolocal = true;
+    let mut sub = v5::Subscribe::new(filter, None);
+    sub.pkid = 3;
+    c.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+    match c.next() {
+        Got::V5(v5::Packet::SubAck(a)) => {
+            assert_eq!(
+                a.return_codes,
+                [v5::SubscribeReasonCode::ImplementationSpecific]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = gw.refusal("unsupported");
+    assert!(e["detail"].as_str().unwrap().contains("no-local"), "{e}");
+    // Without no-local, the same filter is granted.
+    let mut sub = v5::Subscribe::new(
+        v5::Filter::new("devices/sensor-1/#", QoS5::AtLeastOnce),
+        None,
+    );
+    sub.pkid = 4;
+    c.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+    match c.next() {
+        Got::V5(v5::Packet::SubAck(a)) => {
+            assert_eq!(
+                a.return_codes,
+                [v5::SubscribeReasonCode::Success(QoS5::AtLeastOnce)]
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn refusals_cannot_flood_the_audit_log() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "[limits]\nmax_packet_size = 65536\n");
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    let topic = format!("devices/sensor-2/{}", "t".repeat(32 * 1024));
+    let mut refused = 0;
+    let mut closed_with = None;
+    // One at a time, each answered before the next: a socket closed with
+    // unread bytes in it is reset, and the reset would swallow the answer.
+    for pkid in 1..=100u16 {
+        c.send(&v5_publish(&topic, QoS5::AtLeastOnce, pkid, None));
+        match c.next() {
+            Got::V5(v5::Packet::PubAck(a)) if a.reason == v5::PubAckReason::NotAuthorized => {
+                refused += 1
+            }
+            Got::V5(v5::Packet::Disconnect(d)) => {
+                closed_with = Some(d.reason_code);
+                break;
+            }
+            other => panic!("after {refused} refusals: {other:?}"),
+        }
+    }
+    assert!(matches!(c.next(), Got::Closed));
+    assert_eq!(refused, 31, "answers before the budget ran out");
+    assert_eq!(closed_with, Some(v5::DisconnectReasonCode::QuotaExceeded));
+    let last = gw
+        .wait_for(|e| {
+            e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("refusals in this session"))
+        })
+        .unwrap_or_else(|| panic!("{:#?}", gw.events()));
+    assert_eq!(last["reason"], "policy_denied");
+    let size = std::fs::metadata(&gw.audit).unwrap().len();
+    assert!(size < 64 * 1024, "the audit log grew to {size} bytes");
+    let events = gw.events();
+    let refusals: Vec<_> = events.iter().filter(|e| e["event"] == "refused").collect();
+    assert_eq!(refusals.len(), 32);
+    assert!(
+        refusals[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("bytes, truncated)")
+    );
+}
+
+#[test]
+fn a_copied_certificate_without_its_key_is_audited_as_such() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let other = fleet.device("sensor-2");
+    let gw = Gateway::start(&fleet, "");
+    let mut raw = Raw::open_with(&fleet, &gw, &dev.cert, &other.key, V::V4);
+    raw.send(&v4_bytes(v4::Packet::Connect(v4::Connect::new("sensor-1"))));
+    assert!(matches!(raw.next(), Got::Closed));
+    let e = gw.refusal("key_not_held");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("without its private key"),
+        "{e}"
+    );
+    assert_eq!(
+        e["subject"].as_str().map(|s| s.contains("sensor-1")),
+        Some(true),
+        "{e}"
+    );
+}
