@@ -40,6 +40,9 @@ pub struct File {
 pub struct LimitsFile {
     pub handshake_timeout_secs: Option<u64>,
     pub max_concurrent_handshakes: Option<usize>,
+    /// How long a handshake may be pending before, with the pool full, it
+    /// is cut to make room for a newcomer.
+    pub handshake_grace_secs: Option<u64>,
     pub max_packet_size: Option<usize>,
     /// The MCU profile: the largest TLS record the gateway sends.
     pub max_tls_record: Option<usize>,
@@ -86,6 +89,7 @@ pub struct Config {
     pub broker: BrokerChoice,
     pub handshake_timeout: Duration,
     pub max_concurrent_handshakes: usize,
+    pub handshake_grace: Duration,
     pub max_packet_size: usize,
     pub max_tls_record: Option<usize>,
     pub embedded_segment_size: usize,
@@ -261,6 +265,13 @@ impl File {
                 "must be at least 1",
             ));
         }
+        let handshake_grace = l.handshake_grace_secs.unwrap_or(3.min(handshake_timeout));
+        if !(1..=handshake_timeout).contains(&handshake_grace) {
+            return Err(err(
+                "limits.handshake_grace_secs",
+                format!("must be 1 to handshake_timeout_secs ({handshake_timeout})"),
+            ));
+        }
         let max_packet_size = l.max_packet_size.unwrap_or(256 * 1024);
         if !(128..=256 * 1024 * 1024).contains(&max_packet_size) {
             return Err(err(
@@ -311,6 +322,7 @@ impl File {
             broker,
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_concurrent_handshakes,
+            handshake_grace: Duration::from_secs(handshake_grace),
             max_packet_size,
             max_tls_record: l.max_tls_record,
             embedded_segment_size,

@@ -179,6 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         audit,
         handshake_timeout: config.handshake_timeout,
         max_handshakes: config.max_concurrent_handshakes,
+        handshake_grace: config.handshake_grace,
         limits: Limits {
             max_packet_size: config.max_packet_size,
             connect_timeout: config.handshake_timeout,

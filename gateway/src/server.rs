@@ -1,13 +1,16 @@
 //! The accept loop: one task per connection, handshakes bounded in time
-//! and in number, live reload of the TLS files, graceful shutdown.
+//! and in number (stalled ones give way to newcomers, see [`admission`]),
+//! live reload of the TLS files, graceful shutdown.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+mod admission;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use twofold_protocol::{Identity, TrustDomain};
@@ -28,7 +31,11 @@ pub struct Gateway {
     pub broker: BrokerTarget,
     pub audit: Audit,
     pub handshake_timeout: Duration,
+    /// Pending handshakes (ClientHello received, not finished) beyond
+    /// which stalled ones are cut to make room.
     pub max_handshakes: usize,
+    /// How long a handshake may be pending before it can be cut.
+    pub handshake_grace: Duration,
     pub limits: Limits,
     /// Where `/metrics` and `/healthz` are served, if anywhere.
     pub metrics: Option<SocketAddr>,
@@ -71,7 +78,10 @@ impl Gateway {
                 }
             });
         }
-        let handshakes = Arc::new(Semaphore::new(gateway.max_handshakes));
+        let handshakes = Arc::new(Handshakes::new(
+            gateway.max_handshakes,
+            gateway.handshake_grace,
+        ));
         let sessions = tokio_util_free::Tracker::default();
         tracing::info!(listen = %listener.local_addr()?, "gateway listening");
         loop {
@@ -188,29 +198,96 @@ fn recheck_resumed(
     None
 }
 
+/// The handshakes past their ClientHello: the tokio side of
+/// [`admission::Pool`]. A cut handshake learns it through its channel.
+struct Handshakes {
+    pool: Mutex<admission::Pool<oneshot::Sender<Cutting>>>,
+    capacity: usize,
+    grace: Duration,
+}
+
+/// Why a handshake was cut, for its audit line.
+struct Cutting {
+    waited: Duration,
+    pending: usize,
+    from_source: usize,
+}
+
+/// A pending handshake's room, given back when dropped.
+struct Room<'a> {
+    handshakes: &'a Handshakes,
+    source: IpAddr,
+    ticket: admission::Ticket,
+}
+
+impl Handshakes {
+    fn new(capacity: usize, grace: Duration) -> Handshakes {
+        Handshakes {
+            pool: Mutex::new(admission::Pool::new(capacity, grace)),
+            capacity,
+            grace,
+        }
+    }
+
+    /// Admits a handshake from `source` at once, cutting stalled ones if
+    /// the pool is full; the receiver fires if this one is cut in turn.
+    fn admit(&self, source: IpAddr) -> Option<(Room<'_>, oneshot::Receiver<Cutting>)> {
+        let (cut_me, cut) = oneshot::channel();
+        let (ticket, cuts) = self.pool.lock().ok()?.admit(source, Instant::now(), cut_me);
+        for c in cuts {
+            let _ = c.handle.send(Cutting {
+                waited: c.waited,
+                pending: c.pending,
+                from_source: c.from_source,
+            });
+        }
+        let room = Room {
+            handshakes: self,
+            source,
+            ticket,
+        };
+        Some((room, cut))
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = self.handshakes.pool.lock() {
+            pool.release(self.source, self.ticket);
+        }
+    }
+}
+
+/// Why a handshake stopped before it finished, other than a TLS error.
+enum Stop {
+    /// `handshake_timeout` passed.
+    Timeout,
+    /// It stalled while newcomers needed its room.
+    Cut(Cutting),
+}
+
 /// The TLS handshake and the identity in the client certificate; every
 /// refusal is audited here. `None` when the connection is refused or gone.
 async fn handshake(
     gateway: &Gateway,
     live: &Live,
-    handshakes: &Semaphore,
+    handshakes: &Handshakes,
     tcp: TcpStream,
     addr: SocketAddr,
 ) -> Option<(Box<TlsStream<TcpStream>>, Peer)> {
     let deadline = tokio::time::Instant::now() + gateway.handshake_timeout;
-    // Waiting for a ClientHello costs nothing, so it holds no permit: a
-    // thousand silent sockets cannot crowd out a real device. The permit
-    // bounds the handshakes doing cryptography at once.
+    // Waiting for a ClientHello costs a socket and a small buffer, so it
+    // takes no room: silent sockets are only bounded by the deadline.
     let hello =
         tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)).await;
     let mut presented = PresentedCert::default();
     let accepted = match hello {
-        Err(elapsed) => Err(elapsed),
+        Err(_) => Err(Stop::Timeout),
         Ok(Err(e)) => Ok(Err(e)),
         Ok(Ok(start)) => {
-            let Ok(_permit) = handshakes.acquire().await else {
-                return None;
-            };
+            // From here the gateway holds a TLS state and signs for the
+            // peer: that takes room, and a newcomer never waits for it.
+            let (_room, mut cut) = handshakes.admit(addr.ip())?;
             // The TLS files in force now, not when the socket was opened:
             // a client CA removed during the wait must not verify it.
             let tls = match live.tls.read() {
@@ -221,15 +298,35 @@ async fn handshake(
                 return None;
             };
             presented = slot;
-            tokio::time::timeout_at(deadline, start.into_stream(config)).await
+            tokio::select! {
+                done = tokio::time::timeout_at(deadline, start.into_stream(config)) => {
+                    done.map_err(|_| Stop::Timeout)
+                }
+                Ok(cutting) = &mut cut => Err(Stop::Cut(cutting)),
+            }
         }
     };
     let presented_info = || presented.get().and_then(|c| CertInfo::from_der(&c));
     let metrics = gateway.audit.metrics();
     metrics.handshake(matches!(accepted, Ok(Ok(_))));
     let stream = match accepted {
-        Err(_) => {
-            let detail = format!("no TLS handshake within {:?}", gateway.handshake_timeout);
+        Err(stop) => {
+            let detail = match stop {
+                Stop::Timeout => {
+                    format!("no TLS handshake within {:?}", gateway.handshake_timeout)
+                }
+                Stop::Cut(c) => format!(
+                    "handshake cut to make room: {} handshakes were pending \
+                     (limits.max_concurrent_handshakes = {}), {} of them from {}, \
+                     and this one had not finished in {:.1?} (grace {:?})",
+                    c.pending,
+                    handshakes.capacity,
+                    c.from_source,
+                    addr.ip(),
+                    c.waited,
+                    handshakes.grace,
+                ),
+            };
             gateway.audit.record(
                 &Event::refused(addr, Reason::HandshakeTimeout, detail)
                     .with_certificate(presented_info()),
@@ -339,7 +436,7 @@ async fn handshake(
 async fn connection(
     gateway: Arc<Gateway>,
     live: Arc<Live>,
-    handshakes: Arc<Semaphore>,
+    handshakes: Arc<Handshakes>,
     tcp: TcpStream,
     addr: SocketAddr,
     shutdown: watch::Receiver<bool>,
