@@ -43,6 +43,8 @@ pub struct LimitsFile {
     /// How long a handshake may be pending before, with the pool full, it
     /// is cut to make room for a newcomer.
     pub handshake_grace_secs: Option<u64>,
+    /// The gateway refuses to start if it cannot have this many open files.
+    pub min_open_files: Option<u64>,
     pub max_packet_size: Option<usize>,
     /// The MCU profile: the largest TLS record the gateway sends.
     pub max_tls_record: Option<usize>,
@@ -90,6 +92,7 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub max_concurrent_handshakes: usize,
     pub handshake_grace: Duration,
+    pub min_open_files: u64,
     pub max_packet_size: usize,
     pub max_tls_record: Option<usize>,
     pub embedded_segment_size: usize,
@@ -323,6 +326,7 @@ impl File {
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_concurrent_handshakes,
             handshake_grace: Duration::from_secs(handshake_grace),
+            min_open_files: l.min_open_files.unwrap_or(4096),
             max_packet_size,
             max_tls_record: l.max_tls_record,
             embedded_segment_size,

@@ -81,6 +81,34 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Every device connection, and every socket still in its handshake, takes
+/// a file descriptor; the usual soft limit (1,024) is far below a fleet's,
+/// and at that limit accept fails and the next device waits. So the soft
+/// limit is raised to the hard one, and a hard limit below `floor` stops
+/// the start with what to change.
+fn raise_open_files_limit(floor: u64) -> anyhow::Result<()> {
+    let (before, hard) = rlimit::Resource::NOFILE
+        .get()
+        .context("cannot read the open files limit (RLIMIT_NOFILE)")?;
+    let in_force = rlimit::increase_nofile_limit(u64::MAX)
+        .with_context(|| format!("cannot raise the open files limit from {before} to {hard}"))?;
+    tracing::info!(
+        open_files = in_force,
+        hard,
+        was = before,
+        "open files limit"
+    );
+    if in_force < floor {
+        anyhow::bail!(
+            "open files limit: {in_force} (hard limit {hard}) is below limits.min_open_files = \
+             {floor}; every device connection takes a file descriptor. Raise the hard limit: \
+             LimitNOFILE=65536 in the gateway's systemd unit, or `ulimit -Hn 65536` (as root) \
+             in the shell that starts it; or lower limits.min_open_files"
+        );
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut file = match &cli.config {
         Some(path) => File::read(path)?,
@@ -96,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     file.audit_log = cli.audit_log.or(file.audit_log);
     file.metrics = cli.metrics.or(file.metrics);
     let config = file.check()?;
+    raise_open_files_limit(config.min_open_files)?;
 
     let audit = match &config.audit_log {
         Some(path) => Audit::to_file(path)

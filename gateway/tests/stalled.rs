@@ -1,15 +1,19 @@
 //! Unauthenticated peers that stall cannot keep a real device out: a
 //! thousand sockets that sent a ClientHello, or read the gateway's whole
 //! flight, and then went silent, from the device's own address and from
-//! others, while a device connects and gets its CONNACK.
+//! others, while a device connects and gets its CONNACK; and a thousand
+//! idle sockets do not exhaust the gateway's open files, which it raises
+//! at start (and refuses to start with too few).
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use twofold_provisioning::output::files;
 use twofold_tests::*;
 
 /// The stalled peers' handshake timeout: far longer than the device is
@@ -323,3 +327,112 @@ fn a_device_connects_while_a_thousand_peers_stall_mid_handshake() {
     drop(stalled);
 }
 
+/// Starts the gateway binary under `prlimit --nofile=SOFT:HARD`, as the
+/// test helper does otherwise (same files, its audit log and stderr).
+/// `Err(log)` if it exits before listening.
+fn start_with_nofile(fleet: &Fleet, soft: u64, hard: u64, extra: &str) -> Result<Gateway, String> {
+    let port = free_port();
+    let gw = fleet.path("gw");
+    let audit = fleet.path(&format!("audit-{port}.jsonl"));
+    let config = fleet.path(&format!("gateway-{port}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ntrust_domain = \"{TD}\"\ncert = {:?}\nkey = {:?}\nclient_ca = {:?}\ncrl = {:?}\naudit_log = {:?}\n{extra}\n",
+            gw.join(files::GATEWAY_CHAIN),
+            gw.join(files::GATEWAY_KEY),
+            gw.join(files::CLIENT_CA),
+            gw.join(files::CRL),
+            audit
+        ),
+    )
+    .unwrap();
+    let stderr = fleet.path(&format!("gateway-{port}.log"));
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg(built("gateway"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let mut gateway = Gateway {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        audit,
+        stderr,
+    };
+    let listening = wait_until(30, || {
+        gateway.log().contains(&format!("listen=127.0.0.1:{port}"))
+            || gateway.child.try_wait().unwrap().is_some()
+    });
+    if gateway.child.try_wait().unwrap().is_some() {
+        return Err(gateway.log());
+    }
+    assert!(listening, "gateway did not listen:\n{}", gateway.log());
+    Ok(gateway)
+}
+
+#[test]
+fn the_gateway_raises_its_open_files_limit_and_serves_past_1024_sockets() {
+    raise_own_open_files_limit();
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    assert!(
+        hard >= 4096,
+        "this test needs a hard open-files limit of at least 4096 (it is {hard})"
+    );
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = start_with_nofile(
+        &fleet,
+        1024,
+        hard,
+        &format!("[limits]\nhandshake_timeout_secs = {STALLED_TIMEOUT_SECS}\n"),
+    )
+    .unwrap_or_else(|log| panic!("the gateway did not start:\n{log}"));
+    assert!(
+        gw.log().contains(&format!("open_files={hard}")),
+        "no log line with the raised limit:\n{}",
+        gw.log()
+    );
+    // 1,100 silent sockets: past a soft limit of 1,024 the gateway could
+    // accept no more, and the device would wait for them to time out.
+    let idle: Vec<TcpStream> = (0..1100)
+        .map(|_| TcpStream::connect(gw.addr).unwrap())
+        .collect();
+    let took = device_publishes(&fleet, &gw, &dev);
+    eprintln!(
+        "device (CONNACK, PUBACK) after {} idle sockets: {took:.2?}",
+        idle.len()
+    );
+    if let Err(e) = took {
+        panic!(
+            "the device was kept out by {} idle sockets: {e}\ngateway log:\n{}",
+            idle.len(),
+            gw.log()
+        );
+    }
+    drop(idle);
+}
+
+#[test]
+fn the_gateway_refuses_to_start_below_its_open_files_floor() {
+    let fleet = Fleet::new();
+    let log = match start_with_nofile(&fleet, 1024, 2048, "") {
+        Ok(gw) => panic!(
+            "the gateway started with a hard limit of 2048:\n{}",
+            gw.log()
+        ),
+        Err(log) => log,
+    };
+    for needle in [
+        "open files limit: 2048 (hard limit 2048) is below limits.min_open_files = 4096",
+        "LimitNOFILE=",
+        "ulimit -Hn",
+    ] {
+        assert!(log.contains(needle), "{needle:?} not in:\n{log}");
+    }
+}
