@@ -74,8 +74,9 @@ struct Raw {
     version: V,
 }
 
-/// What the gateway sent.
+/// What the gateway sent. One at a time, so its size does not matter.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum Got {
     V4(v4::Packet),
     V5(v5::Packet),
