@@ -131,6 +131,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("audit_log: cannot open {}", path.display()))?,
         None => Audit::to_writer(Box::new(std::io::stdout())),
     };
+    // The device port is bound before the embedded broker takes its
+    // loopback ports, so that they can never land on it.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: cannot bind {}", config.listen))?;
     let broker = match &config.broker {
         BrokerChoice::Embedded => {
             let limits = EmbeddedLimits {
@@ -175,9 +180,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen: cannot bind {}", config.listen))?;
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
