@@ -10,8 +10,8 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes;
@@ -166,6 +166,8 @@ struct Connect {
     will_topic: Option<String>,
     /// An MQTT 5 will's response topic.
     will_response_topic: Option<String>,
+    /// The keepalive the device asked for, in seconds (0: none).
+    keep_alive: u16,
     /// Keepalive 0 was sent to the broker as [`KEEPALIVE_OFF`].
     keepalive_raised: bool,
     forward: Bytes,
@@ -192,7 +194,8 @@ fn rewrite_connect(
             let will_topic = c.last_will.as_ref().map(|w| w.topic.clone());
             c.client_id = identity::broker_client_id(principal, &client_id);
             c.login = credential.map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
-            let keepalive_raised = quirks.no_keepalive_off && c.keep_alive == 0;
+            let keep_alive = c.keep_alive;
+            let keepalive_raised = quirks.no_keepalive_off && keep_alive == 0;
             if keepalive_raised {
                 c.keep_alive = KEEPALIVE_OFF;
             }
@@ -200,6 +203,7 @@ fn rewrite_connect(
                 client_id,
                 will_topic,
                 will_response_topic: None,
+                keep_alive,
                 keepalive_raised,
                 forward: encode_v4(v4::Packet::Connect(c)),
             })
@@ -224,7 +228,8 @@ fn rewrite_connect(
                 .and_then(|p| p.response_topic.clone());
             c.client_id = identity::broker_client_id(principal, &client_id);
             let login = credential.map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
-            let keepalive_raised = quirks.no_keepalive_off && c.keep_alive == 0;
+            let keep_alive = c.keep_alive;
+            let keepalive_raised = quirks.no_keepalive_off && keep_alive == 0;
             if keepalive_raised {
                 c.keep_alive = KEEPALIVE_OFF;
             }
@@ -232,6 +237,7 @@ fn rewrite_connect(
                 client_id,
                 will_topic,
                 will_response_topic,
+                keep_alive,
                 keepalive_raised,
                 forward: encode_v5(v5::Packet::Connect(c, will, login)),
             })
@@ -376,31 +382,28 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         version: Some(version),
         ..out
     };
-    let mut inspector = Inspector::new(version, *principal, max, quirks);
     // As the session does it, with everything read at once.
-    let Batch {
-        forward,
-        replies,
-        refused,
-        stop,
-        ..
-    } = inspector.batch(&mut buf);
-    let mut forward = BytesMut::from(&forward[..]);
-    while let Ok(Some(frame)) = next_frame(&mut forward, usize::MAX) {
-        out.forwarded.push(frame.freeze());
+    let now = Instant::now();
+    let mut session = Session::new(version, *principal, max, quirks, 0, now);
+    for action in session.handle_device(&mut buf, now) {
+        match action {
+            Action::ToBroker(frames) => {
+                let mut frames = BytesMut::from(&frames[..]);
+                while let Ok(Some(frame)) = next_frame(&mut frames, usize::MAX) {
+                    out.forwarded.push(frame.freeze());
+                }
+                assert!(
+                    frames.is_empty(),
+                    "the session forwarded bytes that are not whole frames"
+                );
+            }
+            Action::ToDevice(bytes) => out.answered.push(bytes),
+            Action::Refused(reason, _) => out.refusals.push(reason),
+            Action::Close(_) => out.closed = true,
+            Action::Relayed { .. } => {}
+        }
     }
-    assert!(
-        forward.is_empty(),
-        "batch() forwarded bytes that are not whole frames"
-    );
-    out.answered = replies.into_iter().map(|(_, reply)| reply).collect();
-    out.refusals
-        .extend(refused.into_iter().map(|(reason, _)| reason));
-    match stop {
-        None => out,
-        Some(Stop::Frame(_)) => out.close(Reason::ProtocolError),
-        Some(Stop::Refused(reason, _)) => out.close(reason),
-    }
+    out
 }
 
 /// What the broker behind the gateway gets wrong, so the gateway answers
@@ -461,9 +464,6 @@ enum Ping {
     Device,
     Unsubscribe { pkid: u16, filters: usize },
 }
-
-/// The pings awaiting the broker, shared by both directions of a session.
-type Pings = Arc<Mutex<VecDeque<Ping>>>;
 
 const PINGREQ: &[u8] = &[0xC0, 0x00];
 
@@ -546,7 +546,8 @@ pub struct Inspector {
     /// QoS 2 PUBLISHes passed to the broker in this connection and not
     /// yet released (PUBREL).
     awaiting_release: HashSet<u16>,
-    pings: Pings,
+    /// Who is owed the broker's next PINGRESPs, in order.
+    pings: VecDeque<Ping>,
     refusals: u32,
 }
 
@@ -558,7 +559,7 @@ impl Inspector {
             max,
             quirks,
             awaiting_release: HashSet::new(),
-            pings: Pings::default(),
+            pings: VecDeque::new(),
             refusals: 0,
         }
     }
@@ -702,15 +703,7 @@ impl Inspector {
 
     /// Queues who is owed the broker's next PINGRESP.
     fn expect_pong(&mut self, owner: Ping, verdict: Verdict) -> Verdict {
-        let Ok(mut pings) = self.pings.lock() else {
-            return deny(
-                Reason::ProtocolError,
-                "session state poisoned".into(),
-                None,
-                true,
-            );
-        };
-        if pings.len() >= MAX_PINGS {
+        if self.pings.len() >= MAX_PINGS {
             let reply = (self.version == Version::V5)
                 .then(|| v5_disconnect(v5::DisconnectReasonCode::ReceiveMaximumExceeded));
             return deny(
@@ -720,7 +713,7 @@ impl Inspector {
                 true,
             );
         }
-        pings.push_back(owner);
+        self.pings.push_back(owner);
         verdict
     }
 
@@ -994,7 +987,6 @@ enum Piece {
 /// place of the PINGRESP that answers its PINGREQ (see [`Ping`]).
 struct FromBroker {
     version: Version,
-    pings: Pings,
 }
 
 /// Frames for the device, with how many are PUBLISH and how many answer
@@ -1009,7 +1001,7 @@ impl FromBroker {
     /// Takes the whole frames at the front of `buf`. Bytes the codec cannot
     /// frame are passed on as they are: they come from the broker, which
     /// the gateway trusts.
-    fn take(&self, buf: &mut BytesMut) -> ToDevice {
+    fn take(&self, buf: &mut BytesMut, pings: &mut VecDeque<Ping>) -> ToDevice {
         let mut at = 0;
         let mut publishes = 0;
         let mut answers = 0;
@@ -1024,8 +1016,7 @@ impl FromBroker {
                         4 | 5 => answers += 1,
                         11 => edits.push((at..end, None)),
                         13 => {
-                            let owner = self.pings.lock().ok().and_then(|mut p| p.pop_front());
-                            if let Some(Ping::Unsubscribe { pkid, filters }) = owner {
+                            if let Some(Ping::Unsubscribe { pkid, filters }) = pings.pop_front() {
                                 edits.push((at..end, Some(self.unsuback(pkid, filters))));
                             }
                         }
@@ -1184,6 +1175,281 @@ impl DeviceOrder {
         while !self.held.is_empty() {
             self.pop(out);
         }
+    }
+}
+
+/// One thing the session asks its shell to do, in the order given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Bytes for the device, in the order MQTT wants them.
+    ToDevice(Bytes),
+    /// Whole frames for the broker.
+    ToBroker(Bytes),
+    /// A refusal for the audit log (the session may go on).
+    Refused(Reason, String),
+    /// Messages and bytes relayed, for the metrics.
+    Relayed {
+        direction: Direction,
+        messages: u64,
+        bytes: u64,
+    },
+    /// The session is over; the reason, when neither side simply closed.
+    Close(Option<String>),
+}
+
+/// A device's MQTT session once the broker has accepted its CONNECT, as a
+/// state machine without I/O (quinn-proto's `Connection` is the model):
+/// bytes from the device or the broker, a new CRL, a shutdown or the time
+/// go in; [`Action`]s come out, for the shell ([`run`]) to perform in
+/// order. The checks on the device's frames are the [`Inspector`]'s; the
+/// order of what goes to the device is [`DeviceOrder`]'s.
+pub struct Session {
+    version: Version,
+    inspector: Inspector,
+    from_broker: FromBroker,
+    order: DeviceOrder,
+    /// QoS 1 and 2 PUBLISHes sent to the broker so far: the gateway's own
+    /// packets go to the device after the broker's answers to them.
+    sent: u64,
+    /// 1.5 times the device's keepalive, if it keeps one.
+    silence: Option<Duration>,
+    heard: Instant,
+    closed: bool,
+}
+
+impl Session {
+    /// A session of `principal` speaking `version`, whose CONNECT asked
+    /// for `keep_alive` seconds (0: none), heard from at `now`.
+    pub fn new(
+        version: Version,
+        principal: Principal,
+        max: usize,
+        quirks: Quirks,
+        keep_alive: u16,
+        now: Instant,
+    ) -> Session {
+        Session {
+            version,
+            inspector: Inspector::new(version, principal, max, quirks),
+            from_broker: FromBroker { version },
+            order: DeviceOrder::default(),
+            sent: 0,
+            silence: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            heard: now,
+            closed: false,
+        }
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// When [`Session::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        self.silence.map(|s| self.heard + s)
+    }
+
+    /// The whole frames at the front of `buf`, read from the device at
+    /// `now`; a partial frame stays in `buf`.
+    pub fn handle_device(&mut self, buf: &mut BytesMut, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.closed {
+            return actions;
+        }
+        self.heard = now;
+        let Batch {
+            forward,
+            publishes,
+            answered,
+            replies,
+            refused,
+            stop,
+        } = self.inspector.batch(buf);
+        // The gateway's answers are placed before the allowed frames go
+        // to the broker: the broker's answers to PUBLISHes after a refused
+        // one cannot overtake its answer then.
+        let before = self.sent;
+        self.sent += answered;
+        let mut out = Vec::new();
+        for (after, reply) in replies {
+            self.order.take(
+                Out::Gateway {
+                    packet: reply,
+                    after: before + after,
+                },
+                &mut out,
+            );
+        }
+        actions.extend(out.into_iter().map(Action::ToDevice));
+        // Refusals are audited before the batch reaches the broker: a
+        // failed broker write cannot skip them.
+        actions.extend(refused.into_iter().map(|(r, d)| Action::Refused(r, d)));
+        if let Some(Stop::Refused(reason, detail)) = &stop {
+            actions.push(Action::Refused(*reason, detail.clone()));
+        }
+        if !forward.is_empty() {
+            actions.push(Action::Relayed {
+                direction: Direction::In,
+                messages: publishes,
+                bytes: forward.len() as u64,
+            });
+            actions.push(Action::ToBroker(forward));
+        }
+        match stop {
+            None => {}
+            Some(Stop::Refused(..)) => self.close(None, &mut actions),
+            Some(Stop::Frame(e)) => self.frame_error(e, &mut actions),
+        }
+        actions
+    }
+
+    /// The device's stream ended: cleanly (`None`) or with an error.
+    pub fn handle_device_end(&mut self, error: Option<String>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let e = match error {
+            None => FrameError::Closed,
+            Some(e) => FrameError::Broken(e),
+        };
+        self.frame_error(e, &mut actions);
+        actions
+    }
+
+    fn frame_error(&mut self, e: FrameError, actions: &mut Vec<Action>) {
+        let max = self.inspector.max;
+        let (reply, refusal, why) = match e {
+            FrameError::Closed => (None, None, None),
+            FrameError::Broken(e) => (
+                None,
+                None,
+                Some(format!("the device's connection failed: {e}")),
+            ),
+            FrameError::TooLarge(n) => (
+                Some(v5::DisconnectReasonCode::PacketTooLarge),
+                Some(format!("packet of {n} bytes; the limit is {max}")),
+                None,
+            ),
+            FrameError::Malformed(e) => (
+                Some(v5::DisconnectReasonCode::MalformedPacket),
+                Some(format!("malformed packet: {e}")),
+                None,
+            ),
+        };
+        if let Some(code) = reply {
+            self.say_disconnect(code, actions);
+        }
+        if let Some(detail) = refusal {
+            actions.push(Action::Refused(Reason::ProtocolError, detail));
+        }
+        self.close(why, actions);
+    }
+
+    /// The whole frames at the front of `buf`, read from the broker.
+    pub fn handle_broker(&mut self, buf: &mut BytesMut) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.closed {
+            return actions;
+        }
+        let ToDevice {
+            frames,
+            publishes,
+            answers,
+        } = self.from_broker.take(buf, &mut self.inspector.pings);
+        if frames.is_empty() {
+            return actions;
+        }
+        actions.push(Action::Relayed {
+            direction: Direction::Out,
+            messages: publishes,
+            bytes: frames.len() as u64,
+        });
+        let mut out = Vec::new();
+        self.order.take(Out::Broker { frames, answers }, &mut out);
+        actions.extend(out.into_iter().map(Action::ToDevice));
+        actions
+    }
+
+    /// The broker closed the session (a takeover, or the broker stopped).
+    pub fn handle_broker_end(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.close(Some("the broker ended the session".into()), &mut actions);
+        actions
+    }
+
+    /// A new CRL came into force; `revoked` says whether it lists this
+    /// session's certificate.
+    pub fn handle_revocation(&mut self, revoked: bool) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if revoked && !self.closed {
+            self.say_disconnect(v5::DisconnectReasonCode::AdministrativeAction, &mut actions);
+            actions.push(Action::Refused(
+                Reason::Revoked,
+                "certificate revoked while connected; session closed".into(),
+            ));
+            self.close(None, &mut actions);
+        }
+        actions
+    }
+
+    /// The gateway is stopping.
+    pub fn handle_shutdown(&mut self) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if !self.closed {
+            self.say_disconnect(v5::DisconnectReasonCode::ServerShuttingDown, &mut actions);
+            self.close(Some("the gateway is shutting down".into()), &mut actions);
+        }
+        actions
+    }
+
+    /// The time is `now`: a device silent for 1.5 times its keepalive is
+    /// closed, as MQTT says.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if let Some(deadline) = self.poll_timeout()
+            && now >= deadline
+        {
+            self.say_disconnect(v5::DisconnectReasonCode::KeepAliveTimeout, &mut actions);
+            let keepalive = self.silence.unwrap_or_default() * 2 / 3;
+            self.close(
+                Some(format!(
+                    "nothing from the device for 1.5 times its keepalive of {} s",
+                    keepalive.as_secs()
+                )),
+                &mut actions,
+            );
+        }
+        actions
+    }
+
+    /// An MQTT 5 DISCONNECT with `code`, after what is already owed.
+    fn say_disconnect(&mut self, code: v5::DisconnectReasonCode, actions: &mut Vec<Action>) {
+        if self.version == Version::V5 {
+            let mut out = Vec::new();
+            self.order.take(
+                Out::Gateway {
+                    packet: v5_disconnect(code),
+                    after: self.sent,
+                },
+                &mut out,
+            );
+            actions.extend(out.into_iter().map(Action::ToDevice));
+        }
+    }
+
+    /// Ends the session: whatever is still held for the device goes out
+    /// first, in order.
+    fn close(&mut self, why: Option<String>, actions: &mut Vec<Action>) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let mut out = Vec::new();
+        self.order.flush(&mut out);
+        actions.extend(out.into_iter().map(Action::ToDevice));
+        actions.push(Action::Close(why));
     }
 }
 
@@ -1430,173 +1696,85 @@ pub async fn run<S>(
         audit.record(&Event::taken_over(&peer, &client_id, previous));
     }
 
-    let mut inspector = Inspector::new(version, peer.principal, max, quirks);
-    let from_broker = FromBroker {
+    let mut session = Session::new(
         version,
-        pings: inspector.pings.clone(),
-    };
-    // One writer owns the device side; the broker pump and the policy's
-    // answers both go through it.
-    let (to_device, mut outbox) = mpsc::channel::<Out>(16);
-    let _ = to_device
-        .send(Out::Broker {
-            frames: connack,
-            answers: 0,
-        })
-        .await;
-    let writer = tokio::spawn(async move {
-        let mut order = DeviceOrder::default();
-        let mut parts = Vec::new();
-        let mut open = true;
-        while open {
-            match outbox.recv().await {
-                Some(first) => order.take(first, &mut parts),
-                None => {
-                    order.flush(&mut parts);
-                    open = false;
-                }
-            }
-            // What else is already queued goes out with it: one write (and
-            // as few TLS records as its size allows) instead of one each.
-            let mut queued: usize = parts.iter().map(Bytes::len).sum();
-            while open && queued < WRITE_BATCH {
-                let Ok(next) = outbox.try_recv() else { break };
-                let before = parts.len();
-                order.take(next, &mut parts);
-                queued += parts[before..].iter().map(Bytes::len).sum::<usize>();
-            }
-            let bytes = match parts.len() {
-                0 => continue,
-                1 => parts.remove(0),
-                _ => {
-                    let mut joined = BytesMut::with_capacity(queued);
-                    for part in parts.drain(..) {
-                        joined.extend_from_slice(&part);
-                    }
-                    joined.freeze()
-                }
-            };
-            if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    let pump_out = to_device.clone();
-    let pump_metrics = metrics.clone();
-    let mut pump = tokio::spawn(async move {
-        let mut buf = up_buf;
-        let mut reads = Reads::new();
-        loop {
-            // Forward whole packets only, counting the PUBLISHes among them.
-            let ToDevice {
-                frames,
-                publishes,
-                answers,
-            } = from_broker.take(&mut buf);
-            if !frames.is_empty() {
-                pump_metrics.relayed(Direction::Out, publishes, frames.len() as u64);
-                if pump_out
-                    .send(Out::Broker { frames, answers })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if !matches!(reads.more(&mut up_rd, &mut buf).await, Read::Data) {
-                return;
-            }
-        }
-    });
-
+        peer.principal,
+        max,
+        quirks,
+        connect.keep_alive,
+        Instant::now(),
+    );
+    // One writer owns the device side, so that a slow device holds up
+    // only its own session; what it gets is in order already.
+    let (to_device, outbox) = mpsc::channel::<Bytes>(16);
+    let _ = to_device.send(connack).await;
+    let writer = tokio::spawn(device_writer(wr, outbox));
+    let mut device_reads = Reads::new();
+    let mut broker_reads = Reads::new();
     let mut watching = true;
-    let mut reads = Reads::new();
-    // QoS 1 and 2 PUBLISHes sent to the broker so far: the gateway's own
-    // packets go to the device after the broker's answers to them.
-    let mut sent: u64 = 0;
-    let ours = |packet: Bytes, after: u64| Out::Gateway { packet, after };
+    // Bytes the broker sent after its CONNACK come first.
+    let mut actions = session.handle_broker(&mut up_buf);
     // Why the session ended, when neither side simply closed it.
-    let mut ended: Option<String> = None;
-    loop {
-        tokio::select! {
-            read = reads.frame(&mut rd, &mut buf, max) => {
-                // Every whole frame read so far goes to the broker in one
-                // write.
-                let Batch { forward, publishes, answered, replies, refused, stop } = match read {
-                    Ok(()) => inspector.batch(&mut buf),
-                    Err(e) => Batch { forward: Bytes::new(), publishes: 0, answered: 0, replies: Vec::new(), refused: Vec::new(), stop: Some(Stop::Frame(e)) },
-                };
-                // The gateway's answers are queued before the allowed frames
-                // go to the broker: the broker's answers to PUBLISHes after
-                // a refused one cannot overtake its answer then.
-                let before = sent;
-                sent += answered;
-                for (after, reply) in replies {
-                    let _ = to_device.send(ours(reply, before + after)).await;
+    let mut ended: Option<String>;
+    'session: loop {
+        for action in actions.drain(..) {
+            match action {
+                Action::ToDevice(bytes) => {
+                    if to_device.send(bytes).await.is_err() {
+                        ended = Some("the device's connection failed".into());
+                        break 'session;
+                    }
                 }
-                for (reason, detail) in refused {
-                    refuse(reason, detail, Some(&client_id));
-                }
-                if let Some(Stop::Refused(reason, detail)) = &stop {
-                    refuse(*reason, detail.clone(), Some(&client_id));
-                }
-                if !forward.is_empty() {
-                    metrics.relayed(Direction::In, publishes, forward.len() as u64);
-                    if up_wr.write_all(&forward).await.is_err() {
+                Action::ToBroker(frames) => {
+                    if up_wr.write_all(&frames).await.is_err() {
                         ended = Some("the broker connection failed".into());
-                        break;
+                        break 'session;
                     }
                 }
-                match stop {
-                    None => {}
-                    Some(Stop::Refused(..)) => break,
-                    Some(Stop::Frame(FrameError::Closed)) => break,
-                    Some(Stop::Frame(FrameError::Broken(e))) => {
-                        ended = Some(format!("the device's connection failed: {e}"));
-                        break;
-                    }
-                    Some(Stop::Frame(FrameError::TooLarge(n))) => {
-                        if version == Version::V5 {
-                            let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::PacketTooLarge), sent)).await;
-                        }
-                        refuse(Reason::ProtocolError, format!("packet of {n} bytes; the limit is {max}"), Some(&client_id));
-                        break;
-                    }
-                    Some(Stop::Frame(FrameError::Malformed(e))) => {
-                        if version == Version::V5 {
-                            let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::MalformedPacket), sent)).await;
-                        }
-                        refuse(Reason::ProtocolError, format!("malformed packet: {e}"), Some(&client_id));
-                        break;
-                    }
+                Action::Refused(reason, detail) => refuse(reason, detail, Some(&client_id)),
+                Action::Relayed {
+                    direction,
+                    messages,
+                    bytes,
+                } => metrics.relayed(direction, messages, bytes),
+                Action::Close(why) => {
+                    ended = why;
+                    break 'session;
                 }
             }
-            _ = &mut pump => {
-                ended = Some("the broker ended the session".into());
-                break;
+        }
+        let deadline = session.poll_timeout();
+        let silence = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
             }
-            _ = shutdown.changed() => {
-                if version == Version::V5 {
-                    let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::ServerShuttingDown), sent)).await;
-                }
-                ended = Some("the gateway is shutting down".into());
-                break;
-            }
+        };
+        actions = tokio::select! {
+            read = device_reads.frame(&mut rd, &mut buf, max) => match read {
+                Ok(()) => session.handle_device(&mut buf, Instant::now()),
+                Err(FrameError::Broken(e)) => session.handle_device_end(Some(e)),
+                Err(_) => session.handle_device_end(None),
+            },
+            read = broker_reads.more(&mut up_rd, &mut up_buf) => match read {
+                Read::Data => session.handle_broker(&mut up_buf),
+                Read::End | Read::Failed(_) => session.handle_broker_end(),
+            },
+            _ = shutdown.changed() => session.handle_shutdown(),
             changed = revocations.changed(), if watching => {
                 if changed.is_err() {
                     watching = false;
-                } else if revocations.borrow_and_update().is_revoked(&peer.cert.issuer, &peer.cert.serial) {
-                    if version == Version::V5 {
-                        let _ = to_device.send(ours(v5_disconnect(v5::DisconnectReasonCode::AdministrativeAction), sent)).await;
-                    }
-                    refuse(Reason::Revoked, "certificate revoked while connected; session closed".into(), Some(&client_id));
-                    break;
+                    Vec::new()
+                } else {
+                    let revoked = revocations
+                        .borrow_and_update()
+                        .is_revoked(&peer.cert.issuer, &peer.cert.serial);
+                    session.handle_revocation(revoked)
                 }
             }
-        }
+            _ = silence => session.handle_timeout(Instant::now()),
+        };
     }
-    pump.abort();
     metrics.session_ended(peer.cert.not_after);
     drop(to_device);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -1621,6 +1799,31 @@ pub async fn run<S>(
         event = event.with_detail(why);
     }
     audit.record(&event);
+}
+
+/// Writes what the session sends the device, joining what is queued
+/// into one write (and as few TLS records as its size allows), until the
+/// session drops its end; then closes the TLS stream.
+async fn device_writer<W: AsyncWrite + Unpin>(mut wr: W, mut outbox: mpsc::Receiver<Bytes>) {
+    while let Some(first) = outbox.recv().await {
+        let mut bytes = first;
+        if bytes.len() < WRITE_BATCH
+            && let Ok(next) = outbox.try_recv()
+        {
+            let mut joined = BytesMut::with_capacity(WRITE_BATCH);
+            joined.extend_from_slice(&bytes);
+            joined.extend_from_slice(&next);
+            while joined.len() < WRITE_BATCH {
+                let Ok(next) = outbox.try_recv() else { break };
+                joined.extend_from_slice(&next);
+            }
+            bytes = joined.freeze();
+        }
+        if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
 }
 
 /// How long the broker has to accept a connection and answer a CONNECT.
@@ -1716,11 +1919,10 @@ mod tests {
         let mut buf = BytesMut::from(&frames.concat()[..]);
         let relay = FromBroker {
             version: Version::V5,
-            pings: Pings::default(),
         };
         let ToDevice {
             frames, answers, ..
-        } = relay.take(&mut buf);
+        } = relay.take(&mut buf, &mut VecDeque::new());
         Out::Broker { frames, answers }
     }
 
@@ -1835,6 +2037,182 @@ mod tests {
         assert!(order.held_bytes <= MAX_HELD_BYTES, "{}", order.held_bytes);
         assert_eq!(order.held_bytes, order.held.len() * 20 * 1024);
         assert_eq!(out.len() + order.held.len(), 10);
+    }
+
+    // The session as a state machine, on virtual time: what it asks the
+    // shell to do, and in which order.
+
+    fn v5_session(me: &Principal, keep_alive: u16, now: Instant) -> Session {
+        Session::new(Version::V5, *me, 1024, Quirks::EMBEDDED, keep_alive, now)
+    }
+
+    fn to_device(actions: &[Action]) -> Vec<u8> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::ToDevice(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn position(actions: &[Action], pred: impl Fn(&Action) -> bool) -> usize {
+        actions
+            .iter()
+            .position(pred)
+            .unwrap_or_else(|| panic!("not in {actions:?}"))
+    }
+
+    #[test]
+    fn a_refusals_answer_waits_for_the_brokers_answer_to_an_earlier_publish() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&v5_publish("devices/sensor-1/telemetry", 1));
+        buf.extend_from_slice(&v5_publish("devices/sensor-2/telemetry", 2));
+        let actions = session.handle_device(&mut buf, t0);
+        assert!(
+            to_device(&actions).is_empty(),
+            "the refusal's PUBACK overtook the broker's PUBACK for 1: {actions:?}"
+        );
+        let mut from_broker = BytesMut::from(&puback(1)[..]);
+        let actions = session.handle_broker(&mut from_broker);
+        assert_eq!(
+            to_device(&actions),
+            [puback(1), refused_puback(2)].concat(),
+            "PUBACKs in PUBLISH order"
+        );
+    }
+
+    #[test]
+    fn refusals_are_audited_before_the_batch_reaches_the_broker() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&v5_publish("devices/sensor-2/telemetry", 1));
+        buf.extend_from_slice(&v5_publish("devices/sensor-1/telemetry", 2));
+        let actions = session.handle_device(&mut buf, t0);
+        let refused = position(&actions, |a| matches!(a, Action::Refused(..)));
+        let forwarded = position(&actions, |a| matches!(a, Action::ToBroker(_)));
+        assert!(refused < forwarded, "{actions:?}");
+        // The refusal's answer was placed before the frames went out too.
+        let answered = position(&actions, |a| matches!(a, Action::ToDevice(_)));
+        assert!(answered < forwarded, "{actions:?}");
+    }
+
+    #[test]
+    fn a_silent_device_is_closed_after_one_and_a_half_keepalives() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 10, t0);
+        assert_eq!(session.poll_timeout(), Some(t0 + Duration::from_secs(15)));
+        assert!(
+            session
+                .handle_timeout(t0 + Duration::from_secs(14))
+                .is_empty()
+        );
+        // A PINGREQ at 10 s moves the deadline.
+        let mut ping = BytesMut::from(&[0xC0u8, 0x00][..]);
+        let t10 = t0 + Duration::from_secs(10);
+        let actions = session.handle_device(&mut ping, t10);
+        assert!(matches!(actions.last(), Some(Action::ToBroker(_))));
+        assert!(
+            session
+                .handle_timeout(t0 + Duration::from_secs(16))
+                .is_empty()
+        );
+        assert_eq!(session.poll_timeout(), Some(t10 + Duration::from_secs(15)));
+        let actions = session.handle_timeout(t10 + Duration::from_secs(15));
+        assert_eq!(
+            to_device(&actions),
+            v5_disconnect(v5::DisconnectReasonCode::KeepAliveTimeout).to_vec()
+        );
+        assert!(
+            matches!(actions.last(), Some(Action::Close(Some(why))) if why.contains("keepalive of 10 s")),
+            "{actions:?}"
+        );
+        assert!(session.is_closed());
+        assert_eq!(session.poll_timeout(), None);
+        // Keepalive 0: no deadline at all.
+        assert_eq!(v5_session(&me, 0, t0).poll_timeout(), None);
+    }
+
+    #[test]
+    fn one_unsuback_comes_once_the_broker_has_done_the_unsubscribe() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        let mut unsub = v5::Unsubscribe::new("devices/sensor-1/a", None);
+        unsub.filters.push("devices/sensor-1/b".into());
+        unsub.pkid = 9;
+        let unsub = encode_v5(v5::Packet::Unsubscribe(unsub));
+        let mut buf = BytesMut::from(&unsub[..]);
+        let actions = session.handle_device(&mut buf, t0);
+        assert_eq!(
+            actions.last(),
+            Some(&Action::ToBroker([&unsub[..], PINGREQ].concat().into()))
+        );
+        // rumqttd answers one UNSUBACK per subscribed filter, then our PINGREQ.
+        let theirs = encode_v5(v5::Packet::UnsubAck(v5::UnsubAck {
+            pkid: 9,
+            reasons: vec![v5::UnsubAckReason::Success],
+            properties: None,
+        }));
+        let mut from_broker = BytesMut::new();
+        from_broker.extend_from_slice(&theirs);
+        from_broker.extend_from_slice(&theirs);
+        let actions = session.handle_broker(&mut from_broker);
+        assert!(to_device(&actions).is_empty(), "not before the PINGRESP");
+        let mut pong = BytesMut::from(&[0xD0u8, 0x00][..]);
+        let actions = session.handle_broker(&mut pong);
+        let ours = encode_v5(v5::Packet::UnsubAck(v5::UnsubAck {
+            pkid: 9,
+            reasons: vec![v5::UnsubAckReason::Success; 2],
+            properties: None,
+        }));
+        assert_eq!(to_device(&actions), ours.to_vec());
+        // The device's own PINGREQ still gets its PINGRESP.
+        let mut ping = BytesMut::from(&[0xC0u8, 0x00][..]);
+        session.handle_device(&mut ping, t0);
+        let mut pong = BytesMut::from(&[0xD0u8, 0x00][..]);
+        assert_eq!(to_device(&session.handle_broker(&mut pong)), [0xD0, 0x00]);
+    }
+
+    #[test]
+    fn a_revoked_session_gets_what_it_is_owed_then_administrative_action() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&v5_publish("devices/sensor-1/telemetry", 1));
+        buf.extend_from_slice(&v5_publish("devices/sensor-2/telemetry", 2));
+        session.handle_device(&mut buf, t0);
+        assert!(session.handle_revocation(false).is_empty());
+        let actions = session.handle_revocation(true);
+        // The held refusal goes out before the DISCONNECT, and the
+        // session ends.
+        assert_eq!(
+            to_device(&actions),
+            [
+                refused_puback(2),
+                v5_disconnect(v5::DisconnectReasonCode::AdministrativeAction)
+            ]
+            .concat()
+        );
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Refused(Reason::Revoked, _)))
+        );
+        assert!(matches!(actions.last(), Some(Action::Close(None))));
+        let mut late = BytesMut::from(&v5_publish("devices/sensor-1/telemetry", 3)[..]);
+        assert!(
+            session.handle_device(&mut late, t0).is_empty(),
+            "closed is closed"
+        );
     }
 
     #[test]
