@@ -23,6 +23,9 @@ pub enum Reason {
     NotYetValid,
     /// The certificate is on the CRL.
     Revoked,
+    /// No CRL of the certificate's CA is in force (or it is out of date),
+    /// so whether it is revoked cannot be told: refused, not assumed.
+    RevocationUnknown,
     /// The certificate is not for client authentication (EKU, CA used as leaf).
     BadKeyUsage,
     /// No valid identity URI in this gateway's trust domain.
@@ -40,17 +43,21 @@ pub enum Reason {
     Unsupported,
     /// The broker cannot be reached, or did not accept the session.
     BrokerUnavailable,
+    /// The gateway itself could not go on with the connection (its TLS
+    /// configuration could not be built, a lock was poisoned).
+    GatewayError,
 }
 
 impl Reason {
     /// Every reason, for metrics that list zero counts too.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::NoCertificate,
         Reason::UnknownIssuer,
         Reason::KeyNotHeld,
         Reason::Expired,
         Reason::NotYetValid,
         Reason::Revoked,
+        Reason::RevocationUnknown,
         Reason::BadKeyUsage,
         Reason::BadIdentity,
         Reason::ClientIdMismatch,
@@ -59,6 +66,7 @@ impl Reason {
         Reason::ProtocolError,
         Reason::Unsupported,
         Reason::BrokerUnavailable,
+        Reason::GatewayError,
     ];
 
     /// The label as written in logs and metrics.
@@ -70,6 +78,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::NotYetValid => "not_yet_valid",
             Reason::Revoked => "revoked",
+            Reason::RevocationUnknown => "revocation_unknown",
             Reason::BadKeyUsage => "bad_key_usage",
             Reason::BadIdentity => "bad_identity",
             Reason::ClientIdMismatch => "client_id_mismatch",
@@ -78,6 +87,7 @@ impl Reason {
             Reason::ProtocolError => "protocol_error",
             Reason::Unsupported => "unsupported",
             Reason::BrokerUnavailable => "broker_unavailable",
+            Reason::GatewayError => "gateway_error",
         }
     }
 
@@ -97,6 +107,9 @@ impl Reason {
                 Reason::NotYetValid
             }
             CertificateError::Revoked => Reason::Revoked,
+            CertificateError::UnknownRevocationStatus
+            | CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => Reason::RevocationUnknown,
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 Reason::BadKeyUsage
             }
@@ -138,6 +151,10 @@ mod tests {
             (CertificateError::Expired, Reason::Expired),
             (CertificateError::NotValidYet, Reason::NotYetValid),
             (CertificateError::Revoked, Reason::Revoked),
+            (
+                CertificateError::UnknownRevocationStatus,
+                Reason::RevocationUnknown,
+            ),
             (CertificateError::InvalidPurpose, Reason::BadKeyUsage),
             (CertificateError::UnknownIssuer, Reason::UnknownIssuer),
             (CertificateError::BadSignature, Reason::UnknownIssuer),

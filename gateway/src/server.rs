@@ -188,7 +188,7 @@ fn recheck_resumed(
     }
     if !revocations.covers(cert.issuer().as_raw()) {
         return Some((
-            Reason::UnknownIssuer,
+            Reason::RevocationUnknown,
             format!(
                 "no CRL of \"{}\" is in force, so the certificate's revocation status is unknown (resumed session)",
                 cert.issuer()
@@ -287,15 +287,33 @@ async fn handshake(
         Ok(Ok(start)) => {
             // From here the gateway holds a TLS state and signs for the
             // peer: that takes room, and a newcomer never waits for it.
-            let (_room, mut cut) = handshakes.admit(addr.ip())?;
+            // Nothing here fails for a peer's doing; when it does fail,
+            // the connection is still audited.
+            let gateway_error = |detail: String| {
+                tracing::error!(peer = %addr, %detail, "cannot go on with a handshake");
+                gateway
+                    .audit
+                    .record(&Event::refused(addr, Reason::GatewayError, detail));
+            };
+            let Some((_room, mut cut)) = handshakes.admit(addr.ip()) else {
+                gateway_error("the handshake pool's lock is poisoned".into());
+                return None;
+            };
             // The TLS files in force now, not when the socket was opened:
             // a client CA removed during the wait must not verify it.
             let tls = match live.tls.read() {
                 Ok(g) => g.clone(),
-                Err(_) => return None,
+                Err(_) => {
+                    gateway_error("the TLS files' lock is poisoned".into());
+                    return None;
+                }
             };
-            let Ok((config, slot)) = tls.config() else {
-                return None;
+            let (config, slot) = match tls.config() {
+                Ok(built) => built,
+                Err(e) => {
+                    gateway_error(format!("cannot build the TLS configuration: {e}"));
+                    return None;
+                }
             };
             presented = slot;
             tokio::select! {
@@ -537,7 +555,7 @@ mod tests {
         );
         // Its CA has no CRL in force (a full handshake fails the same way).
         let (reason, detail) = recheck_resumed(&leaf(&b, now + day), &crls, t).unwrap();
-        assert_eq!(reason, Reason::UnknownIssuer);
+        assert_eq!(reason, Reason::RevocationUnknown);
         assert!(detail.contains("no CRL of \"CN=CA B\""), "{detail}");
         // Not a certificate at all.
         let (reason, _) = recheck_resumed(b"junk", &crls, t).unwrap();
