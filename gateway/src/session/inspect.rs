@@ -1,0 +1,542 @@
+//! Per-frame verdicts on what a device sends after CONNECT: the policy on
+//! every PUBLISH, SUBSCRIBE, will and response topic, the refusal budget,
+//! and the packets the gateway answers for the embedded broker.
+
+use super::*;
+
+/// The most refusals one session may earn before it is closed: a device
+/// that keeps sending what the policy refuses is misbehaving, and each
+/// refusal costs an audit line.
+pub const MAX_REFUSALS: u32 = 32;
+
+/// The most PINGREQs and UNSUBSCRIBEs awaiting the broker's answer.
+pub(super) const MAX_PINGS: usize = 1024;
+
+/// Who is owed the broker's next PINGRESP. After each UNSUBSCRIBE the
+/// gateway sends a PINGREQ of its own: the broker answers in order, so its
+/// PINGRESP says the UNSUBSCRIBE is done, and the gateway sends the one
+/// UNSUBACK the device is owed (the broker's own are dropped: rumqttd
+/// sends one per subscribed filter, and none for a filter never
+/// subscribed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Ping {
+    Device,
+    Unsubscribe { pkid: u16, filters: usize },
+}
+
+pub(super) const PINGREQ: &[u8] = &[0xC0, 0x00];
+
+/// Where a [`Batch`] ended before the bytes read so far ran out.
+pub(super) enum Stop {
+    /// A refusal that closes the session (its reply, if any, is among the
+    /// batch's replies).
+    Refused(Reason, String),
+    Frame(FrameError),
+}
+
+/// Whole frames from one read of the device's stream.
+pub(super) struct Batch {
+    /// The allowed frames, in order, back to back.
+    pub(super) forward: Bytes,
+    /// How many of them are PUBLISH.
+    pub(super) publishes: u64,
+    /// How many of them are PUBLISH at QoS 1 or 2, which the broker answers.
+    pub(super) answered: u64,
+    /// The gateway's own packets for the device, in order, each with how
+    /// many of the batch's QoS 1 and 2 PUBLISHes went to the broker before
+    /// it (its answer goes to the device after theirs).
+    pub(super) replies: Vec<(u64, Bytes)>,
+    /// Refusals that keep the session (MQTT 5's reason codes), in order,
+    /// for the audit log.
+    pub(super) refused: Vec<(Reason, String)>,
+    /// What ended the batch, if anything did: a refusal that closes the
+    /// session, or a frame that cannot be read.
+    pub(super) stop: Option<Stop>,
+}
+
+/// What to do with one packet from the device.
+pub(super) enum Verdict {
+    Forward,
+    /// Forward it, followed by bytes of the gateway's own.
+    ForwardThen(&'static [u8]),
+    /// Keep it from the broker and answer it: not a refusal.
+    Answer(Bytes),
+    Refuse(Refusal),
+}
+
+/// A refused packet: audit it, optionally answer the device, optionally close.
+pub(super) struct Refusal {
+    pub(super) reason: Reason,
+    pub(super) detail: String,
+    pub(super) reply: Option<Bytes>,
+    pub(super) close: bool,
+}
+
+pub(super) fn deny(reason: Reason, detail: String, reply: Option<Bytes>, close: bool) -> Verdict {
+    Verdict::Refuse(Refusal {
+        reason,
+        detail,
+        reply,
+        close,
+    })
+}
+
+/// The most characters of a peer's topic, filter or client id that an
+/// audit line repeats: a 32 KB topic must not make a 32 KB line.
+pub(super) const SHOWN: usize = 128;
+
+/// A peer's string for an audit line: quoted, and cut after [`SHOWN`]
+/// characters with its full length said.
+pub fn shown(s: &str) -> String {
+    match s.char_indices().nth(SHOWN) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes, truncated)", &s[..cut], s.len()),
+    }
+}
+
+/// The policy and protocol checks on a device's packets after CONNECT,
+/// and what they must remember between packets. Pure: bytes in, verdicts
+/// out; [`run`] performs them and [`screen`] records them.
+pub struct Inspector {
+    pub(super) version: Version,
+    pub(super) principal: Principal,
+    pub(super) max: usize,
+    pub(super) quirks: Quirks,
+    /// QoS 2 PUBLISHes passed to the broker in this connection and not
+    /// yet released (PUBREL).
+    pub(super) awaiting_release: HashSet<u16>,
+    /// Who is owed the broker's next PINGRESPs, in order.
+    pub(super) pings: VecDeque<Ping>,
+    pub(super) refusals: u32,
+}
+
+impl Inspector {
+    pub fn new(version: Version, principal: Principal, max: usize, quirks: Quirks) -> Inspector {
+        Inspector {
+            version,
+            principal,
+            max,
+            quirks,
+            awaiting_release: HashSet::new(),
+            pings: VecDeque::new(),
+            refusals: 0,
+        }
+    }
+
+    /// Checks every whole frame at the front of `buf` and takes them off
+    /// it. The allowed frames are forwarded as they were read: in one
+    /// piece, with no copy, unless refused frames or the gateway's own
+    /// bytes sit between them. A refusal that closes the session ends the
+    /// batch. Linear in what was read, however many frames are refused.
+    pub(super) fn batch(&mut self, buf: &mut BytesMut) -> Batch {
+        let max = self.max;
+        // First, how far the whole frames go, from their headers alone.
+        let mut whole = 0;
+        let mut bad = None;
+        loop {
+            match mqttbytes::check(buf[whole..].iter(), max) {
+                Ok(header) => whole += header.frame_length(),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
+                    bad = Some(FrameError::TooLarge(n));
+                    break;
+                }
+                Err(e) => {
+                    bad = Some(FrameError::Malformed(e.to_string()));
+                    break;
+                }
+            }
+        }
+        let frames = buf.split_to(whole).freeze();
+        let mut out = Batch {
+            forward: Bytes::new(),
+            publishes: 0,
+            answered: 0,
+            replies: Vec::new(),
+            refused: Vec::new(),
+            stop: None,
+        };
+        // The allowed runs of frames, as ranges of `frames`, and the
+        // gateway's own bytes between them.
+        let mut runs: Vec<Piece> = Vec::new();
+        let mut at = 0;
+        while at < frames.len() {
+            // Each of these headers was read above.
+            let end = match mqttbytes::check(frames[at..].iter(), max) {
+                Ok(header) => at + header.frame_length(),
+                Err(e) => {
+                    bad = Some(FrameError::Malformed(e.to_string()));
+                    break;
+                }
+            };
+            let frame = frames.slice(at..end);
+            let mut verdict = self.inspect(&frame);
+            if let Verdict::Refuse(refusal) = &mut verdict
+                && !refusal.close
+            {
+                self.refusals += 1;
+                if self.refusals >= MAX_REFUSALS {
+                    refusal.close = true;
+                    refusal.detail = format!(
+                        "{}; {} refusals in this session, the most allowed: session closed",
+                        refusal.detail, self.refusals
+                    );
+                    if self.version == Version::V5 {
+                        refusal.reply =
+                            Some(v5_disconnect(v5::DisconnectReasonCode::QuotaExceeded));
+                    }
+                }
+            }
+            match verdict {
+                Verdict::Forward | Verdict::ForwardThen(_) => {
+                    let publish = frame[0] >> 4 == 3;
+                    out.publishes += u64::from(publish);
+                    out.answered += u64::from(publish && frame[0] & 0b0110 != 0);
+                    match runs.last_mut() {
+                        Some(Piece::Run(run)) if run.end == at => run.end = end,
+                        _ => runs.push(Piece::Run(at..end)),
+                    }
+                    if let Verdict::ForwardThen(extra) = verdict {
+                        runs.push(Piece::Ours(extra));
+                    }
+                }
+                Verdict::Answer(reply) => out.replies.push((out.answered, reply)),
+                Verdict::Refuse(refusal) => {
+                    if let Some(reply) = refusal.reply {
+                        out.replies.push((out.answered, reply));
+                    }
+                    if refusal.close {
+                        bad = None;
+                        out.stop = Some(Stop::Refused(refusal.reason, refusal.detail));
+                        break;
+                    }
+                    out.refused.push((refusal.reason, refusal.detail));
+                }
+            }
+            at = end;
+        }
+        out.forward = match &runs[..] {
+            [] => Bytes::new(),
+            [Piece::Run(run)] => frames.slice(run.clone()),
+            _ => {
+                let mut joined = BytesMut::new();
+                for piece in &runs {
+                    match piece {
+                        Piece::Run(run) => joined.extend_from_slice(&frames[run.clone()]),
+                        Piece::Ours(bytes) => joined.extend_from_slice(bytes),
+                    }
+                }
+                joined.freeze()
+            }
+        };
+        if out.stop.is_none() {
+            out.stop = bad.map(Stop::Frame);
+        }
+        out
+    }
+
+    /// Checks one packet from the device.
+    pub(super) fn inspect(&mut self, frame: &Bytes) -> Verdict {
+        let version = self.version;
+        let packet_type = frame.first().map(|b| b >> 4).unwrap_or(0);
+        match packet_type {
+            // CONNECT again, or AUTH (enhanced authentication is not offered).
+            1 | 15 => {
+                let reply = (version == Version::V5)
+                    .then(|| v5_disconnect(v5::DisconnectReasonCode::ProtocolError));
+                deny(
+                    Reason::ProtocolError,
+                    "unexpected CONNECT or AUTH in a session".into(),
+                    reply,
+                    true,
+                )
+            }
+            3 => self.inspect_publish(frame.clone()),
+            6 => self.inspect_pubrel(frame.clone()),
+            8 => self.inspect_subscribe(frame.clone()),
+            10 => self.inspect_unsubscribe(frame.clone()),
+            12 => self.expect_pong(Ping::Device, Verdict::Forward),
+            _ => Verdict::Forward,
+        }
+    }
+
+    /// Queues who is owed the broker's next PINGRESP.
+    pub(super) fn expect_pong(&mut self, owner: Ping, verdict: Verdict) -> Verdict {
+        if self.pings.len() >= MAX_PINGS {
+            let reply = (self.version == Version::V5)
+                .then(|| v5_disconnect(v5::DisconnectReasonCode::ReceiveMaximumExceeded));
+            return deny(
+                Reason::ProtocolError,
+                format!("{MAX_PINGS} PINGREQs or UNSUBSCRIBEs await the broker's answer"),
+                reply,
+                true,
+            );
+        }
+        self.pings.push_back(owner);
+        verdict
+    }
+
+    pub(super) fn malformed(&self, what: &str, e: impl std::fmt::Display) -> Verdict {
+        let reply = (self.version == Version::V5)
+            .then(|| v5_disconnect(v5::DisconnectReasonCode::MalformedPacket));
+        deny(
+            Reason::ProtocolError,
+            format!("malformed {what}: {e}"),
+            reply,
+            true,
+        )
+    }
+
+    // The readers below parse the frame in place (a `Bytes` clone shares
+    // it); `inspect` has checked the packet type.
+
+    pub(super) fn inspect_publish(&mut self, frame: Bytes) -> Verdict {
+        let (max, principal) = (self.max, self.principal);
+        match self.version {
+            Version::V311 => {
+                let p = match mqttbytes::check(frame.iter(), max)
+                    .and_then(|header| v4::Publish::read(header, frame))
+                {
+                    Ok(p) => p,
+                    Err(e) => return self.malformed("PUBLISH", e),
+                };
+                match policy::may_publish(&principal, &p.topic) {
+                    Ok(()) => self.passed(p.qos as u8, p.pkid),
+                    // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
+                    Err(d) => deny(
+                        Reason::PolicyDenied,
+                        format!("PUBLISH to {}: {}", shown(&p.topic), d.as_str()),
+                        None,
+                        true,
+                    ),
+                }
+            }
+            Version::V5 => {
+                let p = match v5::check(frame.iter(), Some(max as u32))
+                    .and_then(|header| v5::Publish::read(header, frame))
+                {
+                    Ok(p) => p,
+                    Err(e) => return self.malformed("PUBLISH", e),
+                };
+                if p.properties
+                    .as_ref()
+                    .is_some_and(|props| props.topic_alias.is_some())
+                {
+                    let reply = Some(v5_disconnect(v5::DisconnectReasonCode::TopicAliasInvalid));
+                    return deny(
+                        Reason::ProtocolError,
+                        "topic aliases are not accepted".into(),
+                        reply,
+                        true,
+                    );
+                }
+                let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                    return self.malformed("PUBLISH", "topic is not UTF-8");
+                };
+                // A response topic is where a service will publish its
+                // answer: the device may name only a topic it could
+                // publish to itself, never another device's commands.
+                let response = p
+                    .properties
+                    .as_ref()
+                    .and_then(|props| props.response_topic.as_deref());
+                let denied = match policy::may_publish(&principal, topic) {
+                    Err(d) => Some(format!("PUBLISH to {}: {}", shown(topic), d.as_str())),
+                    Ok(()) => response.and_then(|r| {
+                        policy::may_publish(&principal, r).err().map(|d| {
+                            format!(
+                                "PUBLISH to {} with response topic {}: {}",
+                                shown(topic),
+                                shown(r),
+                                d.as_str()
+                            )
+                        })
+                    }),
+                };
+                let Some(detail) = denied else {
+                    return self.passed(p.qos as u8, p.pkid);
+                };
+                match p.qos {
+                    QoS::AtMostOnce => deny(
+                        Reason::PolicyDenied,
+                        detail,
+                        Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
+                        true,
+                    ),
+                    QoS::AtLeastOnce => {
+                        let ack = v5::PubAck {
+                            pkid: p.pkid,
+                            reason: v5::PubAckReason::NotAuthorized,
+                            properties: None,
+                        };
+                        deny(
+                            Reason::PolicyDenied,
+                            detail,
+                            Some(encode_v5(v5::Packet::PubAck(ack))),
+                            false,
+                        )
+                    }
+                    QoS::ExactlyOnce => {
+                        let rec = v5::PubRec {
+                            pkid: p.pkid,
+                            reason: v5::PubRecReason::NotAuthorized,
+                            properties: None,
+                        };
+                        deny(
+                            Reason::PolicyDenied,
+                            detail,
+                            Some(encode_v5(v5::Packet::PubRec(rec))),
+                            false,
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    /// A PUBLISH the policy allows: a QoS 2 one awaits its PUBREL.
+    pub(super) fn passed(&mut self, qos: u8, pkid: u16) -> Verdict {
+        if qos == 2 {
+            self.awaiting_release.insert(pkid);
+        }
+        Verdict::Forward
+    }
+
+    /// A PUBREL releases a QoS 2 PUBLISH. One for a packet id not
+    /// PUBLISHed in this connection is the resend the specification asks
+    /// for after a reconnect (the PUBCOMP was lost); rumqttd closes the
+    /// link on it, so the gateway answers it: PUBCOMP, in MQTT 5 with
+    /// 0x92 (packet identifier not found), as rumqttd kept nothing of it.
+    pub(super) fn inspect_pubrel(&mut self, frame: Bytes) -> Verdict {
+        if !self.quirks.unknown_pubrel_closes {
+            return Verdict::Forward;
+        }
+        let pkid = match self.version {
+            Version::V311 => mqttbytes::check(frame.iter(), self.max)
+                .and_then(|header| v4::PubRel::read(header, frame))
+                .map(|p| p.pkid)
+                .map_err(|e| e.to_string()),
+            Version::V5 => v5::check(frame.iter(), Some(self.max as u32))
+                .and_then(|header| v5::PubRel::read(header, frame))
+                .map(|p| p.pkid)
+                .map_err(|e| e.to_string()),
+        };
+        let pkid = match pkid {
+            Ok(pkid) => pkid,
+            Err(e) => return self.malformed("PUBREL", e),
+        };
+        if self.awaiting_release.remove(&pkid) {
+            return Verdict::Forward;
+        }
+        Verdict::Answer(match self.version {
+            Version::V311 => encode_v4(v4::Packet::PubComp(v4::PubComp { pkid })),
+            Version::V5 => encode_v5(v5::Packet::PubComp(v5::PubComp {
+                pkid,
+                reason: v5::PubCompReason::PacketIdentifierNotFound,
+                properties: None,
+            })),
+        })
+    }
+
+    pub(super) fn inspect_subscribe(&mut self, frame: Bytes) -> Verdict {
+        let (version, max) = (self.version, self.max);
+        let (pkid, filters): (u16, Vec<(String, bool)>) = match version {
+            Version::V311 => match mqttbytes::check(frame.iter(), max)
+                .and_then(|header| v4::Subscribe::read(header, frame))
+            {
+                Ok(s) => (
+                    s.pkid,
+                    s.filters.into_iter().map(|f| (f.path, false)).collect(),
+                ),
+                Err(e) => return self.malformed("SUBSCRIBE", e),
+            },
+            Version::V5 => match v5::check(frame.iter(), Some(max as u32))
+                .and_then(|header| v5::Subscribe::read(header, frame))
+            {
+                Ok(s) => (
+                    s.pkid,
+                    s.filters.into_iter().map(|f| (f.path, f.nolocal)).collect(),
+                ),
+                Err(e) => return self.malformed("SUBSCRIBE", e),
+            },
+        };
+        let denied: Vec<String> = filters
+            .iter()
+            .filter_map(|(f, _)| {
+                policy::may_subscribe(&self.principal, f)
+                    .err()
+                    .map(|d| format!("{}: {}", shown(f), d.as_str()))
+            })
+            .collect();
+        let (reason, detail, code) = if !denied.is_empty() {
+            (
+                Reason::PolicyDenied,
+                format!("SUBSCRIBE {}", denied.join(", ")),
+                v5::SubscribeReasonCode::NotAuthorized,
+            )
+        } else if self.quirks.no_local_ignored && filters.iter().any(|(_, no_local)| *no_local) {
+            let named: Vec<String> = filters
+                .iter()
+                .filter(|(_, no_local)| *no_local)
+                .map(|(f, _)| shown(f))
+                .collect();
+            (
+                Reason::Unsupported,
+                format!(
+                    "SUBSCRIBE {} with no-local, which the embedded broker does not honour",
+                    named.join(", ")
+                ),
+                v5::SubscribeReasonCode::ImplementationSpecific,
+            )
+        } else {
+            return Verdict::Forward;
+        };
+        match version {
+            Version::V311 => deny(reason, detail, None, true),
+            // A SUBSCRIBE with any refused filter is refused as a whole.
+            Version::V5 => {
+                let ack = v5::SubAck {
+                    pkid,
+                    return_codes: vec![code; filters.len()],
+                    properties: None,
+                };
+                deny(
+                    reason,
+                    detail,
+                    Some(encode_v5(v5::Packet::SubAck(ack))),
+                    false,
+                )
+            }
+        }
+    }
+
+    /// An UNSUBSCRIBE goes to the broker with a PINGREQ of the gateway's
+    /// behind it: see [`Ping`].
+    pub(super) fn inspect_unsubscribe(&mut self, frame: Bytes) -> Verdict {
+        let filters = match self.version {
+            Version::V311 => mqttbytes::check(frame.iter(), self.max)
+                .and_then(|header| v4::Unsubscribe::read(header, frame))
+                .map(|u| (u.pkid, u.topics.len()))
+                .map_err(|e| e.to_string()),
+            Version::V5 => v5::check(frame.iter(), Some(self.max as u32))
+                .and_then(|header| v5::Unsubscribe::read(header, frame))
+                .map(|u| (u.pkid, u.filters.len()))
+                .map_err(|e| e.to_string()),
+        };
+        match filters {
+            Ok((pkid, filters)) => self.expect_pong(
+                Ping::Unsubscribe { pkid, filters },
+                Verdict::ForwardThen(PINGREQ),
+            ),
+            Err(e) => self.malformed("UNSUBSCRIBE", e),
+        }
+    }
+}
+
+/// A part of what a batch forwards.
+pub(super) enum Piece {
+    /// Frames as the device sent them.
+    Run(std::ops::Range<usize>),
+    /// Bytes of the gateway's own.
+    Ours(&'static [u8]),
+}
