@@ -47,6 +47,8 @@ fn file_error(path: &Path, detail: impl std::fmt::Display) -> IdentityError {
 pub struct DeviceIdentity {
     pub id: DeviceId,
     pub uri: String,
+    /// In the normal form of [`twofold_trust::Serial`], as the gateway and
+    /// `provisioning list` show it.
     pub serial: String,
     pub not_before: i64,
     pub not_after: i64,
@@ -258,7 +260,7 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
         .map_err(|e| file_error(&paths.key, format!("no usable private key: {e}")))?;
     let (id, uri) = device_of(&chain[0], &paths.cert)?;
     let (_, leaf) = X509Certificate::from_der(&chain[0]).map_err(|e| file_error(&paths.cert, e))?;
-    let serial = leaf.raw_serial_as_string().replace(':', "");
+    let serial = twofold_trust::Serial::from_der_bytes(leaf.raw_serial()).to_string();
     let not_before = leaf.validity().not_before.timestamp();
     let not_after = leaf.validity().not_after.timestamp();
 

@@ -2,6 +2,7 @@
 
 use sha2::{Digest, Sha256};
 use twofold_protocol::{Identity, Principal, TrustDomain};
+use twofold_trust::Serial;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -9,7 +10,8 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CertInfo {
     pub subject: String,
-    /// Lowercase hex, as `provisioning list` shows it.
+    /// In the normal form of [`twofold_trust::Serial`], as `provisioning
+    /// list` shows it and as [`crate::revocation`] looks it up.
     pub serial: String,
     /// SHA-256 of the DER, lowercase hex.
     pub fingerprint: String,
@@ -27,20 +29,12 @@ impl CertInfo {
         let (_, cert) = X509Certificate::from_der(der).ok()?;
         Some(CertInfo {
             subject: cert.subject().to_string(),
-            serial: hex::encode(trim_zeros(cert.raw_serial())),
+            serial: Serial::from_der_bytes(cert.raw_serial()).to_string(),
             fingerprint: hex::encode(Sha256::digest(der)),
             not_after: cert.validity().not_after.timestamp(),
             issuer: cert.issuer().as_raw().to_vec(),
         })
     }
-}
-
-fn trim_zeros(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(bytes.len().saturating_sub(1));
-    &bytes[start..]
 }
 
 /// Why a verified certificate still carries no usable identity.

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
+use twofold_trust::Serial;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -62,9 +63,8 @@ pub enum CrlError {
 pub struct RevocationList {
     /// For rustls' verifier.
     pub ders: Vec<CertificateRevocationListDer<'static>>,
-    /// Revoked certificates: issuer's name (DER), and serial as lowercase
-    /// hex without leading zeros.
-    revoked: HashSet<(Vec<u8>, String)>,
+    /// Revoked certificates: issuer's name (DER), and serial.
+    revoked: HashSet<(Vec<u8>, Serial)>,
     /// Each CRL's issuer (its name, DER) → its name and CRL number.
     issuers: HashMap<Vec<u8>, (String, Option<u64>)>,
     /// The highest CRL number each CA has had since the gateway started,
@@ -223,7 +223,7 @@ impl RevocationList {
             for revoked in crl.iter_revoked_certificates() {
                 let issuer = crl.issuer().as_raw().to_vec();
                 list.revoked
-                    .insert((issuer, serial_hex(revoked.raw_serial())));
+                    .insert((issuer, Serial::from_der_bytes(revoked.raw_serial())));
             }
             if let Some(n) = number {
                 list.number = Some(list.number.map_or(n, |m| m.max(n)));
@@ -251,10 +251,15 @@ impl RevocationList {
         self.issuers.contains_key(issuer)
     }
 
-    /// Is the certificate with this serial (lowercase hex) from the CA
-    /// with this name (DER) revoked?
+    /// Is the certificate with this serial (hex, as [`CertInfo`] holds it,
+    /// in any form [`Serial`] parses) from the CA with this name (DER)
+    /// revoked? A serial that does not parse is no serial a CRL lists.
+    ///
+    /// [`CertInfo`]: crate::identity::CertInfo
     pub fn is_revoked(&self, issuer: &[u8], serial: &str) -> bool {
-        self.revoked.contains(&(issuer.to_vec(), serial.to_owned()))
+        serial
+            .parse::<Serial>()
+            .is_ok_and(|serial| self.revoked.contains(&(issuer.to_vec(), serial)))
     }
 
     /// How many certificates are revoked.
@@ -273,15 +278,6 @@ fn is_client_ca(client_cas: &[CertificateDer<'static>], name: &[u8]) -> bool {
     client_cas
         .iter()
         .any(|ca| X509Certificate::from_der(ca).is_ok_and(|(_, ca)| ca.subject().as_raw() == name))
-}
-
-/// A serial as lowercase hex without leading zero bytes.
-pub fn serial_hex(raw: &[u8]) -> String {
-    let start = raw
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
-    hex::encode(&raw[start..])
 }
 
 /// CAs and CRLs made with rcgen, for the unit tests.
@@ -512,6 +508,9 @@ mod tests {
         assert!(list.is_revoked(&name(&a), "10") && list.is_revoked(&name(&b), "20"));
         // A serial is revoked for its own CA only.
         assert!(!list.is_revoked(&name(&b), "10"));
+        // Leading zero bytes do not make another serial.
+        assert!(list.is_revoked(&name(&a), "0010") && list.is_revoked(&name(&a), "00:10"));
+        assert!(!list.is_revoked(&name(&a), "1000") && !list.is_revoked(&name(&a), "not hex"));
         assert_eq!(list.number, Some(7));
         assert_eq!(list.ders.len(), 2);
     }

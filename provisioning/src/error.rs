@@ -85,8 +85,13 @@ pub enum Error {
     )]
     NotRevocable { serial: String, kind: &'static str },
 
-    #[error("invalid serial {value:?}: expected hexadecimal digits, optionally separated by ':'")]
-    InvalidSerial { value: String },
+    #[error(
+        "invalid serial {value:?}: {reason}; expected hexadecimal digits, optionally separated by ':'"
+    )]
+    InvalidSerial {
+        value: String,
+        reason: twofold_trust::SerialError,
+    },
 
     #[error(
         "{file} is encrypted and no passphrase was given: set TWOFOLD_CA_PASSPHRASE or run on a terminal \

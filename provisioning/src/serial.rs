@@ -7,44 +7,44 @@ use crate::error::Error;
 
 /// A certificate serial number: 16 random bytes (126 bits of entropy),
 /// always positive and always 16 bytes long in DER. Shown as lowercase hex.
+/// Normalised, parsed and compared by [`twofold_trust::Serial`], the same
+/// rule the gateway and the agent use; provisioning adds how serials are
+/// drawn and written.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Serial(Vec<u8>);
+pub struct Serial(twofold_trust::Serial);
 
 impl Serial {
     /// A fresh random serial. Uniqueness is enforced by the registry; a
     /// collision (never expected) is retried there.
     pub fn random() -> Self {
-        let mut bytes = vec![0u8; 16];
+        let mut bytes = [0u8; 16];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
         // Top bit clear (positive) and second bit set (no leading zero
         // byte), so the DER encoding is exactly these 16 bytes.
         bytes[0] = (bytes[0] & 0x3f) | 0x40;
-        Serial(bytes)
+        Serial::from_bytes(&bytes)
     }
 
     /// The serial of a parsed certificate, as its big-endian bytes.
     pub fn from_bytes(bytes: &[u8]) -> Self {
-        let start = bytes
-            .iter()
-            .position(|&b| b != 0)
-            .unwrap_or(bytes.len().saturating_sub(1));
-        Serial(bytes[start..].to_vec())
+        Serial(twofold_trust::Serial::from_der_bytes(bytes))
     }
 
     /// Big-endian bytes.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        self.0.as_bytes()
     }
 
     /// The first four bytes in hex: enough to tell two CAs apart by name.
     pub fn short(&self) -> String {
-        hex::encode(&self.0[..self.0.len().min(4)])
+        let bytes = self.as_bytes();
+        hex::encode(&bytes[..bytes.len().min(4)])
     }
 }
 
 impl fmt::Display for Serial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(&self.0))
+        self.0.fmt(f)
     }
 }
 
@@ -53,26 +53,18 @@ impl FromStr for Serial {
 
     /// Accepts what people paste: `40ab…`, `40AB…`, or openssl's `40:AB:…`.
     fn from_str(s: &str) -> Result<Self, Error> {
-        let invalid = || Error::InvalidSerial {
-            value: s.to_owned(),
-        };
-        let digits: String = s.trim().chars().filter(|&c| c != ':').collect();
-        if digits.is_empty() || digits.len() > 40 {
-            return Err(invalid());
-        }
-        let padded = if digits.len() % 2 == 1 {
-            format!("0{digits}")
-        } else {
-            digits
-        };
-        let bytes = hex::decode(padded).map_err(|_| invalid())?;
-        Ok(Serial::from_bytes(&bytes))
+        s.parse()
+            .map(Serial)
+            .map_err(|reason| Error::InvalidSerial {
+                value: s.to_owned(),
+                reason,
+            })
     }
 }
 
 impl From<&Serial> for rcgen::SerialNumber {
     fn from(s: &Serial) -> Self {
-        rcgen::SerialNumber::from_slice(&s.0)
+        rcgen::SerialNumber::from_slice(s.as_bytes())
     }
 }
 
