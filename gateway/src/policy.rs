@@ -3,7 +3,8 @@
 //!
 //! Default policy, templated on the identity:
 //! - a device publishes and subscribes only under `devices/<its id>/`;
-//! - a service subscribes to `devices/<id or +>/…` and publishes only to
+//! - a service subscribes to `devices/<id or +>/…` (also shared with its
+//!   other instances: `$share/<group>/devices/…`) and publishes only to
 //!   `devices/<id>/commands`.
 //!
 //! Everything else, `#`, `$SYS/…` and other devices' subtrees included, is
@@ -20,6 +21,9 @@ pub enum Denial {
     OutsideOwnSubtree,
     /// A service may publish only to `devices/<id>/commands`.
     ServicePublishesCommandsOnly,
+    /// Shared subscriptions (`$share/<group>/<filter>`) are for services,
+    /// which scale out across instances; a device has no one to share with.
+    SharedForServicesOnly,
 }
 
 impl Denial {
@@ -31,6 +35,7 @@ impl Denial {
             Denial::ServicePublishesCommandsOnly => {
                 "services may publish only to devices/<id>/commands"
             }
+            Denial::SharedForServicesOnly => "shared subscriptions are for services only",
         }
     }
 }
@@ -79,8 +84,36 @@ pub fn may_publish(who: &Principal, topic: &str) -> Result<(), Denial> {
     }
 }
 
-/// May `who` subscribe to `filter`?
+/// A shared subscription, `$share/<group>/<filter>`, split into its
+/// group and filter; `None` for any other filter. The group is one
+/// non-empty level without wildcards.
+pub fn shared(filter: &str) -> Option<Result<(&str, &str), Denial>> {
+    let rest = filter.strip_prefix("$share/")?;
+    Some(match rest.split_once('/') {
+        Some((group, filter))
+            if !group.is_empty() && !group.contains(['+', '#', '\0']) && !filter.is_empty() =>
+        {
+            Ok((group, filter))
+        }
+        _ => Err(Denial::Malformed),
+    })
+}
+
+/// May `who` subscribe to `filter`? A service may also share a filter it
+/// may read with its other instances: `$share/<group>/<filter>`.
 pub fn may_subscribe(who: &Principal, filter: &str) -> Result<(), Denial> {
+    if let Some(split) = shared(filter) {
+        let (_, filter) = split?;
+        return match who {
+            Principal::Service(_) => may_subscribe_plain(who, filter),
+            Principal::Device(_) => Err(Denial::SharedForServicesOnly),
+        };
+    }
+    may_subscribe_plain(who, filter)
+}
+
+/// The rule for a filter that is not shared.
+fn may_subscribe_plain(who: &Principal, filter: &str) -> Result<(), Denial> {
     if !valid_filter(filter) {
         return Err(Denial::Malformed);
     }
@@ -97,6 +130,36 @@ pub fn may_subscribe(who: &Principal, filter: &str) -> Result<(), Denial> {
 mod tests {
     use super::*;
     use twofold_protocol::ServiceName;
+
+    #[test]
+    fn services_may_share_what_they_may_read_and_devices_may_not_share() {
+        let ingest = service("ingest");
+        for ok in [
+            "$share/workers/devices/+/telemetry",
+            "$share/w-1/devices/sensor-1/#",
+        ] {
+            assert_eq!(may_subscribe(&ingest, ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("$share/workers/#", Denial::OutsideOwnSubtree),
+            ("$share/workers/$SYS/#", Denial::OutsideOwnSubtree),
+            (
+                "$share/workers/$share/x/devices/+/telemetry",
+                Denial::OutsideOwnSubtree,
+            ),
+            ("$share//devices/+/telemetry", Denial::Malformed),
+            ("$share/+/devices/+/telemetry", Denial::Malformed),
+            ("$share/#/devices/+/telemetry", Denial::Malformed),
+            ("$share/workers", Denial::Malformed),
+            ("$share/workers/", Denial::Malformed),
+        ] {
+            assert_eq!(may_subscribe(&ingest, bad), Err(why), "{bad}");
+        }
+        assert_eq!(
+            may_subscribe(&device("sensor-1"), "$share/g/devices/sensor-1/commands"),
+            Err(Denial::SharedForServicesOnly)
+        );
+    }
 
     fn device(id: &str) -> Principal {
         Principal::Device(DeviceId::parse(id).unwrap())

@@ -189,6 +189,19 @@ impl Raw {
         }
     }
 
+    /// The next packet within `secs`, or `None` after that much silence.
+    fn poll(&mut self, secs: u64) -> Option<Got> {
+        let sock = &self.tls.sock;
+        sock.set_read_timeout(Some(Duration::from_secs(secs)))
+            .unwrap();
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.next())).ok();
+        self.tls
+            .sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        got
+    }
+
     /// A PINGREQ and its PINGRESP: everything the gateway sent before it
     /// comes back first.
     fn drain(&mut self) -> Vec<Got> {
@@ -659,4 +672,121 @@ fn a_copied_certificate_without_its_key_is_audited_as_such() {
         Some(true),
         "{e}"
     );
+}
+
+/// The payloads of the QoS 1 PUBLISHes `c` receives until `secs` of
+/// silence, each acknowledged.
+fn receive_v5(c: &mut Raw, secs: u64) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    while let Some(p) = c.poll(secs) {
+        match p {
+            Got::V5(v5::Packet::Publish(p)) => {
+                c.send(&v5_bytes(v5::Packet::PubAck(v5::PubAck::new(p.pkid, None))));
+                got.push(p.payload.to_vec());
+            }
+            Got::Closed => break,
+            _ => {}
+        }
+    }
+    got
+}
+
+#[test]
+fn a_services_instances_share_a_subscription_and_groups_stay_the_services_own() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ingest = fleet.service("ingest");
+    let audit = fleet.service("audit");
+    let gw = Gateway::start(&fleet, "");
+    let shared = "$share/workers/devices/+/telemetry";
+    let subscribe = |c: &mut Raw| {
+        let mut sub = v5::Subscribe::new(v5::Filter::new(shared, QoS5::AtLeastOnce), None);
+        sub.pkid = 1;
+        c.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+        match c.next() {
+            Got::V5(v5::Packet::SubAck(a)) => a.return_codes,
+            other => panic!("{other:?}"),
+        }
+    };
+    let granted = vec![v5::SubscribeReasonCode::Success(QoS5::AtLeastOnce)];
+    let mut instances = Vec::new();
+    for id in ["ingest-1", "ingest-2"] {
+        let (mut c, ack) = Raw::connect(&fleet, &gw, &ingest, V::V5, id, true, 60);
+        let props = v5_connack(ack).properties.unwrap();
+        assert_eq!(
+            props.shared_subscription_available,
+            Some(1),
+            "a service may share"
+        );
+        assert_eq!(subscribe(&mut c), granted);
+        instances.push(c);
+    }
+    // Another service with a group of the same name: a group of its own.
+    let (mut other, _) = Raw::connect(&fleet, &gw, &audit, V::V5, "audit", true, 60);
+    assert_eq!(subscribe(&mut other), granted);
+    // A device may not share.
+    let (mut d, ack) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    assert_eq!(
+        v5_connack(ack)
+            .properties
+            .unwrap()
+            .shared_subscription_available,
+        Some(0)
+    );
+    let mut sub = v5::Subscribe::new(
+        v5::Filter::new("$share/g/devices/sensor-1/commands", QoS5::AtLeastOnce),
+        None,
+    );
+    sub.pkid = 2;
+    d.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+    match d.next() {
+        Got::V5(v5::Packet::SubAck(a)) => {
+            assert_eq!(a.return_codes, [v5::SubscribeReasonCode::NotAuthorized])
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        gw.refusal("policy_denied")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("shared subscriptions are for services only")
+    );
+    for i in 0..20u16 {
+        let payload = format!("m{i}");
+        let mut p = v5::Publish::new(
+            "devices/sensor-1/telemetry",
+            QoS5::AtLeastOnce,
+            payload,
+            None,
+        );
+        p.pkid = i + 1;
+        d.send(&v5_bytes(v5::Packet::Publish(p)));
+        match d.next() {
+            Got::V5(v5::Packet::PubAck(a)) => assert_eq!(a.reason, v5::PubAckReason::Success),
+            other => panic!("{other:?}"),
+        }
+    }
+    let want: std::collections::BTreeSet<Vec<u8>> =
+        (0..20).map(|i| format!("m{i}").into_bytes()).collect();
+    let mut shared_got = Vec::new();
+    let mut per_instance = Vec::new();
+    for c in &mut instances {
+        let got = receive_v5(c, 3);
+        per_instance.push(got.len());
+        shared_got.extend(got);
+    }
+    let distinct: std::collections::BTreeSet<Vec<u8>> = shared_got.iter().cloned().collect();
+    assert_eq!(
+        shared_got.len(),
+        20,
+        "each message to one instance: {per_instance:?}"
+    );
+    assert_eq!(distinct, want);
+    assert!(
+        per_instance.iter().all(|&n| n > 0),
+        "both instances share the load: {per_instance:?}"
+    );
+    let others: std::collections::BTreeSet<Vec<u8>> =
+        receive_v5(&mut other, 3).into_iter().collect();
+    assert_eq!(others, want, "the other service's group got every message");
 }

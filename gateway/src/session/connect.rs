@@ -217,14 +217,15 @@ pub const KEEPALIVE_OFF: u16 = u16::MAX;
 
 /// The broker's CONNACK, as the device gets it, or why the session is
 /// refused and what the device is told. MQTT 5's CONNACK says what the
-/// gateway offers: no topic aliases (every PUBLISH names its topic), no
-/// shared subscriptions, wildcards and subscription identifiers, the
-/// gateway's own packet size limit, and the keepalive a device that asked
-/// for none must keep.
+/// gateway offers: no topic aliases (every PUBLISH names its topic),
+/// shared subscriptions to services only, wildcards and subscription
+/// identifiers, the gateway's own packet size limit, and the keepalive a
+/// device that asked for none must keep.
 pub(super) fn answer_connack(
     version: Version,
     frame: BytesMut,
     connect: &Connect,
+    principal: &Principal,
     max: usize,
 ) -> Result<Bytes, (String, Bytes)> {
     let mut frame = frame;
@@ -266,7 +267,9 @@ pub(super) fn answer_connack(
                 });
                 props.topic_alias_max = None;
                 props.assigned_client_identifier = None;
-                props.shared_subscription_available = Some(0);
+                // Services may share a subscription across instances.
+                props.shared_subscription_available =
+                    Some(u8::from(matches!(principal, Principal::Service(_))));
                 props.wildcard_subscription_available = Some(1);
                 props.subscription_identifiers_available = Some(1);
                 props.max_packet_size = Some(u32::try_from(max).unwrap_or(u32::MAX));

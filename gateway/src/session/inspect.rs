@@ -3,6 +3,7 @@
 //! and the packets the gateway answers for the embedded broker.
 
 use super::*;
+use sha2::Digest as _;
 
 /// The most refusals one session may earn before it is closed: a device
 /// that keeps sending what the policy refuses is misbehaving, and each
@@ -59,6 +60,9 @@ pub(super) enum Verdict {
     Forward,
     /// Forward it, followed by bytes of the gateway's own.
     ForwardThen(&'static [u8]),
+    /// Forward this instead (the packet as the broker must see it),
+    /// followed by bytes of the gateway's own, if any.
+    Rewritten(Bytes, Option<&'static [u8]>),
     /// Keep it from the broker and answer it: not a refusal.
     Answer(Bytes),
     Refuse(Refusal),
@@ -200,6 +204,12 @@ impl Inspector {
                         runs.push(Piece::Ours(extra));
                     }
                 }
+                Verdict::Rewritten(packet, then) => {
+                    runs.push(Piece::Owned(packet));
+                    if let Some(extra) = then {
+                        runs.push(Piece::Ours(extra));
+                    }
+                }
                 Verdict::Answer(reply) => out.replies.push((out.answered, reply)),
                 Verdict::Refuse(refusal) => {
                     if let Some(reply) = refusal.reply {
@@ -224,6 +234,7 @@ impl Inspector {
                     match piece {
                         Piece::Run(run) => joined.extend_from_slice(&frames[run.clone()]),
                         Piece::Ours(bytes) => joined.extend_from_slice(bytes),
+                        Piece::Owned(bytes) => joined.extend_from_slice(bytes),
                     }
                 }
                 joined.freeze()
@@ -440,25 +451,32 @@ impl Inspector {
 
     pub(super) fn inspect_subscribe(&mut self, frame: Bytes) -> Verdict {
         let (version, max) = (self.version, self.max);
-        let (pkid, filters): (u16, Vec<(String, bool)>) = match version {
-            Version::V311 => match mqttbytes::check(frame.iter(), max)
+        let decoded = match version {
+            Version::V311 => mqttbytes::check(frame.iter(), max)
                 .and_then(|header| v4::Subscribe::read(header, frame))
-            {
-                Ok(s) => (
-                    s.pkid,
-                    s.filters.into_iter().map(|f| (f.path, false)).collect(),
-                ),
-                Err(e) => return self.malformed("SUBSCRIBE", e),
-            },
-            Version::V5 => match v5::check(frame.iter(), Some(max as u32))
+                .map(Subscription::V4)
+                .map_err(|e| e.to_string()),
+            Version::V5 => v5::check(frame.iter(), Some(max as u32))
                 .and_then(|header| v5::Subscribe::read(header, frame))
-            {
-                Ok(s) => (
-                    s.pkid,
-                    s.filters.into_iter().map(|f| (f.path, f.nolocal)).collect(),
-                ),
-                Err(e) => return self.malformed("SUBSCRIBE", e),
-            },
+                .map(Subscription::V5)
+                .map_err(|e| e.to_string()),
+        };
+        let mut decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => return self.malformed("SUBSCRIBE", e),
+        };
+        let (pkid, filters): (u16, Vec<(String, bool)>) = match &decoded {
+            Subscription::V4(s) => (
+                s.pkid,
+                s.filters.iter().map(|f| (f.path.clone(), false)).collect(),
+            ),
+            Subscription::V5(s) => (
+                s.pkid,
+                s.filters
+                    .iter()
+                    .map(|f| (f.path.clone(), f.nolocal))
+                    .collect(),
+            ),
         };
         let denied: Vec<String> = filters
             .iter()
@@ -488,6 +506,24 @@ impl Inspector {
                 ),
                 v5::SubscribeReasonCode::ImplementationSpecific,
             )
+        } else if filters.iter().any(|(f, _)| policy::shared(f).is_some()) {
+            // Shared groups at the broker are the service's own.
+            let principal = self.principal;
+            let packet = match &mut decoded {
+                Subscription::V4(s) => {
+                    for f in &mut s.filters {
+                        f.path = broker_filter(&principal, &f.path);
+                    }
+                    encode_v4(v4::Packet::Subscribe(s.clone()))
+                }
+                Subscription::V5(s) => {
+                    for f in &mut s.filters {
+                        f.path = broker_filter(&principal, &f.path);
+                    }
+                    encode_v5(v5::Packet::Subscribe(s.clone()))
+                }
+            };
+            return Verdict::Rewritten(packet, None);
         } else {
             return Verdict::Forward;
         };
@@ -513,23 +549,71 @@ impl Inspector {
     /// An UNSUBSCRIBE goes to the broker with a PINGREQ of the gateway's
     /// behind it: see [`Ping`].
     pub(super) fn inspect_unsubscribe(&mut self, frame: Bytes) -> Verdict {
-        let filters = match self.version {
+        let principal = self.principal;
+        let shared = |paths: &[String]| paths.iter().any(|f| policy::shared(f).is_some());
+        let decoded = match self.version {
             Version::V311 => mqttbytes::check(frame.iter(), self.max)
                 .and_then(|header| v4::Unsubscribe::read(header, frame))
-                .map(|u| (u.pkid, u.topics.len()))
+                .map(|mut u| {
+                    let rewritten = shared(&u.topics).then(|| {
+                        for f in &mut u.topics {
+                            *f = broker_filter(&principal, f);
+                        }
+                        encode_v4(v4::Packet::Unsubscribe(u.clone()))
+                    });
+                    (u.pkid, u.topics.len(), rewritten)
+                })
                 .map_err(|e| e.to_string()),
             Version::V5 => v5::check(frame.iter(), Some(self.max as u32))
                 .and_then(|header| v5::Unsubscribe::read(header, frame))
-                .map(|u| (u.pkid, u.filters.len()))
+                .map(|mut u| {
+                    let rewritten = shared(&u.filters).then(|| {
+                        for f in &mut u.filters {
+                            *f = broker_filter(&principal, f);
+                        }
+                        encode_v5(v5::Packet::Unsubscribe(u.clone()))
+                    });
+                    (u.pkid, u.filters.len(), rewritten)
+                })
                 .map_err(|e| e.to_string()),
         };
-        match filters {
-            Ok((pkid, filters)) => self.expect_pong(
-                Ping::Unsubscribe { pkid, filters },
-                Verdict::ForwardThen(PINGREQ),
-            ),
+        match decoded {
+            Ok((pkid, filters, rewritten)) => {
+                let verdict = match rewritten {
+                    Some(packet) => Verdict::Rewritten(packet, Some(PINGREQ)),
+                    None => Verdict::ForwardThen(PINGREQ),
+                };
+                self.expect_pong(Ping::Unsubscribe { pkid, filters }, verdict)
+            }
             Err(e) => self.malformed("UNSUBSCRIBE", e),
         }
+    }
+}
+
+/// A SUBSCRIBE as decoded, to be checked and perhaps rewritten.
+pub(super) enum Subscription {
+    V4(v4::Subscribe),
+    V5(v5::Subscribe),
+}
+
+/// A filter as the broker must see it. rumqttd keys a shared group by its
+/// name alone, across filters and clients: two services that both called
+/// their group `workers` would share one, and a message for one service's
+/// filter could be handed to the other's instance. So a shared group at
+/// the broker is named after the service, its group and its filter:
+/// `$share/<service>~<group>~<8 hex digits of SHA-256(filter)>/<filter>`
+/// (`~` cannot be in a service name). Other filters pass unchanged.
+pub(super) fn broker_filter(principal: &Principal, filter: &str) -> String {
+    match (principal, policy::shared(filter)) {
+        (Principal::Service(name), Some(Ok((group, inner)))) => {
+            let digest = sha2::Sha256::digest(inner.as_bytes());
+            format!(
+                "$share/{}~{group}~{}/{inner}",
+                name.as_str(),
+                hex::encode(&digest[..4])
+            )
+        }
+        _ => filter.to_owned(),
     }
 }
 
@@ -539,4 +623,6 @@ pub(super) enum Piece {
     Run(std::ops::Range<usize>),
     /// Bytes of the gateway's own.
     Ours(&'static [u8]),
+    /// A device's packet as the gateway rewrote it.
+    Owned(Bytes),
 }

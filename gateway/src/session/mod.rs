@@ -751,6 +751,25 @@ mod tests {
     }
 
     #[test]
+    fn shared_groups_at_the_broker_are_the_services_own() {
+        let svc = |n: &str| Principal::Service(twofold_protocol::ServiceName::parse(n).unwrap());
+        let f = "$share/workers/devices/+/telemetry";
+        let ingest = inspect::broker_filter(&svc("ingest"), f);
+        assert!(ingest.starts_with("$share/ingest~workers~"), "{ingest}");
+        assert!(ingest.ends_with("/devices/+/telemetry"), "{ingest}");
+        assert_eq!(policy::may_subscribe(&svc("ingest"), &ingest), Ok(()));
+        assert_ne!(ingest, inspect::broker_filter(&svc("audit"), f));
+        assert_ne!(
+            ingest,
+            inspect::broker_filter(&svc("ingest"), "$share/workers/devices/+/state")
+        );
+        assert_eq!(
+            inspect::broker_filter(&svc("ingest"), "devices/+/telemetry"),
+            "devices/+/telemetry"
+        );
+    }
+
+    #[test]
     fn a_v5_disconnect_is_well_formed() {
         for code in [
             v5::DisconnectReasonCode::NotAuthorized,

@@ -139,7 +139,7 @@ pub async fn run<S>(
         read_frame(&mut up_rd, &mut up_buf, usize::MAX).await.ok()
     };
     let connack = match tokio::time::timeout(BROKER_TIMEOUT, connack).await {
-        Ok(Some(frame)) => answer_connack(version, frame, &connect, max),
+        Ok(Some(frame)) => answer_connack(version, frame, &connect, &peer.principal, max),
         _ => Err(("no CONNACK from the broker".to_owned(), unavailable)),
     };
     let connack = match connack {
