@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
-use twofold_protocol::{DeviceId, Identity, Principal};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use twofold_protocol::{DeviceId, Principal};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::IdentityPaths;
 use crate::gateway_cert::GatewayVerifier;
@@ -31,8 +31,19 @@ pub enum IdentityError {
         cert: PathBuf,
         detail: String,
     },
-    #[error("{path}: the certificate has no device identity: {detail}")]
-    NoDeviceIdentity { path: PathBuf, detail: String },
+    #[error("{path}: the certificate has no device identity: {reason}")]
+    NoDeviceIdentity { path: PathBuf, reason: NotADevice },
+}
+
+/// Why a certificate names no device.
+#[derive(Debug, thiserror::Error)]
+pub enum NotADevice {
+    /// No identity at all, by the rule the gateway applies too.
+    #[error(transparent)]
+    Uri(#[from] twofold_trust::IdentityUriError),
+    /// A backend service's identity.
+    #[error("{uri} is a service, not a device")]
+    Service { uri: String },
 }
 
 fn file_error(path: &Path, detail: impl std::fmt::Display) -> IdentityError {
@@ -193,34 +204,19 @@ pub fn check_key_mode(path: &Path) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// The device identity in a certificate: its single SAN URI, which must
-/// name a device (not a service).
+/// The device identity in a certificate: its single SAN URI, read by the
+/// rule of [`twofold_trust::identity`] (any other URI beside it is
+/// refused, as the gateway refuses it), which must name a device.
 pub fn device_of(der: &[u8], path: &Path) -> Result<(DeviceId, String), IdentityError> {
-    let no = |detail: String| IdentityError::NoDeviceIdentity {
+    let no = |reason: NotADevice| IdentityError::NoDeviceIdentity {
         path: path.to_owned(),
-        detail,
+        reason,
     };
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| no(e.to_string()))?;
-    let uris: Vec<&str> = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            })
-            .collect(),
-        Ok(None) => Vec::new(),
-        Err(e) => return Err(no(e.to_string())),
-    };
-    let [uri] = uris[..] else {
-        return Err(no(format!("{} SAN URIs, expected exactly one", uris.len())));
-    };
-    let identity = Identity::parse(uri).map_err(|e| no(format!("{uri}: {e}")))?;
+    let identity = twofold_trust::identity_of(der).map_err(|e| no(e.into()))?;
+    let uri = identity.to_string();
     match identity.principal {
-        Principal::Device(id) => Ok((id, uri.to_owned())),
-        Principal::Service(_) => Err(no(format!("{uri} is a service, not a device"))),
+        Principal::Device(id) => Ok((id, uri)),
+        Principal::Service(_) => Err(no(NotADevice::Service { uri })),
     }
 }
 

@@ -1,9 +1,8 @@
 //! Who is on the other end: the identity URI in the client certificate.
 
 use sha2::{Digest, Sha256};
-use twofold_protocol::{Identity, Principal, TrustDomain};
+use twofold_protocol::{Principal, TrustDomain};
 use twofold_trust::Serial;
-use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// What the audit log records about a certificate.
@@ -38,50 +37,14 @@ impl CertInfo {
 }
 
 /// Why a verified certificate still carries no usable identity.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum IdentityError {
-    #[error("certificate does not parse")]
-    Unparsable,
-    #[error("certificate has no spiffe:// identity URI")]
-    Missing,
-    #[error("certificate has {0} identity URIs; exactly one is allowed")]
-    Several(usize),
-    #[error("identity URI is invalid: {0}")]
-    Invalid(twofold_protocol::IdentityError),
-    #[error("identity is in trust domain {found}, not this gateway's {expected}")]
-    OtherTrustDomain { found: String, expected: String },
-}
+pub use twofold_trust::IdentityUriError as IdentityError;
 
-/// The principal named by the certificate's single SAN URI in `trust_domain`.
+/// The principal named by the certificate's single SAN URI in
+/// `trust_domain`, under the rule of [`twofold_trust::identity`]: a
+/// certificate with any URI beside its identity is refused, as the agent
+/// refuses it.
 pub fn principal(der: &[u8], trust_domain: &TrustDomain) -> Result<Principal, IdentityError> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparsable)?;
-    let uris: Vec<&str> = cert
-        .subject_alternative_name()
-        .map_err(|_| IdentityError::Unparsable)?
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let uri = match uris.as_slice() {
-        [] => return Err(IdentityError::Missing),
-        [one] => *one,
-        many => return Err(IdentityError::Several(many.len())),
-    };
-    let identity = Identity::parse(uri).map_err(IdentityError::Invalid)?;
-    if identity.trust_domain != *trust_domain {
-        return Err(IdentityError::OtherTrustDomain {
-            found: identity.trust_domain.to_string(),
-            expected: trust_domain.to_string(),
-        });
-    }
-    Ok(identity.principal)
+    twofold_trust::principal_in(der, trust_domain)
 }
 
 /// Is `client_id` the one this principal must use? A device uses its id; a
@@ -129,6 +92,26 @@ pub fn broker_client_id(principal: &Principal, client_id: &str) -> String {
 mod tests {
     use super::*;
     use twofold_protocol::{DeviceId, ServiceName};
+
+    #[test]
+    fn a_certificate_with_an_extra_uri_names_no_principal() {
+        // The gateway used to skip non-SPIFFE URIs that the agent refused.
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = [
+            "spiffe://example.org/device/sensor-1",
+            "https://example.org/x",
+        ]
+        .into_iter()
+        .map(|u| rcgen::SanType::URI(u.try_into().unwrap()))
+        .collect();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let td = TrustDomain::parse("example.org").unwrap();
+        assert_eq!(
+            principal(&der, &td),
+            Err(IdentityError::Ambiguous { count: 2 })
+        );
+    }
 
     #[test]
     fn client_ids_bind_to_the_identity() {

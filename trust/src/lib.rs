@@ -16,6 +16,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod identity;
 pub mod serial;
 
+pub use identity::{IdentityUriError, identity_of, principal_in};
 pub use serial::{Serial, SerialError};
