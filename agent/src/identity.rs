@@ -3,7 +3,7 @@
 //! from them.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use twofold_protocol::{DeviceId, Principal};
+use twofold_trust::FileStamp;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::IdentityPaths;
@@ -482,8 +483,9 @@ impl CrlFloor {
 /// replaces the TLS config in `tls` (the link then reconnects, so the
 /// gateway is checked against it at once); a broken or older one is
 /// refused, loudly, and the one in force stays. The file is read again
-/// whenever its inode, size or times change, and taken only if its
-/// contents differ from the CRL in force. A bundle's server CRL that was
+/// whenever its [`FileStamp`] changes (a same-length replacement
+/// included), and taken only if its contents differ from the CRL in
+/// force. A bundle's server CRL that was
 /// missing at start is taken when it appears.
 pub async fn watch_server_crl(
     mut current: DeviceIdentity,
@@ -493,25 +495,13 @@ pub async fn watch_server_crl(
     let Some(path) = current.parts.paths.server_crl.clone() else {
         return;
     };
-    let stamp = || {
-        std::fs::metadata(&path).ok().map(|m| {
-            (
-                m.ino(),
-                m.len(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec(),
-            )
-        })
-    };
     // None at first: the file is compared once at start, in case it
     // changed while the agent was starting.
     let mut last = None;
     let mut tick = tokio::time::interval(SERVER_CRL_POLL);
     loop {
         tick.tick().await;
-        let now = Some(stamp());
+        let now = Some(FileStamp::of(&path));
         if now == last {
             continue;
         }

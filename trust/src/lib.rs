@@ -18,6 +18,8 @@
 
 pub mod identity;
 pub mod serial;
+pub mod stamp;
 
 pub use identity::{IdentityUriError, identity_of, principal_in};
 pub use serial::{Serial, SerialError};
+pub use stamp::FileStamp;
