@@ -414,40 +414,8 @@ impl fmt::Display for Event<'_> {
     }
 }
 
-/// Jittered exponential backoff: the n-th delay is uniformly random in
-/// `[d/2, d]` with `d = min(max, min * 2^n)`, so a fleet that lost its
-/// gateway does not come back in step.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    min_ms: u64,
-    max_ms: u64,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(min_ms: u64, max_ms: u64) -> Self {
-        Backoff {
-            min_ms: min_ms.max(1),
-            max_ms: max_ms.max(min_ms.max(1)),
-            attempt: 0,
-        }
-    }
-
-    /// The next delay.
-    pub fn next(&mut self, rng: &mut impl RngCore) -> u64 {
-        let d = self
-            .min_ms
-            .saturating_mul(1u64 << self.attempt.min(32))
-            .min(self.max_ms);
-        self.attempt = self.attempt.saturating_add(1);
-        d / 2 + rng.next_u64() % (d - d / 2 + 1)
-    }
-
-    /// After a session that reached CONNACK.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
+/// The reconnect schedule, the same as the Linux agent's: `protocol`'s.
+pub use twofold_protocol::Backoff;
 
 /// [`Buffers::tls_rx`] for the gateway's MCU profile, which sends TLS
 /// records of at most `max_tls_record = 2048` bytes and its Certificate
@@ -571,7 +539,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                     if !self.app.retry(&e, &self.stats) {
                         return Err(e);
                     }
-                    let ms = backoff.next(rng);
+                    let ms = backoff.next_ms(rng.next_u64());
                     self.app.event(Event::Backoff { ms });
                     self.timer.wait_until(self.timer.now_ms() + ms).await;
                 }
@@ -1101,44 +1069,5 @@ impl<L: Read + Write> Wire<'_, '_, L> {
                 other => other?,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A generator that always returns the same word.
-    struct Fixed(u64);
-
-    impl RngCore for Fixed {
-        fn next_u32(&mut self) -> u32 {
-            self.0 as u32
-        }
-        fn next_u64(&mut self) -> u64 {
-            self.0
-        }
-        fn fill_bytes(&mut self, dest: &mut [u8]) {
-            dest.fill(0);
-        }
-        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-            dest.fill(0);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_within_its_jitter() {
-        let mut low = Backoff::new(1000, 8000);
-        let lows: [u64; 5] = core::array::from_fn(|_| low.next(&mut Fixed(0)));
-        assert_eq!(lows, [500, 1000, 2000, 4000, 4000]);
-        let mut high = Backoff::new(1000, 8000);
-        let highs: [u64; 5] = core::array::from_fn(|_| high.next(&mut Fixed(u64::MAX)));
-        assert!(
-            highs.iter().zip(lows).all(|(h, l)| *h >= l && *h <= 2 * l),
-            "{highs:?}"
-        );
-        high.reset();
-        assert!(high.next(&mut Fixed(7)) <= 1000);
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::BackoffBuilder;
+use rand_core::{OsRng, RngCore};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
@@ -19,6 +19,7 @@ use rumqttc::{
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio::time::timeout;
+use twofold_protocol::Backoff;
 
 use crate::gateway_cert::{self, GatewayRefusal};
 use crate::identity::DeviceIdentity;
@@ -50,18 +51,13 @@ pub struct Link {
     pub commands: mpsc::Sender<Vec<u8>>,
 }
 
-/// The backoff delays: exponential from `min`, each with up to 100 %
-/// jitter added, so that every wait lies in `[min, max)` and devices
-/// dropped together come back spread out.
+/// The backoff delays, `protocol`'s [`Backoff`] (the microcontroller
+/// agent's too): exponential from `min` up to `max`, each drawn from
+/// `[d/2, d]`, so that devices dropped together come back spread out.
 pub fn backoff(min: Duration, max: Duration) -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max / 2)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .map(move |d| d.min(max))
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut schedule = Backoff::new(ms(min), ms(max));
+    std::iter::repeat_with(move || Duration::from_millis(schedule.next_ms(OsRng.next_u64())))
 }
 
 impl Link {
@@ -258,8 +254,11 @@ mod tests {
         let min = Duration::from_secs(1);
         let max = Duration::from_secs(300);
         let delays: Vec<Duration> = backoff(min, max).take(40).collect();
-        assert!(delays.iter().all(|d| *d >= min && *d <= max), "{delays:?}");
-        assert!(delays[0] < Duration::from_secs(2));
+        assert!(
+            delays.iter().all(|d| *d >= min / 2 && *d <= max),
+            "{delays:?}"
+        );
+        assert!(delays[0] <= min);
         assert!(delays[10..].iter().all(|d| *d >= max / 2), "{delays:?}");
         // Jitter: two devices do not wait the same.
         let other: Vec<Duration> = backoff(min, max).take(40).collect();

@@ -622,7 +622,7 @@ async fn hold(fleet: &Fleet, addr: SocketAddr, n: usize) -> Vec<(Stream, BytesMu
 
 /// The reconnect storm: `n` sessions, the server killed (-9) and started
 /// again on the same port, every client retrying on the Linux agent's
-/// backoff (1 s doubling to 300 s, up to 100 % jitter) until it is back.
+/// backoff (1 s doubling to 300 s, each drawn from [d/2, d]) until it is back.
 async fn storm(fleet: &Fleet, server: &mut Server, n: usize) -> Storm {
     let addr = server.addr;
     let held = hold(fleet, addr, n).await;

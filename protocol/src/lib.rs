@@ -13,12 +13,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod bundle;
 pub mod identity;
 pub mod message;
 pub mod name;
 pub mod topic;
 
+pub use backoff::Backoff;
 pub use bundle::{Bundle, BundleError};
 pub use identity::{Identity, IdentityError, Principal};
 pub use message::{Command, Reading, Reply, ReplyStatus, Telemetry, Value, WireError};
