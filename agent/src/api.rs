@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use twofold_protocol::Channel;
+use twofold_protocol::topic::DEVICES;
 
 use crate::queue::Queue;
 
@@ -42,7 +43,7 @@ pub fn app_topic(device: &str, subtopic: &str) -> Result<String, String> {
             "{first:?} is the agent's own channel; use another subtopic, e.g. app/{subtopic}"
         ));
     }
-    Ok(format!("devices/{device}/{subtopic}"))
+    Ok(format!("{DEVICES}/{device}/{subtopic}"))
 }
 
 /// Serves the socket at `path` (0660) until the task is dropped.

@@ -19,7 +19,7 @@ use rumqttc::{
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio::time::timeout;
-use twofold_protocol::Backoff;
+use twofold_protocol::{Backoff, Channel, Topic};
 
 use crate::gateway_cert::{self, GatewayRefusal};
 use crate::identity::DeviceIdentity;
@@ -89,8 +89,8 @@ impl Link {
         .await;
     }
 
-    fn topic(&self, channel: &str) -> String {
-        format!("devices/{}/{channel}", self.identity.id.as_str())
+    fn topic(&self, channel: Channel) -> String {
+        Topic::new(self.identity.id, channel).to_string()
     }
 
     /// Runs until `shutdown` turns true.
@@ -132,7 +132,7 @@ impl Link {
             Ok(Err(e)) => return Err(describe(&e)),
             Err(_) => return Err("no CONNACK within 30 s".into()),
         }
-        let commands_topic = self.topic("commands");
+        let commands_topic = self.topic(Channel::Commands);
         tracing::info!(
             device = self.identity.id.as_str(),
             "connected to the gateway"

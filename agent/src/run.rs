@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
+use twofold_protocol::{Channel, Topic};
 
 use crate::commands;
 use crate::config::Config;
@@ -83,7 +84,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let telemetry = {
         let queue = queue.clone();
         let wake = wake.clone();
-        let topic = format!("devices/{device}/telemetry");
+        let topic = Topic::new(me.id, Channel::Telemetry).to_string();
         let format = config.format;
         let interval = config.telemetry_interval;
         tokio::spawn(async move {
@@ -121,7 +122,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let runner = {
         let queue = queue.clone();
         let wake = wake.clone();
-        let topic = format!("devices/{device}/replies");
+        let topic = Topic::new(me.id, Channel::Replies).to_string();
         let table = config.commands.clone();
         let format = config.format;
         tokio::spawn(async move {
