@@ -6,7 +6,7 @@ mod admission;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
@@ -115,14 +115,13 @@ impl Gateway {
 /// Reloads the TLS files when they change (polled every second, and at
 /// once on SIGHUP). A broken new file is refused and the old one stays.
 async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
-    let stamp = |files: &TlsFiles| -> Vec<Option<(SystemTime, u64)>> {
+    // Length and modification time alone miss a same-length file put in
+    // place with its old time; the stamp also compares inode, ctime and
+    // contents (one rule, shared with the agent's CRL watcher).
+    let stamp = |files: &TlsFiles| -> Vec<Option<twofold_trust::FileStamp>> {
         [&files.cert, &files.key, &files.client_ca, &files.crl]
             .iter()
-            .map(|p| {
-                std::fs::metadata(p)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())))
-            })
+            .map(|p| twofold_trust::FileStamp::of(p))
             .collect()
     };
     let mut last = stamp(&gateway.files);
