@@ -39,10 +39,7 @@ pub(super) fn rewrite_connect(
             c.client_id = identity::broker_client_id(principal, &client_id);
             c.login = credential.map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
             let keep_alive = c.keep_alive;
-            let keepalive_raised = quirks.no_keepalive_off && keep_alive == 0;
-            if keepalive_raised {
-                c.keep_alive = KEEPALIVE_OFF;
-            }
+            let keepalive_raised = quirks.keepalive_at_broker(&mut c.keep_alive);
             Ok(Connect {
                 client_id,
                 will_topic,
@@ -73,10 +70,7 @@ pub(super) fn rewrite_connect(
             c.client_id = identity::broker_client_id(principal, &client_id);
             let login = credential.map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
             let keep_alive = c.keep_alive;
-            let keepalive_raised = quirks.no_keepalive_off && keep_alive == 0;
-            if keepalive_raised {
-                c.keep_alive = KEEPALIVE_OFF;
-            }
+            let keepalive_raised = quirks.keepalive_at_broker(&mut c.keep_alive);
             Ok(Connect {
                 client_id,
                 will_topic,
@@ -195,6 +189,16 @@ pub struct Quirks {
 }
 
 impl Quirks {
+    /// The keepalive to send the broker in place of `keep_alive`, set in
+    /// place; true when it had to be raised.
+    fn keepalive_at_broker(&self, keep_alive: &mut u16) -> bool {
+        let raise = self.no_keepalive_off && *keep_alive == 0;
+        if raise {
+            *keep_alive = KEEPALIVE_OFF;
+        }
+        raise
+    }
+
     /// rumqttd 0.20, in process.
     pub const EMBEDDED: Quirks = Quirks {
         no_keepalive_off: true,
