@@ -550,29 +550,28 @@ impl Inspector {
     /// behind it: see [`Ping`].
     pub(super) fn inspect_unsubscribe(&mut self, frame: Bytes) -> Verdict {
         let principal = self.principal;
-        let shared = |paths: &[String]| paths.iter().any(|f| policy::shared(f).is_some());
+        // The filters as the broker must see them, if any is shared.
+        let rewrite = |paths: &mut [String]| {
+            let shared = paths.iter().any(|f| policy::shared(f).is_some());
+            for f in paths.iter_mut().filter(|_| shared) {
+                *f = broker_filter(&principal, f);
+            }
+            shared
+        };
         let decoded = match self.version {
             Version::V311 => mqttbytes::check(frame.iter(), self.max)
                 .and_then(|header| v4::Unsubscribe::read(header, frame))
                 .map(|mut u| {
-                    let rewritten = shared(&u.topics).then(|| {
-                        for f in &mut u.topics {
-                            *f = broker_filter(&principal, f);
-                        }
-                        encode_v4(v4::Packet::Unsubscribe(u.clone()))
-                    });
+                    let rewritten = rewrite(&mut u.topics)
+                        .then(|| encode_v4(v4::Packet::Unsubscribe(u.clone())));
                     (u.pkid, u.topics.len(), rewritten)
                 })
                 .map_err(|e| e.to_string()),
             Version::V5 => v5::check(frame.iter(), Some(self.max as u32))
                 .and_then(|header| v5::Unsubscribe::read(header, frame))
                 .map(|mut u| {
-                    let rewritten = shared(&u.filters).then(|| {
-                        for f in &mut u.filters {
-                            *f = broker_filter(&principal, f);
-                        }
-                        encode_v5(v5::Packet::Unsubscribe(u.clone()))
-                    });
+                    let rewritten = rewrite(&mut u.filters)
+                        .then(|| encode_v5(v5::Packet::Unsubscribe(u.clone())));
                     (u.pkid, u.filters.len(), rewritten)
                 })
                 .map_err(|e| e.to_string()),
