@@ -2,34 +2,9 @@
 //! uses: MQTT 3.1.1 and 5 devices publish telemetry a service receives,
 //! and receive the commands the service sends them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use twofold_tests::*;
-
-fn tls_config(fleet: &Fleet, who: &Identity) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let server_ca = fleet.pki.server_ca_pem().unwrap();
-    for ca in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&who.cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&who.key).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    Arc::new(config)
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -67,7 +42,7 @@ fn a_rumqttc_device_sends_telemetry_and_receives_commands_over_3_1_1() {
     runtime().block_on(async {
         let mut options = rumqttc::MqttOptions::new("sensor-1", "localhost", gw.addr.port());
         options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls_config(&fleet, &dev)),
+            rumqttc::TlsConfiguration::Rustls(fleet.client_tls(&dev)),
         ));
         let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
         client
@@ -144,7 +119,7 @@ fn a_rumqttc_device_over_5_gets_reason_codes_for_what_policy_refuses() {
     runtime().block_on(async {
         let mut options = MqttOptions::new("sensor-1", "localhost", gw.addr.port());
         options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls_config(&fleet, &dev)),
+            rumqttc::TlsConfiguration::Rustls(fleet.client_tls(&dev)),
         ));
         let (client, mut events) = AsyncClient::new(options, 10);
         client
@@ -209,7 +184,7 @@ fn packets_behind_a_refused_publish_in_the_same_write_are_not_lost() {
     let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "+");
     let acks = runtime().block_on(async {
         let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(tls_config(&fleet, &dev))
+        let mut tls = tokio_rustls::TlsConnector::from(fleet.client_tls(&dev))
             .connect("localhost".try_into().unwrap(), tcp)
             .await
             .expect("handshake");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use twofold_provisioning::output::files;
 use twofold_tests::*;
 
@@ -144,30 +144,6 @@ fn stall(
     }
 }
 
-/// The device's TLS client: rustls with its certificate, as the Linux
-/// agent's.
-fn device_config(fleet: &Fleet, dev: &Identity) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let server_ca = fleet.pki.server_ca_pem().unwrap();
-    for ca in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&dev.cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&dev.key).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    Arc::new(config)
-}
-
 /// The device (rumqttc, MQTT 3.1.1) connects and publishes at QoS 1: Ok
 /// with how long it took to its CONNACK and to its PUBACK, or what went
 /// wrong within the bound.
@@ -182,7 +158,7 @@ fn device_publishes(
         .unwrap();
     let mut options = rumqttc::MqttOptions::new("sensor-1", "localhost", gw.addr.port());
     options.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(device_config(fleet, dev)),
+        rumqttc::TlsConfiguration::Rustls(fleet.client_tls(dev)),
     ));
     let started = Instant::now();
     runtime.block_on(async {

@@ -275,3 +275,31 @@ pub fn assert_mcu_refused_by_gateway(dev: &mut Proc, secs: u64) {
         dev.log()
     );
 }
+
+impl Fleet {
+    /// A TLS client presenting `who`'s certificate and trusting the
+    /// server CA alone, as the Linux agent's (rustls, aws-lc-rs).
+    pub fn client_tls(&self, who: &Identity) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        let server_ca = self.pki.server_ca_pem().unwrap();
+        for ca in CertificateDer::pem_slice_iter(server_ca.as_bytes()) {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let chain: Vec<_> = CertificateDer::pem_file_iter(&who.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&who.key).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+        std::sync::Arc::new(config)
+    }
+}
