@@ -387,50 +387,26 @@ async fn handshake(
         ));
         return None;
     };
-    let Some(cert) = CertInfo::from_der(&leaf) else {
-        gateway.audit.record(&Event::refused(
-            addr,
-            Reason::BadIdentity,
-            "client certificate does not parse",
-        ));
-        return None;
-    };
-    // A resumed session skips certificate verification in rustls, and a
-    // full handshake was checked against the CRLs in force when it began;
-    // so the check is repeated here against the CRL in force now.
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
-    if live
-        .revocations
-        .borrow()
-        .is_revoked(&cert.issuer, &cert.serial)
-    {
-        let detail = if resumed {
-            "certificate is on the CRL (resumed session)"
-        } else {
-            "certificate is on the CRL that came into force during the handshake"
-        };
-        gateway
-            .audit
-            .record(&Event::refused(addr, Reason::Revoked, detail).with_certificate(Some(cert)));
-        return None;
-    }
-    if resumed {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let refusal = recheck_resumed(&leaf, &live.revocations.borrow(), now);
-        if let Some((reason, detail)) = refusal {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let decided = authenticate(
+        &leaf,
+        resumed,
+        &live.revocations.borrow(),
+        &gateway.trust_domain,
+        now,
+    );
+    let (principal, cert) = match decided {
+        Ok(admitted) => admitted,
+        Err(refused) => {
+            let Refused {
+                reason,
+                detail,
+                cert,
+            } = *refused;
             gateway
                 .audit
-                .record(&Event::refused(addr, reason, detail).with_certificate(Some(cert)));
-            return None;
-        }
-    }
-    let principal = match identity::principal(&leaf, &gateway.trust_domain) {
-        Ok(p) => p,
-        Err(e) => {
-            gateway.audit.record(
-                &Event::refused(addr, Reason::BadIdentity, e.to_string())
-                    .with_certificate(Some(cert)),
-            );
+                .record(&Event::refused(addr, reason, detail).with_certificate(cert));
             return None;
         }
     };
@@ -448,6 +424,65 @@ async fn handshake(
     // Boxed, so the futures that hand it on do not each reserve room for
     // its 1.2 KB.
     Some((Box::new(stream), peer))
+}
+
+/// A refusal after the TLS handshake, with what the certificate showed.
+#[derive(Debug)]
+struct Refused {
+    reason: Reason,
+    detail: String,
+    cert: Option<CertInfo>,
+}
+
+/// Who the client certificate `leaf` names, once rustls has verified the
+/// handshake: the decision after it, without I/O. A resumed session skips
+/// certificate verification in rustls, and a full handshake was checked
+/// against the CRLs in force when it began; so the CRL in force `now` is
+/// checked again, and a resumed session's expiry and CA too.
+fn authenticate(
+    leaf: &[u8],
+    resumed: bool,
+    revocations: &RevocationList,
+    trust_domain: &TrustDomain,
+    now: i64,
+) -> Result<(twofold_protocol::Principal, CertInfo), Box<Refused>> {
+    let refused = |reason, detail: &str, cert| {
+        Box::new(Refused {
+            reason,
+            detail: detail.to_owned(),
+            cert,
+        })
+    };
+    let Some(cert) = CertInfo::from_der(leaf) else {
+        return Err(refused(
+            Reason::BadIdentity,
+            "client certificate does not parse",
+            None,
+        ));
+    };
+    if revocations.is_revoked(&cert.issuer, &cert.serial) {
+        let detail = if resumed {
+            "certificate is on the CRL (resumed session)"
+        } else {
+            "certificate is on the CRL that came into force during the handshake"
+        };
+        return Err(refused(Reason::Revoked, detail, Some(cert)));
+    }
+    if resumed && let Some((reason, detail)) = recheck_resumed(leaf, revocations, now) {
+        return Err(Box::new(Refused {
+            reason,
+            detail,
+            cert: Some(cert),
+        }));
+    }
+    match identity::principal(leaf, trust_domain) {
+        Ok(principal) => Ok((principal, cert)),
+        Err(e) => Err(Box::new(Refused {
+            reason: Reason::BadIdentity,
+            detail: e.to_string(),
+            cert: Some(cert),
+        })),
+    }
 }
 
 async fn connection(
@@ -534,6 +569,69 @@ mod tests {
             .unwrap()
             .der()
             .to_vec()
+    }
+
+    /// A device certificate with `serial` and, if given, an identity URI.
+    fn device_leaf(issuer: &Ca, serial: u64, uri: Option<&str>) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params
+            .signed_by(&key, &issuer.issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn authenticate_names_the_principal_or_the_reason() {
+        let a = ca("CA A");
+        let crls = load(&crl(&a, 1, &[7]), &[&a]).unwrap();
+        let td = TrustDomain::parse("iot.example").unwrap();
+        let t = time::OffsetDateTime::now_utc().unix_timestamp();
+        let uri = "spiffe://iot.example/device/sensor-1";
+
+        let (principal, cert) =
+            authenticate(&device_leaf(&a, 8, Some(uri)), false, &crls, &td, t).unwrap();
+        assert_eq!((principal.kind(), principal.name()), ("device", "sensor-1"));
+        assert_eq!(cert.serial, "08");
+
+        let revoked = authenticate(&device_leaf(&a, 7, Some(uri)), false, &crls, &td, t);
+        let Refused {
+            reason,
+            detail,
+            cert,
+        } = *revoked.unwrap_err();
+        assert_eq!(reason, Reason::Revoked);
+        assert!(
+            detail.contains("came into force during the handshake"),
+            "{detail}"
+        );
+        assert_eq!(
+            cert.unwrap().serial,
+            "07",
+            "the audit line names the certificate"
+        );
+        let resumed = authenticate(&device_leaf(&a, 7, Some(uri)), true, &crls, &td, t);
+        assert!(resumed.unwrap_err().detail.contains("resumed session"));
+
+        let other_domain = "spiffe://other.example/device/sensor-1";
+        for leaf in [
+            device_leaf(&a, 9, None),
+            device_leaf(&a, 9, Some(other_domain)),
+        ] {
+            let refused = authenticate(&leaf, false, &crls, &td, t).unwrap_err();
+            assert_eq!(refused.reason, Reason::BadIdentity);
+            assert!(refused.cert.is_some());
+        }
+        let junk = authenticate(b"junk", false, &crls, &td, t).unwrap_err();
+        assert_eq!(junk.reason, Reason::BadIdentity);
+        assert!(junk.cert.is_none());
     }
 
     #[test]
