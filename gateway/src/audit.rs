@@ -160,6 +160,11 @@ impl Presence {
         (token, previous)
     }
 
+    /// Some connection holds the session `id` now.
+    pub fn is_held(&self, id: &str) -> bool {
+        self.holders.lock().is_ok_and(|h| h.contains_key(id))
+    }
+
     /// The connection with `token` has ended. Returns the address of the
     /// connection holding the session now, if another took it over.
     pub fn leave(&self, id: &str, token: u64) -> Option<SocketAddr> {

@@ -1,23 +1,17 @@
-//! Where relayed sessions go: an embedded rumqttd on loopback (default), or
-//! an external MQTT broker.
-//!
-//! The embedded broker listens only on 127.0.0.1 and accepts a CONNECT
-//! only with a random credential made at start-up, which the gateway
-//! writes into every CONNECT it forwards. A local process that connects to
-//! the loopback port directly is refused: it does not know the credential.
+//! Where sessions go: the embedded rumqttd, in process (default, see
+//! [`crate::embedded`]), or an external MQTT broker over a socket.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use rand_core::RngCore;
 use rustls_pki_types::ServerName;
 
 use crate::config::ExternalTls;
+pub use crate::embedded::Embedded;
 use crate::tls::{TlsSetupError, load_certs, load_key};
 
-/// The credential the gateway presents to the broker.
+/// The credential the gateway presents to an external broker.
 #[derive(Clone)]
 pub struct Credential {
     pub username: String,
@@ -30,20 +24,40 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-/// A broker the sessions are relayed to.
+/// The broker the sessions go to.
 #[derive(Clone, Debug)]
-pub struct BrokerTarget {
-    /// Listener for MQTT 3.1.1 sessions.
-    pub v4: SocketAddr,
-    /// Listener for MQTT 5 sessions (the same as `v4` for most brokers).
-    pub v5: SocketAddr,
+pub enum BrokerTarget {
+    /// rumqttd's router in this process, whose departures from MQTT the
+    /// sessions make up for (`session::Quirks`).
+    Embedded(Embedded),
+    External(External),
+}
+
+/// An external broker, reached over TCP (and TLS for `mqtts://`).
+#[derive(Clone, Debug)]
+pub struct External {
+    pub addr: SocketAddr,
     /// Written into every forwarded CONNECT, replacing the device's own.
     pub credential: Option<Credential>,
-    /// TLS towards the broker, for `mqtts://`.
     pub tls: Option<UpstreamTls>,
-    /// The embedded rumqttd, whose departures from MQTT the sessions
-    /// make up for (`session::Quirks`).
-    pub embedded: bool,
+}
+
+impl BrokerTarget {
+    /// Whether the broker can take sessions now: the router thread runs,
+    /// or the external broker accepts a TCP connection within a second.
+    pub async fn reachable(&self) -> bool {
+        match self {
+            BrokerTarget::Embedded(embedded) => embedded.is_running(),
+            BrokerTarget::External(external) => matches!(
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(external.addr),
+                )
+                .await,
+                Ok(Ok(_))
+            ),
+        }
+    }
 }
 
 /// How the gateway speaks TLS to an external broker.
@@ -129,86 +143,20 @@ impl Default for EmbeddedLimits {
 /// Errors starting the embedded broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot find a free loopback port for the embedded broker: {0}")]
-    NoPort(std::io::Error),
-    #[error("the embedded broker did not start listening on {0} within 10 s")]
-    NotListening(SocketAddr),
+    #[error("the embedded broker did not start: {0}")]
+    Embedded(String),
 }
 
-fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(BrokerError::NoPort)?;
-    listener.local_addr().map_err(BrokerError::NoPort)
-}
-
-fn random_token() -> String {
-    let mut bytes = [0u8; 24];
-    rand_core::OsRng.fill_bytes(&mut bytes);
-    hex::encode(bytes)
-}
-
-/// Starts rumqttd in this process on two free loopback ports (3.1.1 and 5)
-/// and returns where to reach it. Its threads live as long as the process.
-pub fn start_embedded(limits: &EmbeddedLimits) -> Result<BrokerTarget, BrokerError> {
-    let credential = Credential {
-        username: "twofold-gateway".into(),
-        password: random_token(),
-    };
-    let v4 = free_loopback_port()?;
-    let v5 = free_loopback_port()?;
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: limits.max_payload_size,
-        max_inflight_count: 256,
-        auth: Some(HashMap::from([(
-            credential.username.clone(),
-            credential.password.clone(),
-        )])),
-        external_auth: None,
-        // Devices publish to their own topics, which nobody may have
-        // subscribed to yet; without this rumqttd disconnects them.
-        dynamic_filters: true,
-    };
-    let server = |name: &str, listen: SocketAddr| rumqttd::ServerSettings {
-        name: name.into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: connections.clone(),
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: limits.max_connections,
-            max_outgoing_packet_count: 256,
-            max_segment_size: limits.segment_size.max(1024),
-            max_segment_count: limits.segment_count.max(1),
-            custom_segment: Some(fan_in_segments(limits)),
-            ..Default::default()
-        },
-        v4: Some(HashMap::from([("v4".to_owned(), server("v4", v4))])),
-        v5: Some(HashMap::from([("v5".to_owned(), server("v5", v5))])),
+/// The embedded router's settings.
+pub(crate) fn router_config(limits: &EmbeddedLimits) -> rumqttd::RouterConfig {
+    rumqttd::RouterConfig {
+        max_connections: limits.max_connections,
+        max_outgoing_packet_count: 256,
+        max_segment_size: limits.segment_size.max(1024),
+        max_segment_count: limits.segment_count.max(1),
+        custom_segment: Some(fan_in_segments(limits)),
         ..Default::default()
-    };
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            if let Err(e) = broker.start() {
-                tracing::error!(error = %e, "embedded broker stopped");
-            }
-        })
-        .map_err(BrokerError::NoPort)?;
-    for addr in [v4, v5] {
-        wait_listening(addr)?;
     }
-    tracing::info!(%v4, %v5, "embedded broker listening on loopback");
-    Ok(BrokerTarget {
-        v4,
-        v5,
-        credential: Some(credential),
-        tls: None,
-        embedded: true,
-    })
 }
 
 /// Larger logs for the filters that gather every device's messages.
@@ -229,17 +177,4 @@ fn fan_in_segments(limits: &EmbeddedLimits) -> HashMap<String, rumqttd::SegmentC
             )
         })
         .collect()
-}
-
-fn wait_listening(addr: SocketAddr) -> Result<(), BrokerError> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // Probe by binding, not connecting: a probe connection would make
-    // rumqttd log a failed CONNECT.
-    while TcpListener::bind(addr).is_ok() {
-        if Instant::now() > deadline {
-            return Err(BrokerError::NotListening(addr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }

@@ -5,7 +5,7 @@
 //! session to it (the client id must be the device id), checks every
 //! PUBLISH and SUBSCRIBE against a policy templated on the identity
 //! ([`policy`]), and relays the session to a broker ([`broker`]): an
-//! embedded rumqttd on loopback by default. Revocation is live
+//! embedded rumqttd in process by default ([`embedded`]). Revocation is live
 //! ([`revocation`]): a new CRL applies to new handshakes at once and closes
 //! sessions whose certificate it lists. Every refusal is written to the
 //! audit log with a reason from a fixed set ([`reason`], [`audit`]).
@@ -14,6 +14,7 @@
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod embedded;
 pub mod identity;
 pub mod logging;
 pub mod metrics;

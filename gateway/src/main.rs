@@ -131,8 +131,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("audit_log: cannot open {}", path.display()))?,
         None => Audit::to_writer(Box::new(std::io::stdout())),
     };
-    // The device port is bound before the embedded broker takes its
-    // loopback ports, so that they can never land on it.
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen))?;
@@ -146,7 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 fan_in_segment_count: config.embedded_fan_in_segment_count,
                 ..EmbeddedLimits::default()
             };
-            tokio::task::spawn_blocking(move || broker::start_embedded(&limits)).await??
+            BrokerTarget::Embedded(broker::Embedded::start(&limits)?)
         }
         BrokerChoice::External {
             addr,
@@ -171,13 +169,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(broker::upstream_tls)
                 .transpose()
                 .context("broker TLS")?;
-            BrokerTarget {
-                v4: resolved,
-                v5: resolved,
+            BrokerTarget::External(broker::External {
+                addr: resolved,
                 credential,
                 tls,
-                embedded: false,
-            }
+            })
         }
     };
 

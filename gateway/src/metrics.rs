@@ -1,9 +1,7 @@
 //! Prometheus metrics and the `/metrics` and `/healthz` endpoints.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
@@ -194,12 +192,13 @@ impl Metrics {
 }
 
 /// Serves `/metrics` and `/healthz` on `addr`. `/healthz` answers 200 while
-/// the broker accepts TCP connections, 503 otherwise.
+/// the broker can take sessions ([`BrokerTarget::reachable`]), 503
+/// otherwise.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
     crl: tokio::sync::watch::Receiver<std::sync::Arc<RevocationList>>,
-    broker: SocketAddr,
+    broker: crate::broker::BrokerTarget,
 ) -> std::io::Result<()> {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
@@ -215,14 +214,10 @@ pub async fn serve(
         .route(
             "/healthz",
             get(move || async move {
-                match tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::net::TcpStream::connect(broker),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => (StatusCode::OK, "ok\n"),
-                    _ => (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n"),
+                if broker.reachable().await {
+                    (StatusCode::OK, "ok\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable\n")
                 }
             }),
         );

@@ -67,7 +67,7 @@ impl Gateway {
         if let Some(addr) = gateway.metrics {
             let metrics = gateway.audit.metrics().clone();
             let crl = live.revocations.subscribe();
-            let broker = gateway.broker.v4;
+            let broker = gateway.broker.clone();
             // Bind now so that a bad address fails start-up, not later.
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

@@ -790,3 +790,151 @@ fn a_services_instances_share_a_subscription_and_groups_stay_the_services_own() 
         receive_v5(&mut other, 3).into_iter().collect();
     assert_eq!(others, want, "the other service's group got every message");
 }
+
+/// Device `sensor-1`'s CONNECT with a will on its state topic, MQTT 5 or
+/// 3.1.1; with a delay, its session outlives the connection.
+fn connect_with_will(
+    fleet: &Fleet,
+    gw: &Gateway,
+    who: &Identity,
+    version: V,
+    payload: &str,
+    delay: Option<u32>,
+) -> Raw {
+    let id = "sensor-1";
+    let topic = format!("devices/{id}/state");
+    let mut raw = Raw::open(fleet, gw, who, version);
+    let connect = match version {
+        V::V4 => {
+            let mut c = v4::Connect::new(id);
+            c.last_will = Some(v4::LastWill::new(
+                topic,
+                payload,
+                mqttbytes::QoS::AtLeastOnce,
+                false,
+            ));
+            v4_bytes(v4::Packet::Connect(c))
+        }
+        V::V5 => {
+            let c = v5::Connect {
+                keep_alive: 60,
+                client_id: id.into(),
+                clean_start: delay.is_none(),
+                properties: delay.map(|_| v5::ConnectProperties {
+                    session_expiry_interval: Some(3600),
+                    ..v5::ConnectProperties::new()
+                }),
+            };
+            let will = v5::LastWill {
+                topic: topic.into(),
+                message: payload.to_owned().into(),
+                qos: QoS5::AtLeastOnce,
+                retain: false,
+                properties: Some(v5::LastWillProperties {
+                    delay_interval: delay,
+                    payload_format_indicator: None,
+                    message_expiry_interval: None,
+                    content_type: None,
+                    response_topic: None,
+                    correlation_data: None,
+                    user_properties: Vec::new(),
+                }),
+            };
+            v5_bytes(v5::Packet::Connect(c, Some(will), None))
+        }
+    };
+    raw.send(&connect);
+    match raw.next() {
+        Got::V4(v4::Packet::ConnAck(a)) => assert_eq!(a.code, v4::ConnectReturnCode::Success),
+        Got::V5(v5::Packet::ConnAck(a)) => assert_eq!(a.code, v5::ConnectReturnCode::Success),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    raw
+}
+
+#[test]
+fn a_will_is_published_when_a_session_ends_without_disconnect() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ops = fleet.service("ops");
+    let gw = Gateway::start(&fleet, "");
+    let (mut watcher, _) = Raw::connect(&fleet, &gw, &ops, V::V5, "ops", true, 60);
+    let mut sub = v5::Subscribe::new(v5::Filter::new("devices/+/state", QoS5::AtLeastOnce), None);
+    sub.pkid = 1;
+    watcher.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+    assert!(matches!(watcher.next(), Got::V5(v5::Packet::SubAck(_))));
+    // Encoded by hand: rumqttc 0.25 writes a v5 DISCONNECT's reason code
+    // without its length.
+    let disconnect = |code: v5::DisconnectReasonCode| [0xE0, 0x02, code as u8, 0x00];
+
+    // The connection drops: MQTT 5 and 3.1.1 wills are published.
+    drop(connect_with_will(
+        &fleet,
+        &gw,
+        &dev,
+        V::V5,
+        "dropped-5",
+        None,
+    ));
+    drop(connect_with_will(
+        &fleet,
+        &gw,
+        &dev,
+        V::V4,
+        "dropped-4",
+        None,
+    ));
+    // A normal DISCONNECT discards the will; 0x04 asks for it.
+    let mut c = connect_with_will(&fleet, &gw, &dev, V::V5, "discarded", None);
+    c.send(&disconnect(v5::DisconnectReasonCode::NormalDisconnection));
+    assert!(matches!(c.next(), Got::Closed));
+    let mut c = connect_with_will(&fleet, &gw, &dev, V::V5, "asked-for", None);
+    c.send(&disconnect(
+        v5::DisconnectReasonCode::DisconnectWithWillMessage,
+    ));
+    assert!(matches!(c.next(), Got::Closed));
+    // A session taken over by the same identity: the old one's will.
+    let old = connect_with_will(&fleet, &gw, &dev, V::V4, "taken-over", None);
+    let mut new = connect_with_will(&fleet, &gw, &dev, V::V4, "unused", None);
+    new.send(&v4_bytes(v4::Packet::Disconnect));
+    drop(old);
+    // A delayed will whose session comes back in time is never published;
+    // one whose session does not come back is, after its delay.
+    drop(connect_with_will(
+        &fleet,
+        &gw,
+        &dev,
+        V::V5,
+        "came-back",
+        Some(3),
+    ));
+    let mut back = connect_with_will(&fleet, &gw, &dev, V::V5, "late", Some(1));
+    std::thread::sleep(Duration::from_secs(4));
+    back.send(&disconnect(v5::DisconnectReasonCode::NormalDisconnection));
+    drop(back);
+    drop(connect_with_will(
+        &fleet,
+        &gw,
+        &dev,
+        V::V5,
+        "delayed",
+        Some(1),
+    ));
+
+    let got: Vec<String> = receive_v5(&mut watcher, 4)
+        .into_iter()
+        .map(|p| String::from_utf8(p).unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "dropped-5",
+            "dropped-4",
+            "asked-for",
+            "taken-over",
+            "delayed"
+        ],
+        "audit: {:#?}",
+        gw.events()
+    );
+}

@@ -135,19 +135,34 @@ impl Gateway {
         }
     }
 
-    /// The embedded broker's 3.1.1 loopback address, from the gateway's log.
-    pub fn embedded_broker_port(&self) -> u16 {
-        let log = self.log();
-        let at = log
-            .find("v4=127.0.0.1:")
-            .expect("embedded broker address in the log")
-            + "v4=127.0.0.1:".len();
-        log[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .unwrap()
+    /// The TCP ports the gateway process listens on, from `/proc`: the
+    /// listening sockets (IPv4 and IPv6) whose inodes its descriptors hold.
+    pub fn listening_ports(&self) -> Vec<u16> {
+        let pid = self.child.id();
+        let inodes: std::collections::HashSet<String> =
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    let inode = target.strip_prefix("socket:[")?.strip_suffix(']')?;
+                    Some(inode.to_owned())
+                })
+                .collect();
+        let mut ports = Vec::new();
+        for table in ["tcp", "tcp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // local address, state (0A: LISTEN), inode
+                if cols.len() > 9 && cols[3] == "0A" && inodes.contains(cols[9]) {
+                    let port = cols[1].rsplit(':').next().unwrap();
+                    ports.push(u16::from_str_radix(port, 16).unwrap());
+                }
+            }
+        }
+        ports.sort_unstable();
+        ports
     }
 }
 

@@ -32,8 +32,9 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use twofold_protocol::Principal;
 
-use crate::audit::{Audit, Event, EventKind};
+use crate::audit::{Audit, Event, EventKind, Presence};
 use crate::broker::{BrokerTarget, Credential, UpstreamTls};
+use crate::embedded::{Embedded, LocalLink, Will};
 use crate::identity::{self, CertInfo};
 use crate::metrics::Direction;
 use crate::policy;

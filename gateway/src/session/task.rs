@@ -4,13 +4,100 @@
 
 use super::*;
 
-pub(super) type UpstreamHalves = (
+/// The session's other end: a socket to an external broker, or a link to
+/// the embedded one.
+enum Upstream {
+    Socket {
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Box<dyn AsyncWrite + Send + Unpin>,
+        reads: Reads,
+    },
+    Local(Box<LocalLink>),
+}
+
+impl Upstream {
+    /// Connects and sends the session's CONNECT; returns the upstream and
+    /// the broker's CONNACK frame (with what followed it in `buf`).
+    async fn open(
+        broker: &BrokerTarget,
+        version: Version,
+        connect: &[u8],
+        buf: &mut BytesMut,
+    ) -> Result<(Upstream, BytesMut), String> {
+        match broker {
+            BrokerTarget::Embedded(embedded) => {
+                let (link, connack) = embedded
+                    .connect(version == Version::V5, connect)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((
+                    Upstream::Local(Box::new(link)),
+                    BytesMut::from(&connack[..]),
+                ))
+            }
+            BrokerTarget::External(external) => {
+                let addr = external.addr;
+                let (rd, mut wr) = connect_upstream(addr, external.tls.as_ref())
+                    .await
+                    .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
+                let mut rd: Box<dyn AsyncRead + Send + Unpin> = rd;
+                wr.write_all(connect)
+                    .await
+                    .map_err(|e| format!("the broker at {addr} failed: {e}"))?;
+                let frame = read_frame(&mut rd, buf, usize::MAX)
+                    .await
+                    .map_err(|_| format!("no CONNACK from the broker at {addr}"))?;
+                let reads = Reads::new();
+                Ok((Upstream::Socket { rd, wr, reads }, frame))
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: &[u8]) -> bool {
+        match self {
+            Upstream::Socket { wr, .. } => wr.write_all(frames).await.is_ok(),
+            Upstream::Local(link) => match link.send(frames).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "embedded broker");
+                    false
+                }
+            },
+        }
+    }
+
+    /// Reads what the broker sends next into `buf`.
+    async fn more(&mut self, buf: &mut BytesMut) -> Read {
+        match self {
+            Upstream::Socket { rd, reads, .. } => reads.more(rd, buf).await,
+            Upstream::Local(link) => match link.recv(buf).await {
+                Ok(true) => Read::Data,
+                Ok(false) => Read::End,
+                Err(e) => {
+                    tracing::error!(error = %e, "embedded broker");
+                    Read::End
+                }
+            },
+        }
+    }
+
+    /// Ends the upstream; returns the will the embedded broker did not
+    /// publish itself.
+    async fn close(self) -> Option<Will> {
+        match self {
+            Upstream::Socket { .. } => None,
+            Upstream::Local(link) => link.close().await,
+        }
+    }
+}
+
+type UpstreamHalves = (
     Box<dyn AsyncRead + Send + Unpin>,
     Box<dyn AsyncWrite + Send + Unpin>,
 );
 
-/// Opens the connection to the broker, over TLS for `mqtts://`.
-pub(super) async fn connect_upstream(
+/// Opens the connection to an external broker, over TLS for `mqtts://`.
+async fn connect_upstream(
     addr: SocketAddr,
     tls: Option<&UpstreamTls>,
 ) -> std::io::Result<UpstreamHalves> {
@@ -85,11 +172,9 @@ pub async fn run<S>(
             Ok(Ok(frame)) => frame,
         };
 
-    let credential = broker.credential.as_ref();
-    let quirks = if broker.embedded {
-        Quirks::EMBEDDED
-    } else {
-        Quirks::NONE
+    let (credential, quirks) = match &broker {
+        BrokerTarget::Embedded(_) => (None, Quirks::EMBEDDED),
+        BrokerTarget::External(external) => (external.credential.as_ref(), Quirks::NONE),
     };
     let (version, connect) = match admit(frame, &peer.principal, credential, max, quirks) {
         Ok(admitted) => admitted,
@@ -103,52 +188,42 @@ pub async fn run<S>(
     };
     let client_id = connect.client_id.clone();
 
-    let addr = match version {
-        Version::V311 => broker.v4,
-        Version::V5 => broker.v5,
-    };
     let unavailable = match version {
         Version::V311 => v4_connack(v4::ConnectReturnCode::ServiceUnavailable),
         Version::V5 => v5_connack(v5::ConnectReturnCode::ServerUnavailable),
     };
-    let upstream =
-        match tokio::time::timeout(BROKER_TIMEOUT, connect_upstream(addr, broker.tls.as_ref()))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
-                tracing::error!(broker = %addr, %error, "cannot reach the broker");
-                let _ = wr.write_all(&unavailable).await;
-                return refuse(
-                    Reason::BrokerUnavailable,
-                    format!("cannot reach the broker at {addr}: {error}"),
-                    Some(&client_id),
-                );
-            }
-        };
-    let (mut up_rd, mut up_wr) = upstream;
     let mut up_buf = BytesMut::with_capacity(READ_CHUNK_MIN);
     // The session exists once the broker has accepted it: the device's
     // later packets wait in its socket until then.
-    let connack = async {
-        up_wr.write_all(&connect.forward).await.ok()?;
-        read_frame(&mut up_rd, &mut up_buf, usize::MAX).await.ok()
-    };
-    let connack = match tokio::time::timeout(BROKER_TIMEOUT, connack).await {
-        Ok(Some(frame)) => answer_connack(version, frame, &connect, &peer.principal, max),
-        _ => Err(("no CONNACK from the broker".to_owned(), unavailable)),
+    let opened = tokio::time::timeout(
+        BROKER_TIMEOUT,
+        Upstream::open(&broker, version, &connect.forward, &mut up_buf),
+    )
+    .await
+    .unwrap_or_else(|_| Err("no CONNACK from the broker within 5 s".into()));
+    let (mut upstream, connack) = match opened {
+        Ok((upstream, frame)) => (
+            Some(upstream),
+            answer_connack(version, frame, &connect, &peer.principal, max),
+        ),
+        Err(why) => {
+            tracing::error!(error = %why, "cannot open a session at the broker");
+            (None, Err((why, unavailable)))
+        }
     };
     let connack = match connack {
         Ok(connack) => connack,
         Err((why, reply)) => {
+            if let Some(upstream) = upstream.take() {
+                upstream.close().await;
+            }
             let _ = wr.write_all(&reply).await;
             let _ = wr.shutdown().await;
             return refuse(Reason::BrokerUnavailable, why, Some(&client_id));
         }
+    };
+    let Some(mut upstream) = upstream.take() else {
+        return;
     };
     let metrics = audit.metrics().clone();
     metrics.session_started(peer.cert.not_after);
@@ -179,7 +254,6 @@ pub async fn run<S>(
     let _ = to_device.send(connack).await;
     let writer = tokio::spawn(device_writer(wr, outbox));
     let mut device_reads = Reads::new();
-    let mut broker_reads = Reads::new();
     let mut watching = true;
     // Bytes the broker sent after its CONNACK come first.
     let mut actions = session.handle_broker(&mut up_buf);
@@ -195,7 +269,7 @@ pub async fn run<S>(
                     }
                 }
                 Action::ToBroker(frames) => {
-                    if up_wr.write_all(&frames).await.is_err() {
+                    if !upstream.send(&frames).await {
                         ended = Some("the broker connection failed".into());
                         break 'session;
                     }
@@ -225,7 +299,7 @@ pub async fn run<S>(
                 Err(FrameError::Broken(e)) => session.handle_device_end(Some(e)),
                 Err(_) => session.handle_device_end(None),
             },
-            read = broker_reads.more(&mut up_rd, &mut up_buf) => match read {
+            read = upstream.more(&mut up_buf) => match read {
                 Read::Data => session.handle_broker(&mut up_buf),
                 Read::End | Read::Failed(_) => session.handle_broker_end(),
             },
@@ -245,6 +319,14 @@ pub async fn run<S>(
         };
     }
     metrics.session_ended(peer.cert.not_after);
+    // A will without a delay goes out at once; a delayed one once this
+    // connection has left the session (below).
+    let mut will = upstream.close().await;
+    if let (BrokerTarget::Embedded(embedded), Some(now)) =
+        (&broker, will.take_if(|w| w.delay.is_zero()))
+    {
+        embedded.publish_will(now).await;
+    }
     drop(to_device);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     // A lingering close: what the device still sends is read and dropped
@@ -261,6 +343,9 @@ pub async fn run<S>(
             "taken over by another connection of this identity from {holder}"
         ));
     }
+    if let (Some(will), BrokerTarget::Embedded(embedded)) = (will, &broker) {
+        publish_will(embedded.clone(), will, presence.clone(), broker_id);
+    }
     let mut event = Event::new(EventKind::Disconnected, peer.addr)
         .with_identity(peer.identity.clone())
         .with_client_id(client_id);
@@ -268,6 +353,17 @@ pub async fn run<S>(
         event = event.with_detail(why);
     }
     audit.record(&event);
+}
+
+/// Publishes a will on the embedded broker after its delay, unless the
+/// session has been taken up again by then (MQTT 5, 3.1.3.2.2).
+fn publish_will(embedded: Embedded, will: Will, presence: Arc<Presence>, broker_id: String) {
+    tokio::spawn(async move {
+        tokio::time::sleep(will.delay).await;
+        if !presence.is_held(&broker_id) {
+            embedded.publish_will(will).await;
+        }
+    });
 }
 
 /// Writes what the session sends the device, joining what is queued
