@@ -6,9 +6,8 @@
 //!
 //! It is the floor under the embedded broker's memory per connection
 //! (BENCHMARKS.md): the gateway's relay and its TLS session come on top.
-//! The router gets the per-link settings `broker::start_embedded` gives it
-//! (connections, outgoing packets, segment sizes); the fan-in filters'
-//! larger segments are left out, since no one publishes here.
+//! The router gets the gateway's own settings (`broker::router_config`),
+//! and the links the ones a session's link gets; no one publishes here.
 
 use std::time::Duration;
 
@@ -34,16 +33,7 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(5000);
     let limits = twofold_gateway::broker::EmbeddedLimits::default();
-    let router = rumqttd::Router::new(
-        0,
-        rumqttd::RouterConfig {
-            max_connections: limits.max_connections,
-            max_outgoing_packet_count: 256,
-            max_segment_size: limits.segment_size,
-            max_segment_count: limits.segment_count,
-            ..Default::default()
-        },
-    );
+    let router = rumqttd::Router::new(0, twofold_gateway::broker::router_config(&limits));
     let router_tx = router.spawn();
     std::thread::sleep(Duration::from_millis(200));
     let before = rss_kib();

@@ -101,7 +101,16 @@ fn main() {
         println!("{r:#?}");
         results.push(r);
     }
-    print_table(&results, &sizes, enroll);
+    // Latency at the QoS 1 rate mosquitto sustained above (by wall clock).
+    let rate = results[2].qos1.per_second.max(100.0);
+    let seconds = if quick { 2.0 } else { 5.0 };
+    let mut latencies = Vec::new();
+    for kind in [Kind::Twofold, Kind::TwofoldExternal, Kind::Mosquitto] {
+        let server = Server::start(kind, &fleet.dir, free_port());
+        println!("\n== latency: {} at {rate:.0} messages/s", kind.name());
+        latencies.push(runtime.block_on(latency(&fleet, &server, rate, seconds)));
+    }
+    print_table(&results, &latencies, &sizes, enroll);
 }
 
 /// Starts the server on `port` and waits until it accepts connections.
@@ -445,8 +454,21 @@ struct Results {
     connects_per_wall_second: f64,
     idle_kib_per_connection: f64,
     qos1: Throughput,
+    /// QoS 1 to a shared subscription of four.
+    qos1_shared: Throughput,
     qos0: Throughput,
     storm: Storm,
+}
+
+/// End-to-end latency of QoS 1 at a fixed rate: publish to delivery.
+#[derive(Debug)]
+struct Latency {
+    rate: f64,
+    sent: u64,
+    delivered: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
 }
 
 #[derive(Debug)]
@@ -585,14 +607,16 @@ async fn measure(fleet: &Fleet, server: &mut Server, sizes: &Sizes) -> Results {
     drop(held);
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let qos1 = throughput(fleet, server, sizes, QoS::AtLeastOnce).await;
-    let qos0 = throughput(fleet, server, sizes, QoS::AtMostOnce).await;
+    let qos1 = throughput(fleet, server, sizes, QoS::AtLeastOnce, 1).await;
+    let qos1_shared = throughput(fleet, server, sizes, QoS::AtLeastOnce, 4).await;
+    let qos0 = throughput(fleet, server, sizes, QoS::AtMostOnce, 1).await;
     let storm = storm(fleet, server, sizes.storm).await;
     Results {
         connects_per_cpu_second: ok / cpu,
         connects_per_wall_second: ok / wall,
         idle_kib_per_connection: idle_kib,
         qos1,
+        qos1_shared,
         qos0,
         storm,
     }
@@ -675,51 +699,88 @@ async fn storm(fleet: &Fleet, server: &mut Server, n: usize) -> Storm {
     storm
 }
 
-/// `publishers` devices each publish `messages` to their telemetry topic;
-/// one subscriber on devices/+/telemetry counts what arrives.
-async fn throughput(fleet: &Fleet, server: &Server, sizes: &Sizes, qos: QoS) -> Throughput {
-    let addr = server.addr;
-    let expected = (sizes.publishers * sizes.messages) as u64;
-    let (mut sub, mut sub_buf) = connect(addr, fleet.subscriber.1.clone(), &fleet.subscriber.0)
-        .await
-        .expect("subscriber connects");
-    let subscribe = v4::Subscribe {
-        pkid: 1,
-        filters: vec![v4::SubscribeFilter::new(
-            "devices/+/telemetry".into(),
-            QoS::AtLeastOnce,
-        )],
-    };
-    write_packet(&mut sub, Packet::Subscribe(subscribe))
-        .await
-        .unwrap();
-    loop {
-        if let Packet::SubAck(_) = read_packet(&mut sub, &mut sub_buf).await.unwrap() {
-            break;
-        }
-    }
-    let counter = tokio::spawn(async move {
-        let mut seen = HashSet::new();
-        let mut last = Instant::now();
-        while (seen.len() as u64) < expected {
-            match tokio::time::timeout(Duration::from_secs(5), read_packet(&mut sub, &mut sub_buf))
-                .await
-            {
-                Ok(Ok(Packet::Publish(p))) => {
-                    if p.qos == QoS::AtLeastOnce {
-                        let _ =
-                            write_packet(&mut sub, Packet::PubAck(v4::PubAck::new(p.pkid))).await;
-                    }
-                    seen.insert(p.payload);
-                    last = Instant::now();
-                }
-                Ok(Ok(_)) => {}
-                // Nothing for 5 s, or the connection ended: what arrived is all that will.
-                _ => break,
+/// Subscribes `subscribers` sessions of the bench service to the devices'
+/// telemetry: one on `devices/+/telemetry`, or several sharing it (group
+/// `bench`). Returns them once each has its SUBACK.
+async fn subscribe(fleet: &Fleet, addr: SocketAddr, subscribers: usize) -> Vec<(Stream, BytesMut)> {
+    let mut subs = Vec::new();
+    for n in 0..subscribers {
+        let (filter, client_id) = if subscribers == 1 {
+            ("devices/+/telemetry".to_owned(), fleet.subscriber.0.clone())
+        } else {
+            (
+                "$share/bench/devices/+/telemetry".to_owned(),
+                format!("{}-{n}", fleet.subscriber.0),
+            )
+        };
+        let (mut sub, mut buf) = connect(addr, fleet.subscriber.1.clone(), &client_id)
+            .await
+            .expect("subscriber connects");
+        let subscribe = v4::Subscribe {
+            pkid: 1,
+            filters: vec![v4::SubscribeFilter::new(filter, QoS::AtLeastOnce)],
+        };
+        write_packet(&mut sub, Packet::Subscribe(subscribe))
+            .await
+            .unwrap();
+        loop {
+            if let Packet::SubAck(_) = read_packet(&mut sub, &mut buf).await.unwrap() {
+                break;
             }
         }
-        (seen.len() as u64, last)
-    });
+        subs.push((sub, buf));
+    }
+    subs
+}
+
+/// Reads what a subscriber gets, acknowledging QoS 1, handing each payload
+/// to `seen`, until `done` says so or nothing came for 5 s. Returns when
+/// the last message came.
+async fn receive(
+    (mut sub, mut buf): (Stream, BytesMut),
+    mut seen: impl FnMut(bytes::Bytes) -> bool + Send,
+) -> Instant {
+    let mut last = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), read_packet(&mut sub, &mut buf)).await {
+            Ok(Ok(Packet::Publish(p))) => {
+                if p.qos == QoS::AtLeastOnce {
+                    let _ = write_packet(&mut sub, Packet::PubAck(v4::PubAck::new(p.pkid))).await;
+                }
+                last = Instant::now();
+                if seen(p.payload) {
+                    return last;
+                }
+            }
+            Ok(Ok(_)) => {}
+            // Nothing for 5 s, or the connection ended: what arrived is all that will.
+            _ => return last,
+        }
+    }
+}
+
+/// `publishers` devices each publish `messages` to their telemetry topic;
+/// `subscribers` sessions (one, or a shared subscription) count what
+/// arrives, each message once.
+async fn throughput(
+    fleet: &Fleet,
+    server: &Server,
+    sizes: &Sizes,
+    qos: QoS,
+    subscribers: usize,
+) -> Throughput {
+    let addr = server.addr;
+    let expected = (sizes.publishers * sizes.messages) as u64;
+    let seen = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let mut counters = Vec::new();
+    for sub in subscribe(fleet, addr, subscribers).await {
+        let seen = seen.clone();
+        counters.push(tokio::spawn(receive(sub, move |payload| {
+            let mut seen = seen.lock().unwrap();
+            seen.insert(payload);
+            seen.len() as u64 >= expected
+        })));
+    }
     let start = Instant::now();
     let cpu0 = server.cpu_seconds();
     let mut tasks = Vec::new();
@@ -737,10 +798,16 @@ async fn throughput(fleet: &Fleet, server: &Server, sizes: &Sizes, qos: QoS) -> 
     for t in tasks {
         sent += t.await.unwrap_or(0);
     }
-    let (delivered, last) = counter.await.unwrap_or((0, start));
+    let mut last = start;
+    for counter in counters {
+        last = last.max(counter.await.unwrap_or(start));
+    }
+    let delivered = seen.lock().unwrap().len() as u64;
     let cpu = (server.cpu_seconds() - cpu0).max(0.01);
     let seconds = last.duration_since(start).as_secs_f64().max(0.001);
-    println!("{qos:?}: sent {sent}, delivered {delivered} in {seconds:.2}s");
+    println!(
+        "{qos:?} to {subscribers} subscriber(s): sent {sent}, delivered {delivered} in {seconds:.2}s"
+    );
     Throughput {
         sent,
         delivered,
@@ -821,6 +888,100 @@ async fn publish_all(
     sent
 }
 
+/// QoS 1 end to end at `rate` messages per second in all, from ten
+/// devices paced by the clock, for `seconds`: each payload carries the
+/// time it was sent, and the one subscriber notes when it arrived.
+async fn latency(fleet: &Fleet, server: &Server, rate: f64, seconds: f64) -> Latency {
+    const PUBLISHERS: usize = 10;
+    let addr = server.addr;
+    let epoch = Instant::now();
+    let per_publisher = (rate * seconds / PUBLISHERS as f64) as u64;
+    let expected = per_publisher * PUBLISHERS as u64;
+    let sub = subscribe(fleet, addr, 1).await.pop().unwrap();
+    let delays = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let counter = {
+        let delays = delays.clone();
+        tokio::spawn(receive(sub, move |payload| {
+            let sent_ns = std::str::from_utf8(&payload)
+                .ok()
+                .and_then(|p| p.split(':').nth(2))
+                .and_then(|ns| ns.parse::<u64>().ok());
+            let mut delays = delays.lock().unwrap();
+            if let Some(sent_ns) = sent_ns {
+                let now_ns = epoch.elapsed().as_nanos() as u64;
+                delays.push(now_ns.saturating_sub(sent_ns));
+            }
+            delays.len() as u64 >= expected
+        }))
+    };
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (id, config) = fleet.devices[p].clone();
+        let interval = Duration::from_secs_f64(PUBLISHERS as f64 / rate);
+        tasks.push(tokio::spawn(async move {
+            let Ok((stream, mut buf)) = connect(addr, config, &id).await else {
+                return 0u64;
+            };
+            let topic = format!("devices/{id}/telemetry");
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            // PUBACKs are read and dropped: the pace is the clock's.
+            let acks = tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+                drop(buf.split());
+            });
+            let start = Instant::now();
+            let mut sent = 0u64;
+            let mut out = BytesMut::new();
+            while sent < per_publisher {
+                // Everything due by now, in one write.
+                let due = ((start.elapsed().as_secs_f64() / interval.as_secs_f64()) as u64 + 1)
+                    .min(per_publisher);
+                while sent < due {
+                    let sent_ns = epoch.elapsed().as_nanos() as u64;
+                    let payload = format!("{id}:{sent:08}:{sent_ns}:{}", "x".repeat(24));
+                    let mut publish = v4::Publish::new(topic.clone(), QoS::AtLeastOnce, payload);
+                    publish.pkid = (sent % 60000 + 1) as u16;
+                    if publish.write(&mut out).is_err() {
+                        return sent;
+                    }
+                    sent += 1;
+                }
+                if wr.write_all(&out).await.is_err() {
+                    return sent;
+                }
+                out.clear();
+                tokio::time::sleep_until((start + interval.mul_f64(sent as f64)).into()).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            acks.abort();
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await.unwrap_or(0);
+    }
+    let _ = counter.await;
+    let mut delays = std::mem::take(&mut *delays.lock().unwrap());
+    delays.sort_unstable();
+    let at = |q: f64| {
+        delays
+            .get(((delays.len().max(1) - 1) as f64 * q) as usize)
+            .map_or(f64::NAN, |ns| *ns as f64 / 1e6)
+    };
+    let latency = Latency {
+        rate,
+        sent,
+        delivered: delays.len() as u64,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: at(1.0),
+    };
+    println!("latency: {latency:?}");
+    latency
+}
+
 /// One row: the three configurations and each gateway's ratio to mosquitto.
 fn row(measure: &str, [t, x, m]: [f64; 3], shown: [String; 3]) {
     let ratio = |a: f64| {
@@ -840,7 +1001,7 @@ fn row(measure: &str, [t, x, m]: [f64; 3], shown: [String; 3]) {
     );
 }
 
-fn print_table(r: &[Results], sizes: &Sizes, enroll: Option<f64>) {
+fn print_table(r: &[Results], l: &[Latency], sizes: &Sizes, enroll: Option<f64>) {
     let all = |f: &dyn Fn(&Results) -> f64| [f(&r[0]), f(&r[1]), f(&r[2])];
     let shown = |v: [f64; 3], digits: usize| v.map(|x| format!("{x:.digits$}"));
     println!(
@@ -872,6 +1033,9 @@ fn print_table(r: &[Results], sizes: &Sizes, enroll: Option<f64>) {
             "QoS 1",
             (|r: &Results| &r.qos1) as fn(&Results) -> &Throughput,
         ),
+        ("QoS 1 to a shared subscription of 4", |r: &Results| {
+            &r.qos1_shared
+        }),
         ("QoS 0", |r: &Results| &r.qos0),
     ] {
         let v = all(&|r| pick(r).per_second);
@@ -896,6 +1060,27 @@ fn print_table(r: &[Results], sizes: &Sizes, enroll: Option<f64>) {
             &format!("{name} delivered per server CPU-second"),
             v,
             shown(v, 0),
+        );
+    }
+    for (name, pick) in [
+        ("p50", (|l: &Latency| l.p50_ms) as fn(&Latency) -> f64),
+        ("p99", |l: &Latency| l.p99_ms),
+        ("max", |l: &Latency| l.max_ms),
+    ] {
+        let v = [pick(&l[0]), pick(&l[1]), pick(&l[2])];
+        let text = [0, 1, 2].map(|i| {
+            format!(
+                "{:.1} ({} of {})",
+                v[i], l[i].delivered, l[i].sent
+            )
+        });
+        row(
+            &format!(
+                "QoS 1 end-to-end latency {name}, ms, at {:.0}/s (delivered of sent; lower is better)",
+                l[0].rate
+            ),
+            v,
+            text,
         );
     }
     let v = all(&|r| r.storm.last);

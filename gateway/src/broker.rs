@@ -148,7 +148,7 @@ pub enum BrokerError {
 }
 
 /// The embedded router's settings.
-pub(crate) fn router_config(limits: &EmbeddedLimits) -> rumqttd::RouterConfig {
+pub fn router_config(limits: &EmbeddedLimits) -> rumqttd::RouterConfig {
     rumqttd::RouterConfig {
         max_connections: limits.max_connections,
         max_outgoing_packet_count: 256,
