@@ -1068,12 +1068,7 @@ fn print_table(r: &[Results], l: &[Latency], sizes: &Sizes, enroll: Option<f64>)
         ("max", |l: &Latency| l.max_ms),
     ] {
         let v = [pick(&l[0]), pick(&l[1]), pick(&l[2])];
-        let text = [0, 1, 2].map(|i| {
-            format!(
-                "{:.1} ({} of {})",
-                v[i], l[i].delivered, l[i].sent
-            )
-        });
+        let text = [0, 1, 2].map(|i| format!("{:.1} ({} of {})", v[i], l[i].delivered, l[i].sent));
         row(
             &format!(
                 "QoS 1 end-to-end latency {name}, ms, at {:.0}/s (delivered of sent; lower is better)",
