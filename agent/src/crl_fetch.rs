@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::{CrlFetch, IdentityPaths};
-use crate::identity::{self, CrlFloor, CrlNumbers, Floor};
+use twofold_trust::crl::CrlHistory;
+
+use crate::identity::{self, CrlFloor};
 
 /// The largest CRL accepted: far above a server CA's (a few gateway
 /// certificates), far below what would hurt a small board.
@@ -69,7 +71,7 @@ pub async fn run(fetch: CrlFetch, paths: IdentityPaths, floor: CrlFloor) {
 /// GETs `url` and checks what it serves against the server CA and the CRL
 /// in force (the file's, or `floor` if higher); writes nothing (`agent
 /// doctor` reports this). Errors name the URL. Blocking.
-pub fn fetch(url: &str, paths: &IdentityPaths, floor: &Floor) -> Result<Served, String> {
+pub fn fetch(url: &str, paths: &IdentityPaths, floor: &CrlHistory) -> Result<Served, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(FETCH_TIMEOUT))
         .build()
@@ -97,20 +99,22 @@ pub fn fetch(url: &str, paths: &IdentityPaths, floor: &Floor) -> Result<Served, 
         .as_deref()
         .and_then(|path| identity::load_server_crl(path, &cas).ok())
     {
-        CrlNumbers::of(&file).raise(&mut in_force);
+        in_force = in_force.with(&file);
     }
-    let numbers = CrlNumbers::of(&crls);
     Ok(Served {
-        number: numbers.highest(),
+        number: crls.iter().filter_map(|c| c.number).max(),
         pem,
-        in_force: in_force.values().map(|(_, n)| *n).max(),
-        older: numbers.older_than(&in_force),
+        in_force: in_force.highest(),
+        older: in_force
+            .accept(&crls, |_| true)
+            .err()
+            .map(|why| why.to_string()),
     })
 }
 
 /// One fetch: GET `url`, check what came, and write it over the server
 /// CRL file if it is new. Blocking.
-pub fn once(url: &str, paths: &IdentityPaths, floor: &Floor) -> Result<Fetched, String> {
+pub fn once(url: &str, paths: &IdentityPaths, floor: &CrlHistory) -> Result<Fetched, String> {
     let path = paths
         .server_crl
         .as_deref()

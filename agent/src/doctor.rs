@@ -343,8 +343,9 @@ fn server_crl<W: Write>(
     };
     let mut details = Vec::new();
     let mut stale = false;
-    for der in &crls {
-        if let Ok((_, crl)) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+    for taken in &crls {
+        if let Ok((_, crl)) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(&taken.der)
         {
             let next = crl.next_update().map(|t| t.timestamp());
             stale |= next.is_some_and(|t| t <= now);

@@ -2,7 +2,6 @@
 //! checked before anything connects, and the rustls client config built
 //! from them.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +11,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use twofold_protocol::{DeviceId, Principal};
 use twofold_trust::FileStamp;
+use twofold_trust::crl::{Crl, CrlHistory, CrlRefusal};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::IdentityPaths;
@@ -77,8 +77,8 @@ pub struct DeviceIdentity {
 pub struct ServerCrl {
     /// Its CRL number (the highest, with several server CAs).
     pub number: Option<u64>,
-    /// Each server CA's CRL number.
-    pub numbers: CrlNumbers,
+    /// Its CRLs, one per server CA.
+    pub crls: Vec<Crl>,
     pub pem: Vec<u8>,
 }
 
@@ -116,14 +116,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
     load_pem(path, "CERTIFICATE")
 }
 
-/// Loads the server CA's CRLs from `path` and checks that each is signed
-/// by a CA in `server_ca`: a CRL from anyone else would make every
-/// connection fail with an unknown revocation status, so it is refused
-/// here, at start, with its reason.
+/// Loads the server CA's CRLs from `path` and checks them by the rules
+/// of [`twofold_trust::crl`] with the server CA as the trusted CAs: a CRL
+/// from anyone else would make every connection fail with an unknown
+/// revocation status, so it is refused here, at start, with its reason.
 pub fn load_server_crl(
     path: &Path,
     server_ca: &[CertificateDer<'_>],
-) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
+) -> Result<Vec<Crl>, IdentityError> {
     let pem = std::fs::read(path).map_err(|e| file_error(path, e))?;
     server_crl_from_pem(&pem, path, server_ca)
 }
@@ -134,59 +134,36 @@ pub fn server_crl_from_pem(
     pem: &[u8],
     path: &Path,
     server_ca: &[CertificateDer<'_>],
-) -> Result<Vec<CertificateRevocationListDer<'static>>, IdentityError> {
-    let crls: Vec<CertificateRevocationListDer<'static>> =
+) -> Result<Vec<Crl>, IdentityError> {
+    let ders: Vec<CertificateRevocationListDer<'static>> =
         CertificateRevocationListDer::pem_slice_iter(pem)
             .collect::<Result<_, _>>()
             .map_err(|e| file_error(path, e))?;
-    if crls.is_empty() {
-        return Err(file_error(path, "no X509 CRL found"));
-    }
-    let mut issuers: Vec<Vec<u8>> = Vec::new();
-    for der in &crls {
-        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
-            .map_err(|e| file_error(path, format!("a CRL does not parse: {e}")))?;
-        // rustls checks against the first CRL of the issuer it finds, so a
-        // file with an old CRL in front of the current one would bring the
-        // old one back in force; one per CA, then.
-        let issuer = crl.issuer().as_raw().to_vec();
-        if issuers.contains(&issuer) {
-            return Err(file_error(
-                path,
-                format!(
-                    "holds more than one CRL of \"{}\"; a server CRL file holds one per CA, the newest",
-                    crl.issuer()
-                ),
-            ));
-        }
-        issuers.push(issuer);
-        let signed = server_ca.iter().any(|ca| {
-            X509Certificate::from_der(ca).is_ok_and(|(_, ca)| {
-                ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
-            })
-        });
-        if !signed {
-            return Err(file_error(
-                path,
-                format!(
-                    "the CRL of \"{}\" is not signed by the server CA; use the server-crl.pem \
-                     provisioning wrote (not the gateway's crl.pem)",
-                    crl.issuer()
-                ),
-            ));
-        }
-    }
+    let cas: Vec<&[u8]> = server_ca.iter().map(|c| c.as_ref()).collect();
+    let ders: Vec<&[u8]> = ders.iter().map(|d| d.as_ref()).collect();
+    // The server CA is fixed for the agent's run: no CA's trust is ever
+    // withdrawn under it.
+    let crls = twofold_trust::crl::parse(&ders, &cas, |_| false).map_err(|e| match e {
+        CrlRefusal::UnknownIssuer { issuer } => file_error(
+            path,
+            format!(
+                "the CRL of \"{issuer}\" is not signed by the server CA; use the server-crl.pem \
+                 provisioning wrote (not the gateway's crl.pem)"
+            ),
+        ),
+        other => file_error(path, other),
+    })?;
     // rustls refuses some CRLs x509-parser reads (version 1, delta and
     // indirect CRLs): find out here, and name this file, not the CA's.
     let mut roots = rustls::RootCertStore::empty();
     for ca in server_ca {
-        let _ = roots.add(ca.clone());
+        let _ = roots.add(ca.clone().into_owned());
     }
     rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
     )
-    .with_crls(crls.clone())
+    .with_crls(crls.iter().map(|c| c.der.clone().into()))
     .build()
     .map_err(|e| file_error(path, format!("rustls cannot use this CRL: {e}")))?;
     Ok(crls)
@@ -317,13 +294,14 @@ fn tls_config(
     let mut taken = None;
     if let (Some(path), Some(pem)) = (&paths.server_crl, server_crl) {
         let crls = server_crl_from_pem(&pem, path, &parts.server_ca)?;
-        let numbers = CrlNumbers::of(&crls);
+        let ders: Vec<CertificateRevocationListDer<'static>> =
+            crls.iter().map(|c| c.der.clone().into()).collect();
         taken = Some(ServerCrl {
-            number: numbers.highest(),
-            numbers,
+            number: crls.iter().filter_map(|c| c.number).max(),
+            crls,
             pem,
         });
-        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+        verifier = verifier.with_crls(ders).only_check_end_entity_revocation();
     }
     let verifier = verifier
         .build()
@@ -344,102 +322,29 @@ fn tls_config(
     Ok((tls, taken))
 }
 
-/// Each CA's CRL number in a server CRL file: the CA's name (DER) → its
-/// name as text and the number, if the CRL has one.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CrlNumbers(BTreeMap<Vec<u8>, (String, Option<u64>)>);
-
-impl CrlNumbers {
-    /// Of CRLs that [`load_server_crl`] has parsed already.
-    pub fn of(crls: &[CertificateRevocationListDer<'_>]) -> CrlNumbers {
-        CrlNumbers(
-            crls.iter()
-                .filter_map(|der| {
-                    let (_, crl) =
-                        x509_parser::revocation_list::CertificateRevocationList::from_der(der)
-                            .ok()?;
-                    let number = crl
-                        .crl_number()
-                        .and_then(|n| n.to_string().parse::<u64>().ok());
-                    Some((
-                        crl.issuer().as_raw().to_vec(),
-                        (crl.issuer().to_string(), number),
-                    ))
-                })
-                .collect(),
-        )
-    }
-
-    /// The highest number, for logs and reports.
-    pub fn highest(&self) -> Option<u64> {
-        self.0.values().filter_map(|(_, n)| *n).max()
-    }
-
-    /// Why these CRLs are older than `floor` (the numbers in force, CA by
-    /// CA): a lower number, none where there was one, or no CRL at all of
-    /// a CA that had one (rustls could then not check that CA's gateways).
-    /// CA by CA, so an old CRL of one server CA cannot hide behind a newer
-    /// one of another.
-    pub fn older_than(&self, floor: &Floor) -> Option<String> {
-        for (issuer, (name, old)) in floor {
-            match self.0.get(issuer) {
-                None => {
-                    return Some(format!(
-                        "it holds no CRL of \"{name}\", and the one in force has number {old}"
-                    ));
-                }
-                Some((_, Some(new))) if new >= old => {}
-                Some((_, Some(new))) => {
-                    return Some(format!(
-                        "CRL number {new} of \"{name}\" is older than the one in force ({old})"
-                    ));
-                }
-                Some((_, None)) => {
-                    return Some(format!(
-                        "the CRL of \"{name}\" has no CRL number, and the one in force has {old}"
-                    ));
-                }
-            }
-        }
-        None
-    }
-
-    /// Raises `floor` to these numbers, CA by CA.
-    pub fn raise(&self, floor: &mut Floor) {
-        for (issuer, (name, number)) in &self.0 {
-            if let Some(n) = number {
-                let old = floor.entry(issuer.clone()).or_insert((name.clone(), *n));
-                old.1 = old.1.max(*n);
-            }
-        }
-    }
-}
-
-/// The CRL numbers in force, by CA: its name as DER → as text, and the
-/// number.
-pub type Floor = BTreeMap<Vec<u8>, (String, u64)>;
-
 /// How often the server CRL file is looked at for a new version.
 pub const SERVER_CRL_POLL: Duration = Duration::from_secs(2);
 
 impl DeviceIdentity {
     /// This identity with `pem` (read from the server CRL file, `path`) as
     /// its server CRL, built from the certificate, key and server CA it
-    /// started with. The CRL must be signed by the server CA and not be
-    /// older than `floor` (a replayed CRL would hide revocations made
-    /// since): a lower CRL number, or none where there was one, is refused,
-    /// CA by CA.
+    /// started with. The CRL must be signed by the server CA and taken by
+    /// [`CrlHistory::accept`] over `floor` (a replayed CRL would hide
+    /// revocations made since): a lower CRL number, none where there was
+    /// one, or no CRL of a server CA that had one, is refused, CA by CA.
     pub fn with_server_crl(
         &self,
         path: &Path,
         pem: Vec<u8>,
-        floor: &Floor,
+        floor: &CrlHistory,
     ) -> Result<DeviceIdentity, IdentityError> {
         let mut parts = self.parts.clone();
         parts.paths.server_crl = Some(path.to_owned());
         let (tls, taken) = tls_config(&parts, Some(pem))?;
-        if let Some(why) = taken.as_ref().and_then(|c| c.numbers.older_than(floor)) {
-            return Err(file_error(path, why));
+        if let Some(taken) = &taken {
+            floor
+                .accept(&taken.crls, |_| true)
+                .map_err(|why| file_error(path, why))?;
         }
         Ok(DeviceIdentity {
             server_crl: taken,
@@ -450,32 +355,32 @@ impl DeviceIdentity {
     }
 }
 
-/// The server CRL numbers the agent has taken so far, CA by CA, shared by
-/// the file's watcher and the fetcher, so neither lets an older CRL in.
+/// The server CRLs the agent has taken so far, CA by CA, shared by the
+/// file's watcher and the fetcher, so neither lets an older CRL in.
 #[derive(Clone, Debug, Default)]
-pub struct CrlFloor(Arc<Mutex<Floor>>);
+pub struct CrlFloor(Arc<Mutex<CrlHistory>>);
 
 impl CrlFloor {
-    pub fn new(numbers: Option<&CrlNumbers>) -> CrlFloor {
-        let floor = CrlFloor::default();
-        if let Some(numbers) = numbers {
-            floor.raise(numbers);
-        }
-        floor
+    pub fn new(crls: Option<&[Crl]>) -> CrlFloor {
+        CrlFloor(Arc::new(Mutex::new(
+            crls.map(CrlHistory::of).unwrap_or_default(),
+        )))
     }
 
-    pub fn get(&self) -> Floor {
+    pub fn get(&self) -> CrlHistory {
         // A poisoned lock still holds the numbers: never fail open.
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The highest number in force, for logs.
     pub fn highest(&self) -> Option<u64> {
-        self.get().values().map(|(_, n)| *n).max()
+        self.get().highest()
     }
 
-    pub fn raise(&self, numbers: &CrlNumbers) {
-        numbers.raise(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    /// `crls` are in force now (checked by [`CrlHistory::accept`]).
+    pub fn take(&self, crls: &[Crl]) {
+        let mut history = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *history = history.with(crls);
     }
 }
 
@@ -529,7 +434,7 @@ pub async fn watch_server_crl(
                     "server CRL reloaded; reconnecting to check the gateway against it"
                 );
                 if let Some(taken) = &next.server_crl {
-                    floor.raise(&taken.numbers);
+                    floor.take(&taken.crls);
                 }
                 tls.send_replace(next.tls.clone());
                 current = next;
@@ -573,64 +478,6 @@ pub fn expiry(not_before: i64, not_after: i64, now: i64) -> Expiry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A CRL of a new CA named `name`, numbered `number`.
-    fn crl(name: &str, number: u64) -> CertificateRevocationListDer<'static> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let issuer = rcgen::Issuer::new(params, rcgen::KeyPair::generate().unwrap());
-        let now = time::OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap();
-        rcgen::CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + time::Duration::days(7),
-            crl_number: rcgen::SerialNumber::from(number),
-            issuing_distribution_point: None,
-            revoked_certs: Vec::new(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&issuer)
-        .unwrap()
-        .der()
-        .clone()
-    }
-
-    #[test]
-    fn crl_numbers_are_compared_ca_by_ca() {
-        let in_force = CrlNumbers::of(&[crl("Server CA 1", 3), crl("Server CA 2", 7)]);
-        assert_eq!(in_force.highest(), Some(7));
-        let mut floor = Floor::new();
-        in_force.raise(&mut floor);
-        assert_eq!(in_force.older_than(&floor), None, "the same is not older");
-        let newer = CrlNumbers::of(&[crl("Server CA 1", 4), crl("Server CA 2", 7)]);
-        assert_eq!(newer.older_than(&floor), None);
-        // CA 1's old CRL next to a newer one of CA 2: the highest number
-        // went up, CA 1's went back.
-        let replayed = CrlNumbers::of(&[crl("Server CA 1", 2), crl("Server CA 2", 9)]);
-        let why = replayed.older_than(&floor).unwrap();
-        assert!(
-            why.contains("CRL number 2 of \"CN=Server CA 1\" is older than the one in force (3)"),
-            "{why}"
-        );
-        // A CA the floor does not know yet: nothing to compare.
-        let other = CrlNumbers::of(&[
-            crl("Server CA 1", 3),
-            crl("Server CA 2", 7),
-            crl("Server CA 3", 1),
-        ]);
-        assert_eq!(other.older_than(&floor), None);
-        // Raising keeps the highest of each.
-        replayed.raise(&mut floor);
-        assert_eq!(floor.values().map(|(_, n)| *n).collect::<Vec<_>>(), [3, 9]);
-        // A file without CA 2's CRL: its gateways could not be checked.
-        let dropped = CrlNumbers::of(&[crl("Server CA 1", 5)]);
-        let why = dropped.older_than(&floor).unwrap();
-        assert!(why.contains("no CRL of \"CN=Server CA 2\""), "{why}");
-    }
 
     #[test]
     fn expiry_warns_at_two_thirds() {

@@ -51,7 +51,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let wake = Arc::new(Notify::new());
     let (commands_tx, mut commands_rx) = mpsc::channel::<Vec<u8>>(16);
     let (tls_tx, tls) = watch::channel(me.tls.clone());
-    let floor = identity::CrlFloor::new(me.server_crl.as_ref().map(|c| &c.numbers));
+    let floor = identity::CrlFloor::new(me.server_crl.as_ref().map(|c| c.crls.as_slice()));
     let crl_watch = tokio::spawn(identity::watch_server_crl(
         me.clone(),
         floor.clone(),

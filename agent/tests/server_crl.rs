@@ -54,7 +54,9 @@ fn a_running_agent_takes_a_new_server_crl_and_refuses_a_bad_or_older_one() {
     replace(&crl, &first_crl);
     assert!(wait_until(30, || refusals() == 2), "{}", agent.log());
     assert!(
-        agent.log().contains("is older than the one in force"),
+        agent
+            .log()
+            .contains("lower than the one in force (2); refusing to go back"),
         "{}",
         agent.log()
     );
@@ -218,7 +220,7 @@ fn a_running_agent_fetches_the_server_crl_from_its_url() {
     // The first CRL again, as a replay would serve it: older, refused.
     serve_der(&fleet, &www, std::str::from_utf8(&before).unwrap());
     assert!(
-        wait_until(30, || agent.log().contains("older than the one in force")),
+        wait_until(30, || agent.log().contains("lower than the one in force")),
         "{}",
         agent.log()
     );

@@ -5,13 +5,13 @@
 //! certificate rustls does not verify again) and close live sessions the
 //! moment their certificate appears on a new CRL.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use twofold_trust::Serial;
+use twofold_trust::crl::{self, CrlHistory, CrlRefusal};
 use x509_parser::prelude::{FromDer, X509Certificate};
-use x509_parser::revocation_list::CertificateRevocationList;
 
 /// Why a CRL file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -21,41 +21,11 @@ pub enum CrlError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: no CRL found (expected PEM blocks labelled X509 CRL)")]
-    Empty { path: String },
-    #[error("{path}: CRL does not parse: {detail}")]
-    Malformed { path: String, detail: String },
-    #[error("{path}: CRL issued by {issuer} is not signed by any client CA")]
-    UnknownIssuer { path: String, issuer: String },
-    #[error(
-        "{path}: the CRL of \"{issuer}\" has number {new}, lower than the one in force ({current}); refusing to go back"
-    )]
-    NumberWentBack {
-        path: String,
-        issuer: String,
-        new: u64,
-        current: u64,
-    },
-    #[error(
-        "{path}: the CRL of \"{issuer}\" has no CRL number, and the one in force has {current}; refusing what may be an old CRL"
-    )]
-    NumberLost {
-        path: String,
-        issuer: String,
-        current: u64,
-    },
-    #[error(
-        "{path}: holds more than one CRL of \"{issuer}\" (or of two CAs of that name); rustls checks a certificate against the first one only, so the file must hold one CRL per CA, the newest"
-    )]
-    TwoOfOneIssuer { path: String, issuer: String },
-    #[error(
-        "{path}: holds no CRL of \"{issuer}\" any more, which is still a client CA: its devices could not connect (rustls cannot tell whether their certificates are revoked); keep its newest CRL in the file, or remove the CA from the client CAs"
-    )]
-    Dropped { path: String, issuer: String },
-    #[error(
-        "{path}: holds no CRL of a client CA, only of CAs no longer trusted; the client CAs' CRLs are needed"
-    )]
-    OnlyWithdrawn { path: String },
+    #[error("{path}: not PEM: {detail}")]
+    NotPem { path: String, detail: String },
+    /// Refused by a rule of [`twofold_trust::crl`].
+    #[error("{path}: {refusal}")]
+    Refused { path: String, refusal: CrlRefusal },
 }
 
 /// The CRLs in force.
@@ -65,15 +35,11 @@ pub struct RevocationList {
     pub ders: Vec<CertificateRevocationListDer<'static>>,
     /// Revoked certificates: issuer's name (DER), and serial.
     revoked: HashSet<(Vec<u8>, Serial)>,
-    /// Each CRL's issuer (its name, DER) → its name and CRL number.
-    issuers: HashMap<Vec<u8>, (String, Option<u64>)>,
-    /// The highest CRL number each CA has had since the gateway started,
-    /// including CAs whose CRL has left the file since: a CRL number never
-    /// goes back, even across several reloads.
-    floors: HashMap<Vec<u8>, u64>,
-    /// Every CA whose CRL has been in force since the gateway started: a
-    /// CRL of one that is no longer a client CA is left out, not refused.
-    known: HashSet<Vec<u8>>,
+    /// The CAs whose CRL is in force (names, DER).
+    issuers: HashSet<Vec<u8>>,
+    /// What has been in force since the gateway started: CRL numbers
+    /// never go back, even across several reloads.
+    history: CrlHistory,
     /// The highest CRL number, when the CRLs carry one.
     pub number: Option<u64>,
     /// The newest `thisUpdate`, Unix seconds.
@@ -81,13 +47,11 @@ pub struct RevocationList {
 }
 
 impl RevocationList {
-    /// Reads PEM CRLs from `path` and checks each one's signature against
-    /// one of `client_cas`. With `current` (the CRLs in force), also
-    /// refuses, CA by CA, a CRL number lower than the highest that CA has
-    /// had, or none where there was one (a replayed old CRL of one CA must
-    /// not hide behind a newer one of another), and a file that no longer
-    /// holds the CRL of a CA still trusted. The CRL of a CA no longer among
-    /// `client_cas` is left out, with a warning: trust in it was withdrawn.
+    /// Reads PEM CRLs from `path` and takes them by the rules of
+    /// [`twofold_trust::crl`], with `client_cas` as the trusted CAs and
+    /// `current` (the CRLs in force, if any) as what came before. The CRL
+    /// of a CA no longer among `client_cas` is left out, with a warning:
+    /// trust in it was withdrawn.
     pub fn load(
         path: &Path,
         client_cas: &[CertificateDer<'static>],
@@ -98,7 +62,7 @@ impl RevocationList {
             path: name.clone(),
             source,
         })?;
-        let blocks = pem::parse_many(&bytes).map_err(|e| CrlError::Malformed {
+        let blocks = pem::parse_many(&bytes).map_err(|e| CrlError::NotPem {
             path: name.clone(),
             detail: e.to_string(),
         })?;
@@ -107,140 +71,51 @@ impl RevocationList {
             .filter(|b| b.tag() == "X509 CRL")
             .map(|b| b.into_contents())
             .collect();
-        if ders.is_empty() {
-            return Err(CrlError::Empty { path: name });
-        }
-        let withdrawn = |issuer: &[u8]| {
-            current.is_some_and(|c| c.known.contains(issuer)) && !is_client_ca(client_cas, issuer)
+        let refused = |refusal| CrlError::Refused {
+            path: name.clone(),
+            refusal,
         };
-        let mut list = Self::from_ders(&name, ders, client_cas, &withdrawn)?;
-        list.known = list.issuers.keys().cloned().collect();
-        let Some(current) = current else {
-            list.floors = list.numbers();
-            return Ok(list);
+        let before = current.map(|c| c.history.clone()).unwrap_or_default();
+        let cas: Vec<&[u8]> = client_cas.iter().map(|c| c.as_ref()).collect();
+        let withdrawn =
+            |issuer: &[u8]| before.has_seen(issuer) && !is_client_ca(client_cas, issuer);
+        let crls = crl::parse(
+            &ders.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            &cas,
+            withdrawn,
+        )
+        .map_err(refused)?;
+        if crls.len() < ders.len() {
+            tracing::warn!(
+                crl = name,
+                left_out = ders.len() - crls.len(),
+                "left out the CRLs of CAs that are no longer client CAs"
+            );
+        }
+        let history = match current {
+            None => CrlHistory::of(&crls),
+            Some(_) => before
+                .accept(&crls, |issuer| is_client_ca(client_cas, issuer))
+                .map_err(refused)?,
         };
-        list.known.extend(current.known.iter().cloned());
-        for (issuer, (issuer_name, _)) in &current.issuers {
-            if !list.issuers.contains_key(issuer) && is_client_ca(client_cas, issuer) {
-                return Err(CrlError::Dropped {
-                    path: name,
-                    issuer: issuer_name.clone(),
-                });
+        let mut list = RevocationList {
+            history,
+            ..RevocationList::default()
+        };
+        for crl in crls {
+            for serial in crl.revoked {
+                list.revoked.insert((crl.issuer.clone(), serial));
             }
-        }
-        for (issuer, (issuer_name, new)) in &list.issuers {
-            let Some(current) = current.floors.get(issuer) else {
-                continue;
-            };
-            match new {
-                Some(new) if new >= current => {}
-                Some(new) => {
-                    return Err(CrlError::NumberWentBack {
-                        path: name,
-                        issuer: issuer_name.clone(),
-                        new: *new,
-                        current: *current,
-                    });
-                }
-                None => {
-                    return Err(CrlError::NumberLost {
-                        path: name,
-                        issuer: issuer_name.clone(),
-                        current: *current,
-                    });
-                }
-            }
-        }
-        list.floors = current.floors.clone();
-        for (issuer, number) in list.numbers() {
-            let floor = list.floors.entry(issuer).or_insert(number);
-            *floor = (*floor).max(number);
-        }
-        Ok(list)
-    }
-
-    /// Each CA's CRL number in this file.
-    fn numbers(&self) -> HashMap<Vec<u8>, u64> {
-        self.issuers
-            .iter()
-            .filter_map(|(issuer, (_, n))| Some((issuer.clone(), (*n)?)))
-            .collect()
-    }
-
-    fn from_ders(
-        name: &str,
-        ders: Vec<Vec<u8>>,
-        client_cas: &[CertificateDer<'static>],
-        withdrawn: &dyn Fn(&[u8]) -> bool,
-    ) -> Result<RevocationList, CrlError> {
-        let cas: Vec<X509Certificate<'_>> = client_cas
-            .iter()
-            .filter_map(|c| X509Certificate::from_der(c).ok().map(|(_, c)| c))
-            .collect();
-        let mut list = RevocationList::default();
-        let mut kept = Vec::new();
-        for der in &ders {
-            let malformed = |detail: String| CrlError::Malformed {
-                path: name.to_owned(),
-                detail,
-            };
-            let (rest, crl) =
-                CertificateRevocationList::from_der(der).map_err(|e| malformed(e.to_string()))?;
-            if !rest.is_empty() {
-                return Err(malformed(format!("{} bytes after the CRL", rest.len())));
-            }
-            let signed = cas.iter().any(|ca| {
-                ca.subject() == crl.issuer() && crl.verify_signature(ca.public_key()).is_ok()
-            });
-            if !signed && withdrawn(crl.issuer().as_raw()) {
-                tracing::warn!(
-                    crl = name,
-                    issuer = %crl.issuer(),
-                    "left out the CRL of a CA that is no longer a client CA"
-                );
-                continue;
-            }
-            if !signed {
-                return Err(CrlError::UnknownIssuer {
-                    path: name.to_owned(),
-                    issuer: crl.issuer().to_string(),
-                });
-            }
-            let number = crl
-                .crl_number()
-                .and_then(|n| n.to_string().parse::<u64>().ok());
-            let entry = (crl.issuer().to_string(), number);
-            if list
-                .issuers
-                .insert(crl.issuer().as_raw().to_vec(), entry)
-                .is_some()
-            {
-                return Err(CrlError::TwoOfOneIssuer {
-                    path: name.to_owned(),
-                    issuer: crl.issuer().to_string(),
-                });
-            }
-            for revoked in crl.iter_revoked_certificates() {
-                let issuer = crl.issuer().as_raw().to_vec();
-                list.revoked
-                    .insert((issuer, Serial::from_der_bytes(revoked.raw_serial())));
-            }
-            if let Some(n) = number {
+            if let Some(n) = crl.number {
                 list.number = Some(list.number.map_or(n, |m| m.max(n)));
             }
-            let this_update = crl.last_update().timestamp();
-            list.this_update = Some(list.this_update.map_or(this_update, |t| t.max(this_update)));
-            kept.push(der.clone());
+            list.this_update = Some(
+                list.this_update
+                    .map_or(crl.this_update, |t| t.max(crl.this_update)),
+            );
+            list.issuers.insert(crl.issuer);
+            list.ders.push(CertificateRevocationListDer::from(crl.der));
         }
-        if kept.is_empty() {
-            return Err(CrlError::OnlyWithdrawn {
-                path: name.to_owned(),
-            });
-        }
-        list.ders = kept
-            .into_iter()
-            .map(CertificateRevocationListDer::from)
-            .collect();
         Ok(list)
     }
 
@@ -248,7 +123,7 @@ impl RevocationList {
     /// refuses a full handshake of its certificates (their status is
     /// unknown); a resumed session must be refused too.
     pub fn covers(&self, issuer: &[u8]) -> bool {
-        self.issuers.contains_key(issuer)
+        self.issuers.contains(issuer)
     }
 
     /// Is the certificate with this serial (hex, as [`CertInfo`] holds it,
@@ -400,6 +275,14 @@ mod tests {
     use super::test_pki::*;
     use super::*;
 
+    /// The rule that refused a file.
+    fn why(err: &CrlError) -> &CrlRefusal {
+        match err {
+            CrlError::Refused { refusal, .. } => refusal,
+            other => panic!("not refused by a rule: {other}"),
+        }
+    }
+
     #[test]
     fn crl_numbers_may_not_go_back_ca_by_ca() {
         let (a, b) = (ca("CA A"), ca("CA B"));
@@ -413,8 +296,8 @@ mod tests {
         let err = load_over(&replayed, &[&a, &b], Some(&now)).unwrap_err();
         assert!(
             matches!(
-                err,
-                CrlError::NumberWentBack {
+                why(&err),
+                CrlRefusal::NumberWentBack {
                     new: 2,
                     current: 3,
                     ..
@@ -431,7 +314,7 @@ mod tests {
         let unnumbered = unnumbered_crl(&a) + &crl(&b, 8, &[]);
         let err = load_over(&unnumbered, &[&a, &b], Some(&now)).unwrap_err();
         assert!(
-            matches!(err, CrlError::NumberLost { current: 3, .. }),
+            matches!(why(&err), CrlRefusal::NumberLost { current: 3, .. }),
             "{err}"
         );
         // Unnumbered from the start is taken (there is nothing to compare).
@@ -451,7 +334,7 @@ mod tests {
         let (a, b) = (ca("CA A"), ca("CA B"));
         let now = load(&(crl(&a, 3, &[]) + &crl(&b, 7, &[])), &[&a, &b]).unwrap();
         let err = load_over(&crl(&b, 8, &[]), &[&a, &b], Some(&now)).unwrap_err();
-        assert!(matches!(err, CrlError::Dropped { .. }), "{err}");
+        assert!(matches!(why(&err), CrlRefusal::Dropped { .. }), "{err}");
         assert!(
             err.to_string().contains("no CRL of \"CN=CA A\" any more"),
             "{err}"
@@ -469,8 +352,8 @@ mod tests {
         assert_eq!(without_a.ders.len(), 1);
         // At start, with nothing in force, the same file is a mistake.
         assert!(matches!(
-            load(&same, &[&b]).unwrap_err(),
-            CrlError::UnknownIssuer { .. }
+            why(&load(&same, &[&b]).unwrap_err()),
+            CrlRefusal::UnknownIssuer { .. }
         ));
         // And on every reload after that one.
         let again = load_over(&same, &[&b], Some(&without_a)).unwrap();
@@ -478,20 +361,23 @@ mod tests {
         // Only withdrawn CAs' CRLs: refused (no revocation checks at all
         // otherwise), saying so.
         let err = load_over(&crl(&a, 5, &[]), &[&b], Some(&again)).unwrap_err();
-        assert!(matches!(err, CrlError::OnlyWithdrawn { .. }), "{err}");
+        assert!(matches!(why(&err), CrlRefusal::OnlyWithdrawn), "{err}");
         // A CRL that fails its signature check while its CA is still
         // trusted is refused as such, not left out.
         let forged = crl(&ca("CA A"), 6, &[]) + &crl(&b, 7, &[]);
         let err = load_over(&forged, &[&a, &b], Some(&now)).unwrap_err();
-        assert!(matches!(err, CrlError::UnknownIssuer { .. }), "{err}");
+        assert!(
+            matches!(why(&err), CrlRefusal::UnknownIssuer { .. }),
+            "{err}"
+        );
         // Trusted again later, A may not come back with an older CRL:
         // its number 5 is remembered across the reload that left it out.
         let replayed = crl(&a, 2, &[]) + &crl(&b, 7, &[]);
         let err = load_over(&replayed, &[&a, &b], Some(&again)).unwrap_err();
         assert!(
             matches!(
-                err,
-                CrlError::NumberWentBack {
+                why(&err),
+                CrlRefusal::NumberWentBack {
                     new: 2,
                     current: 5,
                     ..
@@ -521,7 +407,10 @@ mod tests {
         // An old CRL in front of the newest: rustls would check against
         // the old one only, and a newly revoked device would get in.
         let err = load(&(crl(&a, 1, &[]) + &crl(&a, 2, &[0x10])), &[&a]).unwrap_err();
-        assert!(matches!(err, CrlError::TwoOfOneIssuer { .. }), "{err}");
+        assert!(
+            matches!(why(&err), CrlRefusal::TwoOfOneIssuer { .. }),
+            "{err}"
+        );
         assert!(
             err.to_string().contains("more than one CRL of \"CN=CA A\""),
             "{err}"
@@ -532,6 +421,9 @@ mod tests {
     fn a_crl_signed_by_no_client_ca_is_refused() {
         let (a, b) = (ca("CA A"), ca("CA B"));
         let err = load(&crl(&b, 1, &[]), &[&a]).unwrap_err();
-        assert!(matches!(err, CrlError::UnknownIssuer { .. }), "{err}");
+        assert!(
+            matches!(why(&err), CrlRefusal::UnknownIssuer { .. }),
+            "{err}"
+        );
     }
 }

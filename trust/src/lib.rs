@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod crl;
 pub mod identity;
 pub mod serial;
 pub mod stamp;
