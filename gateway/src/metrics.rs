@@ -197,7 +197,7 @@ impl Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
-    crl: tokio::sync::watch::Receiver<std::sync::Arc<RevocationList>>,
+    tls: tokio::sync::watch::Receiver<std::sync::Arc<crate::tls::TlsContext>>,
     broker: crate::broker::BrokerTarget,
 ) -> std::io::Result<()> {
     use axum::http::{StatusCode, header};
@@ -207,7 +207,7 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move || {
-                let body = metrics.render(&crl.borrow());
+                let body = metrics.render(&tls.borrow().revocations);
                 async move { ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body) }
             }),
         )

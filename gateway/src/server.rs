@@ -5,7 +5,7 @@
 mod admission;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::server::Acceptor;
@@ -41,11 +41,10 @@ pub struct Gateway {
     pub metrics: Option<SocketAddr>,
 }
 
-/// Shared state that a reload replaces.
-struct Live {
-    tls: RwLock<Arc<TlsContext>>,
-    revocations: watch::Sender<Arc<RevocationList>>,
-}
+/// The TLS files in force (certificate, key, client CAs and CRLs), which
+/// a reload replaces as one: a handshake verifies and authenticates
+/// against one version, and sessions hear of each new one.
+type Live = watch::Sender<Arc<TlsContext>>;
 
 impl Gateway {
     /// Serves on `listener` until `shutdown` turns true, then tells every
@@ -57,16 +56,12 @@ impl Gateway {
         grace: Duration,
     ) -> anyhow::Result<()> {
         let tls = TlsContext::load(&self.files, self.max_fragment_size, None)?;
-        let (revocations, _) = watch::channel(tls.revocations.clone());
-        let live = Arc::new(Live {
-            tls: RwLock::new(Arc::new(tls)),
-            revocations,
-        });
+        let live: Arc<Live> = Arc::new(watch::Sender::new(Arc::new(tls)));
         let gateway = Arc::new(self);
         tokio::spawn(watch_files(gateway.clone(), live.clone()));
         if let Some(addr) = gateway.metrics {
             let metrics = gateway.audit.metrics().clone();
-            let crl = live.revocations.subscribe();
+            let crl = live.subscribe();
             let broker = gateway.broker.clone();
             // Bind now so that a bad address fails start-up, not later.
             let listener = tokio::net::TcpListener::bind(addr)
@@ -137,17 +132,12 @@ async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
             continue;
         }
         last = now;
-        let current = live.tls.read().map(|g| g.clone());
-        let Ok(current) = current else { continue };
+        let current = live.borrow().clone();
         match TlsContext::load(&gateway.files, gateway.max_fragment_size, Some(&current)) {
             Ok(next) => {
-                let next = Arc::new(next);
                 let (number, revoked) = (next.revocations.number, next.revocations.len());
                 // send_replace stores the value even when no session is listening yet.
-                live.revocations.send_replace(next.revocations.clone());
-                if let Ok(mut slot) = live.tls.write() {
-                    *slot = next;
-                }
+                live.send_replace(Arc::new(next));
                 tracing::info!(crl_number = ?number, revoked, "TLS files reloaded");
             }
             Err(e) => {
@@ -280,6 +270,9 @@ async fn handshake(
     let hello =
         tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)).await;
     let mut presented = PresentedCert::default();
+    // The TLS files in force when the handshake starts, for both its
+    // verification and the decision after it (one version of each).
+    let mut tls = live.borrow().clone();
     let accepted = match hello {
         Err(_) => Err(Stop::Timeout),
         Ok(Err(e)) => Ok(Err(e)),
@@ -300,13 +293,7 @@ async fn handshake(
             };
             // The TLS files in force now, not when the socket was opened:
             // a client CA removed during the wait must not verify it.
-            let tls = match live.tls.read() {
-                Ok(g) => g.clone(),
-                Err(_) => {
-                    gateway_error("the TLS files' lock is poisoned".into());
-                    return None;
-                }
-            };
+            tls = live.borrow().clone();
             let (config, slot) = match tls.config() {
                 Ok(built) => built,
                 Err(e) => {
@@ -389,13 +376,7 @@ async fn handshake(
     };
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let decided = authenticate(
-        &leaf,
-        resumed,
-        &live.revocations.borrow(),
-        &gateway.trust_domain,
-        now,
-    );
+    let decided = authenticate(&leaf, resumed, &tls.revocations, &gateway.trust_domain, now);
     let (principal, cert) = match decided {
         Ok(admitted) => admitted,
         Err(refused) => {
@@ -507,7 +488,7 @@ async fn connection(
         gateway.broker.clone(),
         gateway.limits.clone(),
         gateway.audit.clone(),
-        live.revocations.subscribe(),
+        live.subscribe(),
         shutdown,
     ))
     .await;

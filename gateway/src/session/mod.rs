@@ -39,7 +39,7 @@ use crate::identity::{self, CertInfo};
 use crate::metrics::Direction;
 use crate::policy;
 use crate::reason::Reason;
-use crate::revocation::RevocationList;
+use crate::tls::TlsContext;
 
 mod connect;
 mod frame;

@@ -125,7 +125,7 @@ pub async fn run<S>(
     broker: BrokerTarget,
     limits: Limits,
     audit: Audit,
-    mut revocations: watch::Receiver<Arc<RevocationList>>,
+    mut tls: watch::Receiver<Arc<TlsContext>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -304,13 +304,14 @@ pub async fn run<S>(
                 Read::End | Read::Failed(_) => session.handle_broker_end(),
             },
             _ = shutdown.changed() => session.handle_shutdown(),
-            changed = revocations.changed(), if watching => {
+            changed = tls.changed(), if watching => {
                 if changed.is_err() {
                     watching = false;
                     Vec::new()
                 } else {
-                    let revoked = revocations
+                    let revoked = tls
                         .borrow_and_update()
+                        .revocations
                         .is_revoked(&peer.cert.issuer, &peer.cert.serial);
                     session.handle_revocation(revoked)
                 }
