@@ -938,3 +938,136 @@ fn a_will_is_published_when_a_session_ends_without_disconnect() {
         gw.events()
     );
 }
+
+#[test]
+fn application_data_inside_a_fragmented_client_hello_is_audited() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    // A real ClientHello, split over two handshake records with an
+    // application-data record between them.
+    let config = tls_config(&fleet, &dev.cert, &dev.key);
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).unwrap();
+    let body = &hello[5..5 + u16::from_be_bytes([hello[3], hello[4]]) as usize];
+    let (first, second) = body.split_at(body.len() / 2);
+    let record = |typ: u8, payload: &[u8]| {
+        let mut r = vec![typ, 0x03, 0x03];
+        r.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        r.extend_from_slice(payload);
+        r
+    };
+    let mut tcp = TcpStream::connect(gw.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let addr = tcp.local_addr().unwrap().to_string();
+    let bytes = [
+        record(0x16, first),
+        record(0x17, &[0]),
+        record(0x16, second),
+    ]
+    .concat();
+    let _ = tcp.write_all(&bytes);
+    // The gateway answers with an alert, or just closes.
+    let mut sink = [0u8; 1024];
+    while matches!(tcp.read(&mut sink), Ok(n) if n > 0) {}
+    let refused = gw
+        .wait_for(|e| e["event"] == "refused" && e["peer"] == addr)
+        .unwrap_or_else(|| panic!("no audit line: {:#?}", gw.events()));
+    assert_eq!(refused["reason"], "protocol_error", "{refused}");
+}
+
+#[test]
+fn qos_2_retained_and_queued_messages_reach_their_subscribers() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ops = fleet.service("ops");
+    let gw = Gateway::start(&fleet, "");
+    let (mut device, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    // A retained state, before anyone subscribes.
+    let mut state = v5::Publish::new("devices/sensor-1/state", QoS5::AtLeastOnce, "online", None);
+    state.pkid = 1;
+    state.retain = true;
+    device.send(&v5_bytes(v5::Packet::Publish(state)));
+    assert!(matches!(device.next(), Got::V5(v5::Packet::PubAck(_))));
+
+    // A persistent service session subscribes at QoS 2 and gets it.
+    let (mut svc, ack) = Raw::connect(&fleet, &gw, &ops, V::V5, "ops", false, 60);
+    assert!(!v5_connack(ack).session_present);
+    let mut sub = v5::Subscribe::new_many(
+        [
+            v5::Filter::new("devices/+/state", QoS5::ExactlyOnce),
+            v5::Filter::new("devices/+/telemetry", QoS5::ExactlyOnce),
+        ],
+        None,
+    );
+    sub.pkid = 1;
+    svc.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+    assert!(matches!(svc.next(), Got::V5(v5::Packet::SubAck(_))));
+    match svc.next() {
+        Got::V5(v5::Packet::Publish(p)) => {
+            assert_eq!(
+                (&p.topic[..], &p.payload[..]),
+                (&b"devices/sensor-1/state"[..], &b"online"[..])
+            );
+            assert!(p.retain, "a retained message is sent with its flag");
+            ack_qos2(&mut svc, p.pkid, p.qos);
+        }
+        other => panic!("expected the retained state, got {other:?}"),
+    }
+
+    // QoS 2 both ways: PUBLISH, PUBREC, PUBREL, PUBCOMP.
+    device.send(&v5_publish(
+        "devices/sensor-1/telemetry",
+        QoS5::ExactlyOnce,
+        2,
+        None,
+    ));
+    assert!(matches!(device.next(), Got::V5(v5::Packet::PubRec(r)) if r.pkid == 2));
+    device.send(&v5_bytes(v5::Packet::PubRel(v5::PubRel::new(2, None))));
+    assert!(matches!(device.next(), Got::V5(v5::Packet::PubComp(c)) if c.pkid == 2));
+    match svc.next() {
+        Got::V5(v5::Packet::Publish(p)) => {
+            assert_eq!(p.qos, QoS5::ExactlyOnce);
+            ack_qos2(&mut svc, p.pkid, p.qos);
+        }
+        other => panic!("expected the QoS 2 message, got {other:?}"),
+    }
+
+    // The service goes away; what is published meanwhile waits for it.
+    svc.send(&[0xE0, 0x02, 0x00, 0x00]);
+    assert!(matches!(svc.next(), Got::Closed));
+    device.send(&v5_publish(
+        "devices/sensor-1/telemetry",
+        QoS5::AtLeastOnce,
+        3,
+        None,
+    ));
+    assert!(matches!(device.next(), Got::V5(v5::Packet::PubAck(_))));
+    let (mut svc, ack) = Raw::connect(&fleet, &gw, &ops, V::V5, "ops", false, 60);
+    assert!(v5_connack(ack).session_present);
+    match svc.next() {
+        Got::V5(v5::Packet::Publish(p)) => {
+            assert_eq!(&p.topic[..], b"devices/sensor-1/telemetry");
+            ack_qos2(&mut svc, p.pkid, p.qos);
+        }
+        other => panic!("expected the queued message, got {other:?}"),
+    }
+}
+
+/// Acknowledges a message a subscriber got, as its QoS asks.
+fn ack_qos2(c: &mut Raw, pkid: u16, qos: QoS5) {
+    match qos {
+        QoS5::AtMostOnce => {}
+        QoS5::AtLeastOnce => c.send(&v5_bytes(v5::Packet::PubAck(v5::PubAck::new(pkid, None)))),
+        QoS5::ExactlyOnce => {
+            c.send(&v5_bytes(v5::Packet::PubRec(v5::PubRec::new(pkid, None))));
+            match c.next() {
+                Got::V5(v5::Packet::PubRel(r)) => assert_eq!(r.pkid, pkid),
+                other => panic!("expected PUBREL, got {other:?}"),
+            }
+            c.send(&v5_bytes(v5::Packet::PubComp(v5::PubComp::new(pkid, None))));
+        }
+    }
+}
