@@ -87,22 +87,33 @@ fn at_once<F: Future>(future: F) -> Option<F::Output> {
 }
 
 impl Queue {
-    /// Runs `send` under the gate once the queue has room for one event
-    /// beyond every build that may be under way.
+    /// Runs `send` under the gate if the queue has room for one event
+    /// beyond every build that may be under way; None if it has not.
+    fn try_gated<T>(&self, send: &mut impl FnMut() -> Option<T>) -> Option<Result<T, LocalError>> {
+        let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+        if (self.gone)() {
+            return Some(Err(LocalError::Stopped));
+        }
+        let (queued, capacity) = (self.backlog)();
+        (queued + BUILD_SLOTS < capacity).then(|| send().ok_or(LocalError::Stopped))
+    }
+
+    /// [`Queue::try_gated`], waiting (asynchronously) until the router has
+    /// caught up. The wait is boxed: it is rare, and a session's task
+    /// should not carry its state all the time.
     async fn gated<T>(&self, mut send: impl FnMut() -> Option<T>) -> Result<T, LocalError> {
-        loop {
-            {
-                let _gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
-                if (self.gone)() {
-                    return Err(LocalError::Stopped);
-                }
-                let (queued, capacity) = (self.backlog)();
-                if queued + BUILD_SLOTS < capacity {
-                    return send().ok_or(LocalError::Stopped);
+        if let Some(done) = self.try_gated(&mut send) {
+            return done;
+        }
+        Box::pin(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                if let Some(done) = self.try_gated(&mut send) {
+                    return done;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        })
+        .await
     }
 
     /// Queues `packets` for the router and tells it once.
@@ -112,9 +123,11 @@ impl Queue {
             return Ok(());
         };
         tx.buffer().extend(packets);
-        let mut last = Some(last);
+        // Boxed so that a waiting session does not hold a whole packet in
+        // its task.
+        let mut last = Some(Box::new(last));
         let sent = self
-            .gated(|| last.take().and_then(|p| at_once(tx.send(p))))
+            .gated(move || last.take().and_then(|p| at_once(tx.send(*p))))
             .await?;
         sent.map(|_| ()).map_err(link_error)
     }
@@ -149,7 +162,7 @@ fn link_error(e: LinkError) -> LocalError {
 #[derive(Clone)]
 pub struct Embedded {
     queue: Arc<Queue>,
-    wills: mpsc::Sender<Will>,
+    wills: mpsc::Sender<Box<Will>>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -218,7 +231,7 @@ impl Embedded {
     }
 
     /// Publishes `will` now (a delay is the caller's to wait out).
-    pub async fn publish_will(&self, will: Will) {
+    pub async fn publish_will(&self, will: Box<Will>) {
         let _ = self.wills.send(will).await;
     }
 
@@ -252,7 +265,7 @@ impl Embedded {
         };
         let mut out = BytesMut::new();
         codec.write(connack, &mut out)?;
-        let will = will.map(|w| make_will(w, will_properties, session_expiry));
+        let will = will.map(|w| Box::new(make_will(w, will_properties, session_expiry)));
         let link = LocalLink {
             queue: self.queue.clone(),
             tx,
@@ -300,13 +313,14 @@ async fn publish_wills(
     queue: Arc<Queue>,
     mut tx: LinkTx,
     mut rx: LinkRx,
-    mut pending: mpsc::Receiver<Will>,
+    mut pending: mpsc::Receiver<Box<Will>>,
 ) {
     loop {
         tokio::select! {
             will = pending.recv() => {
                 let Some(will) = will else { return };
-                let packet = Packet::Publish(will.publish, will.properties);
+                let Will { publish, properties, .. } = *will;
+                let packet = Packet::Publish(publish, properties);
                 if let Err(e) = queue.push(&mut tx, vec![packet]).await {
                     tracing::error!(error = %e, "cannot publish a will");
                     return;
@@ -357,7 +371,7 @@ pub struct LocalLink {
     tx: LinkTx,
     rx: LinkRx,
     codec: Codec,
-    will: Option<Will>,
+    will: Option<Box<Will>>,
     /// The session sent DISCONNECT: the router has forgotten it.
     ended: bool,
     /// The router dropped this link (a takeover, or the router stopped).
@@ -372,6 +386,13 @@ impl LocalLink {
         if self.ended || self.dropped {
             return Ok(());
         }
+        let packets = self.decode(frames)?;
+        self.queue.push(&mut self.tx, packets).await
+    }
+
+    /// The packets in `frames`, up to a DISCONNECT (preceded by the will
+    /// when it asks for it).
+    fn decode(&mut self, frames: &[u8]) -> Result<Vec<Packet>, LocalError> {
         let mut buf = BytesMut::from(frames);
         let mut packets = Vec::new();
         while !buf.is_empty() {
@@ -381,14 +402,19 @@ impl LocalLink {
                 let with_will =
                     disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
                 if let Some(will) = self.will.take().filter(|_| with_will) {
-                    packets.push(Packet::Publish(will.publish, will.properties));
+                    let Will {
+                        publish,
+                        properties,
+                        ..
+                    } = *will;
+                    packets.push(Packet::Publish(publish, properties));
                 }
                 packets.push(packet);
                 break;
             }
             packets.push(packet);
         }
-        self.queue.push(&mut self.tx, packets).await
+        Ok(packets)
     }
 
     /// Waits for what the router sends this link and appends it to `buf`,
@@ -435,7 +461,7 @@ impl LocalLink {
     /// Ends the link. Without a DISCONNECT from the session, the will is
     /// returned for the caller to publish (now, or after its delay), and
     /// the router is told the session ended.
-    pub async fn close(mut self) -> Option<Will> {
+    pub async fn close(mut self) -> Option<Box<Will>> {
         if self.ended {
             return None;
         }

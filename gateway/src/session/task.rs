@@ -70,7 +70,9 @@ impl Upstream {
     async fn more(&mut self, buf: &mut BytesMut) -> Read {
         match self {
             Upstream::Socket { rd, reads, .. } => reads.more(rd, buf).await,
-            Upstream::Local(link) => match link.recv(buf).await {
+            // Boxed: the wait's state would otherwise sit in every idle
+            // session's task (its size sets its allocation class).
+            Upstream::Local(link) => match Box::pin(link.recv(buf)).await {
                 Ok(true) => Read::Data,
                 Ok(false) => Read::End,
                 Err(e) => {
@@ -83,7 +85,7 @@ impl Upstream {
 
     /// Ends the upstream; returns the will the embedded broker did not
     /// publish itself.
-    async fn close(self) -> Option<Will> {
+    async fn close(self) -> Option<Box<Will>> {
         match self {
             Upstream::Socket { .. } => None,
             Upstream::Local(link) => link.close().await,
@@ -195,9 +197,16 @@ pub async fn run<S>(
     let mut up_buf = BytesMut::with_capacity(READ_CHUNK_MIN);
     // The session exists once the broker has accepted it: the device's
     // later packets wait in its socket until then.
+    // Boxed: its state is large and only needed until the CONNACK, while
+    // the session's task lives as long as the session.
     let opened = tokio::time::timeout(
         BROKER_TIMEOUT,
-        Upstream::open(&broker, version, &connect.forward, &mut up_buf),
+        Box::pin(Upstream::open(
+            &broker,
+            version,
+            &connect.forward,
+            &mut up_buf,
+        )),
     )
     .await
     .unwrap_or_else(|_| Err("no CONNACK from the broker within 5 s".into()));
@@ -215,7 +224,7 @@ pub async fn run<S>(
         Ok(connack) => connack,
         Err((why, reply)) => {
             if let Some(upstream) = upstream.take() {
-                upstream.close().await;
+                Box::pin(upstream.close()).await;
             }
             let _ = wr.write_all(&reply).await;
             let _ = wr.shutdown().await;
@@ -322,11 +331,13 @@ pub async fn run<S>(
     metrics.session_ended(peer.cert.not_after);
     // A will without a delay goes out at once; a delayed one once this
     // connection has left the session (below).
-    let mut will = upstream.close().await;
+    // Boxed, as the other rare steps: the task's size is its largest state.
+    let mut will = Box::pin(upstream.close()).await;
     if let (BrokerTarget::Embedded(embedded), Some(now)) =
         (&broker, will.take_if(|w| w.delay.is_zero()))
     {
-        embedded.publish_will(now).await;
+        let embedded = embedded.clone();
+        tokio::spawn(async move { embedded.publish_will(now).await });
     }
     drop(to_device);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
@@ -358,7 +369,7 @@ pub async fn run<S>(
 
 /// Publishes a will on the embedded broker after its delay, unless the
 /// session has been taken up again by then (MQTT 5, 3.1.3.2.2).
-fn publish_will(embedded: Embedded, will: Will, presence: Arc<Presence>, broker_id: String) {
+fn publish_will(embedded: Embedded, will: Box<Will>, presence: Arc<Presence>, broker_id: String) {
     tokio::spawn(async move {
         tokio::time::sleep(will.delay).await;
         if !presence.is_held(&broker_id) {
