@@ -171,11 +171,12 @@ pub(super) fn admit(
 }
 
 /// What the broker behind the gateway gets wrong, so the gateway answers
-/// for it. rumqttd 0.20 (the embedded broker) closes a link whose
-/// keepalive is 0 without a CONNACK, and one that sends a PUBREL for a
-/// packet id it does not know (the PUBREL a client must resend after a
-/// reconnect); it also ignores MQTT 5's no-local. An external broker
-/// (mosquitto, NATS) is trusted to speak MQTT itself.
+/// for it. rumqttd 0.20 (the embedded broker) closes a link that sends a
+/// PUBREL for a packet id it does not know (the PUBREL a client must
+/// resend after a reconnect), and ignores MQTT 5's no-local. Its network
+/// links also refuse keepalive 0; its local links, which the gateway uses,
+/// leave keepalive to the gateway. An external broker (mosquitto, NATS) is
+/// trusted to speak MQTT itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quirks {
     /// Keepalive 0 ("off") is sent to the broker as [`KEEPALIVE_OFF`].
@@ -201,7 +202,7 @@ impl Quirks {
 
     /// rumqttd 0.20, in process.
     pub const EMBEDDED: Quirks = Quirks {
-        no_keepalive_off: true,
+        no_keepalive_off: false,
         unknown_pubrel_closes: true,
         no_local_ignored: true,
     };
@@ -213,10 +214,11 @@ impl Quirks {
     };
 }
 
-/// The keepalive a device that turned keepalive off (0) gets at the
-/// embedded broker, which refuses 0: the largest MQTT can say, 65,535 s
-/// (18 h 12 min). A device silent for 1.5 times that is closed; an MQTT 5
-/// device is told this value in its CONNACK (Server Keep Alive).
+/// The keepalive a device that turned keepalive off (0) gets at a broker
+/// that refuses 0 ([`Quirks::no_keepalive_off`]): the largest MQTT can
+/// say, 65,535 s (18 h 12 min). A device silent for 1.5 times that is
+/// closed; an MQTT 5 device is told this value in its CONNACK (Server
+/// Keep Alive).
 pub const KEEPALIVE_OFF: u16 = u16::MAX;
 
 /// The broker's CONNACK, as the device gets it, or why the session is
