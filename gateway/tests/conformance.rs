@@ -1073,3 +1073,62 @@ fn ack_qos2(c: &mut Raw, pkid: u16, qos: QoS5) {
         }
     }
 }
+
+#[test]
+fn a_record_with_no_content_type_inside_is_audited() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    // A session whose traffic keys the test can take over, to send a
+    // TLS 1.3 record rustls would never write: its inner plaintext is all
+    // zeros, so it has no content type (RFC 8446, 5.4).
+    let mut config = (*tls_config(&fleet, &dev.cert, &dev.key)).clone();
+    config.enable_secret_extraction = true;
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let tcp = TcpStream::connect(gw.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut raw = Raw {
+        tls: rustls::StreamOwned::new(conn, tcp),
+        buf: BytesMut::new(),
+        version: V::V4,
+    };
+    raw.send(&v4_bytes(v4::Packet::Connect(v4::Connect::new("sensor-1"))));
+    assert_eq!(v4_connack(raw.next()).code, v4::ConnectReturnCode::Success);
+    let addr = raw.tls.sock.local_addr().unwrap().to_string();
+    let rustls::StreamOwned { conn, mut sock } = raw.tls;
+    let Some(rustls::SupportedCipherSuite::Tls13(suite)) = conn.negotiated_cipher_suite() else {
+        panic!("not TLS 1.3");
+    };
+    let (seq, secrets) = conn.dangerous_extract_secrets().unwrap().tx;
+    let (key, iv) = match secrets {
+        rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+        _ => panic!("an unexpected cipher suite"),
+    };
+    let mut encrypter = suite.aead_alg.encrypter(key, iv);
+    let record = encrypter
+        .encrypt(
+            rustls::crypto::cipher::OutboundPlainMessage {
+                typ: rustls::ContentType::Unknown(0),
+                version: rustls::ProtocolVersion::TLSv1_2,
+                payload: rustls::crypto::cipher::OutboundChunks::Single(&[0; 8]),
+            },
+            seq,
+        )
+        .unwrap();
+    sock.write_all(&record.encode()).unwrap();
+    let mut sink = [0u8; 1024];
+    while matches!(sock.read(&mut sink), Ok(n) if n > 0) {}
+    let gone = gw
+        .wait_for(|e| e["event"] == "disconnected" && e["peer"] == addr)
+        .unwrap_or_else(|| panic!("no audit line: {:#?}", gw.events()));
+    let detail = gone["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("the device's connection failed")
+            && detail.contains("IllegalTlsInnerPlaintext"),
+        "{gone}"
+    );
+}
