@@ -247,7 +247,12 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
 
     let leaf = X509Certificate::from_der(&chain[0]).ok().map(|(_, c)| c);
     match &leaf {
-        Some(leaf) => validity(leaf, now, report),
+        Some(leaf) => {
+            let id = identity::device_of(&chain[0], &paths.cert)
+                .map(|(id, _)| id.as_str().to_owned())
+                .unwrap_or_default();
+            validity(leaf, &id, now, report)
+        }
         None => report.skip("validity"),
     }
     match &leaf {
@@ -369,11 +374,11 @@ fn server_crl<W: Write>(
     true
 }
 
-fn validity<W: Write>(leaf: &X509Certificate<'_>, now: i64, report: &mut Report<W>) {
+fn validity<W: Write>(leaf: &X509Certificate<'_>, id: &str, now: i64, report: &mut Report<W>) {
     let not_before = leaf.validity().not_before.timestamp();
     let not_after = leaf.validity().not_after.timestamp();
     let clock = format!("local clock {}", date(now));
-    match identity::expiry(not_before, not_after, now) {
+    match identity::expiry(not_before, not_after, now, id) {
         Expiry::Fine => report.ok(
             "validity",
             format!(
@@ -386,7 +391,7 @@ fn validity<W: Write>(leaf: &X509Certificate<'_>, now: i64, report: &mut Report<
             "validity",
             Verdict::Warn,
             format!(
-                "two thirds of the lifetime have passed: expires {} ({days_left} days left; {clock})",
+                "renewal is due (two thirds of the lifetime): expires {} ({days_left} days left; {clock})",
                 date(not_after)
             ),
             RE_ENROLL,

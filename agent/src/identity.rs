@@ -452,7 +452,8 @@ pub async fn watch_server_crl(
 #[derive(Debug, PartialEq, Eq)]
 pub enum Expiry {
     Fine,
-    /// Two thirds of the lifetime have passed.
+    /// Renewal is due ([`twofold_trust::renewal::due_at`]: two thirds of
+    /// the lifetime, less the device's own jitter of up to a twentieth).
     RenewSoon {
         days_left: i64,
     },
@@ -460,13 +461,14 @@ pub enum Expiry {
     NotYetValid,
 }
 
-/// Judges a validity period at `now` (Unix seconds).
-pub fn expiry(not_before: i64, not_after: i64, now: i64) -> Expiry {
+/// Judges the validity period of device `id`'s certificate at `now` (Unix
+/// seconds).
+pub fn expiry(not_before: i64, not_after: i64, now: i64, id: &str) -> Expiry {
     if now < not_before {
         Expiry::NotYetValid
     } else if now >= not_after {
         Expiry::Expired
-    } else if (now - not_before) * 3 >= (not_after - not_before) * 2 {
+    } else if now >= twofold_trust::renewal::due_at(not_before, not_after, id) {
         Expiry::RenewSoon {
             days_left: (not_after - now) / 86_400,
         }
@@ -480,13 +482,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expiry_warns_at_two_thirds() {
-        assert_eq!(expiry(0, 300, 100), Expiry::Fine);
+    fn expiry_warns_when_renewal_is_due() {
+        const DAY: i64 = 86_400;
+        let due = twofold_trust::renewal::due_at(0, 300 * DAY, "pi-1");
+        assert!((185 * DAY..=200 * DAY).contains(&due), "{due}");
+        assert_eq!(expiry(0, 300 * DAY, 100 * DAY, "pi-1"), Expiry::Fine);
+        assert_eq!(expiry(0, 300 * DAY, due - 1, "pi-1"), Expiry::Fine);
         assert_eq!(
-            expiry(0, 300 * 86_400, 200 * 86_400),
+            expiry(0, 300 * DAY, 200 * DAY, "pi-1"),
             Expiry::RenewSoon { days_left: 100 }
         );
-        assert_eq!(expiry(0, 300, 300), Expiry::Expired);
-        assert_eq!(expiry(10, 300, 5), Expiry::NotYetValid);
+        assert_eq!(expiry(0, 300, 300, "pi-1"), Expiry::Expired);
+        assert_eq!(expiry(10, 300, 5, "pi-1"), Expiry::NotYetValid);
     }
 }

@@ -181,11 +181,11 @@ fn check_expiry(me: &identity::DeviceIdentity) {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let renew = "re-enroll this device: on the operator's machine `provisioning enroll ... --replace`, \
                  or `agent keygen` here and `provisioning sign-csr --id <id> --replace` there";
-    match identity::expiry(me.not_before, me.not_after, now) {
+    match identity::expiry(me.not_before, me.not_after, now, me.id.as_str()) {
         Expiry::Fine => {}
         Expiry::RenewSoon { days_left } => tracing::warn!(
             serial = %me.serial, days_left,
-            "the device certificate is past two thirds of its lifetime; {renew}"
+            "the device certificate is due for renewal (two thirds of its lifetime); {renew}"
         ),
         Expiry::Expired => tracing::error!(
             serial = %me.serial,

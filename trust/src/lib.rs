@@ -18,6 +18,7 @@
 
 pub mod crl;
 pub mod identity;
+pub mod renewal;
 pub mod serial;
 pub mod stamp;
 
