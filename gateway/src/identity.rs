@@ -16,6 +16,9 @@ pub struct CertInfo {
     pub fingerprint: String,
     /// Unix seconds.
     #[serde(skip)]
+    pub not_before: i64,
+    /// Unix seconds.
+    #[serde(skip)]
     pub not_after: i64,
     /// The issuer's name, DER: with the serial, what a CRL lists.
     #[serde(skip)]
@@ -30,6 +33,7 @@ impl CertInfo {
             subject: cert.subject().to_string(),
             serial: Serial::from_der_bytes(cert.raw_serial()).to_string(),
             fingerprint: hex::encode(Sha256::digest(der)),
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             issuer: cert.issuer().as_raw().to_vec(),
         })

@@ -1132,3 +1132,114 @@ fn a_record_with_no_content_type_inside_is_audited() {
         "{gone}"
     );
 }
+
+#[test]
+fn the_gateway_answers_a_subscription_to_the_certificate_status() {
+    use twofold_protocol::message::{CertStatus, decode};
+    use twofold_protocol::topic::CERT_STATUS;
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let gw = Gateway::start(&fleet, "");
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    for version in [V::V4, V::V5] {
+        let (mut c, _) = Raw::connect(&fleet, &gw, &dev, version, "sensor-1", true, 60);
+        let before = wall();
+        let payload = match version {
+            V::V4 => {
+                let mut sub = v4::Subscribe::new(CERT_STATUS, mqttbytes::QoS::AtLeastOnce);
+                sub.pkid = 5;
+                c.send(&v4_bytes(v4::Packet::Subscribe(sub)));
+                match c.next() {
+                    Got::V4(v4::Packet::SubAck(a)) => assert_eq!(
+                        (a.pkid, a.return_codes),
+                        (
+                            5,
+                            vec![v4::SubscribeReasonCode::Success(mqttbytes::QoS::AtMostOnce)]
+                        )
+                    ),
+                    other => panic!("expected SUBACK, got {other:?}"),
+                }
+                match c.next() {
+                    Got::V4(v4::Packet::Publish(p)) if p.topic == CERT_STATUS => p.payload,
+                    other => panic!("expected the status, got {other:?}"),
+                }
+            }
+            V::V5 => {
+                let mut sub =
+                    v5::Subscribe::new(v5::Filter::new(CERT_STATUS, QoS5::AtLeastOnce), None);
+                sub.pkid = 5;
+                c.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+                match c.next() {
+                    Got::V5(v5::Packet::SubAck(a)) => assert_eq!(
+                        a.return_codes,
+                        [v5::SubscribeReasonCode::Success(QoS5::AtMostOnce)]
+                    ),
+                    other => panic!("expected SUBACK, got {other:?}"),
+                }
+                match c.next() {
+                    Got::V5(v5::Packet::Publish(p)) if p.topic == CERT_STATUS => p.payload,
+                    other => panic!("expected the status, got {other:?}"),
+                }
+            }
+        };
+        let status: CertStatus = decode(&payload).unwrap();
+        let connected = gw
+            .wait_for(|e| e["event"] == "connected")
+            .expect("connected");
+        assert_eq!(
+            hex::encode(status.serial),
+            connected["serial"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches('0')
+        );
+        assert!((before.saturating_sub(5)..=wall() + 5).contains(&status.now));
+        // Fleet certificates live 30 days; renewal is due two thirds in,
+        // less up to a twentieth.
+        let life = 30 * 86_400;
+        assert!(
+            (life - 60..=life).contains(&status.expires_in),
+            "{status:?}"
+        );
+        assert!(
+            (life * 2 / 3 - life / 20 - 60..=life * 2 / 3).contains(&status.renew_in),
+            "{status:?}"
+        );
+        assert!(c.drain().is_empty());
+    }
+    // Not beside another filter, and nothing else under $twofold.
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    for filters in [
+        vec![CERT_STATUS, "devices/sensor-1/commands"],
+        vec!["$twofold/v1/cert/other"],
+    ] {
+        let mut sub = v5::Subscribe::new_many(
+            filters
+                .iter()
+                .map(|f| v5::Filter::new(*f, QoS5::AtLeastOnce)),
+            None,
+        );
+        sub.pkid = 6;
+        c.send(&v5_bytes(v5::Packet::Subscribe(sub)));
+        match c.next() {
+            Got::V5(v5::Packet::SubAck(a)) => assert!(
+                a.return_codes
+                    .iter()
+                    .all(|r| *r == v5::SubscribeReasonCode::NotAuthorized),
+                "{filters:?}: {a:?}"
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+    assert!(
+        gw.refusal("policy_denied")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("$twofold")
+    );
+}

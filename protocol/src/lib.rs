@@ -23,6 +23,6 @@ pub mod topic;
 pub use backoff::Backoff;
 pub use bundle::{Bundle, BundleError};
 pub use identity::{Identity, IdentityError, Principal};
-pub use message::{Command, Reading, Reply, ReplyStatus, Telemetry, Value, WireError};
+pub use message::{CertStatus, Command, Reading, Reply, ReplyStatus, Telemetry, Value, WireError};
 pub use name::{DeviceId, NameError, ServiceName, TrustDomain};
 pub use topic::{Channel, Topic, TopicError};

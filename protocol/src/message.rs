@@ -56,6 +56,24 @@ pub struct Command<'a> {
     pub body: &'a [u8],
 }
 
+/// Gateway → device, on [`crate::topic::CERT_STATUS`] once the device
+/// subscribes to it: where the certificate the device connected with is
+/// in its life. Counted in seconds from the gateway's `now`, so a device
+/// without a wall clock can count them down on its monotonic timer.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertStatus<'a> {
+    /// The certificate's serial: big-endian, without leading zero bytes.
+    pub serial: &'a [u8],
+    /// Seconds until it expires (0: it has).
+    pub expires_in: u64,
+    /// Seconds until its renewal is due (0: it is), by
+    /// step-ca's rule: two thirds of the lifetime less a jitter of up to a
+    /// twentieth, fixed by the identity.
+    pub renew_in: u64,
+    /// The gateway's time, Unix seconds.
+    pub now: u64,
+}
+
 /// How a command ended.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStatus {
@@ -157,6 +175,21 @@ mod tests {
         let mut buf = [0u8; 128];
         let bytes = encode(&t, &mut buf).unwrap();
         assert_eq!(decode::<Telemetry>(bytes).unwrap(), t);
+    }
+
+    #[test]
+    fn cert_status_round_trips_in_a_few_bytes() {
+        let s = CertStatus {
+            serial: &[0x8f, 0x01, 0x22],
+            expires_in: 30 * 86_400,
+            renew_in: 19 * 86_400,
+            now: 1_796_000_000,
+        };
+        let mut buf = [0u8; 64];
+        let bytes = encode(&s, &mut buf).unwrap();
+        // Small enough for any board: 20-byte serials fit in 48 bytes.
+        assert!(bytes.len() <= 24, "{} bytes", bytes.len());
+        assert_eq!(decode::<CertStatus>(bytes).unwrap(), s);
     }
 
     #[test]

@@ -10,6 +10,15 @@ use crate::name::{DeviceId, NameError};
 /// The first topic level of every device topic.
 pub const DEVICES: &str = "devices";
 
+/// Topics the gateway itself answers, never forwarded to a broker: the
+/// certificate lifecycle's. They name no device: the identity is the TLS
+/// session's.
+pub const CERT_PREFIX: &str = "$twofold/v1/cert/";
+
+/// Where the gateway sends a device its [`crate::message::CertStatus`]
+/// when the device subscribes to it.
+pub const CERT_STATUS: &str = "$twofold/v1/cert/status";
+
 /// What a device topic carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Channel {

@@ -112,6 +112,10 @@ pub struct Inspector {
     /// Who is owed the broker's next PINGRESPs, in order.
     pub(super) pings: VecDeque<Ping>,
     pub(super) refusals: u32,
+    /// The certificate's life, for [`CERT_STATUS`], and the time of the
+    /// batch being inspected.
+    pub(super) certificate: Option<CertLife>,
+    pub(super) now: Option<Instant>,
 }
 
 impl Inspector {
@@ -124,6 +128,8 @@ impl Inspector {
             awaiting_release: HashSet::new(),
             pings: VecDeque::new(),
             refusals: 0,
+            certificate: None,
+            now: None,
         }
     }
 
@@ -478,6 +484,14 @@ impl Inspector {
                     .collect(),
             ),
         };
+        // The certificate status is the gateway's to answer, alone;
+        // anything else under `$` meets the policy below.
+        if let [(only, _)] = &filters[..]
+            && only == CERT_STATUS
+            && let Some(answer) = self.cert_status(pkid)
+        {
+            return Verdict::Answer(answer);
+        }
         let denied: Vec<String> = filters
             .iter()
             .filter_map(|(f, _)| {
@@ -544,6 +558,46 @@ impl Inspector {
                 )
             }
         }
+    }
+
+    /// The SUBACK of a SUBSCRIBE to [`CERT_STATUS`] alone (QoS 0), and the
+    /// status: the gateway answers it, the broker never sees it. None
+    /// without a certificate or a clock, which a session always has.
+    fn cert_status(&self, pkid: u16) -> Option<Bytes> {
+        let life = self.certificate.as_ref()?;
+        let now = life.unix_at(self.now?);
+        let status = CertStatus {
+            serial: &life.serial,
+            expires_in: u64::try_from(life.not_after - now).unwrap_or(0),
+            renew_in: u64::try_from(life.due - now).unwrap_or(0),
+            now: u64::try_from(now).unwrap_or(0),
+        };
+        let mut buf = [0u8; 64];
+        let payload = Bytes::copy_from_slice(message::encode(&status, &mut buf).ok()?);
+        let mut out = BytesMut::new();
+        match self.version {
+            Version::V311 => {
+                let ack = v4::SubAck::new(
+                    pkid,
+                    vec![v4::SubscribeReasonCode::Success(mqttbytes::QoS::AtMostOnce)],
+                );
+                out.extend_from_slice(&encode_v4(v4::Packet::SubAck(ack)));
+                let publish =
+                    v4::Publish::from_bytes(CERT_STATUS, mqttbytes::QoS::AtMostOnce, payload);
+                out.extend_from_slice(&encode_v4(v4::Packet::Publish(publish)));
+            }
+            Version::V5 => {
+                let ack = v5::SubAck {
+                    pkid,
+                    return_codes: vec![v5::SubscribeReasonCode::Success(QoS::AtMostOnce)],
+                    properties: None,
+                };
+                out.extend_from_slice(&encode_v5(v5::Packet::SubAck(ack)));
+                let publish = v5::Publish::new(CERT_STATUS, QoS::AtMostOnce, payload, None);
+                out.extend_from_slice(&encode_v5(v5::Packet::Publish(publish)));
+            }
+        }
+        Some(out.freeze())
     }
 
     /// An UNSUBSCRIBE goes to the broker with a PINGREQ of the gateway's

@@ -31,6 +31,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use twofold_protocol::Principal;
+use twofold_protocol::message::{self, CertStatus};
+use twofold_protocol::topic::CERT_STATUS;
 
 use crate::audit::{Audit, Event, EventKind, Presence};
 use crate::broker::{BrokerTarget, Credential, UpstreamTls};
@@ -64,6 +66,30 @@ pub struct Peer {
     pub identity: String,
     pub cert: CertInfo,
     pub addr: SocketAddr,
+}
+
+/// The certificate a session was opened with, as the gateway tells the
+/// device on [`CERT_STATUS`], and the wall clock at one instant.
+#[derive(Clone, Debug)]
+pub struct CertLife {
+    /// Big-endian, without leading zero bytes.
+    pub serial: Vec<u8>,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// When renewal is due ([`twofold_trust::renewal::due_at`]).
+    pub due: i64,
+    /// Unix seconds at `at`.
+    pub unix: i64,
+    pub at: Instant,
+}
+
+impl CertLife {
+    /// Unix seconds at `now`.
+    fn unix_at(&self, now: Instant) -> i64 {
+        let since = now.saturating_duration_since(self.at).as_secs();
+        self.unix
+            .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+    }
 }
 
 /// Session limits.
@@ -218,6 +244,13 @@ impl Session {
         }
     }
 
+    /// The session of a device (or service) whose certificate is `life`:
+    /// it answers a SUBSCRIBE to [`CERT_STATUS`] with its status.
+    pub fn with_certificate(mut self, life: CertLife) -> Session {
+        self.inspector.certificate = Some(life);
+        self
+    }
+
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -239,6 +272,7 @@ impl Session {
             return actions;
         }
         self.heard = now;
+        self.inspector.now = Some(now);
         let Batch {
             forward,
             publishes,

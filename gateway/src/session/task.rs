@@ -249,14 +249,32 @@ pub async fn run<S>(
         audit.record(&Event::taken_over(&peer, &client_id, previous));
     }
 
+    let started = Instant::now();
+    let life = CertLife {
+        serial: peer
+            .cert
+            .serial
+            .parse::<twofold_trust::Serial>()
+            .map(|s| s.as_bytes().to_vec())
+            .unwrap_or_default(),
+        not_after: peer.cert.not_after,
+        due: twofold_trust::renewal::due_at(
+            peer.cert.not_before,
+            peer.cert.not_after,
+            peer.principal.name(),
+        ),
+        unix: time::OffsetDateTime::now_utc().unix_timestamp(),
+        at: started,
+    };
     let mut session = Session::new(
         version,
         peer.principal,
         max,
         quirks,
         connect.keep_alive,
-        Instant::now(),
-    );
+        started,
+    )
+    .with_certificate(life);
     // One writer owns the device side, so that a slow device holds up
     // only its own session; what it gets is in order already.
     let (to_device, outbox) = mpsc::channel::<Bytes>(16);
