@@ -79,6 +79,7 @@ pub(crate) fn record_for(
         issued_at: now,
         revocation: None,
         der: cert.der().to_vec(),
+        replaces: None,
     }
 }
 

@@ -146,6 +146,9 @@ pub struct CertRecord {
     pub revocation: Option<Revocation>,
     /// The certificate itself, DER.
     pub der: Vec<u8>,
+    /// While a renewed certificate awaits the device's commit: the
+    /// certificate it replaces, still valid until then.
+    pub replaces: Option<Serial>,
 }
 
 /// The status shown to operators; `Expired` is derived from the clock.
@@ -233,6 +236,25 @@ pub trait StoreTx {
     /// Advances `scope`'s CRL number to at least `at_least` and returns it:
     /// one more than the last, or `at_least` if that is larger.
     fn next_crl_number(&self, scope: crate::crl::Scope, at_least: u64) -> Result<u64, StoreError>;
+    /// Marks a renewed certificate committed: it no longer `replaces`
+    /// anything (its predecessor is revoked in the same transaction).
+    fn settle(&self, serial: &Serial) -> Result<(), StoreError>;
+    /// The certificate a renewal request id of `kind`/`name` produced.
+    fn renewal(
+        &self,
+        kind: Kind,
+        name: &str,
+        request_id: &str,
+    ) -> Result<Option<Serial>, StoreError>;
+    /// Remembers that `request_id` produced `serial`.
+    fn record_renewal(
+        &self,
+        kind: Kind,
+        name: &str,
+        request_id: &str,
+        serial: &Serial,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
     /// Writes a setting.
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Makes every change visible at once.

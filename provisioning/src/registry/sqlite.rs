@@ -11,7 +11,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use time::OffsetDateTime;
 
-use super::{CertRecord, Filter, Revocation, RevocationReason, Store, StoreError, StoreTx};
+use super::{CertRecord, Filter, Kind, Revocation, RevocationReason, Store, StoreError, StoreTx};
 use crate::crl::Scope;
 use crate::serial::Serial;
 
@@ -39,8 +39,34 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_client_cert
 CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (name);
 ";
 
+/// Renewal (schema version 1): a renewed certificate is recorded beside
+/// its predecessor, marked `replaces`, until the device commits it or the
+/// grace period ends; only then is the predecessor revoked. The one-active
+/// rule therefore counts committed certificates only. `renewals` remembers
+/// which certificate each request id produced, so that a device asking
+/// again after a dropped connection gets the same one.
+const MIGRATE_V1: &str = "
+ALTER TABLE certificates ADD COLUMN replaces TEXT;
+DROP INDEX one_active_client_cert;
+CREATE UNIQUE INDEX one_active_client_cert
+    ON certificates (kind, name)
+    WHERE revoked_at IS NULL AND replaces IS NULL AND kind IN ('device', 'service');
+CREATE UNIQUE INDEX one_pending_client_cert
+    ON certificates (kind, name)
+    WHERE revoked_at IS NULL AND replaces IS NOT NULL;
+CREATE TABLE renewals (
+    kind       TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    serial     TEXT NOT NULL REFERENCES certificates (serial),
+    at         INTEGER NOT NULL,
+    PRIMARY KEY (kind, name, request_id)
+);
+PRAGMA user_version = 1;
+";
+
 const COLUMNS: &str = "serial, kind, name, identity, not_before, not_after, fingerprint, \
-                       issued_at, revoked_at, revocation_reason, der";
+                       issued_at, revoked_at, revocation_reason, der, replaces";
 
 /// How long a command waits for another one holding the write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,6 +97,14 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(backend)?;
+        if version < 1 {
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            tx.execute_batch(MIGRATE_V1).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+        }
         Ok(SqliteStore { conn })
     }
 }
@@ -97,6 +131,7 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
         revoked_at: row.get(8)?,
         reason: row.get(9)?,
         der: row.get(10)?,
+        replaces: row.get(11)?,
     })
 }
 
@@ -113,14 +148,17 @@ struct RawRow {
     revoked_at: Option<i64>,
     reason: Option<String>,
     der: Vec<u8>,
+    replaces: Option<String>,
+}
+
+fn parse_serial(text: &str) -> Result<Serial, StoreError> {
+    text.parse::<Serial>()
+        .map_err(|_| StoreError::Corrupt(format!("bad serial {text:?}")))
 }
 
 impl RawRow {
     fn into_record(self) -> Result<CertRecord, StoreError> {
-        let serial = self
-            .serial
-            .parse::<Serial>()
-            .map_err(|_| StoreError::Corrupt(format!("bad serial {:?}", self.serial)))?;
+        let serial = parse_serial(&self.serial)?;
         let revocation = match (self.revoked_at, self.reason) {
             (Some(at), Some(reason)) => Some(Revocation {
                 at: from_unix(at)?,
@@ -144,6 +182,7 @@ impl RawRow {
             issued_at: from_unix(self.issued_at)?,
             revocation,
             der: self.der,
+            replaces: self.replaces.as_deref().map(parse_serial).transpose()?,
         })
     }
 }
@@ -214,7 +253,7 @@ impl StoreTx for SqliteTx<'_> {
 
     fn insert(&self, r: &CertRecord) -> Result<(), StoreError> {
         let result = self.tx.execute(
-            &format!("INSERT INTO certificates ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            &format!("INSERT INTO certificates ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
             params![
                 r.serial.to_string(),
                 r.kind.as_str(),
@@ -227,6 +266,7 @@ impl StoreTx for SqliteTx<'_> {
                 r.revocation.map(|v| unix(v.at)),
                 r.revocation.map(|v| v.reason.as_str()),
                 r.der,
+                r.replaces.as_ref().map(Serial::to_string),
             ],
         );
         match result {
@@ -269,6 +309,66 @@ impl StoreTx for SqliteTx<'_> {
                 "certificate {serial} is not revocable"
             )))
         }
+    }
+
+    fn settle(&self, serial: &Serial) -> Result<(), StoreError> {
+        let changed = self
+            .tx
+            .execute(
+                "UPDATE certificates SET replaces = NULL \
+                 WHERE serial = ?1 AND replaces IS NOT NULL",
+                [serial.to_string()],
+            )
+            .map_err(backend)?;
+        if changed == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(format!(
+                "certificate {serial} is not awaiting commit"
+            )))
+        }
+    }
+
+    fn renewal(
+        &self,
+        kind: Kind,
+        name: &str,
+        request_id: &str,
+    ) -> Result<Option<Serial>, StoreError> {
+        let serial: Option<String> = self
+            .tx
+            .query_row(
+                "SELECT serial FROM renewals WHERE kind = ?1 AND name = ?2 AND request_id = ?3",
+                params![kind.as_str(), name, request_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)?;
+        serial.as_deref().map(parse_serial).transpose()
+    }
+
+    fn record_renewal(
+        &self,
+        kind: Kind,
+        name: &str,
+        request_id: &str,
+        serial: &Serial,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO renewals (kind, name, request_id, serial, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    kind.as_str(),
+                    name,
+                    request_id,
+                    serial.to_string(),
+                    unix(at)
+                ],
+            )
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn revoked_unexpired(
@@ -324,7 +424,6 @@ impl StoreTx for SqliteTx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Kind;
 
     fn record(name: &str, kind: Kind) -> CertRecord {
         let serial = Serial::random();
@@ -339,6 +438,7 @@ mod tests {
             issued_at: OffsetDateTime::UNIX_EPOCH,
             revocation: None,
             der: vec![1, 2, 3],
+            replaces: None,
         }
     }
 
@@ -420,5 +520,67 @@ mod tests {
         }
         assert!(store.find(&Filter::default()).unwrap().is_empty());
         assert_eq!(store.setting("crl_number").unwrap(), None);
+    }
+
+    #[test]
+    fn a_registry_from_before_renewal_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let old = record("a", Kind::Device);
+        {
+            // The round-1 schema, with one enrolled device.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO certificates (serial, kind, name, identity, not_before, not_after, \
+                 fingerprint, issued_at, der) VALUES (?1, 'device', 'a', NULL, 0, 1, 'fp', 0, x'01')",
+                [old.serial.to_string()],
+            )
+            .unwrap();
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        let found = store.find(&Filter::default()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].replaces, None);
+        let tx = store.begin().unwrap();
+        // A renewal may now sit beside the committed certificate, one at a time.
+        let mut renewed = record("a", Kind::Device);
+        renewed.replaces = Some(old.serial.clone());
+        tx.insert(&renewed).unwrap();
+        let mut another = record("a", Kind::Device);
+        another.replaces = Some(old.serial.clone());
+        assert!(matches!(
+            tx.insert(&another),
+            Err(StoreError::DuplicateActive { .. })
+        ));
+        assert!(matches!(
+            tx.insert(&record("a", Kind::Device)),
+            Err(StoreError::DuplicateActive { .. })
+        ));
+        tx.record_renewal(
+            Kind::Device,
+            "a",
+            "r1",
+            &renewed.serial,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert_eq!(
+            tx.renewal(Kind::Device, "a", "r1").unwrap(),
+            Some(renewed.serial.clone())
+        );
+        // Committing needs the predecessor revoked first: still one active.
+        assert!(tx.settle(&renewed.serial).is_err());
+        let revocation = Revocation {
+            at: OffsetDateTime::UNIX_EPOCH,
+            reason: RevocationReason::Superseded,
+        };
+        tx.revoke(&old.serial, revocation).unwrap();
+        tx.settle(&renewed.serial).unwrap();
+        assert!(tx.settle(&renewed.serial).is_err());
+        tx.commit().unwrap();
+        drop(store);
+        // Opening again does not migrate twice.
+        SqliteStore::open(&path).unwrap();
     }
 }
