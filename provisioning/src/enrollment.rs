@@ -157,6 +157,7 @@ impl<S: Store> Pki<S> {
                 &name,
                 Some(identity.to_string()),
                 now,
+                None,
                 |serial| profile::client(&identity, serial, validity, &public),
                 &public,
             )?;
@@ -223,6 +224,7 @@ impl<S: Store> Pki<S> {
             &name,
             None,
             now,
+            None,
             |serial| profile::gateway(dns_names, ips, crl_url, serial, validity, &key),
             &key,
         )?;
@@ -268,9 +270,16 @@ impl<S: Store> Pki<S> {
                 if all.is_empty() {
                     return Err(Error::UnknownIdentity { identity: label(p) });
                 }
-                all.into_iter()
-                    .find(|r| r.revocation.is_none())
-                    .ok_or_else(|| Error::NothingToRevoke { identity: label(p) })?
+                // A renewed certificate awaiting commit goes with the one
+                // it replaces: the device is revoked, not one of its keys.
+                let mut live = all.into_iter().filter(|r| r.revocation.is_none());
+                let newest = live
+                    .next()
+                    .ok_or_else(|| Error::NothingToRevoke { identity: label(p) })?;
+                for other in live {
+                    tx.revoke(&other.serial, Revocation { at: now, reason })?;
+                }
+                newest
             }
             RevokeTarget::Serial(s) => {
                 let r = tx
@@ -337,7 +346,7 @@ impl<S: Store> Pki<S> {
 /// Signs the CRL inside `tx` and writes it to the PKI directory before
 /// the commit: if the commit then failed, the CRL would list one
 /// revocation too many, never one too few.
-fn write_crl(
+pub(crate) fn write_crl(
     path: &Path,
     scope: Scope,
     tx: &impl StoreTx,
@@ -358,13 +367,14 @@ fn write_crl(
 /// Signs a certificate with a fresh serial and records it, drawing a new
 /// serial if the registry already has one (a 2^-126 event, handled anyway).
 #[allow(clippy::too_many_arguments)]
-fn issue_recorded(
+pub(crate) fn issue_recorded(
     tx: &impl StoreTx,
     ca: &CaIssuer,
     kind: Kind,
     name: &str,
     identity: Option<String>,
     now: OffsetDateTime,
+    replaces: Option<Serial>,
     params_for: impl Fn(&Serial) -> Result<rcgen::CertificateParams>,
     public_key: &impl PublicKeyData,
 ) -> Result<CertRecord> {
@@ -373,7 +383,8 @@ fn issue_recorded(
         let serial = Serial::random();
         let params = params_for(&serial)?;
         let cert = params.signed_by(public_key, &ca.issuer)?;
-        let record = record_for(&cert, serial, kind, name, identity.clone(), &params, now);
+        let mut record = record_for(&cert, serial, kind, name, identity.clone(), &params, now);
+        record.replaces = replaces.clone();
         match tx.insert(&record) {
             Ok(()) => return Ok(record),
             Err(e @ StoreError::DuplicateSerial(_)) => last = Some(e),
@@ -383,7 +394,7 @@ fn issue_recorded(
     Err(last.map(Error::from).unwrap_or(Error::EmptyBatch))
 }
 
-fn chain_pem(leaf_der: &[u8], ca_pem: &str) -> String {
+pub(crate) fn chain_pem(leaf_der: &[u8], ca_pem: &str) -> String {
     let leaf = pem_encode("CERTIFICATE", leaf_der);
     format!("{leaf}{}", ca_pem.trim_start())
 }

@@ -135,6 +135,12 @@ pub enum Error {
     )]
     CaExpiring { not_after: time::OffsetDateTime },
 
+    #[error(
+        "a certificate lifetime of {seconds} s is too short; renewed certificates live at least \
+         60 s"
+    )]
+    InvalidLifetime { seconds: i64 },
+
     #[error("cannot build the microcontroller bundle: {0}")]
     Bundle(String),
 

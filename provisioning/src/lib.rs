@@ -24,6 +24,7 @@ pub mod output;
 pub mod pki;
 pub mod profile;
 pub mod registry;
+pub mod renewal;
 pub mod serial;
 
 pub use enrollment::{

@@ -51,7 +51,7 @@ pub struct Pki<S: Store = SqliteStore> {
 }
 
 /// A CA certificate with its signing key, ready to issue.
-pub(crate) struct CaIssuer {
+pub struct CaIssuer {
     pub issuer: Issuer<'static, KeyPair>,
     pub cert_pem: String,
     pub cert_der: Vec<u8>,
