@@ -26,6 +26,7 @@ pub mod profile;
 pub mod registry;
 pub mod renewal;
 pub mod serial;
+pub mod service;
 
 pub use enrollment::{
     EnrollOptions, EnrollRequest, Enrollment, GatewayCert, KeySource, RevokeTarget,

@@ -199,6 +199,45 @@ enum Command {
         #[arg(long)]
         server: bool,
     },
+
+    /// Run the CA service: renewals over HTTPS with client certificates.
+    ///
+    /// Devices and services renew their own certificate; gateways renew on
+    /// a device's behalf if named with --ra. The service needs a server
+    /// certificate like a gateway's (`gateway-cert <name> --out DIR`) and
+    /// holds the device CA key for as long as it runs (an encrypted key's
+    /// passphrase is read once, at start). Logs go to stderr (RUST_LOG).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// The service's certificate chain (PEM), e.g. DIR/gateway.pem.
+        #[arg(long)]
+        cert: PathBuf,
+        /// The service's key (PEM), e.g. DIR/gateway.key.
+        #[arg(long)]
+        key: PathBuf,
+        /// A service allowed to renew for devices (a registration
+        /// authority), by service name; repeat for several gateways.
+        #[arg(long = "ra", value_name = "SERVICE")]
+        registration_authorities: Vec<String>,
+        /// Lifetime of renewed certificates, e.g. 30d. Below an hour is
+        /// for tests of renewal itself; 60 s is the floor.
+        #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+        lifetime: std::time::Duration,
+        /// How long a renewal may wait for the device's commit before the
+        /// old certificate is superseded anyway.
+        #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Renewal requests allowed per identity per --rate-window.
+        #[arg(long, default_value_t = 10)]
+        rate_limit: u32,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        rate_window: std::time::Duration,
+        /// Renew before renewal is due (2/3 of the lifetime less jitter).
+        #[arg(long)]
+        allow_early: bool,
+    },
 }
 
 /// Options of every command that issues client certificates.
@@ -666,6 +705,63 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 out.display(),
                 pki.dir().join(scope.file()).display()
             );
+        }
+        Command::Serve {
+            listen,
+            cert,
+            key,
+            registration_authorities,
+            lifetime,
+            grace,
+            rate_limit,
+            rate_window,
+            allow_early,
+        } => {
+            let pki = open(cli)?;
+            let trust_domain = *pki.trust_domain();
+            let registration_authorities = registration_authorities
+                .iter()
+                .map(|name| {
+                    Ok(twofold_protocol::Identity::service(
+                        trust_domain,
+                        service_name(name)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            let lifetime = time::Duration::try_from(*lifetime)?;
+            if lifetime < twofold_provisioning::renewal::MIN_LIFETIME {
+                bail!("--lifetime must be at least 60 s");
+            }
+            let config = twofold_provisioning::service::Config {
+                listen: *listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                registration_authorities,
+                renew: twofold_provisioning::renewal::RenewOptions {
+                    lifetime,
+                    enforce_due: !allow_early,
+                },
+                grace: time::Duration::try_from(*grace)?,
+                rate_limit: (*rate_limit).max(1),
+                rate_window: *rate_window,
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(twofold_provisioning::service::run(pki, config, async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("a SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }))?;
         }
     }
     Ok(())

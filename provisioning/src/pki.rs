@@ -47,7 +47,7 @@ pub struct Pki<S: Store = SqliteStore> {
     dir: PathBuf,
     pub(crate) store: S,
     trust_domain: TrustDomain,
-    passphrase: Box<dyn PassphraseSource>,
+    passphrase: Box<dyn PassphraseSource + Send>,
 }
 
 /// A CA certificate with its signing key, ready to issue.
@@ -138,7 +138,7 @@ impl Pki<SqliteStore> {
             });
         }
         atomic::sync_dir(&parent)?;
-        let source: Box<dyn PassphraseSource> = match passphrase {
+        let source: Box<dyn PassphraseSource + Send> = match passphrase {
             Some(p) => Box::new(p),
             None => Box::new(keys::NoPassphrase),
         };
@@ -147,7 +147,7 @@ impl Pki<SqliteStore> {
 
     /// Opens an existing PKI. `passphrase` is asked only if a CA key that
     /// an operation needs turns out to be encrypted.
-    pub fn open(dir: &Path, passphrase: Box<dyn PassphraseSource>) -> Result<Pki> {
+    pub fn open(dir: &Path, passphrase: Box<dyn PassphraseSource + Send>) -> Result<Pki> {
         if !dir.join(REGISTRY).is_file() {
             return Err(Error::NoPki {
                 dir: dir.to_owned(),
@@ -177,7 +177,7 @@ impl<S: Store> Pki<S> {
     pub fn with_store(
         dir: &Path,
         store: S,
-        passphrase: Box<dyn PassphraseSource>,
+        passphrase: Box<dyn PassphraseSource + Send>,
     ) -> Result<Pki<S>> {
         let td = store
             .setting(TRUST_DOMAIN_SETTING)?

@@ -1,0 +1,391 @@
+//! The CA service (`provisioning serve`) from outside: the real binary,
+//! real TLS with client certificates, and curl and openssl as clients.
+//!
+//! Every accepted case and every refusal is asserted with its code and
+//! reason as the service sends it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use twofold_tests::process::{Proc, built, free_port, run_bounded, spawn, wait_port};
+
+struct Ca {
+    dir: tempfile::TempDir,
+    port: u16,
+    _serve: Proc,
+}
+
+fn provisioning(dir: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new(built("provisioning"));
+    cmd.current_dir(dir)
+        .env_remove("TWOFOLD_CA_PASSPHRASE")
+        .args(args);
+    let out = run_bounded(cmd, 60);
+    assert!(
+        out.status.success(),
+        "provisioning {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Ca {
+    /// A PKI with devices pump-1 … pump-3, the gateway service `gw` (a
+    /// registration authority) and the service `billing` (not one), and the
+    /// CA service running with `extra` arguments.
+    fn start(extra: &[&str]) -> Ca {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        provisioning(d, &["init", "--trust-domain", "iot.example"]);
+        provisioning(
+            d,
+            &[
+                "gateway-cert",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+                "--out",
+                "svc",
+            ],
+        );
+        for id in ["pump-1", "pump-2", "pump-3"] {
+            provisioning(d, &["enroll", id, "--out", id]);
+        }
+        for name in ["gw", "billing"] {
+            provisioning(d, &["enroll", "--service", name, "--out", name]);
+        }
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(built("provisioning"));
+        cmd.current_dir(d).args([
+            "serve",
+            "--listen",
+            &listen,
+            "--cert",
+            "svc/gateway.pem",
+            "--key",
+            "svc/gateway.key",
+            "--ra",
+            "gw",
+        ]);
+        cmd.args(extra);
+        let serve = spawn(cmd, d.join("serve.log"));
+        wait_port(port, "provisioning serve");
+        Ca {
+            dir,
+            port,
+            _serve: serve,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// curl as the holder of `who/` (device.pem / service.pem), returning
+    /// the HTTP status and the JSON body.
+    fn post(&self, who: &str, endpoint: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let (chain, key) = self.credentials(who);
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "20"])
+            .arg("--cacert")
+            .arg(self.path(&format!("{who}/server-ca.pem")))
+            .arg("--cert")
+            .arg(chain)
+            .arg("--key")
+            .arg(key)
+            .args(["--write-out", "\n%{http_code}", "--json"])
+            .arg(body.to_string())
+            .arg(format!("https://localhost:{}/v1/{endpoint}", self.port));
+        let out = run_bounded(cmd, 30);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl failed: {text}{}\nservice log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let (json, code) = text.rsplit_once('\n').unwrap();
+        let json = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {json:?}"));
+        (code.parse().unwrap(), json)
+    }
+
+    fn credentials(&self, who: &str) -> (PathBuf, PathBuf) {
+        let dir = self.path(who);
+        for base in ["device", "service"] {
+            let chain = dir.join(format!("{base}.pem"));
+            if chain.exists() {
+                return (chain, dir.join(format!("{base}.key")));
+            }
+        }
+        panic!("no credentials in {}", dir.display());
+    }
+
+    /// The serial of the certificate in `who/`, as hex.
+    fn serial(&self, who: &str) -> String {
+        let (chain, _) = self.credentials(who);
+        let out = openssl(
+            self.dir.path(),
+            &["x509", "-noout", "-serial", "-in", chain.to_str().unwrap()],
+        );
+        out.trim().trim_start_matches("serial=").to_lowercase()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("serve.log")).unwrap_or_default()
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.current_dir(dir).args(args);
+    let out = run_bounded(cmd, 30);
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_refused(answer: (u16, serde_json::Value), status: u16, code: &str, reason: &str) {
+    let (got, body) = answer;
+    assert_eq!(body["status"], "refused", "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(got, status, "{body}");
+    let text = body["reason"].as_str().unwrap();
+    assert!(
+        text.contains(reason),
+        "reason {text:?} should say {reason:?}"
+    );
+}
+
+fn identity(id: &str) -> String {
+    format!("spiffe://iot.example/device/{id}")
+}
+
+#[test]
+fn a_device_renews_its_own_certificate_and_a_repeat_gets_the_same_one() {
+    let ca = Ca::start(&["--allow-early"]);
+    let old = ca.serial("pump-1");
+    let (status, first) = ca.post("pump-1", "renew", serde_json::json!({"request_id": "r1"}));
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["status"], "issued");
+    assert_eq!(first["repeated"], false);
+    let chain = first["chain"].as_str().unwrap();
+    std::fs::write(ca.path("new.pem"), chain).unwrap();
+    // openssl agrees: the device CA issued it, for pump-1's identity.
+    let text = openssl(
+        ca.dir.path(),
+        &["x509", "-noout", "-text", "-in", "new.pem"],
+    );
+    assert!(
+        text.contains(&format!("URI:{}", identity("pump-1"))),
+        "{text}"
+    );
+    let verified = openssl(
+        ca.dir.path(),
+        &[
+            "verify",
+            "-CAfile",
+            "pki/root-ca.pem",
+            "-untrusted",
+            "pki/device-ca.pem",
+            "new.pem",
+        ],
+    );
+    assert!(verified.contains("new.pem: OK"), "{verified}");
+    assert_ne!(first["serial"].as_str().unwrap(), old);
+
+    let (status, again) = ca.post("pump-1", "renew", serde_json::json!({"request_id": "r1"}));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["serial"], first["serial"]);
+    assert_eq!(again["repeated"], true);
+
+    // The device commits the new certificate; the old one lands on the CRL.
+    let (status, done) = ca.post(
+        "pump-1",
+        "commit",
+        serde_json::json!({"identity": identity("pump-1"), "serial": first["serial"]}),
+    );
+    // A device is not a registration authority, even for itself: it commits
+    // by renewing from the new certificate or through the gateway.
+    assert_refused(
+        (status, done),
+        403,
+        "not-authorized",
+        "may renew only its own",
+    );
+    let (status, done) = ca.post(
+        "gw",
+        "commit",
+        serde_json::json!({"identity": identity("pump-1"), "serial": first["serial"]}),
+    );
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["changed"], true);
+    let crl = openssl(
+        ca.dir.path(),
+        &["crl", "-noout", "-text", "-in", "pki/crl.pem"],
+    );
+    assert!(
+        crl.to_lowercase().replace(':', "").contains(&old),
+        "old serial {old} not on the CRL:\n{crl}"
+    );
+    // The superseded certificate may not renew again.
+    assert_refused(
+        ca.post("pump-1", "renew", serde_json::json!({"request_id": "r2"})),
+        409,
+        "not-latest",
+        "not the newest",
+    );
+}
+
+#[test]
+fn only_a_registration_authority_renews_for_a_device() {
+    let ca = Ca::start(&["--allow-early", "--rate-limit", "3"]);
+    let serial = ca.serial("pump-2");
+    let on_behalf = serde_json::json!({
+        "request_id": "g1", "identity": identity("pump-2"), "serial": serial,
+    });
+    // Another service, and another device, may not ask for pump-2.
+    assert_refused(
+        ca.post("billing", "renew", on_behalf.clone()),
+        403,
+        "not-authorized",
+        "spiffe://iot.example/service/billing is not a registration authority",
+    );
+    assert_refused(
+        ca.post("pump-3", "renew", on_behalf.clone()),
+        403,
+        "not-authorized",
+        "not a registration authority",
+    );
+    // The gateway may, and the certificate is pump-2's.
+    let (status, issued) = ca.post("gw", "renew", on_behalf);
+    assert_eq!(status, 200, "{issued}");
+    std::fs::write(ca.path("p2.pem"), issued["chain"].as_str().unwrap()).unwrap();
+    let text = openssl(ca.dir.path(), &["x509", "-noout", "-text", "-in", "p2.pem"]);
+    assert!(
+        text.contains(&format!("URI:{}", identity("pump-2"))),
+        "{text}"
+    );
+
+    // A CSR naming another device is refused; the key is not certified.
+    let dir = ca.dir.path();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "k.pem",
+            "-subj",
+            "/CN=pump-3",
+            "-out",
+            "other.csr",
+        ],
+    );
+    let csr = std::fs::read_to_string(ca.path("other.csr")).unwrap();
+    assert_refused(
+        ca.post(
+            "gw",
+            "renew",
+            serde_json::json!({
+                "request_id": "g2", "identity": identity("pump-2"), "serial": serial, "csr": csr,
+            }),
+        ),
+        400,
+        "invalid-csr",
+        "names \"pump-3\" but the requester is \"pump-2\"",
+    );
+    // Someone else's serial.
+    assert_refused(
+        ca.post(
+            "gw",
+            "renew",
+            serde_json::json!({
+                "request_id": "g3", "identity": identity("pump-2"), "serial": ca.serial("pump-3"),
+            }),
+        ),
+        403,
+        "unknown-certificate",
+        "not this identity's",
+    );
+    // The rate limit: three requests of pump-2 in the window, then 429.
+    let (status, limited) = ca.post(
+        "gw",
+        "renew",
+        serde_json::json!({"request_id": "g4", "identity": identity("pump-2"), "serial": serial}),
+    );
+    assert_refused(
+        (status, limited.clone()),
+        429,
+        "rate-limited",
+        "too many renewal requests",
+    );
+    assert!(limited["retry_after"].as_u64().unwrap() > 0, "{limited}");
+    // Other devices are not held up by pump-2's limit.
+    let (status, own) = ca.post("pump-3", "renew", serde_json::json!({"request_id": "x"}));
+    assert_eq!(status, 200, "{own}");
+}
+
+#[test]
+fn revoked_devices_early_requests_and_strangers_are_refused() {
+    let ca = Ca::start(&[]);
+    // Not due: a fresh 90-day certificate renews at about day 56.
+    assert_refused(
+        ca.post("pump-1", "renew", serde_json::json!({"request_id": "r1"})),
+        409,
+        "not-due",
+        "renewal is not due until",
+    );
+    assert_refused(
+        ca.post(
+            "pump-1",
+            "renew",
+            serde_json::json!({"request_id": "no spaces"}),
+        ),
+        400,
+        "bad-request-id",
+        "request id",
+    );
+    // Revoked by the operator while the service runs.
+    provisioning(
+        ca.dir.path(),
+        &["revoke", "pump-2", "--reason", "key-compromise"],
+    );
+    assert_refused(
+        ca.post("pump-2", "renew", serde_json::json!({"request_id": "r1"})),
+        403,
+        "revoked",
+        "revoked (key-compromise)",
+    );
+    // Malformed JSON and unknown fields get a reason, not a crash.
+    assert_refused(
+        ca.post(
+            "pump-1",
+            "renew",
+            serde_json::json!({"request_id": "r1", "name": "pump-2"}),
+        ),
+        400,
+        "bad-request",
+        "unknown field",
+    );
+    // No client certificate: the TLS handshake itself is refused.
+    let mut cmd = Command::new("curl");
+    cmd.args(["--silent", "--max-time", "20", "--cacert"])
+        .arg(ca.path("pump-1/server-ca.pem"))
+        .args(["--json", "{\"request_id\":\"r9\"}"])
+        .arg(format!("https://localhost:{}/v1/renew", ca.port));
+    let out = run_bounded(cmd, 30);
+    assert!(
+        !out.status.success(),
+        "a client without a certificate got an answer"
+    );
+    assert!(ca.log().contains("TLS handshake refused"), "{}", ca.log());
+}
