@@ -74,6 +74,73 @@ pub struct CertStatus<'a> {
     pub now: u64,
 }
 
+/// Device → gateway, on [`crate::topic::CERT_RENEW`]: renew the
+/// certificate this session was opened with.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewRequest<'a> {
+    /// Chosen by the device, 1-64 characters of `A-Z a-z 0-9 - _ .`; the
+    /// same id after a dropped connection gets the same certificate.
+    pub request_id: &'a str,
+    /// A PKCS#10 CSR (DER) for a new key (rekey); `None` renews the key
+    /// the session was authenticated with (renew: no CSR encoder needed).
+    pub csr: Option<&'a [u8]>,
+}
+
+/// Why a renewal or commit was refused.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewRefusal {
+    /// Another request of this identity is being answered: retry later.
+    Busy,
+    /// Too many requests lately: retry after `retry_after`.
+    RateLimited,
+    /// The certificate is revoked: the device must be re-enrolled.
+    Revoked,
+    /// Not the newest certificate of this device: connect with the newest.
+    NotLatest,
+    /// The CSR is unusable or names another identity.
+    InvalidCsr,
+    /// Renewal is not due yet (see [`CertStatus::renew_in`]).
+    NotDue,
+    /// The certificate expired: re-enroll.
+    Expired,
+    /// The request itself is malformed (its id, its encoding).
+    BadRequest,
+    /// The CA cannot be reached or failed: retry after `retry_after`.
+    Unavailable,
+}
+
+/// Gateway → device, on [`crate::topic::CERT_ANSWER`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertAnswer<'a> {
+    /// The new certificate, DER, followed by the DER of the CA that issued
+    /// it. The device stores it beside its current one, reconnects with
+    /// it, then publishes to [`crate::topic::CERT_COMMIT`].
+    Issued {
+        /// The request's id.
+        request_id: &'a str,
+        /// The new certificate's DER, then its CA's.
+        certs: &'a [u8],
+    },
+    /// Refused, with a reason for the log; retry no sooner than
+    /// `retry_after` seconds (0: do not retry as is).
+    Refused {
+        /// The request's id (empty for a commit or an unreadable request).
+        request_id: &'a str,
+        /// Why, for the device to act on.
+        code: RenewRefusal,
+        /// Seconds to wait before asking again.
+        retry_after: u32,
+        /// Why, in words, for the device's log.
+        reason: &'a str,
+    },
+    /// The renewed certificate with this serial is now the device's only
+    /// one: its predecessor is superseded.
+    Committed {
+        /// The committed certificate's serial, big-endian.
+        serial: &'a [u8],
+    },
+}
+
 /// How a command ended.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyStatus {
@@ -190,6 +257,33 @@ mod tests {
         // Small enough for any board: 20-byte serials fit in 48 bytes.
         assert!(bytes.len() <= 24, "{} bytes", bytes.len());
         assert_eq!(decode::<CertStatus>(bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn renewal_messages_round_trip() {
+        let mut buf = [0u8; 256];
+        let r = RenewRequest {
+            request_id: "r-1",
+            csr: None,
+        };
+        let bytes = encode(&r, &mut buf).unwrap();
+        assert_eq!(decode::<RenewRequest>(bytes).unwrap(), r);
+        for a in [
+            CertAnswer::Issued {
+                request_id: "r-1",
+                certs: &[0x30, 0x03, 1, 2, 3],
+            },
+            CertAnswer::Refused {
+                request_id: "r-1",
+                code: RenewRefusal::NotDue,
+                retry_after: 60,
+                reason: "renewal is not due until …",
+            },
+            CertAnswer::Committed { serial: &[0x40, 1] },
+        ] {
+            let bytes = encode(&a, &mut buf).unwrap();
+            assert_eq!(decode::<CertAnswer>(bytes).unwrap(), a);
+        }
     }
 
     #[test]

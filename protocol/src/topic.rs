@@ -19,6 +19,19 @@ pub const CERT_PREFIX: &str = "$twofold/v1/cert/";
 /// when the device subscribes to it.
 pub const CERT_STATUS: &str = "$twofold/v1/cert/status";
 
+/// Device → gateway: a [`crate::message::RenewRequest`]. Handled by the
+/// gateway, never forwarded to the broker; the answer comes on
+/// [`CERT_ANSWER`].
+pub const CERT_RENEW: &str = "$twofold/v1/cert/renew";
+
+/// Device → gateway, empty: "I am connected with my renewed certificate
+/// and have stored it", so the one it replaces can be superseded.
+pub const CERT_COMMIT: &str = "$twofold/v1/cert/commit";
+
+/// Gateway → device: a [`crate::message::CertAnswer`] to each renew or
+/// commit, sent whether or not the device subscribed to it.
+pub const CERT_ANSWER: &str = "$twofold/v1/cert/answer";
+
 /// What a device topic carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Channel {
