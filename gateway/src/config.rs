@@ -33,6 +33,34 @@ pub struct File {
     pub broker_key: Option<PathBuf>,
     #[serde(default)]
     pub limits: LimitsFile,
+    /// The CA service devices renew through; renewal is off without it.
+    pub ca_service: Option<CaServiceFile>,
+}
+
+/// `[ca_service]`: where `provisioning serve` runs and how the gateway
+/// proves its service identity to it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaServiceFile {
+    /// `host:port`; the host must be a name (or address) in the CA
+    /// service's certificate.
+    pub address: Option<String>,
+    /// The CA that signed the CA service's certificate (the PKI's
+    /// server-ca.pem).
+    pub ca: Option<PathBuf>,
+    /// The gateway's service certificate and key (`provisioning enroll
+    /// --service NAME`), named with `--ra NAME` by the CA service.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// The CA service, checked.
+#[derive(Clone, Debug)]
+pub struct CaService {
+    pub address: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +127,7 @@ pub struct Config {
     pub embedded_segment_count: usize,
     pub embedded_fan_in_segment_size: usize,
     pub embedded_fan_in_segment_count: usize,
+    pub ca_service: Option<CaService>,
 }
 
 /// A configuration problem, naming the key.
@@ -256,6 +285,32 @@ impl File {
                 }
             }
         };
+        let ca_service = match self.ca_service {
+            None => None,
+            Some(c) => {
+                let address = c.address.ok_or_else(|| {
+                    err(
+                        "ca_service.address",
+                        "missing; host:port of `provisioning serve`",
+                    )
+                })?;
+                if !address
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                {
+                    return Err(err(
+                        "ca_service.address",
+                        format!("{address:?} is not host:port"),
+                    ));
+                }
+                Some(CaService {
+                    address,
+                    ca: file("ca_service.ca", c.ca)?,
+                    cert: file("ca_service.cert", c.cert)?,
+                    key: file("ca_service.key", c.key)?,
+                })
+            }
+        };
         let l = self.limits;
         let handshake_timeout = l.handshake_timeout_secs.unwrap_or(10);
         if !(1..=300).contains(&handshake_timeout) {
@@ -333,6 +388,7 @@ impl File {
             embedded_segment_count,
             embedded_fan_in_segment_size,
             embedded_fan_in_segment_count,
+            ca_service,
         })
     }
 }

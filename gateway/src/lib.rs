@@ -8,7 +8,9 @@
 //! embedded rumqttd in process by default ([`embedded`]). Revocation is live
 //! ([`revocation`]): a new CRL applies to new handshakes at once and closes
 //! sessions whose certificate it lists. Every refusal is written to the
-//! audit log with a reason from a fixed set ([`reason`], [`audit`]).
+//! audit log with a reason from a fixed set ([`reason`], [`audit`]). Devices
+//! renew their certificates inside their session, through the CA service
+//! ([`renewal`]); the gateway holds no CA key.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -20,6 +22,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod reason;
+pub mod renewal;
 pub mod revocation;
 pub mod server;
 pub mod session;

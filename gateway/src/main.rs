@@ -177,6 +177,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
+    let ca = match &config.ca_service {
+        None => None,
+        Some(c) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("ca_service: {}", p.display()))
+            };
+            let client = twofold_gateway::renewal::CaClient::new(
+                &c.address,
+                &read(&c.ca)?,
+                &read(&c.cert)?,
+                &read(&c.key)?,
+            )
+            .map_err(|e| anyhow::anyhow!("ca_service: {e}"))?;
+            tracing::info!(ca_service = %c.address, "devices renew through the CA service");
+            Some(std::sync::Arc::new(client))
+        }
+    };
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -212,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             connect_timeout: config.handshake_timeout,
         },
         metrics: config.metrics,
+        ca,
     };
     // The accept loop runs on a worker, not on this thread: block_on's
     // thread would be woken by a worker for every new connection, and would

@@ -39,6 +39,8 @@ pub struct Gateway {
     pub limits: Limits,
     /// Where `/metrics` and `/healthz` are served, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// The CA service devices renew through, if one is configured.
+    pub ca: Option<Arc<crate::renewal::CaClient>>,
 }
 
 /// The TLS files in force (certificate, key, client CAs and CRLs), which
@@ -485,7 +487,10 @@ async fn connection(
     Box::pin(session::run(
         stream,
         peer,
-        gateway.broker.clone(),
+        session::Backends {
+            broker: gateway.broker.clone(),
+            ca: gateway.ca.clone(),
+        },
         gateway.limits.clone(),
         gateway.audit.clone(),
         live.subscribe(),

@@ -65,6 +65,8 @@ pub(super) enum Verdict {
     Rewritten(Bytes, Option<&'static [u8]>),
     /// Keep it from the broker and answer it: not a refusal.
     Answer(Bytes),
+    /// Keep it from the broker; nothing to answer (yet).
+    Kept,
     Refuse(Refusal),
 }
 
@@ -116,6 +118,10 @@ pub struct Inspector {
     /// batch being inspected.
     pub(super) certificate: Option<CertLife>,
     pub(super) now: Option<Instant>,
+    /// Renewal requests and commits for the shell to take to the CA.
+    pub(super) cert_requests: Vec<CertRequest>,
+    /// Whether one is with the CA: one at a time per session.
+    pub(super) cert_in_flight: bool,
 }
 
 impl Inspector {
@@ -130,6 +136,8 @@ impl Inspector {
             refusals: 0,
             certificate: None,
             now: None,
+            cert_requests: Vec::new(),
+            cert_in_flight: false,
         }
     }
 
@@ -217,6 +225,7 @@ impl Inspector {
                     }
                 }
                 Verdict::Answer(reply) => out.replies.push((out.answered, reply)),
+                Verdict::Kept => {}
                 Verdict::Refuse(refusal) => {
                     if let Some(reply) = refusal.reply {
                         out.replies.push((out.answered, reply));
@@ -317,6 +326,9 @@ impl Inspector {
                     Ok(p) => p,
                     Err(e) => return self.malformed("PUBLISH", e),
                 };
+                if p.topic.starts_with(CERT_PREFIX) {
+                    return self.cert_publish(&p.topic, &p.payload, p.qos as u8, p.pkid);
+                }
                 match policy::may_publish(&principal, &p.topic) {
                     Ok(()) => self.passed(p.qos as u8, p.pkid),
                     // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
@@ -350,6 +362,9 @@ impl Inspector {
                 let Ok(topic) = std::str::from_utf8(&p.topic) else {
                     return self.malformed("PUBLISH", "topic is not UTF-8");
                 };
+                if topic.starts_with(CERT_PREFIX) {
+                    return self.cert_publish(topic, &p.payload, p.qos as u8, p.pkid);
+                }
                 // A response topic is where a service will publish its
                 // answer: the device may name only a topic it could
                 // publish to itself, never another device's commands.
@@ -492,6 +507,13 @@ impl Inspector {
         {
             return Verdict::Answer(answer);
         }
+        // Answers come whether or not the device subscribed; a device (or
+        // client library) that wants the subscription gets it.
+        if let [(only, _)] = &filters[..]
+            && only == CERT_ANSWER
+        {
+            return Verdict::Answer(self.suback_qos0(pkid));
+        }
         let denied: Vec<String> = filters
             .iter()
             .filter_map(|(f, _)| {
@@ -560,6 +582,157 @@ impl Inspector {
         }
     }
 
+    /// A PUBLISH under [`CERT_PREFIX`]: the gateway's own, never the
+    /// broker's. A renew request or a commit goes to the CA through the
+    /// shell (one at a time); the answer comes on [`CERT_ANSWER`]. Other
+    /// topics there are refused like any topic outside the policy.
+    fn cert_publish(&mut self, topic: &str, payload: &[u8], qos: u8, pkid: u16) -> Verdict {
+        let request = match topic {
+            CERT_RENEW => match message::decode::<RenewRequest>(payload) {
+                Ok(r) => Ok(CertRequest::Renew {
+                    request_id: r.request_id.to_owned(),
+                    csr: r.csr.map(<[u8]>::to_vec),
+                }),
+                Err(e) => Err((String::new(), format!("not a renew request: {e}"))),
+            },
+            CERT_COMMIT if payload.is_empty() => Ok(CertRequest::Commit),
+            CERT_COMMIT => Err((String::new(), "a commit carries no payload".into())),
+            _ => {
+                let detail = format!(
+                    "PUBLISH to {}: reserved for the gateway (renew on {CERT_RENEW}, commit on \
+                     {CERT_COMMIT})",
+                    shown(topic)
+                );
+                return self.refuse_publish(detail, qos, pkid);
+            }
+        };
+        if qos == 2 {
+            let detail = format!("PUBLISH to {topic} at QoS 2; use QoS 0 or 1");
+            return self.refuse_publish(detail, qos, pkid);
+        }
+        let answer = match request {
+            Err((request_id, reason)) => Some(CertReply::Refused {
+                request_id,
+                code: RenewRefusal::BadRequest,
+                retry_after: 0,
+                reason,
+            }),
+            Ok(request) if self.cert_in_flight => Some(CertReply::Refused {
+                request_id: request.request_id().to_owned(),
+                code: RenewRefusal::Busy,
+                retry_after: 5,
+                reason: "the previous renew or commit of this session is not answered yet".into(),
+            }),
+            Ok(request) => {
+                self.cert_in_flight = true;
+                self.cert_requests.push(request);
+                None
+            }
+        };
+        let mut out = BytesMut::new();
+        if qos == 1 {
+            out.extend_from_slice(&match self.version {
+                Version::V311 => encode_v4(v4::Packet::PubAck(v4::PubAck { pkid })),
+                Version::V5 => encode_v5(v5::Packet::PubAck(v5::PubAck {
+                    pkid,
+                    reason: v5::PubAckReason::Success,
+                    properties: None,
+                })),
+            });
+        }
+        if let Some(answer) = answer {
+            out.extend_from_slice(&self.cert_answer(&answer));
+        }
+        if out.is_empty() {
+            Verdict::Kept
+        } else {
+            Verdict::Answer(out.freeze())
+        }
+    }
+
+    /// A PUBLISH this session may not make: MQTT 5 answers QoS 1 and 2
+    /// with "not authorized" and goes on; otherwise the session closes.
+    fn refuse_publish(&self, detail: String, qos: u8, pkid: u16) -> Verdict {
+        match (self.version, qos) {
+            (Version::V5, 1) => {
+                let ack = v5::PubAck {
+                    pkid,
+                    reason: v5::PubAckReason::NotAuthorized,
+                    properties: None,
+                };
+                deny(
+                    Reason::PolicyDenied,
+                    detail,
+                    Some(encode_v5(v5::Packet::PubAck(ack))),
+                    false,
+                )
+            }
+            (Version::V5, 2) => {
+                let rec = v5::PubRec {
+                    pkid,
+                    reason: v5::PubRecReason::NotAuthorized,
+                    properties: None,
+                };
+                deny(
+                    Reason::PolicyDenied,
+                    detail,
+                    Some(encode_v5(v5::Packet::PubRec(rec))),
+                    false,
+                )
+            }
+            (Version::V5, _) => deny(
+                Reason::PolicyDenied,
+                detail,
+                Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
+                true,
+            ),
+            (Version::V311, _) => deny(Reason::PolicyDenied, detail, None, true),
+        }
+    }
+
+    /// The PUBLISH (QoS 0) on [`CERT_ANSWER`] that carries `reply`.
+    pub(super) fn cert_answer(&self, reply: &CertReply) -> Bytes {
+        let answer = match reply {
+            CertReply::Issued { request_id, certs } => CertAnswer::Issued { request_id, certs },
+            CertReply::Refused {
+                request_id,
+                code,
+                retry_after,
+                reason,
+            } => CertAnswer::Refused {
+                request_id,
+                code: *code,
+                retry_after: *retry_after,
+                reason,
+            },
+            CertReply::Committed { serial } => CertAnswer::Committed { serial },
+        };
+        // Postcard writes at most the fields' lengths plus a few varints.
+        let mut buf = vec![0u8; reply.len() + 64];
+        let payload = match message::encode(&answer, &mut buf) {
+            Ok(bytes) => Bytes::copy_from_slice(bytes),
+            Err(_) => Bytes::new(),
+        };
+        self.publish_qos0(CERT_ANSWER, payload)
+    }
+
+    /// A QoS 0 PUBLISH of the gateway's own to the device.
+    fn publish_qos0(&self, topic: &str, payload: Bytes) -> Bytes {
+        match self.version {
+            Version::V311 => encode_v4(v4::Packet::Publish(v4::Publish::from_bytes(
+                topic,
+                mqttbytes::QoS::AtMostOnce,
+                payload,
+            ))),
+            Version::V5 => encode_v5(v5::Packet::Publish(v5::Publish::new(
+                topic,
+                QoS::AtMostOnce,
+                payload,
+                None,
+            ))),
+        }
+    }
+
     /// The SUBACK of a SUBSCRIBE to [`CERT_STATUS`] alone (QoS 0), and the
     /// status: the gateway answers it, the broker never sees it. None
     /// without a certificate or a clock, which a session always has.
@@ -575,29 +748,24 @@ impl Inspector {
         let mut buf = [0u8; 64];
         let payload = Bytes::copy_from_slice(message::encode(&status, &mut buf).ok()?);
         let mut out = BytesMut::new();
-        match self.version {
-            Version::V311 => {
-                let ack = v4::SubAck::new(
-                    pkid,
-                    vec![v4::SubscribeReasonCode::Success(mqttbytes::QoS::AtMostOnce)],
-                );
-                out.extend_from_slice(&encode_v4(v4::Packet::SubAck(ack)));
-                let publish =
-                    v4::Publish::from_bytes(CERT_STATUS, mqttbytes::QoS::AtMostOnce, payload);
-                out.extend_from_slice(&encode_v4(v4::Packet::Publish(publish)));
-            }
-            Version::V5 => {
-                let ack = v5::SubAck {
-                    pkid,
-                    return_codes: vec![v5::SubscribeReasonCode::Success(QoS::AtMostOnce)],
-                    properties: None,
-                };
-                out.extend_from_slice(&encode_v5(v5::Packet::SubAck(ack)));
-                let publish = v5::Publish::new(CERT_STATUS, QoS::AtMostOnce, payload, None);
-                out.extend_from_slice(&encode_v5(v5::Packet::Publish(publish)));
-            }
-        }
+        out.extend_from_slice(&self.suback_qos0(pkid));
+        out.extend_from_slice(&self.publish_qos0(CERT_STATUS, payload));
         Some(out.freeze())
+    }
+
+    /// A SUBACK granting one filter at QoS 0.
+    fn suback_qos0(&self, pkid: u16) -> Bytes {
+        match self.version {
+            Version::V311 => encode_v4(v4::Packet::SubAck(v4::SubAck::new(
+                pkid,
+                vec![v4::SubscribeReasonCode::Success(mqttbytes::QoS::AtMostOnce)],
+            ))),
+            Version::V5 => encode_v5(v5::Packet::SubAck(v5::SubAck {
+                pkid,
+                return_codes: vec![v5::SubscribeReasonCode::Success(QoS::AtMostOnce)],
+                properties: None,
+            })),
+        }
     }
 
     /// An UNSUBSCRIBE goes to the broker with a PINGREQ of the gateway's

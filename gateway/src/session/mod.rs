@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use twofold_protocol::Principal;
-use twofold_protocol::message::{self, CertStatus};
-use twofold_protocol::topic::CERT_STATUS;
+use twofold_protocol::message::{self, CertAnswer, CertStatus, RenewRefusal, RenewRequest};
+use twofold_protocol::topic::{CERT_ANSWER, CERT_COMMIT, CERT_PREFIX, CERT_RENEW, CERT_STATUS};
 
 use crate::audit::{Audit, Event, EventKind, Presence};
 use crate::broker::{BrokerTarget, Credential, UpstreamTls};
@@ -57,7 +57,7 @@ use from_broker::*;
 use inspect::*;
 pub use inspect::{Inspector, MAX_REFUSALS, shown};
 use order::*;
-pub use task::run;
+pub use task::{Backends, run};
 /// Who is connected, as established by the handshake.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -89,6 +89,64 @@ impl CertLife {
         let since = now.saturating_duration_since(self.at).as_secs();
         self.unix
             .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+    }
+}
+
+/// What a device asked of the CA through its session, for the shell to
+/// take to the CA service ([`crate::renewal::CaClient`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertRequest {
+    /// Renew the session's certificate: with the same key, or for the
+    /// key of a PKCS#10 CSR (DER).
+    Renew {
+        request_id: String,
+        csr: Option<Vec<u8>>,
+    },
+    /// The session's certificate is a renewed one the device has stored:
+    /// supersede its predecessor.
+    Commit,
+}
+
+impl CertRequest {
+    /// The request id, empty for a commit.
+    pub fn request_id(&self) -> &str {
+        match self {
+            CertRequest::Renew { request_id, .. } => request_id,
+            CertRequest::Commit => "",
+        }
+    }
+}
+
+/// The CA's answer to a [`CertRequest`], as the device gets it on
+/// [`CERT_ANSWER`] ([`CertAnswer`], owned).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertReply {
+    Issued {
+        request_id: String,
+        /// The new certificate's DER, then its CA's.
+        certs: Vec<u8>,
+    },
+    Refused {
+        request_id: String,
+        code: RenewRefusal,
+        retry_after: u32,
+        reason: String,
+    },
+    Committed {
+        serial: Vec<u8>,
+    },
+}
+
+impl CertReply {
+    /// The bytes its fields carry.
+    fn len(&self) -> usize {
+        match self {
+            CertReply::Issued { request_id, certs } => request_id.len() + certs.len(),
+            CertReply::Refused {
+                request_id, reason, ..
+            } => request_id.len() + reason.len(),
+            CertReply::Committed { serial } => serial.len(),
+        }
     }
 }
 
@@ -176,7 +234,7 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
             Action::ToDevice(bytes) => out.answered.push(bytes),
             Action::Refused(reason, _) => out.refusals.push(reason),
             Action::Close(_) => out.closed = true,
-            Action::Relayed { .. } => {}
+            Action::Relayed { .. } | Action::Cert(_) => {}
         }
     }
     out
@@ -199,6 +257,9 @@ pub enum Action {
     },
     /// The session is over; the reason, when neither side simply closed.
     Close(Option<String>),
+    /// Take this to the CA; its answer comes back through
+    /// [`Session::handle_cert_reply`].
+    Cert(CertRequest),
 }
 
 /// A device's MQTT session once the broker has accepted its CONNECT, as a
@@ -297,6 +358,7 @@ impl Session {
             );
         }
         actions.extend(out.into_iter().map(Action::ToDevice));
+        actions.extend(self.inspector.cert_requests.drain(..).map(Action::Cert));
         // Refusals are audited before the batch reaches the broker: a
         // failed broker write cannot skip them.
         actions.extend(refused.into_iter().map(|(r, d)| Action::Refused(r, d)));
@@ -403,6 +465,26 @@ impl Session {
             ));
             self.close(None, &mut actions);
         }
+        actions
+    }
+
+    /// The CA answered the session's [`CertRequest`]: the device gets it
+    /// on [`CERT_ANSWER`], after what it is already owed.
+    pub fn handle_cert_reply(&mut self, reply: CertReply) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.inspector.cert_in_flight = false;
+        if self.closed {
+            return actions;
+        }
+        let mut out = Vec::new();
+        self.order.take(
+            Out::Gateway {
+                packet: self.inspector.cert_answer(&reply),
+                after: self.sent,
+            },
+            &mut out,
+        );
+        actions.extend(out.into_iter().map(Action::ToDevice));
         actions
     }
 
@@ -1016,5 +1098,202 @@ mod tests {
         // Half a CONNECT: nothing decided yet.
         let half = screen(&me, &connect[..connect.len() / 2], 1024);
         assert!(half.refusals.is_empty() && !half.closed && half.version.is_none());
+    }
+
+    fn cert_publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Bytes {
+        let mut p = v5::Publish::new(topic, qos, payload.to_vec(), None);
+        p.pkid = pkid;
+        encode_v5(v5::Packet::Publish(p))
+    }
+
+    fn renew_request(id: &str) -> Vec<u8> {
+        let mut buf = [0u8; 128];
+        let request = RenewRequest {
+            request_id: id,
+            csr: None,
+        };
+        message::encode(&request, &mut buf).unwrap().to_vec()
+    }
+
+    /// The CERT_ANSWER PUBLISHes among `bytes`, decoded.
+    fn answers(bytes: &[u8]) -> Vec<CertReply> {
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Ok(Some(frame)) = next_frame(&mut buf, usize::MAX) {
+            let frame = frame.freeze();
+            let header = v5::check(frame.iter(), None).unwrap();
+            if frame[0] >> 4 != 3 {
+                continue;
+            }
+            let p = v5::Publish::read(header, frame).unwrap();
+            assert_eq!(p.topic, CERT_ANSWER);
+            out.push(match message::decode::<CertAnswer>(&p.payload).unwrap() {
+                CertAnswer::Issued { request_id, certs } => CertReply::Issued {
+                    request_id: request_id.into(),
+                    certs: certs.to_vec(),
+                },
+                CertAnswer::Refused {
+                    request_id,
+                    code,
+                    retry_after,
+                    reason,
+                } => CertReply::Refused {
+                    request_id: request_id.into(),
+                    code,
+                    retry_after,
+                    reason: reason.into(),
+                },
+                CertAnswer::Committed { serial } => CertReply::Committed {
+                    serial: serial.to_vec(),
+                },
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn a_renew_request_goes_to_the_ca_and_never_to_the_broker() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        let mut buf = BytesMut::from(
+            &cert_publish(CERT_RENEW, QoS::AtLeastOnce, 7, &renew_request("r1"))[..],
+        );
+        let actions = session.handle_device(&mut buf, t0);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::ToBroker(_))),
+            "{actions:?}"
+        );
+        let ack = encode_v5(v5::Packet::PubAck(v5::PubAck {
+            pkid: 7,
+            reason: v5::PubAckReason::Success,
+            properties: None,
+        }));
+        assert_eq!(to_device(&actions), ack.to_vec());
+        assert_eq!(
+            actions.last(),
+            Some(&Action::Cert(CertRequest::Renew {
+                request_id: "r1".into(),
+                csr: None
+            }))
+        );
+        // A second request before the answer: busy, and no second call.
+        let mut buf =
+            BytesMut::from(&cert_publish(CERT_RENEW, QoS::AtMostOnce, 0, &renew_request("r2"))[..]);
+        let actions = session.handle_device(&mut buf, t0);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Cert(_))),
+            "{actions:?}"
+        );
+        match &answers(&to_device(&actions))[..] {
+            [
+                CertReply::Refused {
+                    request_id,
+                    code: RenewRefusal::Busy,
+                    ..
+                },
+            ] => {
+                assert_eq!(request_id, "r2")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The CA's answer reaches the device; then the next request may go.
+        let issued = CertReply::Issued {
+            request_id: "r1".into(),
+            certs: vec![0x30, 0x00],
+        };
+        let actions = session.handle_cert_reply(issued.clone());
+        assert_eq!(answers(&to_device(&actions)), [issued]);
+        let mut buf = BytesMut::from(&cert_publish(CERT_COMMIT, QoS::AtMostOnce, 0, b"")[..]);
+        let actions = session.handle_device(&mut buf, t0);
+        assert_eq!(actions, [Action::Cert(CertRequest::Commit)]);
+    }
+
+    #[test]
+    fn the_ca_answer_waits_for_the_brokers_answers_to_earlier_publishes() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&v5_publish("devices/sensor-1/telemetry", 1));
+        buf.extend_from_slice(&cert_publish(
+            CERT_RENEW,
+            QoS::AtMostOnce,
+            0,
+            &renew_request("r1"),
+        ));
+        session.handle_device(&mut buf, t0);
+        let refused = CertReply::Refused {
+            request_id: "r1".into(),
+            code: RenewRefusal::NotDue,
+            retry_after: 0,
+            reason: "not due".into(),
+        };
+        let actions = session.handle_cert_reply(refused.clone());
+        assert!(
+            to_device(&actions).is_empty(),
+            "overtook PUBACK 1: {actions:?}"
+        );
+        let mut from_broker = BytesMut::from(&puback(1)[..]);
+        let out = to_device(&session.handle_broker(&mut from_broker));
+        assert!(out.starts_with(&puback(1)), "PUBACK 1 first");
+        assert_eq!(answers(&out), [refused]);
+    }
+
+    #[test]
+    fn malformed_and_foreign_cert_topics_are_answered_or_refused() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let mut session = v5_session(&me, 0, t0);
+        // Not a renew request: a specific refusal, the session goes on.
+        let mut buf =
+            BytesMut::from(&cert_publish(CERT_RENEW, QoS::AtMostOnce, 0, b"\xff\xff")[..]);
+        let actions = session.handle_device(&mut buf, t0);
+        match &answers(&to_device(&actions))[..] {
+            [
+                CertReply::Refused {
+                    code: RenewRefusal::BadRequest,
+                    reason,
+                    ..
+                },
+            ] => {
+                assert!(reason.contains("not a renew request"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!session.is_closed());
+        // Publishing on the gateway's own answer topic is refused.
+        let mut buf = BytesMut::from(&cert_publish(CERT_ANSWER, QoS::AtLeastOnce, 3, b"x")[..]);
+        let actions = session.handle_device(&mut buf, t0);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Refused(Reason::PolicyDenied, d) if d.contains("reserved for the gateway"))),
+            "{actions:?}"
+        );
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::ToBroker(_) | Action::Cert(_)))
+        );
+        // QoS 2 is not offered for renewal.
+        let mut buf = BytesMut::from(
+            &cert_publish(CERT_RENEW, QoS::ExactlyOnce, 4, &renew_request("r1"))[..],
+        );
+        let actions = session.handle_device(&mut buf, t0);
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, Action::Refused(_, d) if d.contains("QoS 2"))),
+            "{actions:?}"
+        );
+        // MQTT 3.1.1 has no negative PUBACK: the session closes, audited.
+        let mut v4_session = Session::new(Version::V311, me, 1024, Quirks::EMBEDDED, 0, t0);
+        let mut p = v4::Publish::new(CERT_STATUS, mqttbytes::QoS::AtMostOnce, "x");
+        p.pkid = 0;
+        let mut buf = BytesMut::from(&encode_v4(v4::Packet::Publish(p))[..]);
+        let actions = v4_session.handle_device(&mut buf, t0);
+        assert!(
+            matches!(actions.last(), Some(Action::Close(_))),
+            "{actions:?}"
+        );
     }
 }

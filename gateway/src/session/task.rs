@@ -118,13 +118,20 @@ async fn connect_upstream(
     })
 }
 
+/// What a session talks to besides its device.
+pub struct Backends {
+    pub broker: BrokerTarget,
+    /// The CA service renewals go to, if the gateway has one.
+    pub ca: Option<Arc<crate::renewal::CaClient>>,
+}
+
 /// The most bytes of queued messages joined into one write to a device.
 pub(super) const WRITE_BATCH: usize = 16 * 1024;
 /// Runs a session to its end. Every refusal is audited exactly once.
 pub async fn run<S>(
     stream: S,
     peer: Peer,
-    broker: BrokerTarget,
+    backends: Backends,
     limits: Limits,
     audit: Audit,
     mut tls: watch::Receiver<Arc<TlsContext>>,
@@ -132,6 +139,7 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Backends { broker, ca } = backends;
     let refuse = |reason: Reason, detail: String, client_id: Option<&str>| {
         let mut e = Event::refused(peer.addr, reason, detail)
             .with_certificate(Some(peer.cert.clone()))
@@ -282,6 +290,9 @@ pub async fn run<S>(
     let writer = tokio::spawn(device_writer(wr, outbox));
     let mut device_reads = Reads::new();
     let mut watching = true;
+    // The CA's answer to the session's renew request or commit, if one
+    // is with it (the session allows one at a time).
+    let mut with_ca: Option<CaCall> = None;
     // Bytes the broker sent after its CONNACK come first.
     let mut actions = session.handle_broker(&mut up_buf);
     // Why the session ended, when neither side simply closed it.
@@ -310,6 +321,9 @@ pub async fn run<S>(
                 Action::Close(why) => {
                     ended = why;
                     break 'session;
+                }
+                Action::Cert(request) => {
+                    with_ca = Some(Box::pin(ask_ca(ca.clone(), peer.clone(), request)));
                 }
             }
         }
@@ -344,6 +358,10 @@ pub async fn run<S>(
                 }
             }
             _ = silence => session.handle_timeout(Instant::now()),
+            reply = async { with_ca.as_mut().expect("guarded").await }, if with_ca.is_some() => {
+                with_ca = None;
+                session.handle_cert_reply(reply)
+            }
         };
     }
     metrics.session_ended(peer.cert.not_after);
@@ -383,6 +401,46 @@ pub async fn run<S>(
         event = event.with_detail(why);
     }
     audit.record(&event);
+}
+
+/// The CA's answer on its way; boxed, so that an idle session carries
+/// one pointer for it.
+type CaCall = std::pin::Pin<Box<dyn std::future::Future<Output = CertReply> + Send>>;
+
+/// Takes `request` of `peer` to the CA service.
+async fn ask_ca(
+    ca: Option<Arc<crate::renewal::CaClient>>,
+    peer: Peer,
+    request: CertRequest,
+) -> CertReply {
+    let Some(ca) = ca else {
+        return CertReply::Refused {
+            request_id: request.request_id().to_owned(),
+            code: RenewRefusal::Unavailable,
+            retry_after: 3600,
+            reason: "this gateway renews no certificates (no [ca_service] configured); \
+                     re-enroll the device before its certificate expires"
+                .into(),
+        };
+    };
+    let kind = match &request {
+        CertRequest::Renew { csr: None, .. } => "renew",
+        CertRequest::Renew { csr: Some(_), .. } => "rekey",
+        CertRequest::Commit => "commit",
+    };
+    let reply = ca.call(&peer.identity, &peer.cert.serial, request).await;
+    match &reply {
+        CertReply::Issued { request_id, .. } => {
+            tracing::info!(identity = %peer.identity, kind, request_id, "certificate issued");
+        }
+        CertReply::Committed { .. } => {
+            tracing::info!(identity = %peer.identity, "renewed certificate committed");
+        }
+        CertReply::Refused { code, reason, .. } => {
+            tracing::info!(identity = %peer.identity, kind, ?code, reason, "renewal refused");
+        }
+    }
+    reply
 }
 
 /// Publishes a will on the embedded broker after its delay, unless the
