@@ -15,7 +15,7 @@
 //! - `POST /v1/renew` `{"request_id", "csr"?, "identity"?, "serial"?}`:
 //!   `200 {"status":"issued", "serial", "not_after", "chain", "repeated"}`
 //!   or `4xx {"status":"refused", "code", "reason", "retry_after"?}`;
-//! - `POST /v1/commit` `{"serial", "identity"?}`: `200 {"status":"committed"}`;
+//! - `POST /v1/commit` `{"serial", "identity"?}`: `200 {"status":"committed", "serial", "changed"}`;
 //! - `GET /v1/crl`: the device CA's CRL, PEM.
 
 use std::collections::{HashMap, HashSet};
@@ -525,6 +525,7 @@ async fn commit(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full
         Err(r) => return *r,
     };
     let core = state.clone();
+    let committed = serial.to_string();
     let outcome = tokio::task::spawn_blocking(move || {
         let mut pki = core
             .pki
@@ -536,7 +537,7 @@ async fn commit(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full
     match outcome {
         Ok(Ok(Ok(changed))) => json(
             StatusCode::OK,
-            serde_json::json!({"status": "committed", "changed": changed}),
+            serde_json::json!({"status": "committed", "serial": committed, "changed": changed}),
         ),
         Ok(Ok(Err(RenewError::Refused(r)))) => refused(status_of(&r), r.code(), &r),
         Ok(Ok(Err(RenewError::Failed(e)))) => refused(StatusCode::SERVICE_UNAVAILABLE, "failed", e),
