@@ -1243,3 +1243,146 @@ fn the_gateway_answers_a_subscription_to_the_certificate_status() {
             .contains("$twofold")
     );
 }
+
+/// Publishes `payload` on `topic` (MQTT 5, QoS 1) and returns the answer
+/// on the certificate answer topic, after the PUBACK.
+fn ask_cert(c: &mut Raw, topic: &str, payload: &[u8], pkid: u16) -> Vec<u8> {
+    let mut p = v5::Publish::new(topic, QoS5::AtLeastOnce, payload.to_vec(), None);
+    p.pkid = pkid;
+    c.send(&v5_bytes(v5::Packet::Publish(p)));
+    match c.next() {
+        Got::V5(v5::Packet::PubAck(a)) => {
+            assert_eq!((a.pkid, a.reason), (pkid, v5::PubAckReason::Success))
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    // Renewal signs a certificate and writes the registry: allow it time.
+    c.tls
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    match c.next() {
+        Got::V5(v5::Packet::Publish(p)) if p.topic == twofold_protocol::topic::CERT_ANSWER => {
+            p.payload.to_vec()
+        }
+        other => panic!("expected the CA's answer, got {other:?}"),
+    }
+}
+
+fn renew_payload(id: &str) -> Vec<u8> {
+    let mut buf = [0u8; 128];
+    let request = twofold_protocol::message::RenewRequest {
+        request_id: id,
+        csr: None,
+    };
+    twofold_protocol::message::encode(&request, &mut buf)
+        .unwrap()
+        .to_vec()
+}
+
+/// The whole loop through real processes: a device renews inside its
+/// mTLS session, reconnects with the new certificate and commits; the CA
+/// service (a separate process holding the CA key) supersedes the old
+/// certificate; the old one may not renew again; a gateway that is not a
+/// registration authority, and one without a CA service, say so.
+#[test]
+fn a_device_renews_through_the_gateway_and_commits_the_new_certificate() {
+    use twofold_protocol::message::{CertAnswer, RenewRefusal, decode};
+    use twofold_protocol::topic::{CERT_COMMIT, CERT_RENEW};
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    fleet.service("gw");
+    fleet.service("other-gw");
+    let ca = CaService::start(&mut fleet, &["--ra", "gw", "--allow-early"]);
+    let gw = Gateway::start(&fleet, &ca.gateway_toml(&fleet, "gw"));
+
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    let answer = ask_cert(&mut c, CERT_RENEW, &renew_payload("r1"), 1);
+    let certs = match decode::<CertAnswer>(&answer).unwrap() {
+        CertAnswer::Issued { request_id, certs } => {
+            assert_eq!(request_id, "r1");
+            certs.to_vec()
+        }
+        other => panic!("expected a certificate, got {other:?}"),
+    };
+    // The new leaf, then the device CA: DER back to back.
+    let (rest, leaf) = x509_parser::parse_x509_certificate(&certs).unwrap();
+    let (rest, issuer) = x509_parser::parse_x509_certificate(rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(leaf.issuer(), issuer.subject());
+    let san = leaf.subject_alternative_name().unwrap().unwrap();
+    assert_eq!(
+        format!("{:?}", san.value.general_names),
+        format!("[URI(\"spiffe://{TD}/device/sensor-1\")]")
+    );
+    let new_serial = leaf.raw_serial().to_vec();
+    drop(c);
+
+    // The device stores it beside the old one (same key) and reconnects.
+    let renewed = fleet.path("sensor-1-renewed");
+    std::fs::create_dir_all(&renewed).unwrap();
+    let pem = |der: &[u8]| pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()));
+    let chain = format!("{}{}", pem(leaf.as_ref()), pem(issuer.as_ref()));
+    std::fs::write(renewed.join("device.pem"), chain).unwrap();
+    std::fs::copy(&dev.key, renewed.join("device.key")).unwrap();
+    let new = Identity {
+        cert: renewed.join("device.pem"),
+        key: renewed.join("device.key"),
+        dir: renewed,
+    };
+    let (mut c, _) = Raw::connect(&fleet, &gw, &new, V::V5, "sensor-1", true, 60);
+    let answer = ask_cert(&mut c, CERT_COMMIT, b"", 2);
+    match decode::<CertAnswer>(&answer).unwrap() {
+        CertAnswer::Committed { serial } => assert_eq!(serial, &new_serial[..]),
+        other => panic!("expected the commit, got {other:?}"),
+    }
+    drop(c);
+    let principal = twofold_protocol::Principal::Device("sensor-1".parse().unwrap());
+    let history = fleet.pki.history(&principal).unwrap();
+    let old = history
+        .iter()
+        .find(|r| r.serial.as_bytes() != new_serial)
+        .unwrap();
+    assert_eq!(
+        old.revocation.map(|r| r.reason),
+        Some(twofold_provisioning::registry::RevocationReason::Superseded)
+    );
+
+    // The old certificate still passes this gateway's TLS (its CRL file is
+    // not updated here), but the CA refuses it: only the newest renews.
+    let (mut c, _) = Raw::connect(&fleet, &gw, &dev, V::V5, "sensor-1", true, 60);
+    let answer = ask_cert(&mut c, CERT_RENEW, &renew_payload("r2"), 3);
+    match decode::<CertAnswer>(&answer).unwrap() {
+        CertAnswer::Refused { code, reason, .. } => {
+            assert_eq!(code, RenewRefusal::NotLatest);
+            assert!(reason.contains("not the newest"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(c);
+
+    // A gateway whose service identity is not a registration authority.
+    let rogue = Gateway::start(&fleet, &ca.gateway_toml(&fleet, "other-gw"));
+    let (mut c, _) = Raw::connect(&fleet, &rogue, &new, V::V5, "sensor-1", true, 60);
+    let answer = ask_cert(&mut c, CERT_RENEW, &renew_payload("r3"), 4);
+    match decode::<CertAnswer>(&answer).unwrap() {
+        CertAnswer::Refused { code, reason, .. } => {
+            assert_eq!(code, RenewRefusal::Unavailable);
+            assert!(reason.contains("not a registration authority"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    drop(c);
+
+    // A gateway without a CA service.
+    let plain = Gateway::start(&fleet, "");
+    let (mut c, _) = Raw::connect(&fleet, &plain, &new, V::V5, "sensor-1", true, 60);
+    let answer = ask_cert(&mut c, CERT_RENEW, &renew_payload("r4"), 5);
+    match decode::<CertAnswer>(&answer).unwrap() {
+        CertAnswer::Refused { code, reason, .. } => {
+            assert_eq!(code, RenewRefusal::Unavailable);
+            assert!(reason.contains("no [ca_service]"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

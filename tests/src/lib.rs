@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod ca_service;
 pub mod fleet;
 pub mod gateway;
 pub mod mqtt;
@@ -15,6 +16,7 @@ pub use agent::{
     TelemetryAccount, account_telemetry, agent, agent_config, agent_doctor, agent_with,
     assert_doctor_line, run_agent,
 };
+pub use ca_service::CaService;
 pub use fleet::{
     Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
     mint_with,
