@@ -6,7 +6,6 @@
 //! in force; the file's watcher ([`crate::identity::watch_server_crl`])
 //! then takes it, as it would a file the operator copied over.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -128,26 +127,9 @@ pub fn once(url: &str, paths: &IdentityPaths, floor: &CrlHistory) -> Result<Fetc
     }
     // Written beside the file and renamed over it, so the watcher never
     // reads half of it.
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".fetched");
-    let fetched = path.with_file_name(name);
-    write_synced(&fetched, &served.pem)
-        .and_then(|()| std::fs::rename(&fetched, path))
-        .and_then(|()| match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-            _ => Ok(()),
-        })
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&fetched);
-            format!("{}: {e}", path.display())
-        })?;
+    crate::files::replace(path, &served.pem, 0o644)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(Fetched::Replaced {
         number: served.number,
     })
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod crl_fetch;
 pub mod doctor;
+pub mod files;
 pub mod gateway_cert;
 pub mod identity;
 pub mod keygen;
