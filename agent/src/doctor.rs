@@ -251,7 +251,8 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
             let id = identity::device_of(&chain[0], &paths.cert)
                 .map(|(id, _)| id.as_str().to_owned())
                 .unwrap_or_default();
-            validity(leaf, &id, now, report)
+            validity(leaf, &id, now, report);
+            renewal(paths, now, report);
         }
         None => report.skip("validity"),
     }
@@ -411,6 +412,37 @@ fn validity<W: Write>(leaf: &X509Certificate<'_>, id: &str, now: i64, report: &m
             ),
             SYNC_CLOCK,
         ),
+    }
+}
+
+/// Where renewal through the gateway stands: when it is due (as the
+/// gateway last said), the last attempt and the last answer.
+fn renewal<W: Write>(paths: &IdentityPaths, now: i64, report: &mut Report<W>) {
+    let state = crate::renew::Renewal::read_state(paths);
+    let mut said = Vec::new();
+    match state.due {
+        Some(due) if due <= now => said.push(format!("due since {}", date(due))),
+        Some(due) => said.push(format!("due {}", date(due))),
+        None => said.push("not scheduled yet (the gateway has not sent a status)".into()),
+    }
+    if let Some(at) = state.last_attempt {
+        said.push(format!("last attempt {}", date(at)));
+    }
+    if let Some(answer) = &state.last_answer {
+        said.push(format!("last answer: {answer}"));
+    }
+    if state.request_id.is_some() {
+        said.push("a request is out".into());
+    }
+    let refused = state.last_answer.as_deref().is_some_and(|a| {
+        a.starts_with("refused (Revoked")
+            || a.starts_with("refused (NotLatest")
+            || a.starts_with("refused (Expired")
+    });
+    if refused {
+        report.add("renewal", Verdict::Warn, said.join("; "), RE_ENROLL);
+    } else {
+        report.ok("renewal", said.join("; "));
     }
 }
 

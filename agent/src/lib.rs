@@ -14,5 +14,6 @@ pub mod identity;
 pub mod keygen;
 pub mod link;
 pub mod queue;
+pub mod renew;
 pub mod run;
 pub mod telemetry;

@@ -19,11 +19,14 @@ use rumqttc::{
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio::time::timeout;
+use twofold_protocol::message::{self, CertStatus};
+use twofold_protocol::topic::{CERT_ANSWER, CERT_COMMIT, CERT_RENEW, CERT_STATUS};
 use twofold_protocol::{Backoff, Channel, Topic};
 
 use crate::gateway_cert::{self, GatewayRefusal};
 use crate::identity::DeviceIdentity;
 use crate::queue::Queue;
+use crate::renew::{Next, Renewal};
 
 /// Messages sent and not yet acknowledged, at most.
 const WINDOW: usize = 32;
@@ -49,7 +52,23 @@ pub struct Link {
     pub reconnect_max: Duration,
     /// Payloads that arrived on the commands topic.
     pub commands: mpsc::Sender<Vec<u8>>,
+    /// The certificate's renewal through the gateway.
+    pub renewal: Arc<Renewal>,
 }
+
+/// Why the link stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The agent is stopping.
+    Shutdown,
+    /// A renewal changed the certificate to connect with: the agent loads
+    /// its identity again and starts a new link.
+    Renewed,
+}
+
+/// The queue position recorded for the agent's own PUBLISHes (renewal),
+/// which the queue does not hold.
+const OWN: i64 = -1;
 
 /// The backoff delays, `protocol`'s [`Backoff`] (the microcontroller
 /// agent's too): exponential from `min` up to `max`, each drawn from
@@ -93,14 +112,14 @@ impl Link {
         Topic::new(self.identity.id, channel).to_string()
     }
 
-    /// Runs until `shutdown` turns true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true, or a renewal needs a new link.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> End {
         let mut delays = backoff(self.reconnect_min, self.reconnect_max);
         loop {
             let started = Instant::now();
             let ended = self.session(&mut shutdown).await;
             let error = match ended {
-                Ok(()) => return,
+                Ok(end) => return end,
                 Err(e) => e,
             };
             if started.elapsed() >= STABLE {
@@ -117,18 +136,27 @@ impl Link {
             );
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return End::Shutdown,
             }
         }
     }
 
-    /// One connection, from CONNECT to its end. `Ok` only on shutdown.
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<(), String> {
+    /// One connection, from CONNECT to its end. `Ok` on shutdown, or
+    /// when a renewal asks for a new link.
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<End, String> {
         let mut tls = self.tls.clone();
         let config = tls.borrow_and_update().clone();
         let (client, mut events) = AsyncClient::new(self.options(config), WINDOW * 2 + 16);
+        let staged = self.renewal.staged();
         match timeout(Duration::from_secs(30), connack(&mut events)).await {
             Ok(Ok(())) => {}
+            // The gateway (or this agent) refused the renewed certificate
+            // in the handshake: back to the one in force. An unreachable
+            // gateway says nothing about the certificate.
+            Ok(Err(e)) if staged && !matches!(e, ConnectionError::Io(_)) => {
+                self.renewal.roll_back(&describe(&e));
+                return Ok(End::Renewed);
+            }
             Ok(Err(e)) => return Err(describe(&e)),
             Err(_) => return Err("no CONNACK within 30 s".into()),
         }
@@ -140,12 +168,26 @@ impl Link {
         client
             .try_subscribe(&commands_topic, QoS::AtLeastOnce)
             .map_err(|e| e.to_string())?;
+        // The gateway says where the certificate is in its life; its
+        // answers to renew requests and commits come unasked.
+        client
+            .try_subscribe(CERT_STATUS, QoS::AtMostOnce)
+            .map_err(|e| e.to_string())?;
 
         // Queue positions handed to rumqttc, in order, until it assigns
         // each a packet id; then by packet id until the PUBACK.
         let mut handed: VecDeque<i64> = VecDeque::new();
         let mut inflight: HashMap<u16, i64> = HashMap::new();
         let mut cursor = 0i64;
+        // Connected with a renewed pair: it works, so commit it.
+        if staged {
+            client
+                .try_publish(CERT_COMMIT, QoS::AtLeastOnce, false, Vec::new())
+                .map_err(|e| e.to_string())?;
+            handed.push_back(OWN);
+        }
+        // When to ask for a new certificate, once the status has said.
+        let mut renew_at: Option<Instant> = None;
         loop {
             let room = WINDOW.saturating_sub(handed.len() + inflight.len());
             if room > 0 {
@@ -169,8 +211,23 @@ impl Link {
                         }
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        if let Some(seq) = inflight.remove(&ack.pkid) {
+                        if let Some(seq) = inflight.remove(&ack.pkid).filter(|s| *s != OWN) {
                             self.queue.remove(seq).map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == CERT_STATUS => {
+                        renew_at = self.schedule(&p.payload, staged);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == CERT_ANSWER => {
+                        match self.renewal.answer(&p.payload) {
+                            Next::Reconnect => {
+                                self.disconnect(&client, &mut events, &commands_topic).await;
+                                return Ok(End::Renewed);
+                            }
+                            Next::RetryIn(secs) => {
+                                renew_at = Some(Instant::now() + Duration::from_secs(secs));
+                            }
+                            Next::Stop => renew_at = None,
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == commands_topic => {
@@ -190,16 +247,65 @@ impl Link {
                     Err(e) => return Err(describe(&e)),
                 },
                 _ = self.wake.notified() => {}
+                _ = sleep_until(renew_at) => {
+                    renew_at = None;
+                    match self.renewal.request() {
+                        Ok(payload) => {
+                            client
+                                .try_publish(CERT_RENEW, QoS::AtLeastOnce, false, payload)
+                                .map_err(|e| e.to_string())?;
+                            handed.push_back(OWN);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot make a renew request; trying again in an hour");
+                            renew_at = Some(Instant::now() + Duration::from_secs(3600));
+                        }
+                    }
+                }
                 Ok(()) = tls.changed() => {
                     self.disconnect(&client, &mut events, &commands_topic).await;
                     return Err("the server CRL changed: reconnecting to check the gateway against it".into());
                 }
                 _ = shutdown.changed() => {
                     self.disconnect(&client, &mut events, &commands_topic).await;
-                    return Ok(());
+                    return Ok(End::Shutdown);
                 }
             }
         }
+    }
+}
+
+impl Link {
+    /// When to ask for renewal, from the gateway's status: its seconds,
+    /// counted on this machine's monotonic clock. Not while a renewed
+    /// pair awaits commit.
+    fn schedule(&self, payload: &[u8], staged: bool) -> Option<Instant> {
+        let status = match message::decode::<CertStatus>(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "not a certificate status; ignored");
+                return None;
+            }
+        };
+        let due = i64::try_from(status.now.saturating_add(status.renew_in)).unwrap_or(i64::MAX);
+        self.renewal.set_due(due);
+        if staged {
+            return None;
+        }
+        tracing::info!(
+            renew_in = status.renew_in,
+            expires_in = status.expires_in,
+            "certificate status from the gateway"
+        );
+        Some(Instant::now() + Duration::from_secs(status.renew_in))
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -9,13 +9,30 @@ use twofold_protocol::{Channel, Topic};
 use crate::commands;
 use crate::config::Config;
 use crate::identity::{self, Expiry};
-use crate::link::Link;
+use crate::link::{End, Link};
 use crate::queue::Queue;
+use crate::renew::Renewal;
 use crate::telemetry::{self, Sampler};
 
-/// Runs the agent until `shutdown` turns true.
+/// Runs the agent until `shutdown` turns true. A renewal that changes
+/// the certificate to connect with starts the agent's tasks again, on the
+/// identity then on disk; the queue carries over untouched.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let me = identity::load(&config.identity)?;
+    loop {
+        match run_once(&config, shutdown.clone()).await? {
+            End::Shutdown => return Ok(()),
+            End::Renewed => continue,
+        }
+    }
+}
+
+async fn run_once(config: &Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<End> {
+    let paths = Renewal::recover(&config.identity).map_err(|e| anyhow::anyhow!(e))?;
+    let me = identity::load(&paths)?;
+    let trust_domain = twofold_protocol::Identity::parse(&me.uri)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", paths.cert.display()))?
+        .trust_domain;
+    let renewal = Arc::new(Renewal::new(&config.identity, me.id, trust_domain));
     let device = me.id.as_str().to_owned();
     if let Some(dir) = config.queue_path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -77,6 +94,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max,
         commands: commands_tx,
+        renewal,
     };
     let link = tokio::spawn(link.run(shutdown.clone()));
 
@@ -168,13 +186,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         }
     });
 
-    let _ = link.await;
+    let end = link.await.unwrap_or(End::Shutdown);
     for task in [telemetry, runner, api, expiry, crl_watch, crl_fetch] {
         task.abort();
     }
     let _ = std::fs::remove_file(&config.socket);
-    tracing::info!(queued = queue.len().unwrap_or(0), "agent stopped");
-    Ok(())
+    if end == End::Shutdown {
+        tracing::info!(queued = queue.len().unwrap_or(0), "agent stopped");
+    }
+    Ok(end)
 }
 
 fn check_expiry(me: &identity::DeviceIdentity) {

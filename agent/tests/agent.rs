@@ -225,3 +225,105 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
     assert!(t.generated >= 3, "only {} telemetry samples", t.generated);
     assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
 }
+
+/// Short-lived certificates as the normal case: a device whose
+/// certificate lives one minute runs through four renewals (rekey, each
+/// committed) with QoS 1 telemetry flowing, and nothing is lost.
+#[test]
+fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
+    use twofold_protocol::{DeviceId, Principal};
+    use twofold_provisioning::renewal::{NewKey, RenewOptions, RenewRequest};
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-r");
+    fleet.service("gw");
+    // The device starts on a one-minute certificate (same key).
+    let principal = Principal::Device(DeviceId::parse("pi-r").unwrap());
+    let enrolled = fleet.pki.history(&principal).unwrap().remove(0);
+    let ca_key = fleet.pki.device_issuer().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let short = fleet
+        .pki
+        .renew(
+            &ca_key,
+            RenewRequest {
+                principal,
+                presented: enrolled.serial,
+                request_id: "test-seed".into(),
+                key: NewKey::Same,
+            },
+            RenewOptions {
+                lifetime: time::Duration::seconds(60),
+                enforce_due: false,
+            },
+            now,
+        )
+        .unwrap();
+    fleet
+        .pki
+        .commit_renewal(&ca_key, &principal, &short.record.serial, now)
+        .unwrap();
+    std::fs::write(&dev.cert, &short.chain_pem).unwrap();
+
+    let ca = CaService::start(
+        &mut fleet,
+        &["--ra", "gw", "--lifetime", "60s", "--rate-limit", "100"],
+    );
+    let relay = Relay::start(&fleet, "devices/pi-r/#", "renewal");
+    let port = free_port();
+    let _gw = Gateway::start_on(
+        &fleet,
+        port,
+        &format!("{}\n{}", relay.config, ca.gateway_toml(&fleet, "gw")),
+    );
+    let mut agent_proc = agent(
+        &fleet,
+        "pi-r",
+        &dev,
+        port,
+        "[telemetry]\ninterval_secs = 1\n",
+    );
+    let committed = |p: &Proc| p.log().matches("renewed certificate committed").count();
+    // Each certificate is due about 40 s after it was issued.
+    let renewed = wait_until(300, || committed(&agent_proc) >= 4);
+    let history = fleet.pki.history(&principal).unwrap();
+    println!(
+        "renewal test: {} commits in the agent's log, {} certificates in the registry",
+        committed(&agent_proc),
+        history.len()
+    );
+    assert!(renewed, "fewer than four renewals:\n{}", agent_proc.log());
+    // Every renewal was a rekey: no two certificates share a key (but the
+    // enrolled one and the test's one-minute one, newest first).
+    let mut keys: Vec<Vec<u8>> = history
+        .iter()
+        .take(history.len() - 1)
+        .map(|r| {
+            let (_, c) = x509_parser::parse_x509_certificate(&r.der).unwrap();
+            c.public_key().raw.to_vec()
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), history.len() - 1, "a renewal kept its key");
+    // The predecessors were superseded as each new one was committed.
+    let superseded = history
+        .iter()
+        .filter(|r| {
+            r.revocation.is_some_and(|v| {
+                v.reason == twofold_provisioning::registry::RevocationReason::Superseded
+            })
+        })
+        .count();
+    assert!(
+        superseded >= 5,
+        "{superseded} superseded of {}",
+        history.len()
+    );
+
+    agent_proc.kill();
+    relay.sub.settle(30);
+    let t = account_telemetry(&fleet, "pi-r", "pi-r", &relay.sub.messages());
+    println!("renewal test, telemetry: {t:?}");
+    assert!(t.generated >= 100, "only {} telemetry samples", t.generated);
+    assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
+}

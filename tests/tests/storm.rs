@@ -19,6 +19,8 @@ use twofold_agent::config::IdentityPaths;
 use twofold_agent::identity;
 use twofold_agent::link::Link;
 use twofold_agent::queue::Queue;
+use twofold_agent::renew::Renewal;
+use twofold_protocol::TrustDomain;
 use twofold_tests::*;
 
 const DEVICES: usize = 2000;
@@ -93,14 +95,15 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
     let mut links = Vec::new();
     for n in 1..=DEVICES {
         let dir = fleet.path(&format!("storm/storm-{n:04}"));
-        let identity = identity::load(&IdentityPaths {
+        let paths = IdentityPaths {
             cert: dir.join("device.pem"),
             key: dir.join("device.key"),
             server_ca: dir.join("server-ca.pem"),
             server_crl: Some(dir.join("server-crl.pem")),
             server_crl_required: true,
-        })
-        .unwrap();
+        };
+        let identity = identity::load(&paths).unwrap();
+        let renewal = Renewal::new(&paths, identity.id, TrustDomain::parse(TD).unwrap());
         let (commands, inbox) = mpsc::channel(1);
         command_inboxes.push(inbox);
         let link = Link {
@@ -116,6 +119,7 @@ fn two_thousand_agents_dropped_by_a_restart_all_come_back_spread_out() {
             reconnect_min: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(300),
             commands,
+            renewal: Arc::new(renewal),
         };
         links.push(runtime.spawn(link.run(shutdown.clone())));
     }
