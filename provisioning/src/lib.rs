@@ -19,6 +19,7 @@ pub mod crl;
 pub mod csr;
 pub mod enrollment;
 pub mod error;
+pub mod est;
 pub mod keys;
 pub mod output;
 pub mod pki;

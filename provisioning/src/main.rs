@@ -200,6 +200,20 @@ enum Command {
         server: bool,
     },
 
+    /// Make a one-time token with which a device enrolls over EST.
+    ///
+    /// The device (or its installer) sends its id and this token as HTTP
+    /// Basic credentials to the CA service's /.well-known/est/simpleenroll
+    /// with a CSR for its own key (CN = the id). Only a hash of the token is
+    /// kept; it works once, within --days.
+    EstToken {
+        /// The device id the token enrolls.
+        id: String,
+        /// How long the token is valid, 1 to 30 days.
+        #[arg(long, default_value_t = 1)]
+        days: u32,
+    },
+
     /// Run the CA service: renewals over HTTPS with client certificates.
     ///
     /// Devices and services renew their own certificate; gateways renew on
@@ -704,6 +718,21 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 "wrote a fresh CRL to {} (and {})",
                 out.display(),
                 pki.dir().join(scope.file()).display()
+            );
+        }
+        Command::EstToken { id, days } => {
+            let id = device_id(id)?;
+            let mut pki = open(cli)?;
+            let token = pki.create_enrollment_token(
+                &id,
+                time::Duration::days(i64::from(*days)),
+                time::OffsetDateTime::now_utc(),
+            )?;
+            println!("{token}");
+            eprintln!(
+                "one-time EST enrollment token for {id}, valid {days} day(s): use it as the \
+                 password, with user {id}, at /.well-known/est/simpleenroll",
+                id = id.as_str()
             );
         }
         Command::Serve {

@@ -204,8 +204,11 @@ fn tls_config(config: &Config, device_ca_der: &[u8]) -> anyhow::Result<Arc<rustl
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(device_ca_der.to_vec()))?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    // EST's cacerts and token enrollment come without a client
+    // certificate; every other operation refuses a caller without one.
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
     let chain_pem = std::fs::read(&config.cert)
         .with_context(|| format!("cannot read {}", config.cert.display()))?;
     let chain = pem::parse_many(&chain_pem)
@@ -290,10 +293,6 @@ async fn handle(
     caller: Result<Caller, String>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let caller = match caller {
-        Ok(c) => c,
-        Err(e) => return refused(StatusCode::FORBIDDEN, "no-identity", e),
-    };
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -304,6 +303,14 @@ async fn handle(
                 format!("the body could not be read or is over {MAX_BODY} bytes: {e}"),
             );
         }
+    };
+    if let Some(operation) = parts.uri.path().strip_prefix(EST_PREFIX) {
+        return est(state, caller, &parts, operation, &body).await;
+    }
+    // The API below is for holders of a device CA certificate only.
+    let caller = match caller {
+        Ok(c) => c,
+        Err(e) => return refused(StatusCode::FORBIDDEN, "no-identity", e),
     };
     match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/v1/renew") => renew(state, caller, &body).await,
@@ -407,48 +414,105 @@ async fn renew(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full<
         Ok(s) => s,
         Err(r) => return *r,
     };
+    let key = match body.csr {
+        Some(csr) => NewKey::Rekey(csr.into_bytes()),
+        None => NewKey::Same,
+    };
+    match renew_core(&state, &caller, principal, presented, body.request_id, key).await {
+        Answer::Issued(renewed) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "status": "issued",
+                "serial": renewed.record.serial.to_string(),
+                "not_before": renewed.record.not_before.unix_timestamp(),
+                "not_after": renewed.record.not_after.unix_timestamp(),
+                "chain": renewed.chain_pem,
+                "repeated": renewed.repeated,
+            }),
+        ),
+        Answer::Refused {
+            status,
+            code,
+            reason,
+            retry_after,
+        } => {
+            let mut body = serde_json::json!({"status": "refused", "code": code, "reason": reason});
+            if let Some(secs) = retry_after {
+                body["retry_after"] = secs.into();
+            }
+            let mut r = json(status, body);
+            if let Some(secs) = retry_after {
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, secs.into());
+            }
+            r
+        }
+    }
+}
+
+/// What the renewal core made of a request, for either front door.
+enum Answer {
+    Issued(crate::renewal::Renewed),
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        reason: String,
+        retry_after: Option<u64>,
+    },
+}
+
+fn refusal(status: StatusCode, code: &'static str, reason: impl ToString) -> Answer {
+    Answer::Refused {
+        status,
+        code,
+        reason: reason.to_string(),
+        retry_after: None,
+    }
+}
+
+/// One renewal through the core, under the one-in-flight rule and the
+/// rate limit of the identity renewed.
+async fn renew_core(
+    state: &Arc<State>,
+    caller: &Caller,
+    principal: Principal,
+    presented: Serial,
+    request_id: String,
+    key: NewKey,
+) -> Answer {
     let who = format!("{} {}", principal.kind(), principal.name());
     let gate = match state.admission.lock() {
-        Ok(mut a) => Ok(a.admit(
+        Ok(mut a) => a.admit(
             &who,
             state.config.rate_limit,
             state.config.rate_window,
             Instant::now(),
-        )),
-        Err(_) => Err(()),
+        ),
+        Err(_) => return refusal(StatusCode::INTERNAL_SERVER_ERROR, "failed", "poisoned"),
     };
     match gate {
-        Ok(Ok(())) => {}
-        Ok(Err(Gate::Busy)) => {
-            return refused(
+        Ok(()) => {}
+        Err(Gate::Busy) => {
+            return refusal(
                 StatusCode::CONFLICT,
                 "busy",
                 "another renewal of this identity is in progress; retry when it is answered",
             );
         }
-        Ok(Err(Gate::RateLimited { retry_after })) => {
-            let mut r = json(
-                StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({
-                    "status": "refused", "code": "rate-limited",
-                    "reason": format!("too many renewal requests; retry in {retry_after} s"),
-                    "retry_after": retry_after,
-                }),
-            );
-            r.headers_mut()
-                .insert(http::header::RETRY_AFTER, retry_after.into());
-            return r;
+        Err(Gate::RateLimited { retry_after }) => {
+            return Answer::Refused {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "rate-limited",
+                reason: format!("too many renewal requests; retry in {retry_after} s"),
+                retry_after: Some(retry_after),
+            };
         }
-        Err(_) => return refused(StatusCode::INTERNAL_SERVER_ERROR, "failed", "poisoned"),
     }
     let request = RenewRequest {
         principal,
         presented,
-        request_id: body.request_id,
-        key: match body.csr {
-            Some(csr) => NewKey::Rekey(csr.into_bytes()),
-            None => NewKey::Same,
-        },
+        request_id,
+        key,
     };
     let core = state.clone();
     let outcome = tokio::task::spawn_blocking(move || {
@@ -473,28 +537,208 @@ async fn renew(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full<
                 identity = %who, serial = %renewed.record.serial, by = %caller.identity,
                 repeated = renewed.repeated, "renewed"
             );
-            json(
-                StatusCode::OK,
-                serde_json::json!({
-                    "status": "issued",
-                    "serial": renewed.record.serial.to_string(),
-                    "not_before": renewed.record.not_before.unix_timestamp(),
-                    "not_after": renewed.record.not_after.unix_timestamp(),
-                    "chain": renewed.chain_pem,
-                    "repeated": renewed.repeated,
-                }),
-            )
+            Answer::Issued(renewed)
         }
         Ok(Ok(Err(RenewError::Refused(r)))) => {
             tracing::info!(identity = %who, by = %caller.identity, code = r.code(), "renewal refused: {r}");
-            refused(status_of(&r), r.code(), &r)
+            refusal(status_of(&r), r.code(), &r)
         }
         Ok(Ok(Err(RenewError::Failed(e)))) => {
             tracing::error!(identity = %who, error = %e, "renewal failed");
-            refused(StatusCode::SERVICE_UNAVAILABLE, "failed", e)
+            refusal(StatusCode::SERVICE_UNAVAILABLE, "failed", e)
         }
-        Ok(Err(e)) => refused(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
-        Err(e) => refused(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
+        Ok(Err(e)) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
+        Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
+    }
+}
+
+/// Where EST lives (RFC 7030 3.2.2), with no CA label.
+const EST_PREFIX: &str = "/.well-known/est/";
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A base64 EST answer of `content_type`.
+fn est_body(content_type: &'static str, der: &[u8]) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(crate::est::encode_body(der))));
+    let headers = r.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    headers.insert(
+        "content-transfer-encoding",
+        http::HeaderValue::from_static("base64"),
+    );
+    r
+}
+
+const PKCS7_CERTS: &str = "application/pkcs7-mime; smime-type=certs-only";
+
+fn pkcs7(ders: &[&[u8]]) -> Response<Full<Bytes>> {
+    match crate::est::certs_only(ders) {
+        Ok(der) => est_body(PKCS7_CERTS, &der),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode PKCS#7: {e}"),
+        ),
+    }
+}
+
+/// The EST operations. Errors are plain text with the status, as the RFC
+/// has them.
+async fn est(
+    state: Arc<State>,
+    caller: Result<Caller, String>,
+    parts: &http::request::Parts,
+    operation: &str,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    match (&parts.method, operation) {
+        (&Method::GET, "cacerts") => pkcs7(&[&state.ca.cert_der]),
+        (&Method::GET, "csrattrs") => match crate::est::csr_attributes() {
+            Ok(der) => est_body("application/csrattrs", &der),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        (&Method::POST, "simplereenroll") => {
+            let caller = match caller {
+                Ok(c) => c,
+                Err(e) => {
+                    return text(
+                        StatusCode::UNAUTHORIZED,
+                        format!("simplereenroll needs the current client certificate: {e}"),
+                    );
+                }
+            };
+            let csr = match crate::est::decode_body(body) {
+                Ok(der) => der,
+                Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            // The same CSR again (a retry) is the same request.
+            let request_id = format!(
+                "est-{}",
+                &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&csr))[..32]
+            );
+            let principal = caller.identity.principal;
+            let presented = caller.serial.clone();
+            match renew_core(
+                &state,
+                &caller,
+                principal,
+                presented,
+                request_id,
+                NewKey::Rekey(csr),
+            )
+            .await
+            {
+                Answer::Issued(renewed) => pkcs7(&[&renewed.record.der]),
+                Answer::Refused {
+                    status,
+                    reason,
+                    retry_after,
+                    ..
+                } => {
+                    let mut r = text(status, reason);
+                    if let Some(secs) = retry_after {
+                        r.headers_mut()
+                            .insert(http::header::RETRY_AFTER, secs.into());
+                    }
+                    r
+                }
+            }
+        }
+        (&Method::POST, "simpleenroll") => simpleenroll(state, parts, body).await,
+        (_, "cacerts" | "csrattrs" | "simpleenroll" | "simplereenroll") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} is not allowed here", parts.method),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no EST operation {operation:?} (cacerts, simpleenroll, simplereenroll, csrattrs)"
+            ),
+        ),
+    }
+}
+
+/// `simpleenroll` with a one-time enrollment token as HTTP Basic
+/// credentials: the device id, and the token.
+async fn simpleenroll(
+    state: Arc<State>,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    use base64::Engine as _;
+    let credentials = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())));
+    let Some((user, token)) = credentials else {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            crate::est::EstError::NoToken.to_string(),
+        );
+        r.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Basic realm=\"twofold-est\""),
+        );
+        return r;
+    };
+    let id = match twofold_protocol::DeviceId::parse(&user) {
+        Ok(id) => id,
+        Err(e) => {
+            return text(
+                StatusCode::UNAUTHORIZED,
+                format!("user {user:?} is not a device id: {e}"),
+            );
+        }
+    };
+    let csr = match crate::est::decode_body(body) {
+        Ok(der) => der,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let days = u32::try_from(state.config.renew.lifetime.whole_days().max(1)).unwrap_or(1);
+    let core = state.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut pki = core
+            .pki
+            .lock()
+            .map_err(|_| "the registry lock is poisoned".to_owned())?;
+        pki.enroll_with_token(&id, &token, &csr, days, OffsetDateTime::now_utc())
+            .map_err(|e| e.to_string())
+            .map(|e| (e, id))
+    })
+    .await;
+    match outcome {
+        Ok(Ok((enrolled, id))) => {
+            tracing::info!(device = %id, serial = %enrolled.record.serial, "enrolled over EST");
+            pkcs7(&[&enrolled.record.der])
+        }
+        Ok(Err(e)) => {
+            tracing::info!(user, "EST enrollment refused: {e}");
+            let status = if e.contains("token") {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            text(status, e)
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

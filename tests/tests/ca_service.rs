@@ -376,16 +376,212 @@ fn revoked_devices_early_requests_and_strangers_are_refused() {
         "bad-request",
         "unknown field",
     );
-    // No client certificate: the TLS handshake itself is refused.
-    let mut cmd = Command::new("curl");
-    cmd.args(["--silent", "--max-time", "20", "--cacert"])
-        .arg(ca.path("pump-1/server-ca.pem"))
-        .args(["--json", "{\"request_id\":\"r9\"}"])
-        .arg(format!("https://localhost:{}/v1/renew", ca.port));
-    let out = run_bounded(cmd, 30);
-    assert!(
-        !out.status.success(),
-        "a client without a certificate got an answer"
+    // No client certificate (EST's cacerts and token enrollment need
+    // none): the API refuses the caller.
+    let (status, body) = ca.anonymous("/v1/renew", Some("{\"request_id\":\"r9\"}"), &[]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("no-identity"), "{body}");
+}
+
+impl Ca {
+    /// curl without a client certificate; the status and the body.
+    fn anonymous(&self, path: &str, json: Option<&str>, args: &[&str]) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "20", "--cacert"])
+            .arg(self.path("pump-1/server-ca.pem"))
+            .args(["--write-out", "\n%{http_code}"])
+            .args(args);
+        if let Some(json) = json {
+            cmd.args(["--json", json]);
+        }
+        cmd.arg(format!("https://localhost:{}{path}", self.port));
+        let out = run_bounded(cmd, 30);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_owned())
+    }
+
+    /// Writes an EST answer (base64 PKCS#7) to `name` and prints its
+    /// certificates with openssl.
+    fn pkcs7_certs(&self, name: &str, body: &str) -> String {
+        std::fs::write(self.path(name), body).unwrap();
+        let der = format!("{name}.der");
+        openssl(
+            self.dir.path(),
+            &["base64", "-d", "-in", name, "-out", &der],
+        );
+        openssl(
+            self.dir.path(),
+            &[
+                "pkcs7",
+                "-inform",
+                "DER",
+                "-in",
+                &der,
+                "-print_certs",
+                "-text",
+                "-noout",
+            ],
+        )
+    }
+
+    /// A P-256 key and CSR (CN = `cn`) made by openssl, the CSR as base64 DER.
+    fn est_csr(&self, cn: &str) -> PathBuf {
+        let d = self.dir.path();
+        let key = format!("{cn}.est.key");
+        let der = format!("{cn}.csr.der");
+        let b64 = format!("{cn}.csr.b64");
+        let subject = format!("/CN={cn}");
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-subj",
+                &subject,
+                "-outform",
+                "DER",
+                "-out",
+                &der,
+            ],
+        );
+        openssl(d, &["base64", "-in", &der, "-out", &b64]);
+        self.path(&b64)
+    }
+}
+
+/// EST (RFC 7030) with curl and openssl as the client: cacerts,
+/// simplereenroll with the device's certificate, simpleenroll with a
+/// one-time token, and csrattrs.
+#[test]
+fn est_clients_enroll_and_re_enroll_with_curl_and_openssl() {
+    let ca = Ca::start(&["--allow-early"]);
+    // cacerts: the device CA, as certs-only PKCS#7.
+    let (status, body) = ca.anonymous("/.well-known/est/cacerts", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    let printed = ca.pkcs7_certs("cacerts.b64", &body);
+    let device_ca = openssl(
+        ca.dir.path(),
+        &["x509", "-noout", "-subject", "-in", "pki/device-ca.pem"],
     );
-    assert!(ca.log().contains("TLS handshake refused"), "{}", ca.log());
+    let device_ca = device_ca.trim().trim_start_matches("subject=");
+    // openssl prints "CN = x" here and "CN=x" there.
+    let squeeze = |s: &str| s.replace(' ', "");
+    assert!(
+        squeeze(&printed).contains(&squeeze(device_ca)),
+        "{device_ca} not in:\n{printed}"
+    );
+
+    // simplereenroll: pump-1's current certificate, a new key's CSR.
+    let csr = ca.est_csr("pump-1");
+    let (chain, key) = ca.credentials("pump-1");
+    let mut cmd = Command::new("curl");
+    cmd.args(["--silent", "--show-error", "--max-time", "20", "--cacert"])
+        .arg(ca.path("pump-1/server-ca.pem"))
+        .arg("--cert")
+        .arg(&chain)
+        .arg("--key")
+        .arg(&key)
+        .args(["-H", "Content-Type: application/pkcs10"])
+        .args(["--write-out", "\n%{http_code}", "--data-binary"])
+        .arg(format!("@{}", csr.display()))
+        .arg(format!(
+            "https://localhost:{}/.well-known/est/simplereenroll",
+            ca.port
+        ));
+    let out = run_bounded(cmd, 30);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    assert_eq!(code, "200", "{body}\n{}", ca.log());
+    let printed = ca.pkcs7_certs("reenroll.b64", body);
+    assert!(
+        printed.contains(&format!("URI:{}", identity("pump-1"))),
+        "{printed}"
+    );
+    // It certifies openssl's new key.
+    let d = ca.dir.path();
+    let new_key = openssl(d, &["pkey", "-in", "pump-1.est.key", "-pubout"]);
+    openssl(
+        d,
+        &[
+            "pkcs7",
+            "-inform",
+            "DER",
+            "-in",
+            "reenroll.b64.der",
+            "-print_certs",
+            "-out",
+            "reenrolled.pem",
+        ],
+    );
+    let issued_key = openssl(d, &["x509", "-in", "reenrolled.pem", "-pubkey", "-noout"]);
+    assert_eq!(issued_key, new_key);
+
+    // simpleenroll: a device never enrolled, with its one-time token.
+    let token = provisioning(d, &["est-token", "pump-9"]);
+    let token = token.trim();
+    let csr = ca.est_csr("pump-9");
+    let enroll = |user: &str| {
+        let credentials = format!("{user}:{token}");
+        let body = format!("@{}", csr.display());
+        ca.anonymous(
+            "/.well-known/est/simpleenroll",
+            None,
+            &[
+                "-u",
+                &credentials,
+                "-H",
+                "Content-Type: application/pkcs10",
+                "--data-binary",
+                &body,
+            ],
+        )
+    };
+    // Another device's id with this token: refused.
+    let (status, body) = enroll("pump-8");
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("unknown, used, expired or for another device"),
+        "{body}"
+    );
+    let (status, body) = enroll("pump-9");
+    assert_eq!(status, 200, "{body}\n{}", ca.log());
+    let printed = ca.pkcs7_certs("enroll.b64", &body);
+    assert!(
+        printed.contains(&format!("URI:{}", identity("pump-9"))),
+        "{printed}"
+    );
+    // The token worked once.
+    let (status, body) = enroll("pump-9");
+    assert_eq!(status, 401, "{body}");
+    // No credentials at all.
+    let (status, body) = ca.anonymous("/.well-known/est/simpleenroll", Some("{}"), &[]);
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("HTTP Basic"), "{body}");
+
+    // csrattrs: P-256 and ECDSA with SHA-256.
+    let (status, body) = ca.anonymous("/.well-known/est/csrattrs", None, &[]);
+    assert_eq!(status, 200, "{body}");
+    std::fs::write(ca.path("attrs.b64"), &body).unwrap();
+    openssl(
+        d,
+        &["base64", "-d", "-in", "attrs.b64", "-out", "attrs.der"],
+    );
+    let parsed = openssl(d, &["asn1parse", "-inform", "DER", "-in", "attrs.der"]);
+    assert!(
+        parsed.contains("prime256v1") && parsed.contains("ecdsa-with-SHA256"),
+        "{parsed}"
+    );
 }
