@@ -326,6 +326,7 @@ impl Fleet {
                 EnrollOptions {
                     days: 30,
                     replace: false,
+                    lifetime: None,
                 },
                 &mut |_| {},
             )

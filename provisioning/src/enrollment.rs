@@ -47,6 +47,9 @@ pub struct EnrollOptions {
     pub days: u32,
     /// Revoke (as superseded) an existing active certificate instead of refusing.
     pub replace: bool,
+    /// A lifetime shorter than a day, instead of `days`: for tests and
+    /// demonstrations of renewal (at least [`crate::renewal::MIN_LIFETIME`]).
+    pub lifetime: Option<time::Duration>,
 }
 
 /// An issued device or service certificate.
@@ -102,7 +105,10 @@ impl<S: Store> Pki<S> {
         let ca = self.issuer(Intermediate::Device)?;
         let td = *self.trust_domain();
         let now = crate::registry::now();
-        let validity = Validity::leaf(now, options.days, ca.not_after)?;
+        let validity = match options.lifetime {
+            None => Validity::leaf(now, options.days, ca.not_after)?,
+            Some(lifetime) => crate::renewal::validity(now, lifetime, ca.not_after)?,
+        };
         let crl_path = self.dir().join(Scope::Device.file());
         let tx = self.store.begin()?;
         let mut out = Vec::with_capacity(requests.len());

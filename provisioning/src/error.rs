@@ -136,8 +136,8 @@ pub enum Error {
     CaExpiring { not_after: time::OffsetDateTime },
 
     #[error(
-        "a certificate lifetime of {seconds} s is too short; renewed certificates live at least \
-         60 s"
+        "a certificate lifetime of {seconds} s is too short; certificates live at least 60 s \
+         (shorter lifetimes than a day are for tests and demonstrations of renewal)"
     )]
     InvalidLifetime { seconds: i64 },
 

@@ -171,6 +171,7 @@ impl<S: Store> Pki<S> {
         let options = EnrollOptions {
             days,
             replace: false,
+            lifetime: None,
         };
         let mut issued = self.enroll(
             vec![EnrollRequest {

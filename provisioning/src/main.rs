@@ -264,6 +264,10 @@ struct IssueArgs {
     /// and overwrite the files in --out.
     #[arg(long)]
     replace: bool,
+    /// A lifetime shorter than a day instead of --days, e.g. 2m: for tests
+    /// and demonstrations of renewal through the CA service (60 s at least).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "days")]
+    lifetime: Option<std::time::Duration>,
 }
 
 impl IssueArgs {
@@ -271,6 +275,9 @@ impl IssueArgs {
         EnrollOptions {
             days: self.days,
             replace: self.replace,
+            lifetime: self
+                .lifetime
+                .map(|l| time::Duration::try_from(l).unwrap_or(time::Duration::MAX)),
         }
     }
 }

@@ -199,6 +199,25 @@ fn backdate(lifetime: Duration) -> Duration {
     profile::BACKDATE.min(lifetime / 10)
 }
 
+/// The validity of a certificate of `lifetime` issued at `now` (whole
+/// seconds), backdated ([`backdate`]) and cut at its issuer's expiry.
+pub fn validity(
+    now: OffsetDateTime,
+    lifetime: Duration,
+    issuer_not_after: OffsetDateTime,
+) -> Result<profile::Validity> {
+    if lifetime < MIN_LIFETIME {
+        return Err(Error::InvalidLifetime {
+            seconds: lifetime.whole_seconds(),
+        });
+    }
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    Ok(profile::Validity {
+        not_before: now - backdate(lifetime),
+        not_after: (now + lifetime).min(issuer_not_after),
+    })
+}
+
 impl<S: Store> Pki<S> {
     /// The device CA, loaded once by a long-running service (loading asks
     /// for the passphrase of an encrypted key).
@@ -216,12 +235,6 @@ impl<S: Store> Pki<S> {
     ) -> Outcome {
         if !valid_request_id(&request.request_id) {
             return refuse(Refusal::BadRequestId);
-        }
-        if options.lifetime < MIN_LIFETIME {
-            return Err(Error::InvalidLifetime {
-                seconds: options.lifetime.whole_seconds(),
-            }
-            .into());
         }
         let kind = kind_of(&request.principal);
         let name = request.principal.name().to_owned();
@@ -308,10 +321,7 @@ impl<S: Store> Pki<S> {
             NewKey::Rekey(csr) => rekey_public(csr, &identity).map_err(RenewError::Refused)?,
         };
         let now = now.replace_nanosecond(0).unwrap_or(now);
-        let validity = profile::Validity {
-            not_before: now - backdate(options.lifetime),
-            not_after: (now + options.lifetime).min(ca.not_after),
-        };
+        let validity = validity(now, options.lifetime, ca.not_after)?;
         let replaces = predecessor.serial.clone();
         let record = issue_recorded(
             &tx,
@@ -503,6 +513,7 @@ mod tests {
             let options = EnrollOptions {
                 days: 30,
                 replace: false,
+                lifetime: None,
             };
             let mut out = self
                 .pki

@@ -110,6 +110,7 @@ impl Fleet {
                 EnrollOptions {
                     days: 30,
                     replace: false,
+                    lifetime: None,
                 },
                 &mut |_| {},
             )
