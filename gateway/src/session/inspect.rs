@@ -332,11 +332,10 @@ impl Inspector {
                 match policy::may_publish(&principal, &p.topic) {
                     Ok(()) => self.passed(p.qos as u8, p.pkid),
                     // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
-                    Err(d) => deny(
-                        Reason::PolicyDenied,
+                    Err(d) => self.refuse_publish(
                         format!("PUBLISH to {}: {}", shown(&p.topic), d.as_str()),
-                        None,
-                        true,
+                        p.qos as u8,
+                        p.pkid,
                     ),
                 }
             }
@@ -388,40 +387,7 @@ impl Inspector {
                 let Some(detail) = denied else {
                     return self.passed(p.qos as u8, p.pkid);
                 };
-                match p.qos {
-                    QoS::AtMostOnce => deny(
-                        Reason::PolicyDenied,
-                        detail,
-                        Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
-                        true,
-                    ),
-                    QoS::AtLeastOnce => {
-                        let ack = v5::PubAck {
-                            pkid: p.pkid,
-                            reason: v5::PubAckReason::NotAuthorized,
-                            properties: None,
-                        };
-                        deny(
-                            Reason::PolicyDenied,
-                            detail,
-                            Some(encode_v5(v5::Packet::PubAck(ack))),
-                            false,
-                        )
-                    }
-                    QoS::ExactlyOnce => {
-                        let rec = v5::PubRec {
-                            pkid: p.pkid,
-                            reason: v5::PubRecReason::NotAuthorized,
-                            properties: None,
-                        };
-                        deny(
-                            Reason::PolicyDenied,
-                            detail,
-                            Some(encode_v5(v5::Packet::PubRec(rec))),
-                            false,
-                        )
-                    }
-                }
+                self.refuse_publish(detail, p.qos as u8, p.pkid)
             }
         }
     }
@@ -651,7 +617,8 @@ impl Inspector {
     }
 
     /// A PUBLISH this session may not make: MQTT 5 answers QoS 1 and 2
-    /// with "not authorized" and goes on; otherwise the session closes.
+    /// with "not authorized" and goes on; QoS 0 gets DISCONNECT "not
+    /// authorized", and MQTT 3.1.1 (no negative PUBACK) is closed.
     fn refuse_publish(&self, detail: String, qos: u8, pkid: u16) -> Verdict {
         match (self.version, qos) {
             (Version::V5, 1) => {
