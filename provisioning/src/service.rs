@@ -350,7 +350,7 @@ fn subject_of(
     caller: &Caller,
     identity: Option<&str>,
     serial: Option<&str>,
-) -> Result<(Principal, Serial), Box<Response<Full<Bytes>>>> {
+) -> Result<(Principal, Serial), Refused> {
     let Some(identity) = identity else {
         if serial.is_some() {
             return Err(Box::new(refused(
@@ -400,20 +400,29 @@ fn subject_of(
     Ok((target.principal, serial))
 }
 
+/// An answer that ends a request early (boxed: it is large).
+type Refused = Box<Response<Full<Bytes>>>;
+
+/// A JSON body, and whose certificate it is about ([`subject_of`]).
+fn parse<T: serde::de::DeserializeOwned>(
+    state: &State,
+    caller: &Caller,
+    body: &[u8],
+    subject: impl Fn(&T) -> (&Option<String>, &Option<String>),
+) -> Result<(T, Principal, Serial), Refused> {
+    let body: T = serde_json::from_slice(body)
+        .map_err(|e| Box::new(refused(StatusCode::BAD_REQUEST, "bad-request", e)))?;
+    let (identity, serial) = subject(&body);
+    let (principal, serial) = subject_of(state, caller, identity.as_deref(), serial.as_deref())?;
+    Ok((body, principal, serial))
+}
+
 async fn renew(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full<Bytes>> {
-    let body: RenewBody = match serde_json::from_slice(body) {
-        Ok(b) => b,
-        Err(e) => return refused(StatusCode::BAD_REQUEST, "bad-request", e),
-    };
-    let (principal, presented) = match subject_of(
-        &state,
-        &caller,
-        body.identity.as_deref(),
-        body.serial.as_deref(),
-    ) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
+    let (body, principal, presented) =
+        match parse::<RenewBody>(&state, &caller, body, |b| (&b.identity, &b.serial)) {
+            Ok(parsed) => parsed,
+            Err(r) => return *r,
+        };
     let key = match body.csr {
         Some(csr) => NewKey::Rekey(csr.into_bytes()),
         None => NewKey::Same,
@@ -755,19 +764,11 @@ fn status_of(r: &Refusal) -> StatusCode {
 }
 
 async fn commit(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full<Bytes>> {
-    let body: CommitBody = match serde_json::from_slice(body) {
-        Ok(b) => b,
-        Err(e) => return refused(StatusCode::BAD_REQUEST, "bad-request", e),
-    };
-    let (principal, serial) = match subject_of(
-        &state,
-        &caller,
-        body.identity.as_deref(),
-        body.serial.as_deref(),
-    ) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
+    let (_, principal, serial) =
+        match parse::<CommitBody>(&state, &caller, body, |b| (&b.identity, &b.serial)) {
+            Ok(parsed) => parsed,
+            Err(r) => return *r,
+        };
     let core = state.clone();
     let committed = serial.to_string();
     let outcome = tokio::task::spawn_blocking(move || {
