@@ -152,54 +152,18 @@ impl<'a> Bundle<'a> {
     /// Writes the framed bundle into `out` and returns its length.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, BundleError> {
         self.check()?;
-        if out.len() < HEADER_LEN + CRC_LEN {
-            return Err(BundleError::BufferFull);
-        }
-        let body_cap = out.len() - HEADER_LEN - CRC_LEN;
-        let body_len = postcard::to_slice(self, &mut out[HEADER_LEN..HEADER_LEN + body_cap])
-            .map_err(|_| BundleError::BufferFull)?
-            .len();
-        out[0..4].copy_from_slice(&MAGIC);
-        out[4] = Self::VERSION;
-        out[5..8].fill(0);
-        // body_len is bounded by out.len(); a bundle is a few kilobytes.
-        out[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
-        let end = HEADER_LEN + body_len;
-        let crc = CRC.checksum(&out[..end]);
-        out[end..end + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
-        Ok(end + CRC_LEN)
+        frame(&MAGIC, 0, self, out)
     }
 
     /// Reads a framed bundle from the start of `data` (e.g. a flash
     /// partition), borrowing from it.
     pub fn decode(data: &'a [u8]) -> Result<Self, BundleError> {
-        let header = data.get(..HEADER_LEN).ok_or(BundleError::Truncated)?;
-        if header[0..4] != MAGIC {
-            return Err(BundleError::NoBundle);
-        }
-        if header[4] != Self::VERSION {
-            return Err(BundleError::UnsupportedVersion(header[4]));
-        }
-        if header[5..8] != [0, 0, 0] {
+        let (state, body) = unframe(&MAGIC, data)?;
+        if state != 0 {
             return Err(BundleError::ReservedNotZero);
         }
-        let body_len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        let available = data.len() - HEADER_LEN;
-        let end = usize::try_from(body_len)
-            .ok()
-            .and_then(|n| n.checked_add(HEADER_LEN))
-            .filter(|&end| end.saturating_add(CRC_LEN) <= data.len())
-            .ok_or(BundleError::LengthOutOfRange {
-                body_len,
-                available,
-            })?;
-        let stored = data.get(end..end + CRC_LEN).ok_or(BundleError::Truncated)?;
-        let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
-        if CRC.checksum(&data[..end]) != stored {
-            return Err(BundleError::CrcMismatch);
-        }
-        let bundle = crate::message::decode::<Bundle>(&data[HEADER_LEN..end])
-            .map_err(|_| BundleError::MalformedBody)?;
+        let bundle =
+            crate::message::decode::<Bundle>(body).map_err(|_| BundleError::MalformedBody)?;
         bundle.check()?;
         Ok(bundle)
     }
@@ -226,6 +190,139 @@ impl<'a> Bundle<'a> {
     /// The leaf (device) certificate DER.
     pub fn leaf(&self) -> &'a [u8] {
         // `check` guarantees a non-empty chain for every decoded bundle.
+        self.chain.first().copied().unwrap_or_default()
+    }
+}
+
+/// Writes `body` framed (header, postcard body, CRC) into `out`; byte 5 of
+/// the header is `state` and, so that it can change in place, is counted
+/// as zero in the CRC.
+fn frame<T: Serialize>(
+    magic: &[u8; 4],
+    state: u8,
+    body: &T,
+    out: &mut [u8],
+) -> Result<usize, BundleError> {
+    if out.len() < HEADER_LEN + CRC_LEN {
+        return Err(BundleError::BufferFull);
+    }
+    let body_cap = out.len() - HEADER_LEN - CRC_LEN;
+    let body_len = postcard::to_slice(body, &mut out[HEADER_LEN..HEADER_LEN + body_cap])
+        .map_err(|_| BundleError::BufferFull)?
+        .len();
+    out[0..4].copy_from_slice(magic);
+    out[4] = Bundle::VERSION;
+    out[5..8].fill(0);
+    // body_len is bounded by out.len(); a bundle is a few kilobytes.
+    out[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
+    let end = HEADER_LEN + body_len;
+    let crc = CRC.checksum(&out[..end]);
+    out[end..end + CRC_LEN].copy_from_slice(&crc.to_le_bytes());
+    out[5] = state;
+    Ok(end + CRC_LEN)
+}
+
+/// Checks the frame at the start of `data`; returns the state byte and
+/// the body.
+fn unframe<'a>(magic: &[u8; 4], data: &'a [u8]) -> Result<(u8, &'a [u8]), BundleError> {
+    let header = data.get(..HEADER_LEN).ok_or(BundleError::Truncated)?;
+    if header[0..4] != *magic {
+        return Err(BundleError::NoBundle);
+    }
+    if header[4] != Bundle::VERSION {
+        return Err(BundleError::UnsupportedVersion(header[4]));
+    }
+    if header[6..8] != [0, 0] {
+        return Err(BundleError::ReservedNotZero);
+    }
+    let body_len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    let available = data.len() - HEADER_LEN;
+    let end = usize::try_from(body_len)
+        .ok()
+        .and_then(|n| n.checked_add(HEADER_LEN))
+        .filter(|&end| end.saturating_add(CRC_LEN) <= data.len())
+        .ok_or(BundleError::LengthOutOfRange {
+            body_len,
+            available,
+        })?;
+    let stored = data.get(end..end + CRC_LEN).ok_or(BundleError::Truncated)?;
+    let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
+    let mut digest = CRC.digest();
+    digest.update(&header[..5]);
+    digest.update(&[0]);
+    digest.update(&data[6..end]);
+    if digest.finalize() != stored {
+        return Err(BundleError::CrcMismatch);
+    }
+    Ok((header[5], &data[HEADER_LEN..end]))
+}
+
+/// A certificate chain the device received by renewing, kept in one of
+/// the two chain slots of the bundle partition (after the bundle). Its
+/// key is the bundle's: renewal keeps it.
+///
+/// The frame is the bundle's (magic `TWFC`), body `generation` (varint
+/// u32) then `chain`, with one difference: header byte 5 is the state,
+/// `0xFF` as written (staged: not yet proven by a handshake) and `0x00`
+/// once committed. The CRC counts it as zero, so committing is one byte
+/// programmed from `0xFF` to `0x00`, which NOR flash does without an
+/// erase, and a torn commit leaves the record staged, never damaged.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ChainRecord<'a> {
+    /// 1 for the first renewal, one more for each after it; the bundle's
+    /// own chain is generation 0.
+    pub generation: u32,
+    /// Leaf certificate DER, then the issuing device CA DER.
+    #[serde(borrow)]
+    pub chain: heapless::Vec<&'a [u8], 2>,
+}
+
+/// Where a [`ChainRecord`] is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainState {
+    /// Written after the CA issued it; not yet used for a good connection.
+    Staged,
+    /// Used for a good connection and committed with the CA.
+    Committed,
+}
+
+const CHAIN_MAGIC: [u8; 4] = *b"TWFC";
+const STAGED: u8 = 0xff;
+
+impl<'a> ChainRecord<'a> {
+    /// The offset of the state byte: write `0x00` there to commit.
+    pub const STATE_OFFSET: usize = 5;
+    /// The value of the state byte of a committed record.
+    pub const COMMITTED: u8 = 0;
+
+    /// Writes the record, staged, into `out`; returns its length.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, BundleError> {
+        if self.chain.first().is_none_or(|leaf| leaf.is_empty()) {
+            return Err(BundleError::MissingField("chain"));
+        }
+        frame(&CHAIN_MAGIC, STAGED, self, out)
+    }
+
+    /// Reads a record from the start of a slot, borrowing from it.
+    /// [`BundleError::NoBundle`] means an erased (empty) slot.
+    pub fn decode(data: &'a [u8]) -> Result<(Self, ChainState), BundleError> {
+        let (state, body) = unframe(&CHAIN_MAGIC, data)?;
+        let state = match state {
+            STAGED => ChainState::Staged,
+            Self::COMMITTED => ChainState::Committed,
+            _ => return Err(BundleError::ReservedNotZero),
+        };
+        let record =
+            crate::message::decode::<ChainRecord>(body).map_err(|_| BundleError::MalformedBody)?;
+        if record.chain.first().is_none_or(|leaf| leaf.is_empty()) || record.generation == 0 {
+            return Err(BundleError::MissingField("chain"));
+        }
+        Ok((record, state))
+    }
+
+    /// The leaf (device) certificate DER.
+    pub fn leaf(&self) -> &'a [u8] {
+        // `decode` and `encode` refuse an empty chain.
         self.chain.first().copied().unwrap_or_default()
     }
 }
@@ -315,5 +412,51 @@ mod tests {
         let text = format!("{:?}", sample());
         assert!(text.contains("<redacted>"));
         assert!(!text.contains("7, 7"));
+    }
+
+    #[test]
+    fn a_chain_record_commits_in_place_and_survives_a_torn_write() {
+        let mut chain = heapless::Vec::new();
+        chain.push(&b"new-leaf"[..]).unwrap();
+        chain.push(&b"device-ca-der"[..]).unwrap();
+        let record = ChainRecord {
+            generation: 3,
+            chain,
+        };
+        let mut slot = [0xffu8; 128];
+        assert_eq!(ChainRecord::decode(&slot), Err(BundleError::NoBundle));
+        let n = record.encode(&mut slot).unwrap();
+        let (read, state) = ChainRecord::decode(&slot).unwrap();
+        assert_eq!(
+            (read.generation, read.leaf(), state),
+            (3, &b"new-leaf"[..], ChainState::Staged)
+        );
+        // Committing programs one byte, bits only cleared: no erase.
+        let mut committed = slot;
+        committed[ChainRecord::STATE_OFFSET] = ChainRecord::COMMITTED;
+        assert_eq!(
+            ChainRecord::decode(&committed).unwrap().1,
+            ChainState::Committed
+        );
+        // A state that is neither is damage, as is a torn body.
+        let mut odd = slot;
+        odd[ChainRecord::STATE_OFFSET] = 0x0f;
+        assert_eq!(ChainRecord::decode(&odd), Err(BundleError::ReservedNotZero));
+        let mut torn = slot;
+        torn[n - 6] ^= 1;
+        assert_eq!(ChainRecord::decode(&torn), Err(BundleError::CrcMismatch));
+        // A bundle is not a chain record, nor the other way round.
+        assert_eq!(Bundle::decode(&slot), Err(BundleError::NoBundle));
+        let mut flash = [0xffu8; 256];
+        sample().encode(&mut flash).unwrap();
+        assert_eq!(ChainRecord::decode(&flash), Err(BundleError::NoBundle));
+    }
+
+    #[test]
+    fn a_bundle_with_a_nonzero_state_byte_is_refused() {
+        let mut flash = [0u8; 256];
+        sample().encode(&mut flash).unwrap();
+        flash[5] = 0xff;
+        assert_eq!(Bundle::decode(&flash), Err(BundleError::ReservedNotZero));
     }
 }

@@ -21,7 +21,7 @@ pub mod name;
 pub mod topic;
 
 pub use backoff::Backoff;
-pub use bundle::{Bundle, BundleError};
+pub use bundle::{Bundle, BundleError, ChainRecord, ChainState};
 pub use identity::{Identity, IdentityError, Principal};
 pub use message::{CertStatus, Command, Reading, Reply, ReplyStatus, Telemetry, Value, WireError};
 pub use name::{DeviceId, NameError, ServiceName, TrustDomain};
