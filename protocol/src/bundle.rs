@@ -303,6 +303,59 @@ impl<'a> ChainRecord<'a> {
         frame(&CHAIN_MAGIC, STAGED, self, out)
     }
 
+    /// Writes the record, staged, in pieces through `program(offset,
+    /// bytes)`, the way flash is programmed in place: the chain is never
+    /// copied to RAM. Writes exactly what [`ChainRecord::encode`] does;
+    /// returns the length.
+    pub fn write<E: From<BundleError>>(
+        &self,
+        mut program: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        if self.chain.first().is_none_or(|leaf| leaf.is_empty()) {
+            return Err(BundleError::MissingField("chain").into());
+        }
+        // The body is postcard: varint generation, varint count, then
+        // each certificate as varint length and bytes.
+        let mut head = [0u8; 10];
+        let mut n = postcard::to_slice(&self.generation, &mut head)
+            .map_err(|_| BundleError::BufferFull)?
+            .len();
+        n += postcard::to_slice(&self.chain.len(), &mut head[n..])
+            .map_err(|_| BundleError::BufferFull)?
+            .len();
+        let mut lens = [[0u8; 5]; 2];
+        let mut lens_n = [0usize; 2];
+        for (i, cert) in self.chain.iter().enumerate() {
+            lens_n[i] = postcard::to_slice(&cert.len(), &mut lens[i])
+                .map_err(|_| BundleError::BufferFull)?
+                .len();
+        }
+        let mut pieces: heapless::Vec<&[u8], 5> = heapless::Vec::new();
+        let _ = pieces.push(&head[..n]);
+        for (i, cert) in self.chain.iter().enumerate() {
+            let _ = pieces.push(&lens[i][..lens_n[i]]);
+            let _ = pieces.push(cert);
+        }
+        let body_len: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&CHAIN_MAGIC);
+        header[4] = Bundle::VERSION;
+        let body_len32 = u32::try_from(body_len).map_err(|_| BundleError::BufferFull)?;
+        header[8..12].copy_from_slice(&body_len32.to_le_bytes());
+        let mut digest = CRC.digest();
+        digest.update(&header);
+        let mut offset = HEADER_LEN;
+        for piece in &pieces {
+            digest.update(piece);
+            program(offset, piece)?;
+            offset += piece.len();
+        }
+        program(offset, &digest.finalize().to_le_bytes())?;
+        header[Self::STATE_OFFSET] = STAGED;
+        program(0, &header)?;
+        Ok(offset + CRC_LEN)
+    }
+
     /// Reads a record from the start of a slot, borrowing from it.
     /// [`BundleError::NoBundle`] means an erased (empty) slot.
     pub fn decode(data: &'a [u8]) -> Result<(Self, ChainState), BundleError> {
@@ -450,6 +503,15 @@ mod tests {
         let mut flash = [0xffu8; 256];
         sample().encode(&mut flash).unwrap();
         assert_eq!(ChainRecord::decode(&flash), Err(BundleError::NoBundle));
+        // Written in pieces, the same bytes.
+        let mut pieces = [0xffu8; 128];
+        let written = record
+            .write(|at, bytes: &[u8]| {
+                pieces[at..at + bytes.len()].copy_from_slice(bytes);
+                Ok::<(), BundleError>(())
+            })
+            .unwrap();
+        assert_eq!((written, &pieces[..]), (n, &slot[..]));
     }
 
     #[test]
