@@ -17,6 +17,8 @@ pub struct Limits {
     /// QoS 0, sent) and `commands` commands answered.
     pub telemetry: Option<u64>,
     pub commands: u32,
+    /// ... and this many renewed certificates committed.
+    pub renewals: u32,
     /// Give up after this many failed sessions in a row.
     pub failures: Option<u32>,
 }
@@ -83,6 +85,7 @@ impl<T: Timer, F: FnMut(&dyn Display)> App for BasicApp<T, F> {
             Some(t) => {
                 stats.telemetry_acked + stats.telemetry_qos0 < t
                     || stats.commands < self.limits.commands
+                    || stats.renewals < self.limits.renewals
             }
             None => true,
         }

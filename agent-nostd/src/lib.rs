@@ -16,12 +16,14 @@ pub mod basic;
 pub mod link;
 pub mod mqtt;
 pub mod provider;
+pub mod renew;
 pub mod session;
 pub mod verify;
 pub mod x509;
 
 pub use link::Link;
 pub use provider::{DeviceKey, DeviceProvider};
+pub use renew::{ChainSlots, Chains, NoSlots, RenewEvent, SlotError};
 pub use session::{
     Agent, App, Backoff, Buffers, Connect, Error, Event, MCU_MQTT_RX, MCU_MQTT_TX, MCU_TLS_RX,
     MCU_TLS_TX, Settings, Stats, TelemetryQos, Timer,

@@ -39,11 +39,13 @@ use embedded_tls::{
 use mqttrs::{ConnectReturnCode, Pid};
 use rand_core::{CryptoRng, RngCore};
 use twofold_protocol::message::{self, Command, MAX_READINGS, Reading, Reply, ReplyStatus};
+use twofold_protocol::topic::{CERT_ANSWER, CERT_STATUS};
 use twofold_protocol::{Bundle, Channel, Topic};
 
 use crate::link::Link;
 use crate::mqtt::{self, Inbound, MqttError, Outbound};
 use crate::provider::{DeviceKey, DeviceProvider};
+use crate::renew::{ChainSlots, Chains, NoSlots, RenewEvent, Renewal};
 use crate::verify::{Clock, Refusal, StrictVerifier, is_ip_address};
 
 /// The smallest TLS 1.3 record: header, one byte, content type, tag.
@@ -156,6 +158,8 @@ pub struct Stats {
     pub telemetry_qos0: u64,
     /// Commands answered.
     pub commands: u32,
+    /// Renewed certificates committed.
+    pub renewals: u32,
 }
 
 /// What a wait with a deadline was waiting for.
@@ -376,6 +380,8 @@ pub enum Event<'a> {
     BadCommand,
     /// The session ended before the TLS record limit (see the module docs).
     Rekey,
+    /// Certificate renewal (see [`crate::renew`]).
+    Renewal(RenewEvent<'a>),
     Failed(&'a Error),
     Backoff {
         ms: u64,
@@ -407,6 +413,7 @@ impl fmt::Display for Event<'_> {
             }
             Event::BadCommand => f.write_str("dropped a payload that is not a command"),
             Event::Rekey => f.write_str("reconnecting before the TLS record limit"),
+            Event::Renewal(e) => e.fmt(f),
             Event::Failed(e) => write!(f, "session failed: {e}"),
             Event::Backoff { ms } => write!(f, "retrying in {ms} ms"),
             Event::Disconnected => f.write_str("disconnected"),
@@ -423,8 +430,10 @@ pub use twofold_protocol::Backoff;
 pub const MCU_TLS_RX: usize = 2048;
 /// [`Buffers::tls_tx`]: the largest packet this agent sends, plus 128.
 pub const MCU_TLS_TX: usize = 1024;
-/// [`Buffers::mqtt_rx`]: commands up to about 450 bytes of body.
-pub const MCU_MQTT_RX: usize = 512;
+/// [`Buffers::mqtt_rx`]: a renewed chain (a leaf and its CA, about
+/// 1,100 bytes of DER, in one PUBLISH), and commands up to about 1,400
+/// bytes of body.
+pub const MCU_MQTT_RX: usize = 1536;
 /// [`Buffers::mqtt_tx`]: telemetry and command replies.
 pub const MCU_MQTT_TX: usize = 512;
 
@@ -446,12 +455,16 @@ pub struct Buffers<'b> {
 enum End {
     Stopped,
     Rekey,
+    /// A renewed chain is staged: reconnect with it.
+    Renewed,
 }
 
 /// The agent: its identity from the bundle, its app, its timer, and what
 /// outlives a session.
-pub struct Agent<'a, A, T> {
+pub struct Agent<'a, A, T, S = NoSlots> {
     bundle: &'a Bundle<'a>,
+    slots: S,
+    renewal: Renewal,
     settings: Settings,
     app: A,
     timer: T,
@@ -465,6 +478,12 @@ pub struct Agent<'a, A, T> {
 enum Incoming {
     Puback(Pid),
     Pingresp,
+    Suback {
+        pid: Pid,
+        granted: bool,
+    },
+    /// A PUBLISH on a certificate topic (no PUBACK: QoS 0).
+    Cert,
     /// A PUBLISH, with its packet id when it wants a PUBACK.
     Publish(Option<Pid>),
 }
@@ -479,9 +498,12 @@ struct InFlight {
 }
 
 impl<'a, A: App, T: Timer> Agent<'a, A, T> {
+    /// An agent that keeps the bundle's certificate (no renewal).
     pub fn new(bundle: &'a Bundle<'a>, settings: Settings, app: A, timer: T) -> Self {
         Agent {
             bundle,
+            slots: NoSlots,
+            renewal: Renewal::new(Chains::default(), 0),
             settings,
             app,
             timer,
@@ -491,8 +513,32 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         }
     }
 
+    /// Renews the certificate through the gateway, keeping renewed
+    /// chains in `slots` (see [`crate::renew`]).
+    pub fn with_slots<S: ChainSlots>(self, slots: S) -> Agent<'a, A, T, S> {
+        Agent {
+            bundle: self.bundle,
+            renewal: Renewal::new(Chains::scan(&slots), 0),
+            slots,
+            settings: self.settings,
+            app: self.app,
+            timer: self.timer,
+            stats: self.stats,
+            next_seq: self.next_seq,
+            unacked: self.unacked,
+        }
+    }
+}
+
+impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// The chains the device holds: which generation is committed, and
+    /// whether one is staged.
+    pub fn chains(&self) -> Chains {
+        self.renewal.chains
     }
 
     pub fn app(&mut self) -> &mut A {
@@ -516,6 +562,8 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         C: Clock,
     {
         let mut backoff = Backoff::new(self.settings.backoff_min_ms, self.settings.backoff_max_ms);
+        // Request ids differ from boot to boot (see `Renewal`).
+        self.renewal.nonce = rng.next_u32();
         loop {
             let (host, port) = (self.bundle.gateway_host, self.bundle.gateway_port);
             self.app.event(Event::Connecting { host, port });
@@ -533,9 +581,16 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             match result {
                 Ok(End::Stopped) => return Ok(self.stats),
                 Ok(End::Rekey) => self.app.event(Event::Rekey),
+                Ok(End::Renewed) => {}
                 Err(e) => {
                     self.stats.failures += 1;
                     self.app.event(Event::Failed(&e));
+                    // Refused with the staged certificate: back to the last.
+                    if matches!(e, Error::CertificateRefused | Error::HandshakeAlert(_))
+                        && let Some(done) = self.renewal.roll_back(&mut self.slots)
+                    {
+                        self.app.event(Event::Renewal(done));
+                    }
                     if !self.app.retry(&e, &self.stats) {
                         return Err(e);
                     }
@@ -572,8 +627,13 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             TlsConfig::new().with_server_name(b.server_name)
         };
         link.gate().arm();
-        let verifier = StrictVerifier::new(b.server_ca, b.server_name, clock).opening(link.gate());
-        let mut provider = DeviceProvider::new(rng, key, b.leaf(), verifier);
+        self.renewal.start();
+        let floor = self.renewal.floor(self.timer.now_ms());
+        let verifier = StrictVerifier::new(b.server_ca, b.server_name, clock)
+            .with_floor(floor)
+            .opening(link.gate());
+        let leaf = self.renewal.chains.leaf(b, &self.slots);
+        let mut provider = DeviceProvider::new(rng, key, leaf, verifier);
         let mut tls: TlsConnection<'_, &Link<L>, Aes128GcmSha256> =
             TlsConnection::new(link, bufs.tls_rx, bufs.tls_tx);
         let deadline = self.timer.now_ms() + self.settings.handshake_ms;
@@ -679,6 +739,15 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         s.inb.consume(n);
         self.app.event(Event::Subscribed);
 
+        if self.slots.enabled() {
+            // Its SUBACK and the status come in the exchange, perhaps
+            // after a command.
+            let subscribe = Outbound::Subscribe {
+                pid: status_pid(),
+                topic: CERT_STATUS,
+            };
+            s.out.send(subscribe, &self.timer).await?;
+        }
         self.exchange(s).await
     }
 
@@ -699,6 +768,12 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                 let incoming = match mqtt::decode(&s.inb.rx[..n])? {
                     Inbound::Puback(pid) => Incoming::Puback(pid),
                     Inbound::Pingresp => Incoming::Pingresp,
+                    Inbound::Suback { pid, granted } => Incoming::Suback { pid, granted },
+                    Inbound::Publish { topic, .. }
+                        if topic == CERT_STATUS || topic == CERT_ANSWER =>
+                    {
+                        Incoming::Cert
+                    }
                     Inbound::Publish { pid, .. } => Incoming::Publish(pid),
                     Inbound::PublishQos2 => return Err(Error::Unexpected("QoS 2 PUBLISH")),
                     _ => return Err(Error::Unexpected("packet type")),
@@ -716,6 +791,14 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                         return Err(Error::Unexpected("PUBACK for nothing sent"));
                     }
                     Incoming::Pingresp => ping_deadline = None,
+                    Incoming::Suback { pid, granted } if pid == status_pid() => {
+                        self.renewal.offered = granted;
+                        if !granted {
+                            self.app.event(Event::Renewal(RenewEvent::Unavailable));
+                        }
+                    }
+                    Incoming::Suback { .. } => return Err(Error::Unexpected("SUBACK")),
+                    Incoming::Cert => self.certificate(&s.inb.rx[..n]),
                     Incoming::Publish(ack) => {
                         if let Some(f) = self.command(s, n, &mut next_pid).await? {
                             reply = Some(f);
@@ -741,6 +824,18 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             }
             if stopping && telemetry.is_none() && reply.is_none() {
                 return Ok(End::Stopped);
+            }
+            if self.renewal.staged_now && telemetry.is_none() && reply.is_none() {
+                return Ok(End::Renewed);
+            }
+            if let Some(n) = self.renewal.poll(now, s.out.tx)? {
+                s.out.write(n, &self.timer).await?;
+                if !self.renewal.trying {
+                    let generation = self.renewal.asking();
+                    self.app
+                        .event(Event::Renewal(RenewEvent::Asked { generation }));
+                }
+                continue;
             }
             let limit = RECORD_LIMIT * MIN_RECORD;
             if telemetry.is_none() && (s.link.received() >= limit || s.link.sent() >= limit) {
@@ -772,6 +867,7 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
                 telemetry.map(|f| f.deadline),
                 reply.map(|f| f.deadline),
                 ping_deadline,
+                self.renewal.wake(),
             ]
             .into_iter()
             .flatten()
@@ -870,6 +966,26 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
         Ok(mqtt::encode(publish, tx)?)
     }
 
+    /// A PUBLISH on the certificate status or answer topic.
+    fn certificate(&mut self, frame: &[u8]) {
+        let Ok(Inbound::Publish { topic, payload, .. }) = mqtt::decode(frame) else {
+            return;
+        };
+        let now = self.timer.now_ms();
+        let event = if topic == CERT_STATUS {
+            self.renewal.status(payload, now)
+        } else {
+            self.renewal
+                .answer(payload, now, self.bundle, &mut self.slots)
+        };
+        if let Some(event) = event {
+            if let RenewEvent::Committed { .. } = event {
+                self.stats.renewals += 1;
+            }
+            self.app.event(Event::Renewal(event));
+        }
+    }
+
     /// Answers the PUBLISH in `s.rx[..frame]` if it is a command on our
     /// commands topic. Returns the reply in flight.
     async fn command<L: Read + Write>(
@@ -940,6 +1056,12 @@ impl<'a, A: App, T: Timer> Agent<'a, A, T> {
             seq: None,
         }
     }
+}
+
+/// The packet id of the status SUBSCRIBE: the last one, which the
+/// session's PUBLISH ids (from 1 up) do not reach while it is unanswered.
+fn status_pid() -> Pid {
+    Pid::try_from(u16::MAX).unwrap_or_default()
 }
 
 fn take_pid(next: &mut Pid) -> Pid {

@@ -23,12 +23,15 @@
 //! - with a clock, every certificate in the chain, the anchor included, is
 //!   within its validity period.
 //!
-//! **Without a clock** (`NoClock`) dates are not checked at all: an expired
-//! or not-yet-valid gateway certificate is accepted if everything else
-//! holds. A device without a trustworthy time source therefore relies on
-//! the operator not letting the server CA sign for longer than it should,
-//! and on revocation being handled by replacing the server CA in the bundle.
-//! Revocation lists are never checked on the device.
+//! **Without a clock** (`NoClock`) dates are not checked on the first
+//! connection after a reset: an expired or not-yet-valid gateway
+//! certificate is accepted if everything else holds. After one session
+//! with a device that renews ([`crate::renew`]), the gateway's
+//! authenticated time plus the monotonic time since is a floor: a gateway
+//! certificate that expired before it is refused ([`StrictVerifier::with_floor`]).
+//! With short-lived gateway certificates, that bounds how long a stolen
+//! gateway key can fool a device that cannot read a CRL. Revocation lists
+//! are never checked on the device.
 //!
 //! When it refuses, embedded-tls only reports `InvalidCertificate`; the
 //! precise [`Refusal`] is kept here for the device's log, and the session
@@ -194,6 +197,8 @@ pub struct StrictVerifier<'a, C: Clock> {
     transcript: heapless::Vec<u8, 48>,
     refusal: Option<Refusal>,
     verified: bool,
+    /// A time (Unix seconds) known to have passed: see [`Self::with_floor`].
+    floor: Option<u64>,
     /// Opened once the server has proven itself.
     gate: Option<&'a Gate>,
 }
@@ -210,8 +215,19 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
             transcript: heapless::Vec::new(),
             refusal: None,
             verified: false,
+            floor: None,
             gate: None,
         }
+    }
+
+    /// A time known to have passed: the gateway's authenticated time at
+    /// its last session plus the monotonic time since ([`crate::renew`]).
+    /// A certificate that expired before it is refused even without a
+    /// clock, or with a clock that is behind. Only expiry is checked
+    /// against it: a floor says nothing about `notBefore`.
+    pub fn with_floor(mut self, floor: Option<u64>) -> Self {
+        self.floor = floor;
+        self
     }
 
     /// Opens `gate` (the link's) once the chain and the CertificateVerify
@@ -286,13 +302,13 @@ impl<'a, C: Clock> StrictVerifier<'a, C> {
 
         for depth in 0..=n {
             let cert: Cert<'_> = if depth < n { certs[depth] } else { anchor };
-            if let Some(now) = now {
-                if now < cert.not_before {
-                    return Err(Refusal::NotYetValid { depth: depth as u8 });
-                }
-                if now > cert.not_after {
-                    return Err(Refusal::Expired { depth: depth as u8 });
-                }
+            if let Some(now) = now
+                && now < cert.not_before
+            {
+                return Err(Refusal::NotYetValid { depth: depth as u8 });
+            }
+            if now.max(self.floor).is_some_and(|t| t > cert.not_after) {
+                return Err(Refusal::Expired { depth: depth as u8 });
             }
             if depth == 0 {
                 continue;

@@ -263,6 +263,17 @@ fn days_from_civil(year: u32, month: u32, day: u32) -> u64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The first DER SEQUENCE of `der` (a whole certificate) and what
+/// follows it: how a chain sent as concatenated DER is taken apart.
+pub fn split_first(der: &[u8]) -> Result<(&[u8], &[u8]), X509Error> {
+    let mut cursor = Der(der);
+    let tlv = cursor.tlv()?;
+    if tlv.tag != SEQUENCE {
+        return Err(X509Error::Malformed);
+    }
+    Ok((tlv.whole, cursor.0))
+}
+
 /// Parses a DER certificate.
 pub fn parse(der: &[u8]) -> Result<Cert<'_>, X509Error> {
     let mut outer = Der(der);

@@ -413,6 +413,41 @@ async fn dates_are_checked_when_there_is_a_clock_and_only_then() {
     assert!(out.open.is_ok() && out.verified, "{out:?}");
 }
 
+#[test]
+fn a_time_floor_refuses_a_gateway_certificate_that_expired_before_it() {
+    let scene = Scene::new();
+    let expired = scene.server(|p| {
+        p.not_before = OffsetDateTime::now_utc() - Duration::days(30);
+        p.not_after = OffsetDateTime::now_utc() - Duration::days(1);
+    });
+    // No clock, but the gateway's last authenticated time: refused.
+    let mut v = StrictVerifier::new(&scene.anchor, NAME, NoClock).with_floor(Some(now()));
+    assert_eq!(
+        v.check_chain(&[&expired.der]).err(),
+        Some(Refusal::Expired { depth: 0 })
+    );
+    // A clock two days behind accepts it alone; with the floor it is refused.
+    let behind = Clocked(now() - 2 * 86_400);
+    assert!(
+        StrictVerifier::new(&scene.anchor, NAME, Clocked(now() - 2 * 86_400))
+            .check_chain(&[&expired.der])
+            .is_ok()
+    );
+    let mut v = StrictVerifier::new(&scene.anchor, NAME, behind).with_floor(Some(now()));
+    assert_eq!(
+        v.check_chain(&[&expired.der]).err(),
+        Some(Refusal::Expired { depth: 0 })
+    );
+    // A floor is a lower bound: it says nothing about notBefore, and a
+    // certificate that expires after it passes.
+    let later = scene.server(|p| {
+        p.not_before = OffsetDateTime::now_utc() + Duration::days(1);
+        p.not_after = OffsetDateTime::now_utc() + Duration::days(30);
+    });
+    let mut v = StrictVerifier::new(&scene.anchor, NAME, NoClock).with_floor(Some(now()));
+    assert!(v.check_chain(&[&later.der]).is_ok());
+}
+
 #[tokio::test]
 async fn a_ca_certificate_as_the_server_leaf_is_refused() {
     let scene = Scene::new();

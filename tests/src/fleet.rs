@@ -251,6 +251,12 @@ pub const MCU_LIMITS: &str = "[limits]\nmax_tls_record = 2048\n";
 
 /// `provisioning enroll ID --format nostd --gateway localhost:PORT`.
 pub fn enroll_nostd(fleet: &Fleet, id: &str, port: u16) -> PathBuf {
+    enroll_nostd_with(fleet, id, port, &[])
+}
+
+/// [`enroll_nostd`] with more `provisioning enroll` arguments, such as
+/// `--lifetime 1m`.
+pub fn enroll_nostd_with(fleet: &Fleet, id: &str, port: u16, extra: &[&str]) -> PathBuf {
     let out = fleet.path(&format!("mcu-{id}"));
     let mut enroll = Command::new(built("provisioning"));
     enroll
@@ -259,7 +265,8 @@ pub fn enroll_nostd(fleet: &Fleet, id: &str, port: u16) -> PathBuf {
         .args(["enroll", id, "--format", "nostd", "--gateway"])
         .arg(format!("localhost:{port}"))
         .arg("--out")
-        .arg(&out);
+        .arg(&out)
+        .args(extra);
     let done = run_bounded(enroll, 30);
     assert!(done.status.success(), "{}", text(&done));
     out.join("bundle.bin")

@@ -19,7 +19,7 @@ pub use agent::{
 pub use ca_service::CaService;
 pub use fleet::{
     Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
-    mint_with,
+    enroll_nostd_with, mint_with,
 };
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{

@@ -4,7 +4,13 @@
 //!
 //! ```text
 //! mcu-host --bundle bundle.bin [--telemetry N --commands M] [--interval-ms MS] [--qos0]
+//!          [--slots FILE [--renewals R]]
 //! ```
+//!
+//! With `--slots`, the device renews its certificate and keeps renewed
+//! chains in FILE, two 4 KiB slots that behave as NOR flash (see
+//! [`FileSlots`]); it survives a restart the way the firmware's partition
+//! does.
 //!
 //! Exits 0 after a clean stop, or with the failure's code (see
 //! `twofold_agent_nostd::Error::exit_code`) when it gives up.
@@ -16,7 +22,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use embedded_io_adapters::tokio_1::FromTokio;
 use twofold_agent_nostd::basic::{BasicApp, Limits};
-use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, Settings, TelemetryQos, Timer};
+use twofold_agent_nostd::{
+    Agent, Buffers, ChainSlots, Clock, Connect, MCU_MQTT_RX, MCU_MQTT_TX, Settings, SlotError,
+    TelemetryQos, Timer,
+};
 use twofold_protocol::Bundle;
 
 #[derive(Parser)]
@@ -32,6 +41,12 @@ struct Args {
     /// Commands to answer before stopping (with --telemetry).
     #[arg(long, default_value_t = 0)]
     commands: u32,
+    /// Renewed certificates to commit before stopping (with --telemetry).
+    #[arg(long, default_value_t = 0)]
+    renewals: u32,
+    /// Renew the certificate, keeping renewed chains in this file.
+    #[arg(long)]
+    slots: Option<std::path::PathBuf>,
     /// Give up after this many failed sessions in a row.
     #[arg(long)]
     attempts: Option<u32>,
@@ -85,6 +100,70 @@ impl Connect for Tcp {
     }
 }
 
+/// Bytes per chain slot: a leaf and a CA certificate with room to spare.
+const SLOT: usize = 4096;
+
+/// Two chain slots in a file, programmed as NOR flash is: an erase sets
+/// every byte to 0xFF, programming can only clear bits. Every change is
+/// written through to the file before it returns.
+struct FileSlots {
+    path: std::path::PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl FileSlots {
+    fn open(path: &std::path::Path) -> anyhow::Result<Self> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) if b.len() == 2 * SLOT => b,
+            Ok(b) => bail!(
+                "{}: {} bytes, not two {SLOT}-byte slots",
+                path.display(),
+                b.len()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => vec![0xff; 2 * SLOT],
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        Ok(FileSlots {
+            path: path.to_owned(),
+            bytes,
+        })
+    }
+
+    fn save(&self) -> Result<(), SlotError> {
+        use std::io::Write;
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(|_| SlotError)?;
+        f.write_all(&self.bytes).map_err(|_| SlotError)?;
+        f.sync_all().map_err(|_| SlotError)?;
+        std::fs::rename(&tmp, &self.path).map_err(|_| SlotError)
+    }
+}
+
+impl ChainSlots for FileSlots {
+    fn slot(&self, i: usize) -> &[u8] {
+        self.bytes.get(i * SLOT..(i + 1) * SLOT).unwrap_or_default()
+    }
+
+    fn erase(&mut self, i: usize) -> Result<(), SlotError> {
+        self.bytes
+            .get_mut(i * SLOT..(i + 1) * SLOT)
+            .ok_or(SlotError)?
+            .fill(0xff);
+        self.save()
+    }
+
+    fn program(&mut self, i: usize, offset: usize, data: &[u8]) -> Result<(), SlotError> {
+        if i > 1 || offset + data.len() > SLOT {
+            return Err(SlotError);
+        }
+        let at = i * SLOT + offset;
+        for (b, d) in self.bytes[at..at + data.len()].iter_mut().zip(data) {
+            *b &= d;
+        }
+        self.save()
+    }
+}
+
 fn unix_ms() -> Option<u64> {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
     u64::try_from(d.as_millis()).ok()
@@ -104,6 +183,7 @@ fn main() -> anyhow::Result<()> {
     let limits = Limits {
         telemetry: args.telemetry,
         commands: args.commands,
+        renewals: args.renewals,
         failures: args.attempts,
     };
     let log = |e: &dyn Display| eprintln!("twofold: {e}");
@@ -120,11 +200,27 @@ fn main() -> anyhow::Result<()> {
         backoff_max_ms: 5_000,
         ..Settings::default()
     };
-    let mut agent = Agent::new(&bundle, settings, app, timer);
+    let slots = match &args.slots {
+        Some(path) => Some(FileSlots::open(path)?),
+        None => None,
+    };
+    let mut agent = Agent::new(&bundle, settings, app, timer).with_slots(slots);
+    if args.slots.is_some() {
+        let chains = agent.chains();
+        let staged = if chains.staged() {
+            ", a renewed one staged"
+        } else {
+            ""
+        };
+        eprintln!(
+            "twofold: certificate generation {} committed{staged}",
+            chains.generation()
+        );
+    }
     let mut tls_rx = vec![0u8; args.tls_rx];
     let mut tls_tx = [0u8; 1024];
-    let mut mqtt_rx = [0u8; 512];
-    let mut mqtt_tx = [0u8; 512];
+    let mut mqtt_rx = [0u8; MCU_MQTT_RX];
+    let mut mqtt_tx = [0u8; MCU_MQTT_TX];
     let mut bufs = Buffers {
         tls_rx: &mut tls_rx,
         tls_tx: &mut tls_tx,

@@ -117,3 +117,170 @@ fn host_runner_sends_qos0_telemetry() {
     let connected = gw.wait_for(|e| e["event"] == "connected" && e["client_id"] == "mcu-3");
     assert!(connected.is_some(), "{}", gw.log());
 }
+
+/// Every telemetry sequence number from 0 up arrived: nothing lost.
+fn assert_contiguous(seqs: &[u64], at_least: usize) {
+    assert!(seqs.len() >= at_least, "{seqs:?}");
+    let mut sorted = seqs.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, (0..sorted.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn host_runner_renews_a_one_minute_certificate_twice_with_its_key() {
+    use twofold_protocol::{DeviceId, Principal};
+    use twofold_provisioning::registry::RevocationReason;
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    fleet.service("gw");
+    let port = free_port();
+    let bundle = enroll_nostd_with(&fleet, "mcu-n", port, &["--lifetime", "1m"]);
+    let ca = CaService::start(
+        &mut fleet,
+        &["--ra", "gw", "--lifetime", "60s", "--rate-limit", "100"],
+    );
+    let gw = Gateway::start_on(
+        &fleet,
+        port,
+        &format!("{MCU_LIMITS}\n{}", ca.gateway_toml(&fleet, "gw")),
+    );
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-n");
+    let slots = fleet.path("mcu-n.slots");
+    let mut dev = mcu_host(
+        &fleet,
+        "n",
+        &bundle,
+        &[
+            "--slots",
+            slots.to_str().unwrap(),
+            "--telemetry",
+            "10",
+            "--renewals",
+            "2",
+            "--interval-ms",
+            "1000",
+            "--attempts",
+            "5",
+        ],
+    );
+    // Each one-minute certificate is due about 35 s after it was issued.
+    let status = exit_status(&mut dev, 240);
+    println!("{}", dev.log());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+    for generation in [1, 2] {
+        assert!(
+            dev.log()
+                .contains(&format!("certificate generation {generation} committed")),
+            "{}",
+            dev.log()
+        );
+    }
+    assert!(dev.log().contains("renewal due in"), "{}", dev.log());
+
+    // Three certificates, one key: renewal keeps the key. The first two
+    // were superseded as their successors were committed.
+    let principal = Principal::Device(DeviceId::parse("mcu-n").unwrap());
+    let history = fleet.pki.history(&principal).unwrap();
+    assert_eq!(history.len(), 3, "{history:?}");
+    let keys: std::collections::BTreeSet<Vec<u8>> = history
+        .iter()
+        .map(|r| {
+            let (_, c) = x509_parser::parse_x509_certificate(&r.der).unwrap();
+            c.public_key().raw.to_vec()
+        })
+        .collect();
+    assert_eq!(keys.len(), 1, "a renewal changed the key");
+    let superseded = history
+        .iter()
+        .filter(|r| {
+            r.revocation
+                .is_some_and(|v| v.reason == RevocationReason::Superseded)
+        })
+        .count();
+    assert_eq!(superseded, 2, "{history:?}");
+
+    assert!(wait_until(10, || telemetry_seqs(&sub, "mcu-n").len() >= 10));
+    assert_contiguous(&telemetry_seqs(&sub, "mcu-n"), 10);
+
+    // The slots survive a restart: the device comes back with generation 2.
+    let mut again = mcu_host(
+        &fleet,
+        "n2",
+        &bundle,
+        &[
+            "--slots",
+            slots.to_str().unwrap(),
+            "--telemetry",
+            "1",
+            "--attempts",
+            "3",
+        ],
+    );
+    let status = exit_status(&mut again, 60);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", again.log());
+    assert!(
+        again.log().contains("certificate generation 2 committed\n"),
+        "{}",
+        again.log()
+    );
+}
+
+#[test]
+fn a_staged_certificate_the_gateway_refuses_is_rolled_back() {
+    use twofold_protocol::{Bundle, ChainRecord};
+    let fleet = Fleet::new();
+    let port = free_port();
+    let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
+    let bundle = enroll_nostd(&fleet, "mcu-s", port);
+    // Staged: another device's certificate, for a key this device does
+    // not hold. The gateway refuses the handshake's signature.
+    let other = enroll_nostd(&fleet, "mcu-o", port);
+    let other = std::fs::read(other).unwrap();
+    let other = Bundle::decode(&other).unwrap();
+    let record = ChainRecord {
+        generation: 1,
+        chain: heapless::Vec::from_slice(&[other.leaf()]).unwrap(),
+    };
+    let mut file = vec![0xffu8; 8192];
+    record.encode(&mut file[..4096]).unwrap();
+    let slots = fleet.path("mcu-s.slots");
+    std::fs::write(&slots, &file).unwrap();
+
+    let mut dev = mcu_host(
+        &fleet,
+        "s",
+        &bundle,
+        &[
+            "--slots",
+            slots.to_str().unwrap(),
+            "--telemetry",
+            "2",
+            "--attempts",
+            "3",
+        ],
+    );
+    let status = exit_status(&mut dev, 60);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+    assert!(
+        dev.log()
+            .contains("the gateway refused certificate generation 1; rolled back"),
+        "{}",
+        dev.log()
+    );
+    // The slot is erased: the next start presents the bundle's certificate.
+    let file = std::fs::read(&slots).unwrap();
+    assert!(file[..4096].iter().all(|&b| b == 0xff));
+}
