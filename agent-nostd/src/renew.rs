@@ -203,25 +203,18 @@ pub enum RenewEvent<'a> {
 
 impl fmt::Display for RenewEvent<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Short: every byte of these strings is flash.
         match self {
             RenewEvent::Status {
                 renew_in,
                 expires_in,
-            } => write!(
-                f,
-                "certificate renewal due in {renew_in} s, expires in {expires_in} s"
-            ),
-            RenewEvent::Unavailable => f.write_str("the gateway does not offer renewal"),
-            RenewEvent::Asked { generation } => {
-                write!(f, "asking for certificate generation {generation}")
+            } => write!(f, "renewal due in {renew_in} s, expiry in {expires_in} s"),
+            RenewEvent::Unavailable => f.write_str("the gateway offers no renewal"),
+            RenewEvent::Asked { generation } => write!(f, "asking for certificate {generation}"),
+            RenewEvent::Staged { generation } => {
+                write!(f, "certificate {generation} staged; reconnecting")
             }
-            RenewEvent::Staged { generation } => write!(
-                f,
-                "certificate generation {generation} staged; reconnecting with it"
-            ),
-            RenewEvent::BadCertificate(why) => {
-                write!(f, "renewal answer refused, nothing stored: {why}")
-            }
+            RenewEvent::BadCertificate(why) => write!(f, "renewal unusable: {why}"),
             RenewEvent::Refused {
                 code,
                 retry_after,
@@ -229,31 +222,16 @@ impl fmt::Display for RenewEvent<'_> {
             } => write!(
                 f,
                 "renewal refused ({}): {reason}; retry in {retry_after} s",
-                refusal(*code)
+                *code as u8
             ),
             RenewEvent::Committed { generation } => {
-                write!(f, "certificate generation {generation} committed")
+                write!(f, "certificate {generation} committed")
             }
-            RenewEvent::RolledBack { generation } => write!(
-                f,
-                "the gateway refused certificate generation {generation}; rolled back"
-            ),
-            RenewEvent::Flash => f.write_str("writing the chain slot failed"),
+            RenewEvent::RolledBack { generation } => {
+                write!(f, "gateway refused certificate {generation}; rolled back")
+            }
+            RenewEvent::Flash => f.write_str("chain slot write failed"),
         }
-    }
-}
-
-fn refusal(code: RenewRefusal) -> &'static str {
-    match code {
-        RenewRefusal::Busy => "busy",
-        RenewRefusal::RateLimited => "rate-limited",
-        RenewRefusal::Revoked => "revoked",
-        RenewRefusal::NotLatest => "not-latest",
-        RenewRefusal::InvalidCsr => "invalid-csr",
-        RenewRefusal::NotDue => "not-due",
-        RenewRefusal::Expired => "expired",
-        RenewRefusal::BadRequest => "bad-request",
-        RenewRefusal::Unavailable => "unavailable",
     }
 }
 
@@ -263,8 +241,21 @@ const ANSWER_MS: u64 = 30_000;
 /// When a refusal names no retry time and renewal may still be asked.
 const LATER_MS: u64 = 3_600_000;
 
-/// A request id: `g<generation>-<boot nonce>`, at most 1 + 10 + 1 + 8.
-type RequestId = heapless::String<20>;
+/// A request id: `g<generation, 8 hex>-<boot nonce, 8 hex>`.
+type RequestId = heapless::String<18>;
+
+/// Written by hand: core's integer formatting costs flash.
+fn request_id(generation: u32, nonce: u32) -> RequestId {
+    let mut id = RequestId::new();
+    for (lead, n) in [('g', generation), ('-', nonce)] {
+        let _ = id.push(lead);
+        for shift in (0..8).rev() {
+            let digit = (n >> (shift * 4)) & 0xf;
+            let _ = id.push(char::from(b"0123456789abcdef"[digit as usize]));
+        }
+    }
+    id
+}
 
 /// Renewal state across sessions (RAM: a reset forgets a pending request,
 /// and a new id makes the CA discard what it issued for the old one).
@@ -323,6 +314,7 @@ impl Renewal {
     }
 
     /// The handshake with the staged chain was refused: erase it.
+    #[inline(never)]
     pub fn roll_back<S: ChainSlots>(&mut self, slots: &mut S) -> Option<RenewEvent<'static>> {
         let (i, generation) = self.chains.staged.filter(|_| self.trying)?;
         self.trying = false;
@@ -353,6 +345,7 @@ impl Renewal {
 
     /// Encodes what is due now into `tx`: the commit of a chain this
     /// session proved, or a renew request.
+    #[inline(never)]
     pub fn poll(&mut self, now: u64, tx: &mut [u8]) -> Result<Option<usize>, crate::Error> {
         if self.wake().is_none_or(|w| now < w) || self.staged_now {
             return Ok(None);
@@ -362,12 +355,8 @@ impl Renewal {
             return encode(twofold_protocol::topic::CERT_COMMIT, &[], tx).map(Some);
         }
         let generation = self.chains.generation() + 1;
-        let id = self.id.get_or_insert_with(|| {
-            let mut id = RequestId::new();
-            // 20 bytes hold "g" + u32 + "-" + 8 hex digits.
-            let _ = fmt::write(&mut id, format_args!("g{generation}-{:08x}", self.nonce));
-            id
-        });
+        let nonce = self.nonce;
+        let id = self.id.get_or_insert_with(|| request_id(generation, nonce));
         let request = RenewRequest {
             request_id: id.as_str(),
             csr: None,
@@ -385,6 +374,7 @@ impl Renewal {
     }
 
     /// A PUBLISH on the status topic.
+    #[inline(never)]
     pub fn status(&mut self, payload: &[u8], now: u64) -> Option<RenewEvent<'static>> {
         let status = message::decode::<CertStatus>(payload).ok()?;
         self.floor = Some((status.now, now));
@@ -396,6 +386,7 @@ impl Renewal {
     }
 
     /// A PUBLISH on the answer topic.
+    #[inline(never)]
     pub fn answer<'p, S: ChainSlots>(
         &mut self,
         payload: &'p [u8],
@@ -476,6 +467,7 @@ impl Renewal {
 
     /// Writes `certs` (leaf DER then CA DER) as a staged record of
     /// `generation` to the free slot and reads it back.
+    #[inline(never)]
     fn stage<S: ChainSlots>(
         &mut self,
         certs: &[u8],

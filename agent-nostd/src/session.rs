@@ -586,7 +586,8 @@ impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
                     self.stats.failures += 1;
                     self.app.event(Event::Failed(&e));
                     // Refused with the staged certificate: back to the last.
-                    if matches!(e, Error::CertificateRefused | Error::HandshakeAlert(_))
+                    if self.slots.enabled()
+                        && matches!(e, Error::CertificateRefused | Error::HandshakeAlert(_))
                         && let Some(done) = self.renewal.roll_back(&mut self.slots)
                     {
                         self.app.event(Event::Renewal(done));
@@ -769,8 +770,11 @@ impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
                     Inbound::Puback(pid) => Incoming::Puback(pid),
                     Inbound::Pingresp => Incoming::Pingresp,
                     Inbound::Suback { pid, granted } => Incoming::Suback { pid, granted },
+                    // Without slots this is constant false, and the
+                    // renewal code is left out of the firmware.
                     Inbound::Publish { topic, .. }
-                        if topic == CERT_STATUS || topic == CERT_ANSWER =>
+                        if self.slots.enabled()
+                            && (topic == CERT_STATUS || topic == CERT_ANSWER) =>
                     {
                         Incoming::Cert
                     }
@@ -967,6 +971,7 @@ impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
     }
 
     /// A PUBLISH on the certificate status or answer topic.
+    #[inline(never)]
     fn certificate(&mut self, frame: &[u8]) {
         let Ok(Inbound::Publish { topic, payload, .. }) = mqtt::decode(frame) else {
             return;

@@ -177,12 +177,17 @@ fn host_runner_renews_a_one_minute_certificate_twice_with_its_key() {
     for generation in [1, 2] {
         assert!(
             dev.log()
-                .contains(&format!("certificate generation {generation} committed")),
+                .contains(&format!("certificate {generation} committed")),
             "{}",
             dev.log()
         );
     }
     assert!(dev.log().contains("renewal due in"), "{}", dev.log());
+    assert!(
+        dev.log().contains("asking for certificate 2"),
+        "{}",
+        dev.log()
+    );
 
     // Three certificates, one key: renewal keeps the key. The first two
     // were superseded as their successors were committed.
@@ -276,7 +281,7 @@ fn a_staged_certificate_the_gateway_refuses_is_rolled_back() {
     );
     assert!(
         dev.log()
-            .contains("the gateway refused certificate generation 1; rolled back"),
+            .contains("gateway refused certificate 1; rolled back"),
         "{}",
         dev.log()
     );
