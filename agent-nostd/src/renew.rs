@@ -498,20 +498,20 @@ impl Renewal {
 /// it is a certificate, for the key it holds, with the subject and issuer
 /// it has now (the CA decides the rest, and the next handshake proves it).
 fn usable(certs: &[u8], current: &[u8]) -> Result<(), &'static str> {
-    let (leaf, ca) = x509::split_first(certs).map_err(|_| "not DER certificates")?;
+    let (leaf, ca) = x509::split_first(certs).map_err(|_| "not DER")?;
     if !ca.is_empty() && x509::split_first(ca).is_err() {
-        return Err("the CA certificate is not DER");
+        return Err("not DER");
     }
-    let new = x509::parse(leaf).map_err(|_| "the certificate does not parse")?;
-    let old = x509::parse(current).map_err(|_| "the current certificate does not parse")?;
+    let new = x509::parse(leaf).map_err(|_| "not X.509")?;
+    let old = x509::parse(current).map_err(|_| "not X.509")?;
     if new.public_key != old.public_key {
-        return Err("it is for another key");
+        return Err("another key");
     }
     if new.subject != old.subject {
-        return Err("it names another subject");
+        return Err("another subject");
     }
     if new.issuer != old.issuer {
-        return Err("it comes from another CA");
+        return Err("another CA");
     }
     Ok(())
 }
