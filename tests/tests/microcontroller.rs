@@ -43,10 +43,24 @@ fn firmware() -> PathBuf {
 /// partition, `append` is its command line; semihosting output goes to
 /// the log.
 fn qemu(fleet: &Fleet, name: &str, fw: &Path, bundle: &Path, port: u16, append: &str) -> Proc {
+    qemu_with(fleet, name, fw, bundle, port, append, "")
+}
+
+/// [`qemu`] with more `-chardev socket` options, such as `reconnect=1`
+/// (QEMU dials the gateway again a second after a connection closes).
+fn qemu_with(
+    fleet: &Fleet,
+    name: &str,
+    fw: &Path,
+    bundle: &Path,
+    port: u16,
+    append: &str,
+    chardev: &str,
+) -> Proc {
     let mut cmd = Command::new("timeout");
     cmd.args([
         "--kill-after=5",
-        "120",
+        "180",
         "qemu-system-arm",
         "-M",
         "mps2-an386",
@@ -54,7 +68,7 @@ fn qemu(fleet: &Fleet, name: &str, fw: &Path, bundle: &Path, port: u16, append: 
     .args(["-display", "none", "-monitor", "none"])
     .args(["-semihosting-config", "enable=on,target=native"])
     .arg("-chardev")
-    .arg(format!("socket,id=u0,host=127.0.0.1,port={port}"))
+    .arg(format!("socket,id=u0,host=127.0.0.1,port={port}{chardev}"))
     .args(["-serial", "chardev:u0", "-kernel"])
     .arg(fw)
     .arg("-device")
@@ -159,4 +173,83 @@ fn qemu_firmware_enrolls_publishes_and_answers_then_a_revoked_one_is_refused() {
         dev.log()
     );
     assert!(gw.refusal("revoked").to_string().contains("mcu-r"));
+}
+
+#[test]
+fn qemu_firmware_renews_its_one_minute_certificate_and_loses_nothing() {
+    use twofold_protocol::{DeviceId, Principal};
+    let fw = firmware();
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    fleet.service("gw");
+    let port = free_port();
+    let bundle = enroll_nostd_with(&fleet, "mcu-w", port, &["--lifetime", "1m"]);
+    let ca = CaService::start(
+        &mut fleet,
+        &["--ra", "gw", "--lifetime", "60s", "--rate-limit", "100"],
+    );
+    let gw = Gateway::start_on(
+        &fleet,
+        port,
+        &format!("{MCU_LIMITS}\n{}", ca.gateway_toml(&fleet, "gw")),
+    );
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-w");
+    // Renewal is due about 35 s after enrollment; the firmware stops once
+    // the renewed certificate is committed and 5 messages acknowledged.
+    let mut dev = qemu_with(
+        &fleet,
+        "w",
+        &fw,
+        &bundle,
+        port,
+        "telemetry=5 renewals=1 interval=1000",
+        ",reconnect=1",
+    );
+    let status = exit_status(&mut dev, 170);
+    println!("{}", dev.log());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+    for line in [
+        "renewal due in",
+        "asking for certificate 1",
+        "certificate 1 staged; reconnecting",
+        "certificate 1 committed",
+        "1 renewals",
+    ] {
+        assert!(dev.log().contains(line), "no {line:?} in:\n{}", dev.log());
+    }
+    // The registry: the enrolled certificate superseded by the renewed
+    // one, which has the same key.
+    let principal = Principal::Device(DeviceId::parse("mcu-w").unwrap());
+    let history = fleet.pki.history(&principal).unwrap();
+    assert_eq!(history.len(), 2, "{history:?}");
+    assert!(history[0].revocation.is_none(), "{history:?}");
+    assert!(history[1].revocation.is_some(), "{history:?}");
+    let key = |der: &[u8]| {
+        let (_, c) = x509_parser::parse_x509_certificate(der).unwrap();
+        c.public_key().raw.to_vec()
+    };
+    assert_eq!(key(&history[0].der), key(&history[1].der));
+    // Nothing lost across the reconnect: every sequence number from 0.
+    assert!(wait_until(10, || {
+        sub.messages()
+            .iter()
+            .filter(|(t, _)| t == "devices/mcu-w/telemetry")
+            .count()
+            >= 5
+    }));
+    let mut seqs: Vec<u64> = sub
+        .messages()
+        .iter()
+        .filter(|(t, _)| t == "devices/mcu-w/telemetry")
+        .map(|(_, p)| message::decode::<Telemetry>(p).unwrap().seq)
+        .collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
 }

@@ -12,15 +12,19 @@
 //!   from the command line — QEMU's mps2 has no RNG, so this is for
 //!   emulation only; a real board uses its hardware RNG;
 //! - **bundle**: read in place from the flash partition at 0x0030_0000,
-//!   where a factory (QEMU: `-device loader`) wrote it;
+//!   where a factory (QEMU: `-device loader`) wrote it; renewed chains go
+//!   to two 4 KiB slots at 0x0030_8000 and 0x0030_9000 of the same
+//!   partition, written with NOR flash's rules (erase sets every bit,
+//!   programming only clears bits), which the firmware enforces itself
+//!   because QEMU's code memory is plain RAM;
 //! - **idle**: WFI, woken by SysTick or a received byte, so an idle device
 //!   does not spin a host core;
 //! - **log and exit code**: semihosting (QEMU `-semihosting-config
 //!   enable=on,target=native`), with the extended exit call so the code
 //!   reaches QEMU's exit status.
 //!
-//! Command line (`-append`): `seed=HEX32 [telemetry=N commands=M]
-//! [attempts=K] [interval=MS] [clock=0]`. Exit codes: 0 stopped cleanly;
+//! Command line (`-append`): `seed=HEX32 [telemetry=N commands=M
+//! renewals=R] [attempts=K] [interval=MS] [clock=0]`. Exit codes: 0 stopped cleanly;
 //! 10–18 the agent's failure (see `Error::exit_code`); 20 no valid bundle
 //! in flash; 21 bad command line; 99 hard fault; 101 panic.
 #![no_std]
@@ -39,7 +43,7 @@ use cortex_m_semihosting::hprintln;
 use critical_section::Mutex;
 use rand_core::block::{BlockRng, BlockRngCore};
 use twofold_agent_nostd::basic::{BasicApp, Limits};
-use twofold_agent_nostd::{Agent, Buffers, Clock, Connect, Settings, Timer};
+use twofold_agent_nostd::{Agent, Buffers, ChainSlots, Clock, Connect, Settings, SlotError, Timer};
 use twofold_agent_nostd::{
     MCU_MQTT_RX as MQTT_RX, MCU_MQTT_TX as MQTT_TX, MCU_TLS_RX as TLS_RX, MCU_TLS_TX as TLS_TX,
 };
@@ -183,17 +187,72 @@ struct Modem {
     used: bool,
 }
 
+/// How long a redial takes: QEMU's socket chardev (`reconnect=1`) dials
+/// the gateway again a second after the last connection closed, and the
+/// UART cannot tell when it has.
+const REDIAL_MS: u64 = 2500;
+
 impl Connect for Modem {
     type Io = Uart;
     type Error = embedded_io_async::ErrorKind;
 
     async fn connect(&mut self, _host: &str, _port: u16) -> Result<Uart, Self::Error> {
-        // QEMU's socket chardev carries one TCP connection; once the
-        // gateway has closed it there is nothing to redial.
         if core::mem::replace(&mut self.used, true) {
-            return Err(embedded_io_async::ErrorKind::NotConnected);
+            // Whatever the last connection sends is not ours; reading it
+            // lets QEMU read on to the close (it reads its socket only when
+            // the UART can take a byte) and redial.
+            let deadline = Ticks.now_ms() + REDIAL_MS;
+            while Ticks.now_ms() < deadline {
+                // SAFETY: UART0's registers; reading DATA takes the byte.
+                while unsafe { reg(STATE).read_volatile() } & STATE_RXFULL != 0 {
+                    let _ = unsafe { reg(DATA).read_volatile() };
+                }
+                Ticks.wait_until(Ticks.now_ms() + 1).await;
+            }
         }
         Ok(Uart)
+    }
+}
+
+// ---- the chain slots ---------------------------------------------------
+
+const SLOTS: usize = 0x0030_8000;
+const SLOT_LEN: usize = 0x1000;
+
+/// The two chain slots after the bundle in its partition.
+struct FlashSlots;
+
+impl ChainSlots for FlashSlots {
+    fn slot(&self, i: usize) -> &[u8] {
+        if i > 1 {
+            return &[];
+        }
+        // SAFETY: inside the BUNDLE region of memory.x, which nothing
+        // else maps; written only through `&mut self` below.
+        unsafe { core::slice::from_raw_parts((SLOTS + i * SLOT_LEN) as *const u8, SLOT_LEN) }
+    }
+
+    fn erase(&mut self, i: usize) -> Result<(), SlotError> {
+        if i > 1 {
+            return Err(SlotError);
+        }
+        for at in 0..SLOT_LEN {
+            // SAFETY: as in `slot`.
+            unsafe { ((SLOTS + i * SLOT_LEN + at) as *mut u8).write_volatile(0xff) };
+        }
+        Ok(())
+    }
+
+    fn program(&mut self, i: usize, offset: usize, bytes: &[u8]) -> Result<(), SlotError> {
+        if i > 1 || offset + bytes.len() > SLOT_LEN {
+            return Err(SlotError);
+        }
+        for (k, &b) in bytes.iter().enumerate() {
+            let p = (SLOTS + i * SLOT_LEN + offset + k) as *mut u8;
+            // SAFETY: as in `slot`. NOR programming clears bits only.
+            unsafe { p.write_volatile(p.read_volatile() & b) };
+        }
+        Ok(())
     }
 }
 
@@ -367,6 +426,7 @@ fn parse_args(line: &str) -> Option<Args> {
             "seed" => a.seed = Some(hex16(v)?),
             "telemetry" => a.limits.telemetry = Some(v.parse().ok()?),
             "commands" => a.limits.commands = v.parse().ok()?,
+            "renewals" => a.limits.renewals = v.parse().ok()?,
             "attempts" => a.limits.failures = Some(v.parse().ok()?),
             "interval" => a.interval_ms = v.parse().ok()?,
             "clock" => a.clock = v != "0",
@@ -415,7 +475,7 @@ fn main() -> ! {
     let line = cmdline(&mut buf).unwrap_or("");
     let Some(args) = parse_args(line) else {
         hprintln!(
-            "twofold: bad command line \"{}\" (seed=HEX32 telemetry=N commands=M attempts=K interval=MS clock=0|1)",
+            "twofold: bad command line \"{}\" (seed=HEX32 telemetry=N commands=M renewals=R attempts=K interval=MS clock=0|1)",
             line
         );
         exit(21)
@@ -425,10 +485,11 @@ fn main() -> ! {
         exit(21)
     };
 
-    // SAFETY: the bundle partition from memory.x, written before reset
-    // and never written by the firmware.
+    // SAFETY: the bundle partition from memory.x up to the chain slots,
+    // written before reset and never written by the firmware.
     let partition = unsafe {
-        core::slice::from_raw_parts(&raw const _bundle_start, &raw const _bundle_len as usize)
+        let len = (&raw const _bundle_len as usize).min(SLOTS - 0x0030_0000);
+        core::slice::from_raw_parts(&raw const _bundle_start, len)
     };
     let bundle = match Bundle::decode(partition) {
         Ok(b) => b,
@@ -462,7 +523,7 @@ fn main() -> ! {
     };
     let log = |e: &dyn core::fmt::Display| hprintln!("twofold: {}", e);
     let app = BasicApp::new(Ticks, args.limits, log).with_time(unix_ms);
-    let mut agent = Agent::new(&bundle, settings, app, Ticks);
+    let mut agent = Agent::new(&bundle, settings, app, Ticks).with_slots(FlashSlots);
     // Statics, handed out once.
     let (Some(tls_rx), Some(tls_tx), Some(mqtt_rx), Some(mqtt_tx)) = (
         cortex_m::singleton!(: [u8; TLS_RX] = [0; TLS_RX]),
@@ -491,9 +552,10 @@ fn main() -> ! {
     match result {
         Ok(stats) => {
             hprintln!(
-                "twofold: stopped: {} telemetry acknowledged, {} commands",
+                "twofold: stopped: {} telemetry acknowledged, {} commands, {} renewals",
                 stats.telemetry_acked,
-                stats.commands
+                stats.commands,
+                stats.renewals
             );
             exit(0)
         }
