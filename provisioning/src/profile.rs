@@ -34,8 +34,14 @@ use crate::serial::Serial;
 pub const ROOT_DAYS: i64 = 20 * 365;
 /// Device CA and server CA lifetime.
 pub const INTERMEDIATE_DAYS: i64 = 10 * 365;
-/// Default device and service certificate lifetime.
-pub const DEVICE_DAYS: u32 = 90;
+/// Default device and service certificate lifetime. Devices renew their
+/// own through the CA service (the Linux agent and the microcontroller
+/// agent both do), due at two thirds of it less a jitter: day 18.5 to 20.
+/// That leaves a device 10 days offline after its due date before it
+/// expires, and bounds an unrevoked stolen key to a month. Shorter is
+/// possible (`--days`); 30 days is what a fleet with devices offline for
+/// a week at a time can live with.
+pub const DEVICE_DAYS: u32 = 30;
 /// Default gateway certificate lifetime.
 pub const GATEWAY_DAYS: u32 = 365;
 /// Longest leaf lifetime accepted from `--days`.

@@ -242,7 +242,7 @@ fn list_filters_and_show_reports_history() {
     assert_eq!(names(&["--kind", "device"]), ["gone", "long", "short"]);
     assert_eq!(names(&["--kind", "service"]), ["billing"]);
     assert_eq!(names(&["--status", "revoked"]), ["gone"]);
-    assert_eq!(names(&["--expiring-within", "30d"]), ["short"]);
+    assert_eq!(names(&["--expiring-within", "20d"]), ["short"]);
     assert_eq!(
         names(&["--kind", "device", "--status", "active"]),
         ["long", "short"]

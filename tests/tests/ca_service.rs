@@ -337,7 +337,7 @@ fn only_a_registration_authority_renews_for_a_device() {
 #[test]
 fn revoked_devices_early_requests_and_strangers_are_refused() {
     let ca = Ca::start(&[]);
-    // Not due: a fresh 90-day certificate renews at about day 56.
+    // Not due: a fresh 30-day certificate renews at about day 19.
     assert_refused(
         ca.post("pump-1", "renew", serde_json::json!({"request_id": "r1"})),
         409,
