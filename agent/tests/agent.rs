@@ -254,6 +254,7 @@ fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
             RenewOptions {
                 lifetime: time::Duration::seconds(60),
                 enforce_due: false,
+                expired_grace: time::Duration::ZERO,
             },
             now,
         )

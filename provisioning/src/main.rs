@@ -251,6 +251,11 @@ enum Command {
         /// Renew before renewal is due (2/3 of the lifetime less jitter).
         #[arg(long)]
         allow_early: bool,
+        /// Let a certificate renew this long after it expired, e.g. 7d
+        /// (off by default): for devices that were offline past their
+        /// expiry. Gateways admit them with their own `expired_grace`.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        expired_grace: Option<std::time::Duration>,
     },
 }
 
@@ -752,6 +757,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             rate_limit,
             rate_window,
             allow_early,
+            expired_grace,
         } => {
             let pki = open(cli)?;
             let trust_domain = *pki.trust_domain();
@@ -776,6 +782,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 renew: twofold_provisioning::renewal::RenewOptions {
                     lifetime,
                     enforce_due: !allow_early,
+                    expired_grace: time::Duration::try_from(expired_grace.unwrap_or_default())?,
                 },
                 grace: time::Duration::try_from(*grace)?,
                 rate_limit: (*rate_limit).max(1),

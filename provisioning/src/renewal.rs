@@ -62,6 +62,10 @@ pub struct RenewOptions {
     /// Refuse requests before the renewal is due (2/3 of the lifetime less
     /// jitter, [`twofold_trust::renewal::due_at`]).
     pub enforce_due: bool,
+    /// How long after it expired a certificate may still renew (zero: not
+    /// at all). For devices that were offline past their expiry; the
+    /// gateway admits them to a session that may only renew.
+    pub expired_grace: Duration,
 }
 
 /// A certificate issued by a renewal.
@@ -88,8 +92,12 @@ pub enum Refusal {
     /// The presented certificate was superseded, or a newer committed one
     /// exists: only the newest certificate of a device may renew.
     NotLatest,
-    /// The presented certificate has expired.
-    Expired { not_after: OffsetDateTime },
+    /// The presented certificate has expired, longer ago than the grace
+    /// period allows (zero: none).
+    Expired {
+        not_after: OffsetDateTime,
+        grace: Duration,
+    },
     /// The CSR is unusable.
     InvalidCsr(CsrError),
     /// The CSR names another identity than the requester's.
@@ -135,11 +143,25 @@ impl fmt::Display for Refusal {
                 "the presented certificate is not the newest of this identity; connect with the \
                  newest one (a device that lost it must be re-enrolled)",
             ),
-            Refusal::Expired { not_after } => write!(
-                f,
-                "the presented certificate expired at {}; re-enroll the device",
-                rfc3339(*not_after)
-            ),
+            Refusal::Expired { not_after, grace } => {
+                write!(
+                    f,
+                    "the presented certificate expired at {}",
+                    rfc3339(*not_after)
+                )?;
+                if grace.is_positive() {
+                    let grace = std::time::Duration::try_from(*grace).unwrap_or_default();
+                    write!(
+                        f,
+                        ", past the grace period of {}",
+                        humantime::format_duration(grace)
+                    )?;
+                }
+                f.write_str(
+                    "; re-enroll the device (provisioning enroll ID --replace, or EST \
+                     simpleenroll with a token from provisioning est-token ID)",
+                )
+            }
             Refusal::InvalidCsr(e) => write!(f, "invalid CSR: {e}"),
             Refusal::CsrForAnother { in_csr, requester } => write!(
                 f,
@@ -272,9 +294,10 @@ impl<S: Store> Pki<S> {
                 reason => Refusal::Revoked { reason },
             });
         }
-        if presented.not_after <= now {
+        if presented.not_after <= now && now - presented.not_after > options.expired_grace {
             return refuse(Refusal::Expired {
                 not_after: presented.not_after,
+                grace: options.expired_grace,
             });
         }
         // Unrevoked certificates of this identity: at most the committed
@@ -490,6 +513,7 @@ mod tests {
         _dir: tempfile::TempDir,
         pki: Pki,
         ca: CaIssuer,
+        expired_grace: Duration,
     }
 
     fn ca() -> Ca {
@@ -497,7 +521,12 @@ mod tests {
         let td = TrustDomain::parse("iot.example").unwrap();
         let pki = Pki::init(&dir.path().join("pki"), td, None).unwrap();
         let ca = pki.device_issuer().unwrap();
-        Ca { _dir: dir, pki, ca }
+        Ca {
+            _dir: dir,
+            pki,
+            ca,
+            expired_grace: Duration::ZERO,
+        }
     }
 
     fn device(name: &str) -> Principal {
@@ -543,6 +572,7 @@ mod tests {
             let options = RenewOptions {
                 lifetime: 30 * DAY,
                 enforce_due: true,
+                expired_grace: self.expired_grace,
             };
             self.pki.renew(&self.ca, request, options, now)
         }
@@ -563,6 +593,33 @@ mod tests {
                 .map(|r| r.raw_serial_as_string().replace(':', "").parse().unwrap())
                 .collect()
         }
+    }
+
+    #[test]
+    fn an_expired_certificate_renews_within_the_grace_period_only() {
+        let mut ca = ca();
+        ca.expired_grace = 7 * DAY;
+        let old = ca.enroll("pump-1");
+        // Expired six days ago: inside the grace period, renewed.
+        let six = old.not_after + 6 * DAY;
+        let renewed = ca
+            .renew_at("pump-1", &old.serial, "g1", NewKey::Same, six)
+            .unwrap();
+        assert!(renewed.record.not_after > six);
+        // Another device, expired eight days ago: past it, with the way back.
+        let other = ca.enroll("pump-2");
+        let eight = other.not_after + 8 * DAY;
+        let late = refusal(ca.renew_at("pump-2", &other.serial, "g2", NewKey::Same, eight));
+        assert_eq!(
+            late,
+            Refusal::Expired {
+                not_after: other.not_after,
+                grace: 7 * DAY,
+            }
+        );
+        let text = late.to_string();
+        assert!(text.contains("past the grace period of 7days"), "{text}");
+        assert!(text.contains("provisioning enroll ID --replace"), "{text}");
     }
 
     fn refusal(outcome: Outcome) -> Refusal {
@@ -708,13 +765,19 @@ mod tests {
             refusal(ca.renew("pump-1", &other.serial, "r1", NewKey::Same)),
             Refusal::UnknownCertificate
         );
-        // Expired.
+        // Expired, and no grace period.
         let late = old.not_after + Duration::seconds(1);
+        let expired = refusal(ca.renew_at("pump-1", &old.serial, "r1", NewKey::Same, late));
         assert_eq!(
-            refusal(ca.renew_at("pump-1", &old.serial, "r1", NewKey::Same, late)),
+            expired,
             Refusal::Expired {
-                not_after: old.not_after
+                not_after: old.not_after,
+                grace: Duration::ZERO,
             }
+        );
+        assert!(
+            expired.to_string().contains("re-enroll the device"),
+            "{expired}"
         );
         // Superseded: after a committed renewal the old certificate may not renew.
         let new = ca.renew("pump-1", &old.serial, "r1", NewKey::Same).unwrap();
