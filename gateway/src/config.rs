@@ -35,6 +35,10 @@ pub struct File {
     pub limits: LimitsFile,
     /// The CA service devices renew through; renewal is off without it.
     pub ca_service: Option<CaServiceFile>,
+    /// Admit a certificate this many seconds after it expired, to a
+    /// session that may only renew (off when absent). The CA service
+    /// needs its own `--expired-grace` to renew it.
+    pub expired_grace_secs: Option<u64>,
 }
 
 /// `[ca_service]`: where `provisioning serve` runs and how the gateway
@@ -128,6 +132,7 @@ pub struct Config {
     pub embedded_fan_in_segment_size: usize,
     pub embedded_fan_in_segment_count: usize,
     pub ca_service: Option<CaService>,
+    pub expired_grace: Option<Duration>,
 }
 
 /// A configuration problem, naming the key.
@@ -160,6 +165,11 @@ impl File {
 
     /// Checks every value; files must exist.
     pub fn check(self) -> Result<Config, ConfigError> {
+        if let Some(g) = self.expired_grace_secs
+            && !(1..=90 * 86_400).contains(&g)
+        {
+            return Err(err("expired_grace_secs", "must be 1 s to 90 days"));
+        }
         let listen = self.listen.as_deref().unwrap_or("0.0.0.0:8883");
         let listen: SocketAddr = listen.parse().map_err(|_| {
             err(
@@ -389,6 +399,7 @@ impl File {
             embedded_fan_in_segment_size,
             embedded_fan_in_segment_count,
             ca_service,
+            expired_grace: self.expired_grace_secs.map(Duration::from_secs),
         })
     }
 }
@@ -436,6 +447,13 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.key, "cert");
         assert!(e.problem.contains("/nonexistent does not exist"), "{e}");
+        let e = File {
+            expired_grace_secs: Some(0),
+            ..File::default()
+        }
+        .check()
+        .unwrap_err();
+        assert_eq!(e.key, "expired_grace_secs");
     }
 
     #[test]

@@ -217,6 +217,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key: config.key,
             client_ca: config.client_ca,
             crl: config.crl,
+            expired_grace: config.expired_grace,
         },
         max_fragment_size: config.max_tls_record,
         broker,

@@ -46,11 +46,14 @@ pub enum Reason {
     /// The gateway itself could not go on with the connection (its TLS
     /// configuration could not be built, a lock was poisoned).
     GatewayError,
+    /// The certificate expired within the grace period: the session may
+    /// only renew, and this packet was held back or refused.
+    RenewOnly,
 }
 
 impl Reason {
     /// Every reason, for metrics that list zero counts too.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::NoCertificate,
         Reason::UnknownIssuer,
         Reason::KeyNotHeld,
@@ -67,6 +70,7 @@ impl Reason {
         Reason::Unsupported,
         Reason::BrokerUnavailable,
         Reason::GatewayError,
+        Reason::RenewOnly,
     ];
 
     /// The label as written in logs and metrics.
@@ -88,6 +92,7 @@ impl Reason {
             Reason::Unsupported => "unsupported",
             Reason::BrokerUnavailable => "broker_unavailable",
             Reason::GatewayError => "gateway_error",
+            Reason::RenewOnly => "renew_only",
         }
     }
 

@@ -158,6 +158,7 @@ async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
 fn recheck_resumed(
     leaf: &[u8],
     revocations: &RevocationList,
+    expired_grace: Option<Duration>,
     now: i64,
 ) -> Option<(Reason, String)> {
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
@@ -167,14 +168,18 @@ fn recheck_resumed(
         ));
     };
     let not_after = cert.validity().not_after;
-    if not_after.timestamp() <= now {
+    let grace = expired_grace.map_or(0, |g| i64::try_from(g.as_secs()).unwrap_or(i64::MAX));
+    if not_after.timestamp() <= now && now - not_after.timestamp() > grace {
         let at = not_after
             .to_datetime()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| not_after.to_string());
         return Some((
             Reason::Expired,
-            format!("certificate expired at {at} (resumed session)"),
+            format!(
+                "certificate expired at {at} (resumed session); {}",
+                crate::tls::COME_BACK
+            ),
         ));
     }
     if !revocations.covers(cert.issuer().as_raw()) {
@@ -378,7 +383,14 @@ async fn handshake(
     };
     let resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let decided = authenticate(&leaf, resumed, &tls.revocations, &gateway.trust_domain, now);
+    let decided = authenticate(
+        &leaf,
+        resumed,
+        &tls.revocations,
+        tls.expired_grace,
+        &gateway.trust_domain,
+        now,
+    );
     let (principal, cert) = match decided {
         Ok(admitted) => admitted,
         Err(refused) => {
@@ -426,6 +438,7 @@ fn authenticate(
     leaf: &[u8],
     resumed: bool,
     revocations: &RevocationList,
+    expired_grace: Option<Duration>,
     trust_domain: &TrustDomain,
     now: i64,
 ) -> Result<(twofold_protocol::Principal, CertInfo), Box<Refused>> {
@@ -451,7 +464,9 @@ fn authenticate(
         };
         return Err(refused(Reason::Revoked, detail, Some(cert)));
     }
-    if resumed && let Some((reason, detail)) = recheck_resumed(leaf, revocations, now) {
+    if resumed
+        && let Some((reason, detail)) = recheck_resumed(leaf, revocations, expired_grace, now)
+    {
         return Err(Box::new(Refused {
             reason,
             detail,
@@ -583,11 +598,11 @@ mod tests {
         let uri = "spiffe://iot.example/device/sensor-1";
 
         let (principal, cert) =
-            authenticate(&device_leaf(&a, 8, Some(uri)), false, &crls, &td, t).unwrap();
+            authenticate(&device_leaf(&a, 8, Some(uri)), false, &crls, None, &td, t).unwrap();
         assert_eq!((principal.kind(), principal.name()), ("device", "sensor-1"));
         assert_eq!(cert.serial, "08");
 
-        let revoked = authenticate(&device_leaf(&a, 7, Some(uri)), false, &crls, &td, t);
+        let revoked = authenticate(&device_leaf(&a, 7, Some(uri)), false, &crls, None, &td, t);
         let Refused {
             reason,
             detail,
@@ -603,7 +618,7 @@ mod tests {
             "07",
             "the audit line names the certificate"
         );
-        let resumed = authenticate(&device_leaf(&a, 7, Some(uri)), true, &crls, &td, t);
+        let resumed = authenticate(&device_leaf(&a, 7, Some(uri)), true, &crls, None, &td, t);
         assert!(resumed.unwrap_err().detail.contains("resumed session"));
 
         let other_domain = "spiffe://other.example/device/sensor-1";
@@ -611,11 +626,11 @@ mod tests {
             device_leaf(&a, 9, None),
             device_leaf(&a, 9, Some(other_domain)),
         ] {
-            let refused = authenticate(&leaf, false, &crls, &td, t).unwrap_err();
+            let refused = authenticate(&leaf, false, &crls, None, &td, t).unwrap_err();
             assert_eq!(refused.reason, Reason::BadIdentity);
             assert!(refused.cert.is_some());
         }
-        let junk = authenticate(b"junk", false, &crls, &td, t).unwrap_err();
+        let junk = authenticate(b"junk", false, &crls, None, &td, t).unwrap_err();
         assert_eq!(junk.reason, Reason::BadIdentity);
         assert!(junk.cert.is_none());
     }
@@ -628,20 +643,29 @@ mod tests {
         let (t, day) = (now.unix_timestamp(), time::Duration::days(1));
 
         // Valid, and its CA's CRL is in force: no refusal.
-        assert_eq!(recheck_resumed(&leaf(&a, now + day), &crls, t), None);
+        assert_eq!(recheck_resumed(&leaf(&a, now + day), &crls, None, t), None);
         // Expired since the ticket was issued.
-        let (reason, detail) = recheck_resumed(&leaf(&a, now - day), &crls, t).unwrap();
+        let (reason, detail) = recheck_resumed(&leaf(&a, now - day), &crls, None, t).unwrap();
         assert_eq!(reason, Reason::Expired);
         assert!(
             detail.contains("expired at") && detail.contains("resumed"),
             "{detail}"
         );
+        assert!(detail.contains("re-enroll the device"), "{detail}");
+        // Within a two-day grace period it resumes (into a session that may
+        // only renew); past a one-hour one it does not.
+        let expired = leaf(&a, now - day);
+        let two_days = Some(Duration::from_secs(2 * 86_400));
+        assert_eq!(recheck_resumed(&expired, &crls, two_days, t), None);
+        let hour = Some(Duration::from_secs(3600));
+        let (reason, _) = recheck_resumed(&expired, &crls, hour, t).unwrap();
+        assert_eq!(reason, Reason::Expired);
         // Its CA has no CRL in force (a full handshake fails the same way).
-        let (reason, detail) = recheck_resumed(&leaf(&b, now + day), &crls, t).unwrap();
+        let (reason, detail) = recheck_resumed(&leaf(&b, now + day), &crls, None, t).unwrap();
         assert_eq!(reason, Reason::RevocationUnknown);
         assert!(detail.contains("no CRL of \"CN=CA B\""), "{detail}");
         // Not a certificate at all.
-        let (reason, _) = recheck_resumed(b"junk", &crls, t).unwrap();
+        let (reason, _) = recheck_resumed(b"junk", &crls, None, t).unwrap();
         assert_eq!(reason, Reason::BadIdentity);
     }
 }

@@ -74,7 +74,14 @@ pub struct TlsFiles {
     pub key: PathBuf,
     pub client_ca: PathBuf,
     pub crl: PathBuf,
+    /// How long after its expiry a certificate is still admitted, to a
+    /// session that may only renew (`expired_grace_secs`; off: `None`).
+    pub expired_grace: Option<std::time::Duration>,
 }
+
+/// What a device whose certificate has run out is told to do.
+pub const COME_BACK: &str = "re-enroll the device (provisioning enroll ID --replace, or EST \
+     simpleenroll with a token from provisioning est-token ID)";
 
 /// Shared TLS state; cheap to clone, rebuilt when a file changes.
 #[derive(Clone)]
@@ -85,6 +92,7 @@ pub struct TlsContext {
     sessions: Arc<ServerSessionMemoryCache>,
     tickets: Arc<dyn ProducesTickets>,
     max_fragment_size: Option<usize>,
+    pub expired_grace: Option<std::time::Duration>,
     pub client_cas: Vec<CertificateDer<'static>>,
     pub revocations: Arc<RevocationList>,
 }
@@ -168,6 +176,7 @@ impl TlsContext {
             sessions,
             tickets,
             max_fragment_size,
+            expired_grace: files.expired_grace,
             client_cas,
             revocations: Arc::new(revocations),
         };
@@ -200,6 +209,7 @@ impl TlsContext {
         let verifier = Arc::new(Capturing {
             inner: self.verifier.clone(),
             presented: presented.clone(),
+            expired_grace: self.expired_grace,
         });
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -239,6 +249,10 @@ struct Presented {
     /// The certificate verified, but the handshake signature made with it
     /// did not: the peer does not hold the certificate's key.
     key_not_held: bool,
+    /// It had expired: when, and how long ago, at the handshake.
+    expired: Option<(UnixTime, u64)>,
+    /// The grace period in force for it.
+    grace: Option<std::time::Duration>,
 }
 
 impl PresentedCert {
@@ -259,6 +273,11 @@ impl PresentedCert {
     /// `BadSignature`, as it does a forged chain; the verifier knows which.
     pub fn classify(&self, error: &rustls::Error) -> (Reason, String) {
         let key_not_held = self.0.lock().is_ok_and(|g| g.key_not_held);
+        let (expired, grace) = self
+            .0
+            .lock()
+            .map(|g| (g.expired, g.grace))
+            .unwrap_or_default();
         match error {
             rustls::Error::InvalidCertificate(CertificateError::BadSignature) if key_not_held => (
                 Reason::KeyNotHeld,
@@ -269,6 +288,12 @@ impl PresentedCert {
                  have leaked too"
                     .into(),
             ),
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => match expired {
+                Some((not_after, ago)) => (Reason::Expired, expired_detail(not_after, ago, grace)),
+                None => (Reason::Expired, error.to_string()),
+            },
             // The device refused us, e.g. our certificate is in its server
             // CRL: say so, not just "alert".
             rustls::Error::AlertReceived(alert) => (
@@ -284,6 +309,29 @@ impl PresentedCert {
             slot.key_not_held = true;
         }
     }
+}
+
+/// Why an expired certificate was refused, and the way back.
+fn expired_detail(not_after: UnixTime, ago: u64, grace: Option<std::time::Duration>) -> String {
+    let at = i64::try_from(not_after.as_secs())
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    let ago = humantime::format_duration(std::time::Duration::from_secs(ago));
+    let grace = match grace {
+        Some(g) => format!(
+            "past this gateway's grace period of {}",
+            humantime::format_duration(g)
+        ),
+        None => {
+            "and this gateway admits no expired certificate (expired_grace_secs is not set)".into()
+        }
+    };
+    format!("the client's certificate expired at {at}, {ago} ago, {grace}; {COME_BACK}")
 }
 
 /// Placeholder verifier used only while a context is being built.
@@ -324,10 +372,14 @@ impl ClientCertVerifier for NoClients {
 }
 
 /// Delegates every decision to webpki and records what was presented.
+/// With a grace period, a certificate that expired within it is checked
+/// as of its last valid second instead: everything else (chain,
+/// signatures, CRL) must hold, and the session it opens may only renew.
 #[derive(Debug)]
 struct Capturing {
     inner: Arc<dyn ClientCertVerifier>,
     presented: PresentedCert,
+    expired_grace: Option<std::time::Duration>,
 }
 
 impl ClientCertVerifier for Capturing {
@@ -348,9 +400,29 @@ impl ClientCertVerifier for Capturing {
     ) -> Result<ClientCertVerified, rustls::Error> {
         if let Ok(mut slot) = self.presented.0.lock() {
             slot.cert = Some(end_entity.clone().into_owned());
+            slot.grace = self.expired_grace;
         }
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now);
+        let Err(rustls::Error::InvalidCertificate(CertificateError::ExpiredContext {
+            time,
+            not_after,
+        })) = &verified
+        else {
+            return verified;
+        };
+        let ago = time.as_secs().saturating_sub(not_after.as_secs());
+        if let Ok(mut slot) = self.presented.0.lock() {
+            slot.expired = Some((*not_after, ago));
+        }
+        match self.expired_grace {
+            Some(grace) if ago <= grace.as_secs() => {
+                self.inner
+                    .verify_client_cert(end_entity, intermediates, *not_after)
+            }
+            _ => verified,
+        }
     }
     fn verify_tls12_signature(
         &self,

@@ -67,6 +67,10 @@ pub(super) enum Verdict {
     Answer(Bytes),
     /// Keep it from the broker; nothing to answer (yet).
     Kept,
+    /// Keep it from the broker, unanswered, and say so in the audit log:
+    /// a renew-only session's PUBLISH, which the device keeps and sends
+    /// again on its next session. Not counted as a refusal.
+    Held(String),
     Refuse(Refusal),
 }
 
@@ -122,6 +126,11 @@ pub struct Inspector {
     pub(super) cert_requests: Vec<CertRequest>,
     /// Whether one is with the CA: one at a time per session.
     pub(super) cert_in_flight: bool,
+    /// Why this session may only renew: its certificate expired within
+    /// the grace period. `None` for every other session.
+    pub(super) renew_only: Option<String>,
+    /// PUBLISHes held back in a renew-only session.
+    pub(super) held: u64,
 }
 
 impl Inspector {
@@ -138,6 +147,8 @@ impl Inspector {
             now: None,
             cert_requests: Vec::new(),
             cert_in_flight: false,
+            renew_only: None,
+            held: 0,
         }
     }
 
@@ -226,6 +237,7 @@ impl Inspector {
                 }
                 Verdict::Answer(reply) => out.replies.push((out.answered, reply)),
                 Verdict::Kept => {}
+                Verdict::Held(detail) => out.refused.push((Reason::RenewOnly, detail)),
                 Verdict::Refuse(refusal) => {
                     if let Some(reply) = refusal.reply {
                         out.replies.push((out.answered, reply));
@@ -329,6 +341,9 @@ impl Inspector {
                 if p.topic.starts_with(CERT_PREFIX) {
                     return self.cert_publish(&p.topic, &p.payload, p.qos as u8, p.pkid);
                 }
+                if self.renew_only.is_some() {
+                    return self.hold(&p.topic, p.qos as u8);
+                }
                 match policy::may_publish(&principal, &p.topic) {
                     Ok(()) => self.passed(p.qos as u8, p.pkid),
                     // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
@@ -363,6 +378,9 @@ impl Inspector {
                 };
                 if topic.starts_with(CERT_PREFIX) {
                     return self.cert_publish(topic, &p.payload, p.qos as u8, p.pkid);
+                }
+                if self.renew_only.is_some() {
+                    return self.hold(topic, p.qos as u8);
                 }
                 // A response topic is where a service will publish its
                 // answer: the device may name only a topic it could
@@ -479,6 +497,16 @@ impl Inspector {
             && only == CERT_ANSWER
         {
             return Verdict::Answer(self.suback_qos0(pkid));
+        }
+        if let Some(why) = &self.renew_only {
+            let shown: Vec<String> = filters.iter().map(|(f, _)| shown(f)).collect();
+            let detail = format!("SUBSCRIBE {}: {why}", shown.join(", "));
+            return deny(
+                Reason::RenewOnly,
+                detail,
+                Some(self.suback_refused(pkid, filters.len())),
+                false,
+            );
         }
         let denied: Vec<String> = filters
             .iter()
@@ -718,6 +746,36 @@ impl Inspector {
         out.extend_from_slice(&self.suback_qos0(pkid));
         out.extend_from_slice(&self.publish_qos0(CERT_STATUS, payload));
         Some(out.freeze())
+    }
+
+    /// A PUBLISH of a renew-only session: held back (neither forwarded
+    /// nor acknowledged, so the device keeps it for its next session).
+    /// The first is audited with the reason; the rest are counted.
+    fn hold(&mut self, topic: &str, qos: u8) -> Verdict {
+        self.held += 1;
+        match &self.renew_only {
+            Some(why) if self.held == 1 => Verdict::Held(format!(
+                "PUBLISH to {} (QoS {qos}) held back, not acknowledged: {why}; later ones \
+                 are held without a line each",
+                shown(topic)
+            )),
+            _ => Verdict::Kept,
+        }
+    }
+
+    /// A SUBACK refusing `n` filters.
+    fn suback_refused(&self, pkid: u16, n: usize) -> Bytes {
+        match self.version {
+            Version::V311 => encode_v4(v4::Packet::SubAck(v4::SubAck {
+                pkid,
+                return_codes: vec![v4::SubscribeReasonCode::Failure; n],
+            })),
+            Version::V5 => encode_v5(v5::Packet::SubAck(v5::SubAck {
+                pkid,
+                return_codes: vec![v5::SubscribeReasonCode::NotAuthorized; n],
+                properties: None,
+            })),
+        }
     }
 
     /// A SUBACK granting one filter at QoS 0.

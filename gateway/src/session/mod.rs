@@ -307,9 +307,31 @@ impl Session {
 
     /// The session of a device (or service) whose certificate is `life`:
     /// it answers a SUBSCRIBE to [`CERT_STATUS`] with its status.
+    /// A certificate that has expired was admitted within the grace
+    /// period (no other way in): the session may only renew.
     pub fn with_certificate(mut self, life: CertLife) -> Session {
+        if life.not_after <= life.unix {
+            let at = time::OffsetDateTime::from_unix_timestamp(life.not_after)
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_default();
+            let ago = u64::try_from(life.unix - life.not_after).unwrap_or_default();
+            self.inspector.renew_only = Some(format!(
+                "the certificate expired at {at}, {} ago, and was admitted within the grace \
+                 period: this session may only renew ({CERT_RENEW}, {CERT_COMMIT})",
+                humantime::format_duration(Duration::from_secs(ago))
+            ));
+        }
         self.inspector.certificate = Some(life);
         self
+    }
+
+    /// Why this session may only renew, if it may only renew.
+    pub fn renew_only(&self) -> Option<&str> {
+        self.inspector.renew_only.as_deref()
     }
 
     /// Whether the session has ended.
@@ -1295,5 +1317,100 @@ mod tests {
             matches!(actions.last(), Some(Action::Close(_))),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn an_expired_certificate_in_its_grace_period_may_only_renew() {
+        let me = device("sensor-1");
+        let t0 = Instant::now();
+        let life = CertLife {
+            serial: vec![7],
+            not_after: 1_000_000,
+            due: 999_000,
+            unix: 1_000_600,
+            at: t0,
+        };
+        for version in [Version::V311, Version::V5] {
+            let mut session = Session::new(version, me, 1024, Quirks::EMBEDDED, 0, t0)
+                .with_certificate(life.clone());
+            let why = session.renew_only().unwrap().to_owned();
+            assert!(
+                why.contains("10m ago") && why.contains("may only renew"),
+                "{why}"
+            );
+            // Telemetry: neither forwarded nor acknowledged, audited once.
+            let publish = match version {
+                Version::V311 => {
+                    v4_publish("devices/sensor-1/telemetry", mqttbytes::QoS::AtLeastOnce)
+                }
+                Version::V5 => v5_publish("devices/sensor-1/telemetry", 1),
+            };
+            let mut buf = BytesMut::from(&[&publish[..], &publish[..]].concat()[..]);
+            let actions = session.handle_device(&mut buf, t0);
+            assert!(to_device(&actions).is_empty(), "{actions:?}");
+            let refused: Vec<_> = actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Refused(r, d) => Some((*r, d.clone())),
+                    Action::ToBroker(_) | Action::Close(_) => panic!("{actions:?}"),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            assert_eq!(refused[0].0, Reason::RenewOnly);
+            assert!(refused[0].1.contains("held back"), "{}", refused[0].1);
+            // The commands: a SUBACK that refuses, and the session goes on.
+            let subscribe = match version {
+                Version::V311 => encode_v4(v4::Packet::Subscribe(v4::Subscribe::new(
+                    "devices/sensor-1/commands",
+                    mqttbytes::QoS::AtLeastOnce,
+                ))),
+                Version::V5 => encode_v5(v5::Packet::Subscribe(v5::Subscribe::new(
+                    v5::Filter::new("devices/sensor-1/commands", QoS::AtLeastOnce),
+                    None,
+                ))),
+            };
+            let mut buf = BytesMut::from(&subscribe[..]);
+            let actions = session.handle_device(&mut buf, t0);
+            assert!(
+                actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Refused(Reason::RenewOnly, d) if d.contains("SUBSCRIBE"))),
+                "{actions:?}"
+            );
+            let suback = to_device(&actions);
+            assert_eq!(suback[0] >> 4, 9, "{suback:?}");
+            assert!(
+                suback.contains(&0x80) || suback.contains(&0x87),
+                "{suback:?}"
+            );
+            assert!(!session.is_closed());
+            // Renewing is what it may do.
+            let renew = cert_publish(CERT_RENEW, QoS::AtMostOnce, 0, &renew_request("g1"));
+            let renew = if version == Version::V311 {
+                let mut p =
+                    v4::Publish::new(CERT_RENEW, mqttbytes::QoS::AtMostOnce, renew_request("g1"));
+                p.pkid = 0;
+                encode_v4(v4::Packet::Publish(p))
+            } else {
+                renew
+            };
+            let mut buf = BytesMut::from(&renew[..]);
+            let actions = session.handle_device(&mut buf, t0);
+            assert!(
+                matches!(
+                    actions.last(),
+                    Some(Action::Cert(CertRequest::Renew { .. }))
+                ),
+                "{actions:?}"
+            );
+        }
+        // A certificate that has not expired: an ordinary session.
+        let fresh = CertLife {
+            unix: 999_000,
+            ..life
+        };
+        let session = v5_session(&me, 0, t0).with_certificate(fresh);
+        assert!(session.renew_only().is_none());
     }
 }

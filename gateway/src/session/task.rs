@@ -247,15 +247,6 @@ pub async fn run<S>(
     let presence = audit.presence().clone();
     let broker_id = identity::broker_client_id(&peer.principal, &client_id);
     let (token, previous) = presence.arrive(&broker_id, peer.addr);
-    audit.record(
-        &Event::new(EventKind::Connected, peer.addr)
-            .with_identity(peer.identity.clone())
-            .with_client_id(client_id.clone())
-            .with_certificate(Some(peer.cert.clone())),
-    );
-    if let Some(previous) = previous {
-        audit.record(&Event::taken_over(&peer, &client_id, previous));
-    }
 
     let started = Instant::now();
     let life = CertLife {
@@ -283,6 +274,17 @@ pub async fn run<S>(
         started,
     )
     .with_certificate(life);
+    let mut connected = Event::new(EventKind::Connected, peer.addr)
+        .with_identity(peer.identity.clone())
+        .with_client_id(client_id.clone())
+        .with_certificate(Some(peer.cert.clone()));
+    if let Some(why) = session.renew_only() {
+        connected = connected.with_detail(format!("renew-only session: {why}"));
+    }
+    audit.record(&connected);
+    if let Some(previous) = previous {
+        audit.record(&Event::taken_over(&peer, &client_id, previous));
+    }
     // One writer owns the device side, so that a slow device holds up
     // only its own session; what it gets is in order already.
     let (to_device, outbox) = mpsc::channel::<Bytes>(16);
