@@ -728,13 +728,20 @@ impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
         let n = s
             .frame(&self.timer, self.settings.response_ms, Waiting::Suback)
             .await?;
-        match mqtt::decode(&s.inb.rx[..n])? {
-            Inbound::Suback { pid, granted: true } if pid == sub_pid => {}
-            Inbound::Suback { .. } => return Err(Error::SubscribeRefused),
+        let granted = match mqtt::decode(&s.inb.rx[..n])? {
+            Inbound::Suback { pid, granted } if pid == sub_pid => granted,
             _ => return Err(Error::Unexpected("packet before SUBACK")),
+        };
+        // A device that renews goes on without its commands: a session
+        // whose certificate expired in the gateway's grace period may
+        // only renew, and is refused them.
+        if !granted && !self.slots.enabled() {
+            return Err(Error::SubscribeRefused);
         }
         s.inb.consume(n);
-        self.app.event(Event::Subscribed);
+        if granted {
+            self.app.event(Event::Subscribed);
+        }
 
         if self.slots.enabled() {
             // Its SUBACK and the status come in the exchange, perhaps
@@ -825,7 +832,8 @@ impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
             if stopping && telemetry.is_none() && reply.is_none() {
                 return Ok(End::Stopped);
             }
-            if self.renewal.staged_now && telemetry.is_none() && reply.is_none() {
+            // Telemetry in flight is kept by the agent and sent again.
+            if self.renewal.staged_now && reply.is_none() {
                 return Ok(End::Renewed);
             }
             if let Some(n) = self.renewal.poll(now, s.out.tx)? {
