@@ -328,3 +328,201 @@ fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
     assert!(t.generated >= 100, "only {} telemetry samples", t.generated);
     assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
 }
+
+/// A certificate for `name` that expired `ago` (a one-minute renewal of
+/// its enrolled one, issued and committed in the past), written over its
+/// certificate file.
+fn expired_certificate(fleet: &mut Fleet, who: &Identity, name: &str, ago: time::Duration) {
+    use twofold_protocol::{DeviceId, Principal};
+    use twofold_provisioning::renewal::{NewKey, RenewOptions, RenewRequest};
+    let principal = Principal::Device(DeviceId::parse(name).unwrap());
+    let enrolled = fleet.pki.history(&principal).unwrap().remove(0);
+    let ca_key = fleet.pki.device_issuer().unwrap();
+    let then = time::OffsetDateTime::now_utc() - ago - time::Duration::seconds(60);
+    let short = fleet
+        .pki
+        .renew(
+            &ca_key,
+            RenewRequest {
+                principal,
+                presented: enrolled.serial,
+                request_id: "test-expired".into(),
+                key: NewKey::Same,
+            },
+            RenewOptions {
+                lifetime: time::Duration::seconds(60),
+                enforce_due: false,
+                expired_grace: time::Duration::ZERO,
+            },
+            then,
+        )
+        .unwrap();
+    fleet
+        .pki
+        .commit_renewal(&ca_key, &principal, &short.record.serial, then)
+        .unwrap();
+    std::fs::write(&who.cert, &short.chain_pem).unwrap();
+}
+
+#[test]
+fn an_expired_certificate_renews_within_the_grace_period_and_only_renews() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-g");
+    let late = fleet.device("pi-late");
+    let ops = fleet.service("ops");
+    fleet.service("gw");
+    // pi-g expired ten minutes ago, pi-late three hours ago; the grace
+    // period is an hour at the gateway and at the CA service.
+    expired_certificate(&mut fleet, &dev, "pi-g", time::Duration::minutes(10));
+    expired_certificate(&mut fleet, &late, "pi-late", time::Duration::hours(3));
+    let ca = CaService::start(
+        &mut fleet,
+        &["--ra", "gw", "--lifetime", "1h", "--expired-grace", "1h"],
+    );
+    let relay = Relay::start(&fleet, "devices/pi-g/#", "grace");
+    let port = free_port();
+    let gw = Gateway::start_on(
+        &fleet,
+        port,
+        &format!(
+            "expired_grace_secs = 3600\n{}\n{}",
+            relay.config,
+            ca.gateway_toml(&fleet, "gw")
+        ),
+    );
+
+    // A client with the expired certificate gets a session that may only
+    // renew: its PUBLISH is held back, its SUBSCRIBE refused, both audited.
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &[
+            "-i",
+            "pi-g",
+            "-t",
+            "devices/pi-g/telemetry",
+            "-m",
+            "held",
+            "-q",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let held = gw
+        .wait_for(|e| {
+            e["reason"] == "renew_only"
+                && e["detail"].as_str().is_some_and(|d| d.contains("PUBLISH"))
+        })
+        .expect("no renew_only line for the PUBLISH");
+    let detail = held["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("held back") && detail.contains("may only renew"),
+        "{detail}"
+    );
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &dev,
+        &[
+            "-i",
+            "pi-g",
+            "-t",
+            "devices/pi-g/commands",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
+    );
+    let out = finish(sub, 15);
+    assert!(
+        text(&out).contains("All subscription requests were denied"),
+        "{}",
+        text(&out)
+    );
+    let refused = gw
+        .wait_for(|e| {
+            e["reason"] == "renew_only"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("SUBSCRIBE"))
+        })
+        .expect("no renew_only line for the SUBSCRIBE");
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("devices/pi-g/commands")
+    );
+    let connected = gw
+        .wait_for(|e| {
+            e["event"] == "connected"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("renew-only"))
+        })
+        .expect("no renew-only connected line");
+    assert_eq!(connected["identity"], "spiffe://iot.example/device/pi-g");
+
+    // The agent renews in that session, reconnects with its new
+    // certificate, and everything it held arrives.
+    let mut agent_proc = agent(
+        &fleet,
+        "pi-g",
+        &dev,
+        port,
+        "[telemetry]\ninterval_secs = 1\n",
+    );
+    let renewed = wait_until(90, || {
+        agent_proc.log().contains("renewed certificate committed")
+    });
+    assert!(renewed, "{}\ngateway:\n{}", agent_proc.log(), gw.log());
+    assert!(wait_until(30, || {
+        relay
+            .sub
+            .messages()
+            .iter()
+            .any(|(t, _)| t == "devices/pi-g/telemetry")
+    }));
+    agent_proc.kill();
+    relay.sub.settle(10);
+    let t = account_telemetry(&fleet, "pi-g", "pi-g", &relay.sub.messages());
+    println!("grace test, telemetry: {t:?}");
+    assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
+    assert!(
+        !relay.sub.messages().iter().any(|(_, p)| p == b"held"),
+        "a renew-only PUBLISH reached the broker"
+    );
+
+    // Past the grace period: refused in the handshake, with the way back.
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&late),
+        &[
+            "-i",
+            "pi-late",
+            "-t",
+            "devices/pi-late/telemetry",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    let refusal = gw
+        .wait_for(|e| {
+            e["reason"] == "expired" && e["detail"].as_str().is_some_and(|d| d.contains("grace"))
+        })
+        .expect("no expired refusal");
+    let detail = refusal["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("past this gateway's grace period of 1h"),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("provisioning enroll ID --replace"),
+        "{detail}"
+    );
+    let _ = ops;
+}
