@@ -1,5 +1,6 @@
 //! EST (RFC 7030) on the CA service, for clients that are not ours:
-//! `cacerts`, `simpleenroll` (a one-time enrollment token), `simplereenroll`
+//! `cacerts`, `simpleenroll` (a one-time enrollment token, or a factory
+//! certificate from a configured bootstrap CA), `simplereenroll`
 //! (the current client certificate) and `csrattrs`, under
 //! `/.well-known/est/`.
 //!
@@ -38,6 +39,17 @@ pub enum EstError {
     BadToken,
     #[error("invalid CSR: {0}")]
     Csr(csr::CsrError),
+    #[error(
+        "the factory certificate names {0:?}, which is not a device id: its CN must be the id \
+         the device is enrolled as"
+    )]
+    FactoryName(String),
+    #[error(
+        "{0} has had a certificate before: a factory certificate enrolls a device once, and never \
+         again (a copy of it could otherwise take the device over); renew with simplereenroll, or \
+         ask the operator for an enrollment token (`provisioning est-token {0}`)"
+    )]
+    AlreadyEnrolled(String),
     #[error(transparent)]
     Failed(#[from] Error),
 }
@@ -167,6 +179,44 @@ impl<S: Store> Pki<S> {
         if !valid {
             return Err(EstError::BadToken);
         }
+        let issued = self.first_certificate(id, csr_der, days)?;
+        let tx = self.store.begin()?;
+        tx.set_setting(&key, "used")?;
+        tx.commit()?;
+        Ok(issued)
+    }
+
+    /// `simpleenroll` with a factory certificate (a bootstrap CA's, which
+    /// the TLS layer verified): issues the first certificate of the
+    /// device its CN names, for the key of `csr` (which must name it too).
+    /// Once per device, ever: a device with any certificate in the
+    /// registry, revoked or not, is refused.
+    pub fn enroll_with_factory(
+        &mut self,
+        factory_cn: &str,
+        csr_der: &[u8],
+        days: u32,
+    ) -> std::result::Result<Enrollment, EstError> {
+        let id = DeviceId::parse(factory_cn)
+            .map_err(|_| EstError::FactoryName(factory_cn.to_owned()))?;
+        let ever = self.store.find(&crate::registry::Filter {
+            kind: Some(crate::registry::Kind::Device),
+            name: Some(id.as_str().to_owned()),
+            ..Default::default()
+        })?;
+        if !ever.is_empty() {
+            return Err(EstError::AlreadyEnrolled(id.as_str().to_owned()));
+        }
+        self.first_certificate(&id, csr_der, days)
+    }
+
+    /// Issues `id`'s first certificate for the key of `csr`.
+    fn first_certificate(
+        &mut self,
+        id: &DeviceId,
+        csr_der: &[u8],
+        days: u32,
+    ) -> std::result::Result<Enrollment, EstError> {
         let request = csr::parse(csr_der, self.trust_domain(), Some(id)).map_err(EstError::Csr)?;
         let options = EnrollOptions {
             days,
@@ -181,9 +231,6 @@ impl<S: Store> Pki<S> {
             options,
             &mut |_| {},
         )?;
-        let tx = self.store.begin()?;
-        tx.set_setting(&key, "used")?;
-        tx.commit()?;
         issued.pop().ok_or(EstError::Failed(Error::EmptyBatch))
     }
 }

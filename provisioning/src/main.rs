@@ -256,6 +256,11 @@ enum Command {
         /// expiry. Gateways admit them with their own `expired_grace`.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         expired_grace: Option<std::time::Duration>,
+        /// A CA (PEM) whose certificates, installed at the factory, may
+        /// enroll a device over EST simpleenroll, once: the device id is
+        /// the certificate's CN. Repeatable.
+        #[arg(long = "est-bootstrap-ca", value_name = "FILE")]
+        est_bootstrap_cas: Vec<PathBuf>,
     },
 }
 
@@ -394,6 +399,30 @@ fn service_name(s: &str) -> Result<ServiceName, Error> {
 
 fn open(cli: &Cli) -> Result<Pki, Error> {
     Pki::open(&cli.pki, Box::new(CliPassphrase))
+}
+
+/// The certificates (DER) in each PEM file of `paths`; a file with none
+/// is an error.
+fn bootstrap_cas(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for path in paths {
+        let text =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let certs: Vec<Vec<u8>> = pem::parse_many(&text)
+            .with_context(|| format!("{} is not PEM", path.display()))?
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .map(|p| p.into_contents())
+            .collect();
+        if certs.is_empty() {
+            bail!(
+                "--est-bootstrap-ca {}: no certificate in it",
+                path.display()
+            );
+        }
+        out.extend(certs);
+    }
+    Ok(out)
 }
 
 fn main() -> ExitCode {
@@ -758,6 +787,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             rate_window,
             allow_early,
             expired_grace,
+            est_bootstrap_cas,
         } => {
             let pki = open(cli)?;
             let trust_domain = *pki.trust_domain();
@@ -787,6 +817,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 grace: time::Duration::try_from(*grace)?,
                 rate_limit: (*rate_limit).max(1),
                 rate_window: *rate_window,
+                bootstrap_cas: bootstrap_cas(est_bootstrap_cas)?,
             };
             tracing_subscriber::fmt()
                 .with_env_filter(

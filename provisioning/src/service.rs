@@ -62,6 +62,9 @@ pub struct Config {
     /// At most this many renewal requests per identity per `rate_window`.
     pub rate_limit: u32,
     pub rate_window: std::time::Duration,
+    /// CAs (DER) whose certificates, installed at the factory, may enroll
+    /// a device over EST `simpleenroll`, once; nothing else.
+    pub bootstrap_cas: Vec<Vec<u8>>,
 }
 
 /// Why a request was turned away before reaching the core.
@@ -127,6 +130,15 @@ struct Caller {
     serial: Serial,
 }
 
+/// A factory certificate: one from a bootstrap CA, good for a device's
+/// first `simpleenroll` and nothing else.
+#[derive(Clone, Debug)]
+struct Factory {
+    /// Its subject's CN: the device id it enrolls.
+    cn: String,
+    serial: String,
+}
+
 /// Runs the service until `shutdown` resolves.
 pub async fn run(
     pki: Pki,
@@ -176,17 +188,22 @@ pub async fn run(
                     return;
                 }
             };
-            let caller = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| "no client certificate".to_owned())
-                .and_then(|leaf| caller_of(leaf.as_ref()));
+            let (caller, factory) =
+                match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                    Some(leaf) => classify(
+                        leaf.as_ref(),
+                        &state.ca.cert_der,
+                        &state.config.bootstrap_cas,
+                    ),
+                    None => (Err("no client certificate".to_owned()), None),
+                };
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let caller = caller.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(state, caller, req).await) }
+                let factory = factory.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(state, caller, factory, req).await)
+                }
             });
             let io = hyper_util::rt::TokioIo::new(tls);
             let conn = hyper::server::conn::http1::Builder::new()
@@ -206,6 +223,11 @@ fn tls_config(config: &Config, device_ca_der: &[u8]) -> anyhow::Result<Arc<rustl
     roots.add(CertificateDer::from(device_ca_der.to_vec()))?;
     // EST's cacerts and token enrollment come without a client
     // certificate; every other operation refuses a caller without one.
+    for ca in &config.bootstrap_cas {
+        roots
+            .add(CertificateDer::from(ca.clone()))
+            .context("an EST bootstrap CA is not a usable CA certificate")?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
@@ -231,6 +253,50 @@ fn tls_config(config: &Config, device_ca_der: &[u8]) -> anyhow::Result<Arc<rustl
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     Ok(Arc::new(tls))
+}
+
+/// Sorts a client certificate the TLS layer verified by the CA that
+/// issued it: the device CA's carry an identity; a bootstrap CA's are
+/// factory certificates, which may only enroll (whatever names they
+/// carry, they are never taken for an identity).
+fn classify(
+    der: &[u8],
+    device_ca: &[u8],
+    bootstrap: &[Vec<u8>],
+) -> (Result<Caller, String>, Option<Factory>) {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return (Err("the client certificate does not parse".into()), None);
+    };
+    if issued_by(&cert, device_ca) {
+        return (caller_of(der), None);
+    }
+    if bootstrap.iter().any(|ca| issued_by(&cert, ca)) {
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let factory = Factory {
+            cn,
+            serial: cert.raw_serial_as_string(),
+        };
+        let why = "a factory certificate (from an EST bootstrap CA) may only enroll a device, at \
+                   /.well-known/est/simpleenroll";
+        return (Err(why.into()), Some(factory));
+    }
+    (
+        Err("the client certificate is from no CA this service knows".into()),
+        None,
+    )
+}
+
+/// `cert` names `ca_der` as its issuer and carries its signature.
+fn issued_by(cert: &X509Certificate<'_>, ca_der: &[u8]) -> bool {
+    X509Certificate::from_der(ca_der).is_ok_and(|(_, ca)| {
+        cert.issuer() == ca.subject() && cert.verify_signature(Some(ca.public_key())).is_ok()
+    })
 }
 
 /// The identity (SAN URI) and serial of a verified client certificate.
@@ -291,6 +357,7 @@ fn refused(status: StatusCode, code: &str, reason: impl ToString) -> Response<Fu
 async fn handle(
     state: Arc<State>,
     caller: Result<Caller, String>,
+    factory: Option<Factory>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
@@ -305,7 +372,7 @@ async fn handle(
         }
     };
     if let Some(operation) = parts.uri.path().strip_prefix(EST_PREFIX) {
-        return est(state, caller, &parts, operation, &body).await;
+        return est(state, caller, factory, &parts, operation, &body).await;
     }
     // The API below is for holders of a device CA certificate only.
     let caller = match caller {
@@ -606,6 +673,7 @@ fn pkcs7(ders: &[&[u8]]) -> Response<Full<Bytes>> {
 async fn est(
     state: Arc<State>,
     caller: Result<Caller, String>,
+    factory: Option<Factory>,
     parts: &http::request::Parts,
     operation: &str,
     body: &[u8],
@@ -663,7 +731,7 @@ async fn est(
                 }
             }
         }
-        (&Method::POST, "simpleenroll") => simpleenroll(state, parts, body).await,
+        (&Method::POST, "simpleenroll") => simpleenroll(state, factory, parts, body).await,
         (_, "cacerts" | "csrattrs" | "simpleenroll" | "simplereenroll") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{} is not allowed here", parts.method),
@@ -678,9 +746,11 @@ async fn est(
 }
 
 /// `simpleenroll` with a one-time enrollment token as HTTP Basic
-/// credentials: the device id, and the token.
+/// credentials (the device id, and the token), or else with a factory
+/// certificate.
 async fn simpleenroll(
     state: Arc<State>,
+    factory: Option<Factory>,
     parts: &http::request::Parts,
     body: &[u8],
 ) -> Response<Full<Bytes>> {
@@ -697,6 +767,11 @@ async fn simpleenroll(
         })
         .and_then(|raw| String::from_utf8(raw).ok())
         .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())));
+    if credentials.is_none()
+        && let Some(factory) = factory
+    {
+        return factory_enroll(state, factory, body).await;
+    }
     let Some((user, token)) = credentials else {
         let mut r = text(
             StatusCode::UNAUTHORIZED,
@@ -746,6 +821,53 @@ async fn simpleenroll(
                 StatusCode::BAD_REQUEST
             };
             text(status, e)
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `simpleenroll` with a factory certificate: the device its CN names,
+/// enrolled once.
+async fn factory_enroll(state: Arc<State>, factory: Factory, body: &[u8]) -> Response<Full<Bytes>> {
+    let csr = match crate::est::decode_body(body) {
+        Ok(der) => der,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let days = u32::try_from(state.config.renew.lifetime.whole_days().max(1)).unwrap_or(1);
+    let core = state.clone();
+    let cn = factory.cn.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let Ok(mut pki) = core.pki.lock() else {
+            let poisoned = "the registry lock is poisoned".to_owned();
+            return Err((StatusCode::INTERNAL_SERVER_ERROR, poisoned));
+        };
+        pki.enroll_with_factory(&cn, &csr, days).map_err(|e| {
+            let status = match e {
+                crate::est::EstError::AlreadyEnrolled(_) => StatusCode::CONFLICT,
+                crate::est::EstError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            (status, e.to_string())
+        })
+    })
+    .await;
+    match outcome {
+        Ok(Ok(enrolled)) => {
+            tracing::info!(
+                device = %factory.cn,
+                factory_serial = %factory.serial,
+                serial = %enrolled.record.serial,
+                "enrolled over EST with a factory certificate"
+            );
+            pkcs7(&[&enrolled.record.der])
+        }
+        Ok(Err((status, why))) => {
+            tracing::info!(
+                device = %factory.cn,
+                factory_serial = %factory.serial,
+                "EST factory enrollment refused: {why}"
+            );
+            text(status, why)
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -585,3 +585,200 @@ fn est_clients_enroll_and_re_enroll_with_curl_and_openssl() {
         "{parsed}"
     );
 }
+
+/// A factory CA made by openssl, and certificates from it as a device
+/// maker would install them: CN = the device id, clientAuth, perhaps a
+/// SAN URI that tries to pass for an enrolled device.
+struct FactoryCa {
+    dir: tempfile::TempDir,
+}
+
+impl FactoryCa {
+    fn new() -> FactoryCa {
+        let dir = tempfile::tempdir().unwrap();
+        openssl(
+            dir.path(),
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "factory-ca.key",
+                "-out",
+                "factory-ca.pem",
+                "-subj",
+                "/CN=Pump Factory CA",
+                "-days",
+                "30",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        FactoryCa { dir }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("factory-ca.pem")
+    }
+
+    /// A certificate and key for `cn`, with `san` (a URI) if given.
+    fn issue(&self, cn: &str, san: Option<&str>) -> (PathBuf, PathBuf) {
+        let d = self.dir.path();
+        let mut ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n".to_owned();
+        if let Some(uri) = san {
+            ext.push_str(&format!("subjectAltName=URI:{uri}\n"));
+        }
+        std::fs::write(d.join(format!("{cn}.ext")), ext).unwrap();
+        let subject = format!("/CN={cn}");
+        let (key, csr, pem) = (
+            format!("{cn}.key"),
+            format!("{cn}.csr"),
+            format!("{cn}.pem"),
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-subj",
+                &subject,
+                "-out",
+                &csr,
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "factory-ca.pem",
+                "-CAkey",
+                "factory-ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-out",
+                &pem,
+                "-extfile",
+                &format!("{cn}.ext"),
+            ],
+        );
+        (d.join(pem), d.join(key))
+    }
+}
+
+impl Ca {
+    /// curl with `cert`/`key` as the client certificate: POSTs `csr`
+    /// (base64 DER) to `path`, or JSON when `json` is given.
+    fn with_cert(
+        &self,
+        cert: &Path,
+        key: &Path,
+        path: &str,
+        body: Result<&Path, &str>,
+    ) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "20", "--cacert"])
+            .arg(self.path("pump-1/server-ca.pem"))
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(["--write-out", "\n%{http_code}"]);
+        match body {
+            Ok(csr) => cmd
+                .args(["-H", "Content-Type: application/pkcs10", "--data-binary"])
+                .arg(format!("@{}", csr.display())),
+            Err(json) => cmd.args(["--json", json]),
+        };
+        cmd.arg(format!("https://localhost:{}{path}", self.port));
+        let out = run_bounded(cmd, 30);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_owned())
+    }
+}
+
+/// EST simpleenroll with a factory certificate from a bootstrap CA: a
+/// device's first certificate, once; never an identity anywhere else.
+#[test]
+fn a_factory_certificate_enrolls_its_device_once_and_nothing_more() {
+    let factory = FactoryCa::new();
+    let bootstrap = factory.ca();
+    let ca = Ca::start(&["--est-bootstrap-ca", bootstrap.to_str().unwrap()]);
+    let enroll = "/.well-known/est/simpleenroll";
+
+    // pump-9's factory certificate and a CSR for pump-9: its first certificate.
+    let (cert, key) = factory.issue("pump-9", None);
+    let csr = ca.est_csr("pump-9");
+    let (status, body) = ca.with_cert(&cert, &key, enroll, Ok(&csr));
+    assert_eq!(status, 200, "{body}\n{}", ca.log());
+    let printed = ca.pkcs7_certs("factory.b64", &body);
+    assert!(
+        printed.contains(&format!("URI:{}", identity("pump-9"))),
+        "{printed}"
+    );
+    assert!(
+        ca.log()
+            .contains("enrolled over EST with a factory certificate"),
+        "{}",
+        ca.log()
+    );
+
+    // Once: the same certificate again, or any for an enrolled device.
+    let (status, body) = ca.with_cert(&cert, &key, enroll, Ok(&csr));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("enrolls a device once"), "{body}");
+    let (cert1, key1) = factory.issue("pump-1", None);
+    let csr1 = ca.est_csr("pump-1");
+    let (status, body) = ca.with_cert(&cert1, &key1, enroll, Ok(&csr1));
+    assert_eq!(status, 409, "{body}");
+
+    // The CSR must name the device the factory certificate names.
+    let (cert7, key7) = factory.issue("pump-7", None);
+    let csr8 = ca.est_csr("pump-8");
+    let (status, body) = ca.with_cert(&cert7, &key7, enroll, Ok(&csr8));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid CSR"), "{body}");
+
+    // A factory certificate is never an identity, whatever it names: one
+    // carrying pump-1's identity URI may not renew pump-1.
+    let (forged, forged_key) = factory.issue("pump-6", Some(&identity("pump-1")));
+    let (status, body) = ca.with_cert(
+        &forged,
+        &forged_key,
+        "/v1/renew",
+        Err("{\"request_id\":\"f1\"}"),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("may only enroll"), "{body}");
+    let (status, body) = ca.with_cert(
+        &forged,
+        &forged_key,
+        "/.well-known/est/simplereenroll",
+        Ok(&csr1),
+    );
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("may only enroll"), "{body}");
+}
