@@ -82,15 +82,11 @@ pub fn decode_body(body: &[u8]) -> std::result::Result<Vec<u8>, EstError> {
         .map_err(|e| EstError::NotBase64(e.to_string()))
 }
 
-/// Base64 with line breaks every 64 characters, as EST answers are sent.
+/// Base64 on one line, as EST answers are sent: without the line breaks
+/// RFC 2045 allows, which some clients refuse (the est-ca crate's; a
+/// decoder that takes them takes one line too, `openssl base64 -d -A`).
 pub fn encode_body(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 1);
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(der)
 }
 
 /// A certs-only PKCS#7 (CMS SignedData without signers) of `ders`.

@@ -413,7 +413,7 @@ impl Ca {
         let der = format!("{name}.der");
         openssl(
             self.dir.path(),
-            &["base64", "-d", "-in", name, "-out", &der],
+            &["base64", "-d", "-A", "-in", name, "-out", &der],
         );
         openssl(
             self.dir.path(),
@@ -577,7 +577,7 @@ fn est_clients_enroll_and_re_enroll_with_curl_and_openssl() {
     std::fs::write(ca.path("attrs.b64"), &body).unwrap();
     openssl(
         d,
-        &["base64", "-d", "-in", "attrs.b64", "-out", "attrs.der"],
+        &["base64", "-d", "-A", "-in", "attrs.b64", "-out", "attrs.der"],
     );
     let parsed = openssl(d, &["asn1parse", "-inform", "DER", "-in", "attrs.der"]);
     assert!(
