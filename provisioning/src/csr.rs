@@ -3,8 +3,10 @@
 //! A CSR is accepted only when its self-signature verifies, its key is
 //! ECDSA P-256, and its subject CN is a valid device id (matching the one
 //! the operator expects, if given). If it requests SAN entries, they must
-//! be exactly the device's identity URI. Every other requested extension
-//! is ignored: the CA alone decides key usage, EKU and validity.
+//! be exactly the device's identity URI, or a DNS name equal to the CN,
+//! which generic clients (EST's among them) add on their own and which is
+//! ignored, never granted. Every other requested extension is ignored:
+//! the CA alone decides names, key usage, EKU and validity.
 
 use std::fmt;
 
@@ -145,6 +147,7 @@ pub fn parse(
             for name in &san.general_names {
                 match name {
                     GeneralName::URI(uri) if *uri == identity => {}
+                    GeneralName::DNSName(dns) if *dns == cn => {}
                     other => {
                         return Err(CsrError::SanMismatch {
                             found: describe(other),
@@ -274,6 +277,10 @@ mod tests {
             parse(&csr_for("sensor-1", &key, vec![dns]), &td(), None),
             Err(CsrError::SanMismatch { .. })
         ));
+        // The CN again as a DNS name, as generic clients add it: ignored.
+        let own = SanType::DnsName("sensor-1".try_into().unwrap());
+        let request = parse(&csr_for("sensor-1", &key, vec![own]), &td(), None).unwrap();
+        assert_eq!(request.device_id.as_str(), "sensor-1");
         let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
         assert_eq!(
             parse(&csr_for("sensor-1", &p384, vec![]), &td(), None).unwrap_err(),
