@@ -782,3 +782,78 @@ fn a_factory_certificate_enrolls_its_device_once_and_nothing_more() {
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("may only enroll"), "{body}");
 }
+
+/// EST with a second client that is not ours: the `est-ca` crate's
+/// (reqwest over native TLS, its own CSR and PKCS#7 code): cacerts,
+/// simpleenroll with a token, simplereenroll with a device certificate.
+#[test]
+fn est_enrolls_and_re_enrolls_with_the_est_ca_crates_client() {
+    use est_ca::est::client;
+    let ca = Ca::start(&["--allow-early"]);
+    let d = ca.dir.path();
+    let base = format!("https://localhost:{}", ca.port);
+    // OpenSSL (native-tls) wants the chain up to the root; curl accepts
+    // the server CA alone.
+    let root = reqwest::Certificate::from_pem(&std::fs::read(ca.path("pki/root-ca.pem")).unwrap())
+        .unwrap();
+    let anonymous = reqwest::Client::builder()
+        .add_root_certificate(root.clone())
+        .build()
+        .unwrap();
+    let (chain, key) = ca.credentials("pump-1");
+    let credentials = reqwest::Identity::from_pkcs8_pem(
+        &std::fs::read(&chain).unwrap(),
+        &std::fs::read(&key).unwrap(),
+    )
+    .unwrap();
+    let pump_1 = reqwest::Client::builder()
+        .add_root_certificate(root)
+        .identity(credentials)
+        .build()
+        .unwrap();
+    let token = provisioning(d, &["est-token", "pump-9"]);
+    let token = token.trim().to_owned();
+    let der = |path: &str| {
+        let text = std::fs::read(ca.path(path)).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&text).unwrap();
+        pem.contents
+    };
+    let uri_of = |cert: &[u8]| {
+        let (_, c) = x509_parser::parse_x509_certificate(cert).unwrap();
+        let san = c.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .find_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // cacerts: the device CA.
+        let cacert = client::cacerts(&anonymous, &base).await.unwrap();
+        assert_eq!(cacert, der("pki/device-ca.pem"));
+        // simpleenroll: pump-9's first certificate, with its token and a
+        // CSR the crate makes (CN and a DNS name of "pump-9").
+        let (csr, _key) = client::make_csr("pump-9").unwrap();
+        let issued = client::simpleenroll(&anonymous, &base, "pump-9", &token, &csr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", ca.log()));
+        assert_eq!(uri_of(&issued), identity("pump-9"));
+        // The token is used up.
+        let again = client::simpleenroll(&anonymous, &base, "pump-9", &token, &csr).await;
+        assert!(again.is_err(), "a used token enrolled again");
+        // simplereenroll: pump-1 with its certificate, for a new key.
+        let (csr, _key) = client::make_csr("pump-1").unwrap();
+        let renewed = client::simplereenroll(&pump_1, &base, &csr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", ca.log()));
+        assert_eq!(uri_of(&renewed), identity("pump-1"));
+        assert_ne!(renewed, der("pump-1/device.pem"));
+    });
+}
