@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod crl;
+pub mod files;
 pub mod identity;
 pub mod renewal;
 pub mod serial;
