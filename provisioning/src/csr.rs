@@ -92,36 +92,9 @@ pub fn parse(
     expected: Option<&DeviceId>,
 ) -> Result<CsrRequest, CsrError> {
     let der = to_der(bytes)?;
-    let (rest, csr) =
-        X509CertificationRequest::from_der(&der).map_err(|e| CsrError::NotACsr(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(CsrError::NotACsr(format!(
-            "{} bytes after the request",
-            rest.len()
-        )));
-    }
-    match csr.verify_signature() {
-        Ok(()) => {}
-        Err(X509Error::SignatureUnsupportedAlgorithm) => {
-            let kind = key_kind(&csr);
-            return Err(if kind == "ECDSA P-256" {
-                let oid = &csr.signature_algorithm.algorithm;
-                let name = x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
-                    .map(str::to_owned)
-                    .unwrap_or_else(|_| oid.to_id_string());
-                CsrError::UnsupportedSignature(name)
-            } else {
-                CsrError::UnsupportedKey(kind)
-            });
-        }
-        Err(_) => return Err(CsrError::BadSignature),
-    }
-    let kind = key_kind(&csr);
-    if kind != "ECDSA P-256" {
-        return Err(CsrError::UnsupportedKey(kind));
-    }
-
+    let csr = verified(&der)?;
     let info = &csr.certification_request_info;
+
     let cn = info
         .subject
         .iter_common_name()
@@ -165,6 +138,49 @@ pub fn parse(
         device_id,
         public_key,
     })
+}
+
+/// A CSR whose self-signature verifies, for an ECDSA P-256 key.
+fn verified(der: &[u8]) -> Result<X509CertificationRequest<'_>, CsrError> {
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::NotACsr(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::NotACsr(format!(
+            "{} bytes after the request",
+            rest.len()
+        )));
+    }
+    match csr.verify_signature() {
+        Ok(()) => {}
+        Err(X509Error::SignatureUnsupportedAlgorithm) => {
+            let kind = key_kind(&csr);
+            return Err(if kind == "ECDSA P-256" {
+                let oid = &csr.signature_algorithm.algorithm;
+                let name = x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
+                    .map(str::to_owned)
+                    .unwrap_or_else(|_| oid.to_id_string());
+                CsrError::UnsupportedSignature(name)
+            } else {
+                CsrError::UnsupportedKey(kind)
+            });
+        }
+        Err(_) => return Err(CsrError::BadSignature),
+    }
+    let kind = key_kind(&csr);
+    if kind != "ECDSA P-256" {
+        return Err(CsrError::UnsupportedKey(kind));
+    }
+
+    Ok(csr)
+}
+
+/// The key of a CSR that only asks to be certified (a gateway's, whose
+/// names come from its current certificate): signed by its key, P-256.
+pub fn public_key(bytes: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, CsrError> {
+    let der = to_der(bytes)?;
+    let csr = verified(&der)?;
+    rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| CsrError::UnsupportedKey(e.to_string()))
 }
 
 /// A SAN entry as openssl prints it.

@@ -261,6 +261,10 @@ enum Command {
         /// the certificate's CN. Repeatable.
         #[arg(long = "est-bootstrap-ca", value_name = "FILE")]
         est_bootstrap_cas: Vec<PathBuf>,
+        /// Lifetime of the gateway server certificates gateways renew here
+        /// (POST /v1/server-cert), e.g. 7d; 60 s at least.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        server_lifetime: std::time::Duration,
     },
 }
 
@@ -788,6 +792,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             allow_early,
             expired_grace,
             est_bootstrap_cas,
+            server_lifetime,
         } => {
             let pki = open(cli)?;
             let trust_domain = *pki.trust_domain();
@@ -818,6 +823,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 rate_limit: (*rate_limit).max(1),
                 rate_window: *rate_window,
                 bootstrap_cas: bootstrap_cas(est_bootstrap_cas)?,
+                server_lifetime: time::Duration::try_from(*server_lifetime)?
+                    .max(twofold_provisioning::renewal::MIN_LIFETIME),
             };
             tracing_subscriber::fmt()
                 .with_env_filter(

@@ -15,7 +15,7 @@ use std::fmt;
 
 use time::{Duration, OffsetDateTime};
 use twofold_protocol::{Identity, Principal};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::crl::Scope;
 use crate::csr::{self, CsrError};
@@ -245,6 +245,92 @@ impl<S: Store> Pki<S> {
     /// for the passphrase of an encrypted key).
     pub fn device_issuer(&self) -> Result<CaIssuer> {
         self.issuer(profile::Intermediate::Device)
+    }
+
+    /// The server CA, which issues gateway certificates.
+    pub fn server_issuer(&self) -> Result<CaIssuer> {
+        self.issuer(profile::Intermediate::Server)
+    }
+
+    /// Renews a gateway's server certificate `presented` (DER) for the key
+    /// of `csr`: the same names (DNS and IP), a new key, `lifetime`. The
+    /// names come from the certificate the registry recorded, never from
+    /// the CSR. The old certificate is left to expire (it is short-lived):
+    /// revoking it now would strand a gateway that failed to install the
+    /// new one.
+    pub fn renew_gateway(
+        &mut self,
+        ca: &CaIssuer,
+        presented: &[u8],
+        csr: &[u8],
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Outcome {
+        let Ok((_, cert)) = X509Certificate::from_der(presented) else {
+            return refuse(Refusal::UnknownCertificate);
+        };
+        let serial = Serial::from_bytes(cert.raw_serial());
+        let tx = self.store.begin()?;
+        let Some(record) = tx
+            .find(&Filter {
+                kind: Some(Kind::Gateway),
+                serial: Some(serial),
+                ..Filter::default()
+            })?
+            .pop()
+            .filter(|r| r.der == presented)
+        else {
+            return refuse(Refusal::UnknownCertificate);
+        };
+        if let Some(revocation) = record.revocation {
+            return refuse(Refusal::Revoked {
+                reason: revocation.reason,
+            });
+        }
+        if record.not_after <= now {
+            return refuse(Refusal::Expired {
+                not_after: record.not_after,
+                grace: Duration::ZERO,
+            });
+        }
+        let public =
+            csr::public_key(csr).map_err(|e| RenewError::Refused(Refusal::InvalidCsr(e)))?;
+        let (mut dns, mut ips) = (Vec::new(), Vec::new());
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                    GeneralName::IPAddress([a, b, c, d]) => {
+                        ips.push(std::net::IpAddr::from([*a, *b, *c, *d]))
+                    }
+                    GeneralName::IPAddress(v6) if v6.len() == 16 => {
+                        let mut octets = [0u8; 16];
+                        octets.copy_from_slice(v6);
+                        ips.push(std::net::IpAddr::from(octets));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let validity = validity(now, lifetime, ca.not_after)?;
+        let issued = issue_recorded(
+            &tx,
+            ca,
+            Kind::Gateway,
+            &record.name,
+            None,
+            now,
+            None,
+            |serial| profile::gateway(&dns, &ips, None, serial, validity, &public),
+            &public,
+        )?;
+        tx.commit()?;
+        Ok(Renewed {
+            chain_pem: chain_pem(&issued.der, &ca.cert_pem),
+            record: issued,
+            repeated: false,
+        })
     }
 
     /// Renews `request.principal`'s certificate, or refuses with a reason.
@@ -620,6 +706,77 @@ mod tests {
         let text = late.to_string();
         assert!(text.contains("past the grace period of 7days"), "{text}");
         assert!(text.contains("provisioning enroll ID --replace"), "{text}");
+    }
+
+    #[test]
+    fn a_gateway_certificate_renews_for_a_new_key_with_its_names_only() {
+        let mut ca = ca();
+        let gw = ca
+            .pki
+            .issue_gateway(
+                &["gw.example".into()],
+                &["10.0.0.1".parse().unwrap()],
+                30,
+                None,
+            )
+            .unwrap();
+        let server = ca.pki.server_issuer().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["evil.example".into()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "evil.example");
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let now = crate::registry::now();
+        let renewed = ca
+            .pki
+            .renew_gateway(&server, &gw.record.der, csr.as_bytes(), 7 * DAY, now)
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&renewed.record.der).unwrap();
+        // The names of the old certificate, not the CSR's; the CSR's key.
+        let names = format!(
+            "{:?}",
+            cert.subject_alternative_name().unwrap().unwrap().value
+        );
+        assert!(
+            names.contains("gw.example") && !names.contains("evil"),
+            "{names}"
+        );
+        assert_eq!(
+            cert.public_key().subject_public_key.data,
+            key.public_key_raw()
+        );
+        assert!(renewed.record.not_after <= now + 7 * DAY);
+        // Refused: a certificate the registry does not hold, a bad CSR,
+        // a revoked certificate.
+        let stranger = ca.enroll("pump-1");
+        assert_eq!(
+            refusal(
+                ca.pki
+                    .renew_gateway(&server, &stranger.der, csr.as_bytes(), DAY, now)
+            ),
+            Refusal::UnknownCertificate
+        );
+        assert!(matches!(
+            refusal(
+                ca.pki
+                    .renew_gateway(&server, &gw.record.der, b"junk", DAY, now)
+            ),
+            Refusal::InvalidCsr(_)
+        ));
+        ca.pki
+            .revoke(
+                crate::RevokeTarget::Serial(gw.record.serial.clone()),
+                RevocationReason::KeyCompromise,
+            )
+            .unwrap();
+        assert!(matches!(
+            refusal(
+                ca.pki
+                    .renew_gateway(&server, &gw.record.der, csr.as_bytes(), DAY, now)
+            ),
+            Refusal::Revoked { .. }
+        ));
     }
 
     fn refusal(outcome: Outcome) -> Refusal {

@@ -65,6 +65,8 @@ pub struct Config {
     /// CAs (DER) whose certificates, installed at the factory, may enroll
     /// a device over EST `simpleenroll`, once; nothing else.
     pub bootstrap_cas: Vec<Vec<u8>>,
+    /// Lifetime of the gateway server certificates it renews.
+    pub server_lifetime: Duration,
 }
 
 /// Why a request was turned away before reaching the core.
@@ -119,6 +121,8 @@ impl Admission {
 struct State {
     pki: Mutex<Pki>,
     ca: CaIssuer,
+    /// The server CA, for gateways' own certificates.
+    server_ca: CaIssuer,
     config: Config,
     admission: Mutex<Admission>,
 }
@@ -146,6 +150,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let ca = pki.device_issuer()?;
+    let server_ca = pki.server_issuer()?;
     let tls = tls_config(&config, &ca.cert_der)?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -153,6 +158,7 @@ pub async fn run(
     let state = Arc::new(State {
         pki: Mutex::new(pki),
         ca,
+        server_ca,
         config,
         admission: Mutex::new(Admission::default()),
     });
@@ -382,6 +388,7 @@ async fn handle(
     match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/v1/renew") => renew(state, caller, &body).await,
         (&Method::POST, "/v1/commit") => commit(state, caller, &body).await,
+        (&Method::POST, "/v1/server-cert") => server_cert(state, caller, &body).await,
         (&Method::GET, "/v1/crl") => match state.pki.lock().map(|p| p.crl_pem()) {
             Ok(Ok(pem)) => {
                 let mut r = Response::new(Full::new(Bytes::from(pem)));
@@ -397,7 +404,7 @@ async fn handle(
                 "cannot read the CRL",
             ),
         },
-        (_, "/v1/renew" | "/v1/commit" | "/v1/crl") => refused(
+        (_, "/v1/renew" | "/v1/commit" | "/v1/crl" | "/v1/server-cert") => refused(
             StatusCode::METHOD_NOT_ALLOWED,
             "bad-request",
             format!("{} is not allowed here", parts.method),
@@ -870,6 +877,87 @@ async fn factory_enroll(state: Arc<State>, factory: Factory, body: &[u8]) -> Res
             text(status, why)
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerCertBody {
+    /// The gateway's current server certificate, PEM.
+    cert: String,
+    /// A PKCS#10 CSR (PEM) for its new key.
+    csr: String,
+}
+
+/// `POST /v1/server-cert`: a gateway (a registration authority) renews
+/// its own server certificate, for a new key, with the names it has.
+async fn server_cert(state: Arc<State>, caller: Caller, body: &[u8]) -> Response<Full<Bytes>> {
+    if !state
+        .config
+        .registration_authorities
+        .contains(&caller.identity)
+    {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!(
+                "{} is not a registration authority of this CA service: only gateways renew \
+                 server certificates",
+                caller.identity
+            ),
+        );
+    }
+    let body: ServerCertBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return refused(StatusCode::BAD_REQUEST, "bad-request", e),
+    };
+    let presented = match pem::parse(&body.cert) {
+        Ok(p) if p.tag() == "CERTIFICATE" => p.into_contents(),
+        _ => {
+            return refused(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "cert is not a PEM certificate",
+            );
+        }
+    };
+    let core = state.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut pki = core
+            .pki
+            .lock()
+            .map_err(|_| "the registry lock is poisoned")?;
+        Ok::<_, &str>(pki.renew_gateway(
+            &core.server_ca,
+            &presented,
+            body.csr.as_bytes(),
+            core.config.server_lifetime,
+            OffsetDateTime::now_utc(),
+        ))
+    })
+    .await;
+    match outcome {
+        Ok(Ok(Ok(renewed))) => {
+            tracing::info!(
+                gateway = %caller.identity,
+                name = %renewed.record.name,
+                serial = %renewed.record.serial,
+                "renewed a gateway server certificate"
+            );
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "status": "issued",
+                    "serial": renewed.record.serial.to_string(),
+                    "not_after": renewed.record.not_after.unix_timestamp(),
+                    "chain": renewed.chain_pem,
+                }),
+            )
+        }
+        Ok(Ok(Err(RenewError::Refused(r)))) => refused(status_of(&r), r.code(), r),
+        Ok(Ok(Err(e))) => refused(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
+        Ok(Err(e)) => refused(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
+        Err(e) => refused(StatusCode::INTERNAL_SERVER_ERROR, "failed", e),
     }
 }
 
