@@ -56,6 +56,9 @@ pub struct CaServiceFile {
     /// --service NAME`), named with `--ra NAME` by the CA service.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Renew the gateway's own server certificate there, at two thirds of
+    /// its life (default true).
+    pub renew_server_cert: Option<bool>,
 }
 
 /// The CA service, checked.
@@ -65,6 +68,7 @@ pub struct CaService {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub renew_server_cert: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +322,7 @@ impl File {
                     ca: file("ca_service.ca", c.ca)?,
                     cert: file("ca_service.cert", c.cert)?,
                     key: file("ca_service.key", c.key)?,
+                    renew_server_cert: c.renew_server_cert.unwrap_or(true),
                 })
             }
         };

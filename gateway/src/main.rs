@@ -177,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
+    let config_ca_service = config.ca_service.clone();
     let ca = match &config.ca_service {
         None => None,
         Some(c) => {
@@ -232,6 +233,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         metrics: config.metrics,
         ca,
     };
+    if let (Some(ca), Some(c)) = (&gateway.ca, &config_ca_service)
+        && c.renew_server_cert
+    {
+        tokio::spawn(twofold_gateway::renewal::keep_server_cert(
+            ca.clone(),
+            gateway.files.clone(),
+            stopped.clone(),
+        ));
+    }
     // The accept loop runs on a worker, not on this thread: block_on's
     // thread would be woken by a worker for every new connection, and would
     // wake a worker back for its session (two thread switches per connect).

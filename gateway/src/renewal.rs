@@ -228,6 +228,121 @@ fn reply_of(request_id: &str, answer: &serde_json::Value) -> CertReply {
     }
 }
 
+/// The gateway's own server certificate, renewed from the CA service
+/// before it expires: at two thirds of its life (less the same jitter as
+/// devices), for a new key, with the names it has. The new key and
+/// certificate replace the files in place; the file watcher that reloads
+/// them for a changed CRL swaps them in, and a key that does not match
+/// the certificate (between the two renames) is refused and the old pair
+/// kept, as for any bad file.
+pub async fn keep_server_cert(
+    ca: Arc<CaClient>,
+    files: crate::tls::TlsFiles,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let wait = match server_cert_due(&files.cert) {
+            Ok(wait) => wait,
+            Err(e) => {
+                tracing::warn!(cert = %files.cert.display(), error = %e, "cannot read the server certificate to schedule its renewal; trying again in an hour");
+                Duration::from_secs(3600)
+            }
+        };
+        if !wait.is_zero() {
+            tracing::info!(
+                in_secs = wait.as_secs(),
+                "server certificate renewal scheduled"
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        match renew_server_cert(&ca, &files).await {
+            Ok((serial, not_after)) => {
+                tracing::info!(%serial, not_after, "server certificate renewed");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "server certificate renewal failed; trying again in 5 minutes");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(300)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// How long until the certificate at `path` is due for renewal (zero when
+/// it is), at most a day: the file may be replaced by hand meanwhile.
+fn server_cert_due(path: &std::path::Path) -> Result<Duration, String> {
+    let text = std::fs::read(path).map_err(|e| e.to_string())?;
+    let der = pem_blocks(&text, "CERTIFICATE")?
+        .into_iter()
+        .next()
+        .ok_or("no certificate in it")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .unwrap_or_default();
+    let due = twofold_trust::renewal::due_at(
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+        name,
+    );
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let secs = u64::try_from(due - now).unwrap_or(0).min(86_400);
+    Ok(Duration::from_secs(secs))
+}
+
+/// One renewal: a new key and CSR, the CA service's certificate for it,
+/// and the files replaced (key first). Returns the new serial and expiry.
+async fn renew_server_cert(
+    ca: &CaClient,
+    files: &crate::tls::TlsFiles,
+) -> Result<(String, i64), String> {
+    let text = std::fs::read(&files.cert).map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    let current = pem_blocks(&text, "CERTIFICATE")?
+        .into_iter()
+        .next()
+        .ok_or("no certificate in the server certificate file")?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("cannot make a key: {e}"))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| format!("cannot make a CSR: {e}"))?;
+    let body = serde_json::json!({
+        "cert": pem::encode(&pem::Pem::new("CERTIFICATE", current)),
+        "csr": csr,
+    });
+    let answer = tokio::time::timeout(CALL_TIMEOUT, ca.post("/v1/server-cert", &body))
+        .await
+        .map_err(|_| "the CA service did not answer in time".to_owned())??;
+    if answer["status"] != "issued" {
+        return Err(format!(
+            "the CA service refused ({}): {}",
+            answer["code"].as_str().unwrap_or("?"),
+            answer["reason"].as_str().unwrap_or("no reason given")
+        ));
+    }
+    let chain = answer["chain"].as_str().unwrap_or_default();
+    if pem_blocks(chain.as_bytes(), "CERTIFICATE")?.is_empty() {
+        return Err("the CA service sent no certificate".into());
+    }
+    twofold_trust::files::replace(&files.key, key.serialize_pem().as_bytes(), 0o600)
+        .map_err(|e| format!("{}: {e}", files.key.display()))?;
+    twofold_trust::files::replace(&files.cert, chain.as_bytes(), 0o644)
+        .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+    Ok((
+        answer["serial"].as_str().unwrap_or_default().to_owned(),
+        answer["not_after"].as_i64().unwrap_or_default(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
