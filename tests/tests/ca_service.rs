@@ -577,7 +577,15 @@ fn est_clients_enroll_and_re_enroll_with_curl_and_openssl() {
     std::fs::write(ca.path("attrs.b64"), &body).unwrap();
     openssl(
         d,
-        &["base64", "-d", "-A", "-in", "attrs.b64", "-out", "attrs.der"],
+        &[
+            "base64",
+            "-d",
+            "-A",
+            "-in",
+            "attrs.b64",
+            "-out",
+            "attrs.der",
+        ],
     );
     let parsed = openssl(d, &["asn1parse", "-inform", "DER", "-in", "attrs.der"]);
     assert!(
@@ -856,4 +864,122 @@ fn est_enrolls_and_re_enrolls_with_the_est_ca_crates_client() {
         assert_eq!(uri_of(&renewed), identity("pump-1"));
         assert_ne!(renewed, der("pump-1/device.pem"));
     });
+}
+
+/// The serial of the certificate the gateway on `port` serves, as hex.
+fn served_serial(fleet: &twofold_tests::Fleet, port: u16, who: &twofold_tests::Identity) -> String {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!(
+        "openssl s_client -connect 127.0.0.1:{port} -servername localhost -CAfile {} \
+         -cert {} -key {} </dev/null 2>/dev/null | openssl x509 -noout -serial",
+        fleet.path("openssl-ca.pem").display(),
+        who.cert.display(),
+        who.key.display()
+    ));
+    let out = run_bounded(cmd, 30);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_lowercase()
+}
+
+/// A gateway renews its own server certificate from the CA service, for
+/// a new key, and serves it without a restart; devices still connect.
+#[test]
+fn a_gateway_renews_its_own_server_certificate_and_swaps_it_in() {
+    use twofold_provisioning::output::files;
+    use twofold_provisioning::registry::{Filter, Kind, Store};
+    use twofold_tests::{CaService, Fleet, Gateway, mosquitto_pub, text, wait_until};
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pump-1");
+    fleet.service("gw");
+    // The gateway starts on a one-minute certificate (as if renewed
+    // before), so that renewal falls due within the test.
+    let gw_dir = fleet.path("gw");
+    let current = std::fs::read(gw_dir.join(files::GATEWAY_CHAIN)).unwrap();
+    let (_, current) = x509_parser::pem::parse_x509_pem(&current).unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let server_ca = fleet.pki.server_issuer().unwrap();
+    let short = fleet
+        .pki
+        .renew_gateway(
+            &server_ca,
+            &current.contents,
+            csr.as_bytes(),
+            time::Duration::seconds(60),
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    std::fs::write(gw_dir.join(files::GATEWAY_CHAIN), &short.chain_pem).unwrap();
+    std::fs::write(gw_dir.join(files::GATEWAY_KEY), key.serialize_pem()).unwrap();
+
+    let ca = CaService::start(&mut fleet, &["--ra", "gw", "--server-lifetime", "1h"]);
+    let port = free_port();
+    let gw = Gateway::start_on(&fleet, port, &ca.gateway_toml(&fleet, "gw"));
+    let first = served_serial(&fleet, port, &dev);
+    assert_eq!(
+        first,
+        short.record.serial.to_string().to_lowercase(),
+        "{}",
+        gw.log()
+    );
+
+    // Due about 34 s after it was issued.
+    assert!(
+        wait_until(90, || gw.log().contains("server certificate renewed")),
+        "{}",
+        gw.log()
+    );
+    assert!(wait_until(10, || gw
+        .log()
+        .matches("TLS files reloaded")
+        .count()
+        >= 1));
+    let gateways = fleet
+        .pki
+        .store()
+        .find(&Filter {
+            kind: Some(Kind::Gateway),
+            ..Filter::default()
+        })
+        .unwrap();
+    // The renewed one is the only one of the CA service's one-hour
+    // lifetime (the CA service's own certificate is a gateway one too).
+    let renewed: Vec<_> = gateways
+        .iter()
+        .filter(|r| {
+            let life = r.not_after - r.not_before;
+            life > time::Duration::minutes(50) && life < time::Duration::hours(2)
+        })
+        .collect();
+    assert_eq!(renewed.len(), 1, "{gateways:?}");
+    let newest = renewed[0];
+    let expected = newest.serial.to_string().to_lowercase();
+    assert!(
+        wait_until(10, || served_serial(&fleet, port, &dev) == expected),
+        "serves {}, not {expected}:\n{}",
+        served_serial(&fleet, port, &dev),
+        gw.log()
+    );
+    // A new key, and the names kept.
+    let (_, renewed) = x509_parser::parse_x509_certificate(&newest.der).unwrap();
+    let (_, before) = x509_parser::parse_x509_certificate(&current.contents).unwrap();
+    assert_ne!(renewed.public_key().raw, before.public_key().raw);
+    assert_eq!(
+        renewed.subject_alternative_name().unwrap().unwrap().value,
+        before.subject_alternative_name().unwrap().unwrap().value
+    );
+    // Devices connect to it.
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &["-i", "pump-1", "-t", "devices/pump-1/telemetry", "-m", "x"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
 }
