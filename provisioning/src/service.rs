@@ -385,6 +385,12 @@ async fn handle(
         Ok(c) => c,
         Err(e) => return refused(StatusCode::FORBIDDEN, "no-identity", e),
     };
+    // The TLS layer knows no CRL: a caller whose certificate the operator
+    // revoked (a stolen gateway's service identity) is turned away here.
+    // A superseded one goes on to the core, which answers not-latest.
+    if let Some(why) = revoked(&state, &caller).await {
+        return refused(StatusCode::FORBIDDEN, "revoked", why);
+    }
     match (&parts.method, parts.uri.path()) {
         (&Method::POST, "/v1/renew") => renew(state, caller, &body).await,
         (&Method::POST, "/v1/commit") => commit(state, caller, &body).await,
@@ -878,6 +884,34 @@ async fn factory_enroll(state: Arc<State>, factory: Factory, body: &[u8]) -> Res
         }
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// Why `caller`'s certificate may not be used here, if it is revoked
+/// for anything but being superseded.
+async fn revoked(state: &Arc<State>, caller: &Caller) -> Option<String> {
+    let core = state.clone();
+    let serial = caller.serial.clone();
+    let record = tokio::task::spawn_blocking(move || {
+        let pki = core.pki.lock().ok()?;
+        let filter = crate::registry::Filter {
+            serial: Some(serial),
+            ..Default::default()
+        };
+        crate::registry::Store::find(pki.store(), &filter)
+            .ok()?
+            .pop()
+    })
+    .await
+    .ok()??;
+    let revocation = record.revocation?;
+    (revocation.reason != crate::registry::RevocationReason::Superseded).then(|| {
+        format!(
+            "{}'s certificate {} is revoked ({}): it may not use the CA service",
+            caller.identity,
+            record.serial,
+            revocation.reason.as_str()
+        )
+    })
 }
 
 #[derive(Deserialize)]

@@ -332,6 +332,21 @@ fn only_a_registration_authority_renews_for_a_device() {
     // Other devices are not held up by pump-2's limit.
     let (status, own) = ca.post("pump-3", "renew", serde_json::json!({"request_id": "x"}));
     assert_eq!(status, 200, "{own}");
+    // A registration authority whose identity the operator revoked (a
+    // stolen gateway) may no longer ask, for anyone.
+    provisioning(
+        ca.dir.path(),
+        &["revoke", "--service", "gw", "--reason", "key-compromise"],
+    );
+    let on_behalf = serde_json::json!({
+        "request_id": "g9", "identity": identity("pump-3"), "serial": ca.serial("pump-3"),
+    });
+    assert_refused(
+        ca.post("gw", "renew", on_behalf),
+        403,
+        "revoked",
+        "spiffe://iot.example/service/gw's certificate",
+    );
 }
 
 #[test]
