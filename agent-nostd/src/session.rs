@@ -703,10 +703,19 @@ impl<'a, A: App, T: Timer, S: ChainSlots> Agent<'a, A, T, S> {
             client_id: id.as_str(),
             keep_alive: self.settings.keepalive_secs,
         };
-        s.out.send(connect, &self.timer).await?;
+        // The gateway checks our certificate once the handshake is over
+        // on our side; it refuses with an alert and a close, which reach
+        // us as the alert, an end of stream, or, when our CONNECT was
+        // still unread there, a reset. Before CONNACK each means that.
+        let refused = |e| match e {
+            Error::Io(_) | Error::Closed | Error::Alert => Error::CertificateRefused,
+            e => e,
+        };
+        s.out.send(connect, &self.timer).await.map_err(refused)?;
         let n = s
             .frame(&self.timer, self.settings.response_ms, Waiting::Connack)
-            .await?;
+            .await
+            .map_err(refused)?;
         match mqtt::decode(&s.inb.rx[..n])? {
             Inbound::Connack(ConnectReturnCode::Accepted) => {}
             Inbound::Connack(code) => return Err(Error::ConnectRefused(code)),
