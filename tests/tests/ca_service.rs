@@ -148,6 +148,27 @@ fn openssl(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A new P-256 key in `key` and a CSR for CN = `cn` made by openssl in
+/// `dir`, written as `out` says (`-out FILE`, perhaps `-outform DER`).
+fn openssl_csr(dir: &Path, cn: &str, key: &str, out: &[&str]) {
+    let subject = format!("/CN={cn}");
+    let mut args = vec![
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+        "-subj",
+        &subject,
+    ];
+    args.extend_from_slice(out);
+    openssl(dir, &args);
+}
+
 fn assert_refused(answer: (u16, serde_json::Value), status: u16, code: &str, reason: &str) {
     let (got, body) = answer;
     assert_eq!(body["status"], "refused", "{body}");
@@ -451,27 +472,7 @@ impl Ca {
         let key = format!("{cn}.est.key");
         let der = format!("{cn}.csr.der");
         let b64 = format!("{cn}.csr.b64");
-        let subject = format!("/CN={cn}");
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-subj",
-                &subject,
-                "-outform",
-                "DER",
-                "-out",
-                &der,
-            ],
-        );
+        openssl_csr(d, cn, &key, &["-outform", "DER", "-out", &der]);
         openssl(d, &["base64", "-in", &der, "-out", &b64]);
         self.path(&b64)
     }
@@ -658,30 +659,12 @@ impl FactoryCa {
             ext.push_str(&format!("subjectAltName=URI:{uri}\n"));
         }
         std::fs::write(d.join(format!("{cn}.ext")), ext).unwrap();
-        let subject = format!("/CN={cn}");
         let (key, csr, pem) = (
             format!("{cn}.key"),
             format!("{cn}.csr"),
             format!("{cn}.pem"),
         );
-        openssl(
-            d,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-subj",
-                &subject,
-                "-out",
-                &csr,
-            ],
-        );
+        openssl_csr(d, cn, &key, &["-out", &csr]);
         openssl(
             d,
             &[
