@@ -73,3 +73,48 @@ impl CaService {
         )
     }
 }
+
+/// A microcontroller `id` enrolled with a one-minute certificate, the CA
+/// service renewing for 60 s (the gateway service `gw` its registration
+/// authority), a gateway with the MCU profile renewing through it, and a
+/// subscriber (service `ops`) to the device's telemetry and replies.
+pub struct RenewingMcu {
+    pub sub: crate::mqtt::Sub,
+    pub gw: crate::gateway::Gateway,
+    pub ca: CaService,
+    pub port: u16,
+    pub bundle: std::path::PathBuf,
+    pub fleet: Fleet,
+}
+
+impl RenewingMcu {
+    pub fn start(id: &str) -> RenewingMcu {
+        let mut fleet = Fleet::new();
+        let ops = fleet.service("ops");
+        fleet.service("gw");
+        let port = free_port();
+        let bundle = crate::fleet::enroll_nostd_with(&fleet, id, port, &["--lifetime", "1m"]);
+        let ca = CaService::start(
+            &mut fleet,
+            &["--ra", "gw", "--lifetime", "60s", "--rate-limit", "100"],
+        );
+        let gw = crate::gateway::Gateway::start_on(
+            &fleet,
+            port,
+            &format!(
+                "{}\n{}",
+                crate::fleet::MCU_LIMITS,
+                ca.gateway_toml(&fleet, "gw")
+            ),
+        );
+        let sub = crate::mqtt::Sub::telemetry_and_replies(&fleet, port, &ops, "ops", id);
+        RenewingMcu {
+            sub,
+            gw,
+            ca,
+            port,
+            bundle,
+            fleet,
+        }
+    }
+}

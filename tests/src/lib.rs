@@ -16,7 +16,7 @@ pub use agent::{
     TelemetryAccount, account_telemetry, agent, agent_config, agent_doctor, agent_with,
     assert_doctor_line, run_agent,
 };
-pub use ca_service::CaService;
+pub use ca_service::{CaService, RenewingMcu};
 pub use fleet::{
     Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
     enroll_nostd_with, mint_with,

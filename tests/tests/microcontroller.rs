@@ -179,21 +179,14 @@ fn qemu_firmware_enrolls_publishes_and_answers_then_a_revoked_one_is_refused() {
 fn qemu_firmware_renews_its_one_minute_certificate_and_loses_nothing() {
     use twofold_protocol::{DeviceId, Principal};
     let fw = firmware();
-    let mut fleet = Fleet::new();
-    let ops = fleet.service("ops");
-    fleet.service("gw");
-    let port = free_port();
-    let bundle = enroll_nostd_with(&fleet, "mcu-w", port, &["--lifetime", "1m"]);
-    let ca = CaService::start(
-        &mut fleet,
-        &["--ra", "gw", "--lifetime", "60s", "--rate-limit", "100"],
-    );
-    let gw = Gateway::start_on(
-        &fleet,
+    let RenewingMcu {
+        sub,
+        gw,
+        ca: _ca,
         port,
-        &format!("{MCU_LIMITS}\n{}", ca.gateway_toml(&fleet, "gw")),
-    );
-    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-w");
+        bundle,
+        fleet,
+    } = RenewingMcu::start("mcu-w");
     // Renewal is due about 35 s after enrollment; the firmware stops once
     // the renewed certificate is committed and 5 messages acknowledged.
     let mut dev = qemu_with(

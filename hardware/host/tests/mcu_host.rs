@@ -131,21 +131,14 @@ fn assert_contiguous(seqs: &[u64], at_least: usize) {
 fn host_runner_renews_a_one_minute_certificate_twice_with_its_key() {
     use twofold_protocol::{DeviceId, Principal};
     use twofold_provisioning::registry::RevocationReason;
-    let mut fleet = Fleet::new();
-    let ops = fleet.service("ops");
-    fleet.service("gw");
-    let port = free_port();
-    let bundle = enroll_nostd_with(&fleet, "mcu-n", port, &["--lifetime", "1m"]);
-    let ca = CaService::start(
-        &mut fleet,
-        &["--ra", "gw", "--lifetime", "60s", "--rate-limit", "100"],
-    );
-    let gw = Gateway::start_on(
-        &fleet,
-        port,
-        &format!("{MCU_LIMITS}\n{}", ca.gateway_toml(&fleet, "gw")),
-    );
-    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-n");
+    let RenewingMcu {
+        sub,
+        gw,
+        ca: _ca,
+        port: _,
+        bundle,
+        fleet,
+    } = RenewingMcu::start("mcu-n");
     let slots = fleet.path("mcu-n.slots");
     let mut dev = mcu_host(
         &fleet,
