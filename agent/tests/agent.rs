@@ -232,38 +232,13 @@ fn nothing_is_lost_when_the_gateway_or_the_agent_is_killed() {
 #[test]
 fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
     use twofold_protocol::{DeviceId, Principal};
-    use twofold_provisioning::renewal::{NewKey, RenewOptions, RenewRequest};
     let mut fleet = Fleet::new();
     let dev = fleet.device("pi-r");
     fleet.service("gw");
     // The device starts on a one-minute certificate (same key).
-    let principal = Principal::Device(DeviceId::parse("pi-r").unwrap());
-    let enrolled = fleet.pki.history(&principal).unwrap().remove(0);
-    let ca_key = fleet.pki.device_issuer().unwrap();
     let now = time::OffsetDateTime::now_utc();
-    let short = fleet
-        .pki
-        .renew(
-            &ca_key,
-            RenewRequest {
-                principal,
-                presented: enrolled.serial,
-                request_id: "test-seed".into(),
-                key: NewKey::Same,
-            },
-            RenewOptions {
-                lifetime: time::Duration::seconds(60),
-                enforce_due: false,
-                expired_grace: time::Duration::ZERO,
-            },
-            now,
-        )
-        .unwrap();
-    fleet
-        .pki
-        .commit_renewal(&ca_key, &principal, &short.record.serial, now)
-        .unwrap();
-    std::fs::write(&dev.cert, &short.chain_pem).unwrap();
+    one_minute_certificate(&mut fleet, &dev, "pi-r", now);
+    let principal = Principal::Device(DeviceId::parse("pi-r").unwrap());
 
     let ca = CaService::start(
         &mut fleet,
@@ -329,16 +304,15 @@ fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
     assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
 }
 
-/// A certificate for `name` that expired `ago` (a one-minute renewal of
-/// its enrolled one, issued and committed in the past), written over its
+/// A one-minute certificate for `name`, issued (as a renewal of its
+/// enrolled one, same key) and committed at `at`, written over its
 /// certificate file.
-fn expired_certificate(fleet: &mut Fleet, who: &Identity, name: &str, ago: time::Duration) {
+fn one_minute_certificate(fleet: &mut Fleet, who: &Identity, name: &str, at: time::OffsetDateTime) {
     use twofold_protocol::{DeviceId, Principal};
     use twofold_provisioning::renewal::{NewKey, RenewOptions, RenewRequest};
     let principal = Principal::Device(DeviceId::parse(name).unwrap());
     let enrolled = fleet.pki.history(&principal).unwrap().remove(0);
     let ca_key = fleet.pki.device_issuer().unwrap();
-    let then = time::OffsetDateTime::now_utc() - ago - time::Duration::seconds(60);
     let short = fleet
         .pki
         .renew(
@@ -346,7 +320,7 @@ fn expired_certificate(fleet: &mut Fleet, who: &Identity, name: &str, ago: time:
             RenewRequest {
                 principal,
                 presented: enrolled.serial,
-                request_id: "test-expired".into(),
+                request_id: "test-seed".into(),
                 key: NewKey::Same,
             },
             RenewOptions {
@@ -354,14 +328,20 @@ fn expired_certificate(fleet: &mut Fleet, who: &Identity, name: &str, ago: time:
                 enforce_due: false,
                 expired_grace: time::Duration::ZERO,
             },
-            then,
+            at,
         )
         .unwrap();
     fleet
         .pki
-        .commit_renewal(&ca_key, &principal, &short.record.serial, then)
+        .commit_renewal(&ca_key, &principal, &short.record.serial, at)
         .unwrap();
     std::fs::write(&who.cert, &short.chain_pem).unwrap();
+}
+
+/// A certificate for `name` that expired `ago`.
+fn expired_certificate(fleet: &mut Fleet, who: &Identity, name: &str, ago: time::Duration) {
+    let at = time::OffsetDateTime::now_utc() - ago - time::Duration::seconds(60);
+    one_minute_certificate(fleet, who, name, at);
 }
 
 #[test]
