@@ -10,6 +10,7 @@ pub mod ca_service;
 pub mod fleet;
 pub mod gateway;
 pub mod mqtt;
+pub mod nats;
 pub mod process;
 
 pub use agent::{
@@ -26,6 +27,7 @@ pub use mqtt::{
     Relay, Sub, mosquitto, mosquitto_mtls, mosquitto_pub, mosquitto_sub, mosquitto_with_password,
     replies, send_command, tls_args,
 };
+pub use nats::{NATS_PASSWORD, NATS_USER, Nats};
 pub use process::{
     Proc, assert_alive_then_kill, built, exit_status, finish, free_port, run_bounded, spawn, text,
     wait_port, wait_until,

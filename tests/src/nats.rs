@@ -1,0 +1,140 @@
+//! NATS servers with JetStream and the MQTT listener: the clustered broker
+//! the gateways relay to at scale, and the durable one on one machine.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::fleet::Fleet;
+use crate::process::{Proc, free_port, spawn, wait_port};
+
+/// The user the gateways (and the tests' backend subscribers) log in as.
+pub const NATS_USER: &str = "gw";
+pub const NATS_PASSWORD: &str = "pw";
+
+/// One node: its configuration stays on disk so it can be restarted on the
+/// same ports and the same JetStream directory.
+pub struct NatsNode {
+    pub proc: Option<Proc>,
+    pub conf: PathBuf,
+    pub name: String,
+    /// Where MQTT clients connect.
+    pub mqtt_port: u16,
+    restarts: usize,
+}
+
+/// A NATS cluster of one or more nodes on loopback, each with JetStream
+/// file storage under the fleet's directory; killed (-9) when dropped.
+pub struct Nats {
+    pub nodes: Vec<NatsNode>,
+}
+
+impl Nats {
+    /// One node, as a single machine runs it.
+    pub fn single(fleet: &Fleet) -> Nats {
+        Self::cluster(fleet, 1)
+    }
+
+    /// `n` nodes routed to each other; JetStream (and with it the MQTT
+    /// sessions' state) is replicated across them.
+    pub fn cluster(fleet: &Fleet, n: usize) -> Nats {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let name = format!("nats-{}", i + 1);
+            let mqtt_port = free_port();
+            let store = fleet.path(&format!("{name}-js"));
+            let mut conf = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{}\n\
+                 jetstream {{ store_dir: {store:?} }}\n\
+                 authorization {{ users = [ {{user: {NATS_USER}, password: {NATS_PASSWORD}}} ] }}\n\
+                 mqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n",
+                free_port()
+            );
+            if n > 1 {
+                let others: Vec<String> = routes
+                    .iter()
+                    .filter(|r| *r != route)
+                    .map(|r| format!("nats-route://127.0.0.1:{r}"))
+                    .collect();
+                conf.push_str(&format!(
+                    "cluster {{ name: twofold, listen: 127.0.0.1:{route}, routes: [{}] }}\n",
+                    others.join(", ")
+                ));
+            }
+            let path = fleet.path(&format!("{name}.conf"));
+            std::fs::write(&path, conf).unwrap();
+            nodes.push(NatsNode {
+                proc: None,
+                conf: path,
+                name,
+                mqtt_port,
+                restarts: 0,
+            });
+        }
+        let mut nats = Nats { nodes };
+        for i in 0..n {
+            nats.spawn(fleet, i);
+        }
+        for node in &nats.nodes {
+            wait_port(node.mqtt_port, &node.name);
+        }
+        nats
+    }
+
+    fn spawn(&mut self, fleet: &Fleet, i: usize) {
+        let node = &mut self.nodes[i];
+        let mut cmd = Command::new("nats-server");
+        cmd.arg("-c").arg(&node.conf);
+        let log = fleet.path(&format!("{}.{}.log", node.name, node.restarts));
+        node.restarts += 1;
+        node.proc = Some(spawn(cmd, log));
+    }
+
+    /// kill -9 node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts node `i` again on its ports and its JetStream directory, and
+    /// waits until it takes MQTT clients.
+    pub fn restart(&mut self, fleet: &Fleet, i: usize) {
+        self.kill(i);
+        self.spawn(fleet, i);
+        wait_port(self.nodes[i].mqtt_port, &self.nodes[i].name);
+    }
+
+    /// The gateway's configuration lines that relay to node `i`.
+    pub fn gateway_config(&self, i: usize) -> String {
+        format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nbroker_username = \"{NATS_USER}\"\nbroker_password = \"{NATS_PASSWORD}\"",
+            self.nodes[i].mqtt_port
+        )
+    }
+
+    /// mosquitto_sub's arguments to reach node `i` directly, as a backend.
+    pub fn client_args(&self, i: usize) -> Vec<String> {
+        [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.nodes[i].mqtt_port.to_string(),
+            "-u",
+            NATS_USER,
+            "-P",
+            NATS_PASSWORD,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Every node's log so far, for a failing assertion.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.proc.as_ref().map(|p| format!("{}:\n{}", n.name, p.log())))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
