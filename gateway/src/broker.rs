@@ -40,6 +40,22 @@ pub struct External {
     /// Written into every forwarded CONNECT, replacing the device's own.
     pub credential: Option<Credential>,
     pub tls: Option<UpstreamTls>,
+    /// It speaks MQTT 3.1.1 only (NATS): MQTT 5 sessions are carried as
+    /// 3.1.1.
+    pub v311_only: bool,
+    /// The highest QoS it takes.
+    pub max_qos: u8,
+}
+
+impl External {
+    /// What the sessions must make up for at this broker.
+    pub fn quirks(&self) -> crate::session::Quirks {
+        crate::session::Quirks {
+            v311_only: self.v311_only,
+            max_qos: self.max_qos,
+            ..crate::session::Quirks::NONE
+        }
+    }
 }
 
 impl BrokerTarget {

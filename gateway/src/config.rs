@@ -31,6 +31,12 @@ pub struct File {
     /// For `mqtts://` brokers that require a client certificate.
     pub broker_cert: Option<PathBuf>,
     pub broker_key: Option<PathBuf>,
+    /// The highest MQTT the external broker speaks: `"5"` (default: each
+    /// session in its device's own version) or `"3.1.1"` (NATS: MQTT 5
+    /// sessions are carried as 3.1.1).
+    pub broker_protocol: Option<String>,
+    /// The highest QoS the external broker takes (default 2; NATS: 1).
+    pub broker_max_qos: Option<u8>,
     #[serde(default)]
     pub limits: LimitsFile,
     /// The CA service devices renew through; renewal is off without it.
@@ -100,6 +106,9 @@ pub enum BrokerChoice {
         username: Option<String>,
         password: Option<String>,
         tls: Option<ExternalTls>,
+        /// The broker speaks MQTT 3.1.1 only.
+        v311_only: bool,
+        max_qos: u8,
     },
 }
 
@@ -225,6 +234,8 @@ impl File {
                     ("broker_ca", self.broker_ca.is_some()),
                     ("broker_cert", self.broker_cert.is_some()),
                     ("broker_key", self.broker_key.is_some()),
+                    ("broker_protocol", self.broker_protocol.is_some()),
+                    ("broker_max_qos", self.broker_max_qos.is_some()),
                 ] {
                     if set {
                         return Err(err(
@@ -291,11 +302,33 @@ impl File {
                     }
                     None
                 };
+                let v311_only = match self.broker_protocol.as_deref() {
+                    None | Some("5") => false,
+                    Some("3.1.1") => true,
+                    Some(other) => {
+                        return Err(err(
+                            "broker_protocol",
+                            format!("{other:?} is neither \"5\" nor \"3.1.1\""),
+                        ));
+                    }
+                };
+                let max_qos = match self.broker_max_qos {
+                    None => 2,
+                    Some(q @ 0..=2) => q,
+                    Some(q) => {
+                        return Err(err(
+                            "broker_max_qos",
+                            format!("{q} is not a QoS (0, 1 or 2)"),
+                        ));
+                    }
+                };
                 BrokerChoice::External {
                     addr: rest.to_owned(),
                     username: self.broker_username,
                     password: self.broker_password,
                     tls,
+                    v311_only,
+                    max_qos,
                 }
             }
         };
@@ -497,6 +530,35 @@ mod tests {
         assert_eq!(e.key, "broker_ca");
         let e = check(&|c| c.broker_username = Some("u".into())).unwrap_err();
         assert_eq!(e.key, "broker_username");
+        let e = check(&|c| c.broker_protocol = Some("3.1.1".into())).unwrap_err();
+        assert_eq!(e.key, "broker_protocol");
+        let e = check(&|c| {
+            c.broker = Some("mqtt://b:1883".into());
+            c.broker_protocol = Some("3".into());
+        })
+        .unwrap_err();
+        assert_eq!(e.key, "broker_protocol");
+        assert!(e.problem.contains("neither \"5\" nor \"3.1.1\""), "{e}");
+        let e = check(&|c| {
+            c.broker = Some("mqtt://b:1883".into());
+            c.broker_max_qos = Some(3);
+        })
+        .unwrap_err();
+        assert_eq!(e.key, "broker_max_qos");
+        let ok = check(&|c| {
+            c.broker = Some("mqtt://b:1883".into());
+            c.broker_protocol = Some("3.1.1".into());
+            c.broker_max_qos = Some(1);
+        })
+        .unwrap();
+        assert!(matches!(
+            ok.broker,
+            BrokerChoice::External {
+                v311_only: true,
+                max_qos: 1,
+                ..
+            }
+        ));
         let e = check(&|c| {
             c.broker = Some("mqtts://b:8883".into());
             c.broker_ca = f("bca");

@@ -151,6 +151,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             username,
             password,
             tls,
+            v311_only,
+            max_qos,
         } => {
             let resolved = tokio::net::lookup_host(addr.as_str())
                 .await
@@ -173,6 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 addr: resolved,
                 credential,
                 tls,
+                v311_only: *v311_only,
+                max_qos: *max_qos,
             })
         }
     };

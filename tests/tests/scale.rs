@@ -54,3 +54,137 @@ fn a_queued_qos1_message_survives_gateway_kill_and_nats_restart() {
         nats.logs()
     );
 }
+
+/// NATS speaks MQTT 3.1.1 and QoS 0 and 1 only. MQTT 5 devices still
+/// work through the gateway, and what 3.1.1 cannot carry is refused with
+/// MQTT 5's reason, each refusal in the audit log.
+#[test]
+fn mqtt5_devices_work_through_a_3_1_1_broker() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let ops = fleet.service("ops");
+    let nats = Nats::single(&fleet);
+    let config = format!(
+        "{}\nbroker_protocol = \"3.1.1\"\nbroker_max_qos = 1",
+        nats.gateway_config(0)
+    );
+    let gw = Gateway::start(&fleet, &config);
+    let port = gw.addr.port();
+    // QoS 2 asked, QoS 1 granted: the SUBACK says so.
+    let sub = Sub::start_tls(
+        &fleet,
+        port,
+        &ops,
+        "ops-v5",
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "ops",
+            "-q",
+            "2",
+            "-t",
+            "devices/+/telemetry",
+        ],
+    );
+    let debug = std::fs::read_to_string(&sub.out).unwrap();
+    assert!(debug.contains("Subscribed (mid: 1): 1"), "{debug}");
+
+    let publish = |extra: &[&str], payload: &str| {
+        let mut args = vec!["-d", "-i", "sensor-1", "-t", "devices/sensor-1/telemetry"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-m", payload]);
+        mosquitto_pub(&fleet, &gw, Some(&dev), &args)
+    };
+    let out = publish(&["-V", "mqttv5", "-q", "1"], "over-5");
+    assert!(out.status.success(), "{}\n{}", text(&out), gw.log());
+    let out = publish(&["-V", "mqttv311", "-q", "1"], "over-311");
+    assert!(out.status.success(), "{}\n{}", text(&out), gw.log());
+
+    // A user property cannot be carried: PUBACK 0x83, and the session goes on.
+    let out = publish(
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-D",
+            "publish",
+            "user-property",
+            "k",
+            "v",
+        ],
+        "with-property",
+    );
+    assert!(text(&out).contains("RC:131"), "{}", text(&out));
+    let e = gw.refusal("unsupported");
+    assert!(
+        e["detail"]
+            .as_str()
+            .unwrap()
+            .contains("with user properties"),
+        "{e}"
+    );
+    // QoS 2 is above what the broker takes. The CONNACK said Maximum QoS
+    // 1, so mosquitto_pub over MQTT 5 does not even send it (a client that
+    // does gets DISCONNECT 0x9B: the session's unit tests).
+    let out = publish(&["-V", "mqttv5", "-q", "2"], "at-qos-2");
+    assert!(text(&out).contains("QoS not supported"), "{}", text(&out));
+    // Over 3.1.1 nothing can say so before: the gateway closes, and audits why.
+    let out = publish(&["-V", "mqttv311", "-q", "2"], "at-qos-2-311");
+    assert!(!out.status.success(), "{}", text(&out));
+    let qos2 = gw
+        .wait_for(|e| {
+            e["reason"] == "unsupported" && e["detail"].as_str().unwrap().contains("at QoS 2")
+        })
+        .expect("the QoS 2 PUBLISH audited");
+    assert!(
+        qos2["detail"]
+            .as_str()
+            .unwrap()
+            .contains("takes QoS 1 at most"),
+        "{qos2}"
+    );
+    // A subscription identifier: SUBACK 0xA1.
+    let refused = finish(
+        mosquitto_sub(
+            &fleet,
+            &gw,
+            &ops,
+            &[
+                "-V",
+                "mqttv5",
+                "-i",
+                "ops-2",
+                "-t",
+                "devices/+/replies",
+                "-d",
+                "-D",
+                "subscribe",
+                "subscription-identifier",
+                "3",
+                "-W",
+                "3",
+            ],
+        ),
+        10,
+    );
+    assert!(text(&refused).contains("161"), "{}", text(&refused));
+    assert!(
+        gw.wait_for(|e| e["reason"] == "unsupported"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("subscription identifier"))
+            .is_some()
+    );
+
+    sub.settle(10);
+    let got: Vec<Vec<u8>> = sub.messages().into_iter().map(|(_, p)| p).collect();
+    assert_eq!(
+        got,
+        vec![b"over-5".to_vec(), b"over-311".to_vec()],
+        "{}",
+        gw.log()
+    );
+}

@@ -14,7 +14,16 @@ pub(super) struct Connect {
     pub(super) keep_alive: u16,
     /// Keepalive 0 was sent to the broker as [`KEEPALIVE_OFF`].
     pub(super) keepalive_raised: bool,
+    /// MQTT 5's clean start (3.1.1's clean session).
+    pub(super) clean_start: bool,
     pub(super) forward: Bytes,
+}
+
+/// Why a CONNECT cannot go to the broker.
+pub(super) enum ConnectError {
+    Malformed(String),
+    /// Well formed, but the broker cannot carry it (see `downgrade`).
+    NotCarried(String),
 }
 
 /// Decodes a CONNECT and rewrites it for the broker.
@@ -25,19 +34,26 @@ pub(super) fn rewrite_connect(
     credential: Option<&Credential>,
     max: usize,
     quirks: Quirks,
-) -> Result<Connect, String> {
+) -> Result<Connect, ConnectError> {
     let mut frame = frame;
+    let malformed = |e: String| ConnectError::Malformed(e);
     match version {
         Version::V311 => {
             let v4::Packet::Connect(mut c) =
-                v4::Packet::read(&mut frame, max).map_err(|e| e.to_string())?
+                v4::Packet::read(&mut frame, max).map_err(|e| malformed(e.to_string()))?
             else {
-                return Err("not a CONNECT".into());
+                return Err(malformed("not a CONNECT".into()));
             };
             let client_id = c.client_id.clone();
             let will_topic = c.last_will.as_ref().map(|w| w.topic.clone());
             c.client_id = identity::broker_client_id(principal, &client_id);
             c.login = credential.map(|k| v4::Login::new(k.username.clone(), k.password.clone()));
+            if quirks.max_qos < 2
+                && let Some(will) = &mut c.last_will
+                && will.qos == mqttbytes::QoS::ExactlyOnce
+            {
+                will.qos = mqttbytes::QoS::AtLeastOnce;
+            }
             let keep_alive = c.keep_alive;
             let keepalive_raised = quirks.keepalive_at_broker(&mut c.keep_alive);
             Ok(Connect {
@@ -46,20 +62,22 @@ pub(super) fn rewrite_connect(
                 will_response_topic: None,
                 keep_alive,
                 keepalive_raised,
+                clean_start: c.clean_session,
                 forward: encode_v4(v4::Packet::Connect(c)),
             })
         }
         Version::V5 => {
             let v5::Packet::Connect(mut c, will, _) =
-                v5::Packet::read(&mut frame, Some(max as u32)).map_err(|e| e.to_string())?
+                v5::Packet::read(&mut frame, Some(max as u32))
+                    .map_err(|e| malformed(e.to_string()))?
             else {
-                return Err("not a CONNECT".into());
+                return Err(malformed("not a CONNECT".into()));
             };
             let client_id = c.client_id.clone();
             let will_topic = match &will {
                 Some(w) => Some(
                     String::from_utf8(w.topic.to_vec())
-                        .map_err(|_| "will topic is not UTF-8".to_owned())?,
+                        .map_err(|_| malformed("will topic is not UTF-8".into()))?,
                 ),
                 None => None,
             };
@@ -68,16 +86,26 @@ pub(super) fn rewrite_connect(
                 .and_then(|w| w.properties.as_ref())
                 .and_then(|p| p.response_topic.clone());
             c.client_id = identity::broker_client_id(principal, &client_id);
-            let login = credential.map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
             let keep_alive = c.keep_alive;
             let keepalive_raised = quirks.keepalive_at_broker(&mut c.keep_alive);
+            let clean_start = c.clean_start;
+            let forward = if quirks.v311_only {
+                let down = downgrade::connect(c, will, credential, quirks.max_qos)
+                    .map_err(ConnectError::NotCarried)?;
+                encode_v4(v4::Packet::Connect(down))
+            } else {
+                let login =
+                    credential.map(|k| v5::Login::new(k.username.clone(), k.password.clone()));
+                encode_v5(v5::Packet::Connect(c, will, login))
+            };
             Ok(Connect {
                 client_id,
                 will_topic,
                 will_response_topic,
                 keep_alive,
                 keepalive_raised,
-                forward: encode_v5(v5::Packet::Connect(c, will, login)),
+                clean_start,
+                forward,
             })
         }
     }
@@ -117,11 +145,19 @@ pub(super) fn admit(
             return Err(refusal(Reason::ProtocolError, detail, Some(reply), None));
         }
     };
-    let connect =
-        rewrite_connect(version, frame, principal, credential, max, quirks).map_err(|e| {
-            let detail = format!("malformed CONNECT: {e}");
-            refusal(Reason::ProtocolError, detail, None, None)
-        })?;
+    let connect = rewrite_connect(version, frame, principal, credential, max, quirks).map_err(
+        |e| match e {
+            ConnectError::Malformed(e) => {
+                let detail = format!("malformed CONNECT: {e}");
+                refusal(Reason::ProtocolError, detail, None, None)
+            }
+            ConnectError::NotCarried(e) => {
+                let detail = format!("CONNECT with {e}");
+                let reply = v5_connack(v5::ConnectReturnCode::ImplementationSpecificError);
+                refusal(Reason::Unsupported, detail, Some(reply), None)
+            }
+        },
+    )?;
     let client_id = connect.client_id.clone();
     if !identity::client_id_matches(principal, &client_id) {
         let reply = match version {
@@ -187,6 +223,12 @@ pub struct Quirks {
     /// SUBSCRIBE with MQTT 5's no-local is refused (0x83): the broker
     /// would send a client its own messages.
     pub no_local_ignored: bool,
+    /// The broker speaks MQTT 3.1.1 only: MQTT 5 sessions are carried as
+    /// 3.1.1 (see `downgrade`).
+    pub v311_only: bool,
+    /// The highest QoS the broker takes: a PUBLISH above it is refused,
+    /// a SUBSCRIBE above it is granted this.
+    pub max_qos: u8,
 }
 
 impl Quirks {
@@ -205,12 +247,16 @@ impl Quirks {
         no_keepalive_off: false,
         unknown_pubrel_closes: true,
         no_local_ignored: true,
+        v311_only: false,
+        max_qos: 2,
     };
     /// A broker that speaks MQTT as the specification says.
     pub const NONE: Quirks = Quirks {
         no_keepalive_off: false,
         unknown_pubrel_closes: false,
         no_local_ignored: false,
+        v311_only: false,
+        max_qos: 2,
     };
 }
 
@@ -233,6 +279,7 @@ pub(super) fn answer_connack(
     connect: &Connect,
     principal: &Principal,
     max: usize,
+    quirks: Quirks,
 ) -> Result<Bytes, (String, Bytes)> {
     let mut frame = frame;
     let original = frame.clone().freeze();
@@ -250,42 +297,59 @@ pub(super) fn answer_connack(
             Ok(v4::Packet::ConnAck(ack)) => Err(refused(format!("{:?}", ack.code))),
             _ => Err(refused("not a CONNACK".into())),
         },
-        Version::V5 => match v5::Packet::read(&mut frame, None) {
-            Ok(v5::Packet::ConnAck(mut ack)) if ack.code == v5::ConnectReturnCode::Success => {
-                let props = ack.properties.get_or_insert_with(|| v5::ConnAckProperties {
-                    session_expiry_interval: None,
-                    receive_max: None,
-                    max_qos: None,
-                    retain_available: None,
-                    max_packet_size: None,
-                    assigned_client_identifier: None,
-                    topic_alias_max: None,
-                    reason_string: None,
-                    user_properties: Vec::new(),
-                    wildcard_subscription_available: None,
-                    subscription_identifiers_available: None,
-                    shared_subscription_available: None,
-                    server_keep_alive: None,
-                    response_information: None,
-                    server_reference: None,
-                    authentication_method: None,
-                    authentication_data: None,
-                });
-                props.topic_alias_max = None;
-                props.assigned_client_identifier = None;
-                // Services may share a subscription across instances.
-                props.shared_subscription_available =
-                    Some(u8::from(matches!(principal, Principal::Service(_))));
-                props.wildcard_subscription_available = Some(1);
-                props.subscription_identifiers_available = Some(1);
-                props.max_packet_size = Some(u32::try_from(max).unwrap_or(u32::MAX));
-                if connect.keepalive_raised {
-                    props.server_keep_alive = Some(KEEPALIVE_OFF);
+        Version::V5 => {
+            let mut ack = if quirks.v311_only {
+                // The broker's refusal concerns the gateway's credential or
+                // the broker itself, never the device.
+                downgrade::connack(frame, connect.clean_start, quirks.max_qos).map_err(|code| {
+                    (
+                        format!("the broker refused the session ({code})"),
+                        v5_connack(v5::ConnectReturnCode::ServerUnavailable),
+                    )
+                })?
+            } else {
+                match v5::Packet::read(&mut frame, None) {
+                    Ok(v5::Packet::ConnAck(ack)) if ack.code == v5::ConnectReturnCode::Success => {
+                        ack
+                    }
+                    Ok(v5::Packet::ConnAck(ack)) => return Err(refused(format!("{:?}", ack.code))),
+                    _ => return Err(refused("not a CONNACK".into())),
                 }
-                Ok(encode_v5(v5::Packet::ConnAck(ack)))
+            };
+            let props = ack.properties.get_or_insert_with(|| v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: None,
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: None,
+                assigned_client_identifier: None,
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
+            props.topic_alias_max = None;
+            props.assigned_client_identifier = None;
+            // Services may share a subscription across instances.
+            props.shared_subscription_available =
+                Some(u8::from(matches!(principal, Principal::Service(_))));
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifiers_available = Some(u8::from(!quirks.v311_only));
+            if quirks.max_qos < 2 {
+                props.max_qos = Some(quirks.max_qos);
             }
-            Ok(v5::Packet::ConnAck(ack)) => Err(refused(format!("{:?}", ack.code))),
-            _ => Err(refused("not a CONNACK".into())),
-        },
+            props.max_packet_size = Some(u32::try_from(max).unwrap_or(u32::MAX));
+            if connect.keepalive_raised {
+                props.server_keep_alive = Some(KEEPALIVE_OFF);
+            }
+            Ok(encode_v5(v5::Packet::ConnAck(ack)))
+        }
     }
 }

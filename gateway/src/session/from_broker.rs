@@ -7,6 +7,9 @@ use super::*;
 /// place of the PINGRESP that answers its PINGREQ (see [`Ping`]).
 pub(super) struct FromBroker {
     pub(super) version: Version,
+    /// The broker speaks 3.1.1 to an MQTT 5 device: its PUBLISHes and
+    /// SUBACKs are rewritten up (see `downgrade`).
+    pub(super) upgrade: bool,
 }
 
 /// Frames for the device, with how many are PUBLISH and how many answer
@@ -31,7 +34,14 @@ impl FromBroker {
             match mqttbytes::check(buf[at..].iter(), usize::MAX) {
                 Ok(header) => {
                     let end = at + header.frame_length();
-                    match buf[at] >> 4 {
+                    let kind = buf[at] >> 4;
+                    if self.upgrade
+                        && (kind == 3 || kind == 9)
+                        && let Some(up) = downgrade::frame_up(&buf[at..end])
+                    {
+                        edits.push((at..end, Some(up)));
+                    }
+                    match kind {
                         3 => publishes += 1,
                         4 | 5 => answers += 1,
                         11 => edits.push((at..end, None)),

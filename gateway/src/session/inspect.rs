@@ -273,8 +273,28 @@ impl Inspector {
         out
     }
 
-    /// Checks one packet from the device.
+    /// Checks one packet from the device, and writes what passes as a
+    /// 3.1.1-only broker must get it.
     pub(super) fn inspect(&mut self, frame: &Bytes) -> Verdict {
+        let verdict = self.inspect_as_sent(frame);
+        if self.version != Version::V5 || !self.quirks.v311_only {
+            return verdict;
+        }
+        let max_qos = self.quirks.max_qos;
+        let (packet, then) = match verdict {
+            Verdict::Forward => (frame.clone(), None),
+            Verdict::ForwardThen(then) => (frame.clone(), Some(then)),
+            Verdict::Rewritten(packet, then) => (packet, then),
+            other => return other,
+        };
+        match downgrade::frame_down(&packet, max_qos) {
+            Ok(Some(down)) => Verdict::Rewritten(down, then),
+            Ok(None) => Verdict::Kept,
+            Err(e) => self.malformed("packet", e),
+        }
+    }
+
+    fn inspect_as_sent(&mut self, frame: &Bytes) -> Verdict {
         let version = self.version;
         let packet_type = frame.first().map(|b| b >> 4).unwrap_or(0);
         match packet_type {
@@ -344,6 +364,9 @@ impl Inspector {
                 if self.renew_only.is_some() {
                     return self.hold(&p.topic, p.qos as u8);
                 }
+                if let Some(refused) = self.above_max_qos(&p.topic, p.qos as u8) {
+                    return refused;
+                }
                 match policy::may_publish(&principal, &p.topic) {
                     Ok(()) => self.passed(p.qos as u8, p.pkid),
                     // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
@@ -382,6 +405,9 @@ impl Inspector {
                 if self.renew_only.is_some() {
                     return self.hold(topic, p.qos as u8);
                 }
+                if let Some(refused) = self.above_max_qos(topic, p.qos as u8) {
+                    return refused;
+                }
                 // A response topic is where a service will publish its
                 // answer: the device may name only a topic it could
                 // publish to itself, never another device's commands.
@@ -402,12 +428,48 @@ impl Inspector {
                         })
                     }),
                 };
-                let Some(detail) = denied else {
-                    return self.passed(p.qos as u8, p.pkid);
-                };
-                self.refuse_publish(detail, p.qos as u8, p.pkid)
+                if let Some(detail) = denied {
+                    return self.refuse_publish(detail, p.qos as u8, p.pkid);
+                }
+                if self.quirks.v311_only
+                    && let Some(what) = downgrade::publish_not_carried(p.properties.as_ref())
+                {
+                    let detail = format!(
+                        "PUBLISH to {} with {what}, which the broker (MQTT 3.1.1) cannot carry",
+                        shown(topic)
+                    );
+                    return self.refuse_publish_as(
+                        Reason::Unsupported,
+                        detail,
+                        p.qos as u8,
+                        p.pkid,
+                    );
+                }
+                self.passed(p.qos as u8, p.pkid)
             }
         }
+    }
+
+    /// A PUBLISH above the QoS the broker takes: MQTT 5 is told 0x9B (QoS
+    /// not supported, as its CONNACK said), 3.1.1 is closed. Either way the
+    /// device keeps the message and the audit log says why.
+    fn above_max_qos(&self, topic: &str, qos: u8) -> Option<Verdict> {
+        let max = self.quirks.max_qos;
+        if qos <= max {
+            return None;
+        }
+        let reply = (self.version == Version::V5)
+            .then(|| v5_disconnect(v5::DisconnectReasonCode::QoSNotSupported));
+        Some(deny(
+            Reason::Unsupported,
+            format!(
+                "PUBLISH to {} at QoS {qos}: the broker behind this gateway takes QoS {max} at \
+                 most",
+                shown(topic)
+            ),
+            reply,
+            true,
+        ))
     }
 
     /// A PUBLISH the policy allows: a QoS 2 one awaits its PUBREL.
@@ -521,6 +583,22 @@ impl Inspector {
                 Reason::PolicyDenied,
                 format!("SUBSCRIBE {}", denied.join(", ")),
                 v5::SubscribeReasonCode::NotAuthorized,
+            )
+        } else if let Subscription::V5(sub) = &decoded
+            && self.quirks.v311_only
+            && let Some((what, named)) = downgrade::subscribe_not_carried(sub)
+        {
+            let code = if sub.properties.as_ref().is_some_and(|p| p.id.is_some()) {
+                v5::SubscribeReasonCode::SubscriptionIdNotSupported
+            } else {
+                v5::SubscribeReasonCode::ImplementationSpecific
+            };
+            (
+                Reason::Unsupported,
+                format!(
+                    "SUBSCRIBE {named} with {what}, which the broker (MQTT 3.1.1) cannot carry"
+                ),
+                code,
             )
         } else if self.quirks.no_local_ignored && filters.iter().any(|(_, no_local)| *no_local) {
             let named: Vec<String> = filters
@@ -648,15 +726,27 @@ impl Inspector {
     /// with "not authorized" and goes on; QoS 0 gets DISCONNECT "not
     /// authorized", and MQTT 3.1.1 (no negative PUBACK) is closed.
     fn refuse_publish(&self, detail: String, qos: u8, pkid: u16) -> Verdict {
+        self.refuse_publish_as(Reason::PolicyDenied, detail, qos, pkid)
+    }
+
+    /// [`Self::refuse_publish`] for `reason`: MQTT 5's code is "not
+    /// authorized" for the policy, "implementation specific" (0x83) for
+    /// what the broker cannot carry.
+    fn refuse_publish_as(&self, reason: Reason, detail: String, qos: u8, pkid: u16) -> Verdict {
+        let policy = reason == Reason::PolicyDenied;
         match (self.version, qos) {
             (Version::V5, 1) => {
                 let ack = v5::PubAck {
                     pkid,
-                    reason: v5::PubAckReason::NotAuthorized,
+                    reason: if policy {
+                        v5::PubAckReason::NotAuthorized
+                    } else {
+                        v5::PubAckReason::ImplementationSpecificError
+                    },
                     properties: None,
                 };
                 deny(
-                    Reason::PolicyDenied,
+                    reason,
                     detail,
                     Some(encode_v5(v5::Packet::PubAck(ack))),
                     false,
@@ -665,23 +755,29 @@ impl Inspector {
             (Version::V5, 2) => {
                 let rec = v5::PubRec {
                     pkid,
-                    reason: v5::PubRecReason::NotAuthorized,
+                    reason: if policy {
+                        v5::PubRecReason::NotAuthorized
+                    } else {
+                        v5::PubRecReason::ImplementationSpecificError
+                    },
                     properties: None,
                 };
                 deny(
-                    Reason::PolicyDenied,
+                    reason,
                     detail,
                     Some(encode_v5(v5::Packet::PubRec(rec))),
                     false,
                 )
             }
-            (Version::V5, _) => deny(
-                Reason::PolicyDenied,
-                detail,
-                Some(v5_disconnect(v5::DisconnectReasonCode::NotAuthorized)),
-                true,
-            ),
-            (Version::V311, _) => deny(Reason::PolicyDenied, detail, None, true),
+            (Version::V5, _) => {
+                let code = if policy {
+                    v5::DisconnectReasonCode::NotAuthorized
+                } else {
+                    v5::DisconnectReasonCode::ImplementationSpecificError
+                };
+                deny(reason, detail, Some(v5_disconnect(code)), true)
+            }
+            (Version::V311, _) => deny(reason, detail, None, true),
         }
     }
 

@@ -44,6 +44,7 @@ use crate::reason::Reason;
 use crate::tls::TlsContext;
 
 mod connect;
+mod downgrade;
 mod frame;
 mod from_broker;
 mod inspect;
@@ -296,7 +297,10 @@ impl Session {
         Session {
             version,
             inspector: Inspector::new(version, principal, max, quirks),
-            from_broker: FromBroker { version },
+            from_broker: FromBroker {
+                version,
+                upgrade: version == Version::V5 && quirks.v311_only,
+            },
             order: DeviceOrder::default(),
             sent: 0,
             silence: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
@@ -593,6 +597,7 @@ mod tests {
         let mut buf = BytesMut::from(&frames.concat()[..]);
         let relay = FromBroker {
             version: Version::V5,
+            upgrade: false,
         };
         let ToDevice {
             frames, answers, ..

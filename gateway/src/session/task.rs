@@ -184,7 +184,7 @@ pub async fn run<S>(
 
     let (credential, quirks) = match &broker {
         BrokerTarget::Embedded(_) => (None, Quirks::EMBEDDED),
-        BrokerTarget::External(external) => (external.credential.as_ref(), Quirks::NONE),
+        BrokerTarget::External(external) => (external.credential.as_ref(), external.quirks()),
     };
     let (version, connect) = match admit(frame, &peer.principal, credential, max, quirks) {
         Ok(admitted) => admitted,
@@ -221,7 +221,7 @@ pub async fn run<S>(
     let (mut upstream, connack) = match opened {
         Ok((upstream, frame)) => (
             Some(upstream),
-            answer_connack(version, frame, &connect, &peer.principal, max),
+            answer_connack(version, frame, &connect, &peer.principal, max, quirks),
         ),
         Err(why) => {
             tracing::error!(error = %why, "cannot open a session at the broker");
