@@ -36,7 +36,9 @@ pub enum BrokerTarget {
 /// An external broker, reached over TCP (and TLS for `mqtts://`).
 #[derive(Clone, Debug)]
 pub struct External {
-    pub addr: SocketAddr,
+    /// Its nodes, tried in this order for each session: one for a single
+    /// broker, several for a cluster (NATS), nearest first.
+    pub nodes: Vec<Node>,
     /// Written into every forwarded CONNECT, replacing the device's own.
     pub credential: Option<Credential>,
     pub tls: Option<UpstreamTls>,
@@ -45,6 +47,14 @@ pub struct External {
     pub v311_only: bool,
     /// The highest QoS it takes.
     pub max_qos: u8,
+}
+
+/// One node of an external broker.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub addr: SocketAddr,
+    /// The name its certificate must carry (`mqtts://`): the URL's host.
+    pub server_name: ServerName<'static>,
 }
 
 impl External {
@@ -60,18 +70,24 @@ impl External {
 
 impl BrokerTarget {
     /// Whether the broker can take sessions now: the router thread runs,
-    /// or the external broker accepts a TCP connection within a second.
+    /// or a node of the external broker accepts a TCP connection within a
+    /// second.
     pub async fn reachable(&self) -> bool {
         match self {
             BrokerTarget::Embedded(embedded) => embedded.is_running(),
-            BrokerTarget::External(external) => matches!(
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(1),
-                    tokio::net::TcpStream::connect(external.addr),
-                )
-                .await,
-                Ok(Ok(_))
-            ),
+            BrokerTarget::External(external) => {
+                for node in &external.nodes {
+                    let tried = tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        tokio::net::TcpStream::connect(node.addr),
+                    )
+                    .await;
+                    if matches!(tried, Ok(Ok(_))) {
+                        return true;
+                    }
+                }
+                false
+            }
         }
     }
 }
@@ -80,12 +96,11 @@ impl BrokerTarget {
 #[derive(Clone)]
 pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
-    pub server_name: ServerName<'static>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "UpstreamTls({:?})", self.server_name)
+        f.write_str("UpstreamTls")
     }
 }
 
@@ -114,15 +129,8 @@ pub fn upstream_tls(tls: &ExternalTls) -> Result<UpstreamTls, TlsSetupError> {
                 detail: format!("does not match {}: {e}", cert.display()),
             })?,
     };
-    let server_name = ServerName::try_from(tls.server_name.clone()).map_err(|e| {
-        TlsSetupError::Rustls(format!(
-            "broker: {:?} is not a valid server name: {e}",
-            tls.server_name
-        ))
-    })?;
     Ok(UpstreamTls {
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        server_name,
     })
 }
 

@@ -22,8 +22,10 @@ pub struct File {
     pub audit_log: Option<PathBuf>,
     /// Where `/metrics` and `/healthz` are served; off when absent.
     pub metrics: Option<String>,
-    /// `embedded` (default), `mqtt://host:port` or `mqtts://host:port`.
-    pub broker: Option<String>,
+    /// `embedded` (default), `mqtt://host:port` or `mqtts://host:port`,
+    /// or a list of such URLs: the nodes of one clustered broker, tried in
+    /// order for each session.
+    pub broker: Option<BrokerUrls>,
     pub broker_username: Option<String>,
     pub broker_password: Option<String>,
     /// For `mqtts://`: the CA that signed the broker's certificate.
@@ -45,6 +47,20 @@ pub struct File {
     /// session that may only renew (off when absent). The CA service
     /// needs its own `--expired-grace` to renew it.
     pub expired_grace_secs: Option<u64>,
+}
+
+/// One broker URL, or the nodes of a cluster.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum BrokerUrls {
+    One(String),
+    Nodes(Vec<String>),
+}
+
+impl From<&str> for BrokerUrls {
+    fn from(url: &str) -> Self {
+        BrokerUrls::One(url.to_owned())
+    }
 }
 
 /// `[ca_service]`: where `provisioning serve` runs and how the gateway
@@ -101,8 +117,8 @@ pub struct LimitsFile {
 pub enum BrokerChoice {
     Embedded,
     External {
-        /// `host:port`.
-        addr: String,
+        /// Each node as `host:port`, in the order they are tried.
+        nodes: Vec<String>,
         username: Option<String>,
         password: Option<String>,
         tls: Option<ExternalTls>,
@@ -115,8 +131,6 @@ pub enum BrokerChoice {
 /// TLS towards an external broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExternalTls {
-    /// The name the broker's certificate must carry.
-    pub server_name: String,
     pub ca: PathBuf,
     /// A client certificate chain and its key, if the broker asks for one.
     pub identity: Option<(PathBuf, PathBuf)>,
@@ -226,8 +240,17 @@ impl File {
         let key = file("key", self.key)?;
         let client_ca = file("client_ca", self.client_ca)?;
         let crl = file("crl", self.crl)?;
-        let broker = match self.broker.as_deref() {
-            None | Some("embedded") => {
+        let urls = match self.broker {
+            None => Vec::new(),
+            Some(BrokerUrls::One(url)) if url == "embedded" => Vec::new(),
+            Some(BrokerUrls::One(url)) => vec![url],
+            Some(BrokerUrls::Nodes(urls)) if urls.is_empty() => {
+                return Err(err("broker", "an empty list; name at least one node"));
+            }
+            Some(BrokerUrls::Nodes(urls)) => urls,
+        };
+        let broker = match &urls[..] {
+            [] => {
                 for (key, set) in [
                     ("broker_username", self.broker_username.is_some()),
                     ("broker_password", self.broker_password.is_some()),
@@ -246,8 +269,8 @@ impl File {
                 }
                 BrokerChoice::Embedded
             }
-            Some(url) => {
-                let bad_url = || {
+            urls => {
+                let bad_url = |url: &str| {
                     err(
                         "broker",
                         format!(
@@ -255,16 +278,27 @@ impl File {
                         ),
                     )
                 };
-                let (secure, rest) = match url.split_once("://") {
-                    Some(("mqtt", rest)) => (false, rest),
-                    Some(("mqtts", rest)) => (true, rest),
-                    _ => return Err(bad_url()),
-                };
-                let host = rest
-                    .rsplit_once(':')
-                    .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-                    .ok_or_else(bad_url)?;
+                let mut nodes = Vec::new();
+                let mut schemes = Vec::new();
+                for url in urls {
+                    let (secure, rest) = match url.split_once("://") {
+                        Some(("mqtt", rest)) => (false, rest),
+                        Some(("mqtts", rest)) => (true, rest),
+                        _ => return Err(bad_url(url)),
+                    };
+                    rest.rsplit_once(':')
+                        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                        .ok_or_else(|| bad_url(url))?;
+                    nodes.push(rest.to_owned());
+                    schemes.push(secure);
+                }
+                let secure = schemes[0];
+                if schemes.iter().any(|s| *s != secure) {
+                    return Err(err(
+                        "broker",
+                        "mixes mqtt:// and mqtts://; the nodes of one broker speak one",
+                    ));
+                }
                 let tls = if secure {
                     if self.broker_ca.is_none() {
                         return Err(err(
@@ -285,11 +319,7 @@ impl File {
                             return Err(err("broker_cert", "required with broker_key"));
                         }
                     };
-                    Some(ExternalTls {
-                        server_name: host.to_owned(),
-                        ca,
-                        identity,
-                    })
+                    Some(ExternalTls { ca, identity })
                 } else {
                     for (key, set) in [
                         ("broker_ca", self.broker_ca.is_some()),
@@ -323,7 +353,7 @@ impl File {
                     }
                 };
                 BrokerChoice::External {
-                    addr: rest.to_owned(),
+                    nodes,
                     username: self.broker_username,
                     password: self.broker_password,
                     tls,
@@ -515,15 +545,15 @@ mod tests {
             edit(&mut file);
             file.check()
         };
-        let e = check(&|c| c.broker = Some("http://x:1".into())).unwrap_err();
+        let e = check(&|c| c.broker = Some(BrokerUrls::from("http://x:1"))).unwrap_err();
         assert_eq!(e.key, "broker");
-        let e = check(&|c| c.broker = Some("mqtt://:1883".into())).unwrap_err();
+        let e = check(&|c| c.broker = Some(BrokerUrls::from("mqtt://:1883"))).unwrap_err();
         assert_eq!(e.key, "broker");
-        let e = check(&|c| c.broker = Some("mqtts://b:8883".into())).unwrap_err();
+        let e = check(&|c| c.broker = Some(BrokerUrls::from("mqtts://b:8883"))).unwrap_err();
         assert_eq!(e.key, "broker_ca");
         assert!(e.problem.contains("required"), "{e}");
         let e = check(&|c| {
-            c.broker = Some("mqtt://b:1883".into());
+            c.broker = Some(BrokerUrls::from("mqtt://b:1883"));
             c.broker_ca = f("bca");
         })
         .unwrap_err();
@@ -533,20 +563,20 @@ mod tests {
         let e = check(&|c| c.broker_protocol = Some("3.1.1".into())).unwrap_err();
         assert_eq!(e.key, "broker_protocol");
         let e = check(&|c| {
-            c.broker = Some("mqtt://b:1883".into());
+            c.broker = Some(BrokerUrls::from("mqtt://b:1883"));
             c.broker_protocol = Some("3".into());
         })
         .unwrap_err();
         assert_eq!(e.key, "broker_protocol");
         assert!(e.problem.contains("neither \"5\" nor \"3.1.1\""), "{e}");
         let e = check(&|c| {
-            c.broker = Some("mqtt://b:1883".into());
+            c.broker = Some(BrokerUrls::from("mqtt://b:1883"));
             c.broker_max_qos = Some(3);
         })
         .unwrap_err();
         assert_eq!(e.key, "broker_max_qos");
         let ok = check(&|c| {
-            c.broker = Some("mqtt://b:1883".into());
+            c.broker = Some(BrokerUrls::from("mqtt://b:1883"));
             c.broker_protocol = Some("3.1.1".into());
             c.broker_max_qos = Some(1);
         })
@@ -560,7 +590,7 @@ mod tests {
             }
         ));
         let e = check(&|c| {
-            c.broker = Some("mqtts://b:8883".into());
+            c.broker = Some(BrokerUrls::from("mqtts://b:8883"));
             c.broker_ca = f("bca");
             c.broker_cert = f("bcert");
         })
@@ -568,20 +598,40 @@ mod tests {
         assert_eq!(e.key, "broker_key");
 
         let ok = check(&|c| {
-            c.broker = Some("mqtts://broker.internal:8883".into());
+            c.broker = Some(BrokerUrls::from("mqtts://broker.internal:8883"));
             c.broker_ca = f("bca");
             c.broker_cert = f("bcert");
             c.broker_key = f("bkey");
         })
         .unwrap();
-        let BrokerChoice::External { addr, tls, .. } = ok.broker else {
+        let BrokerChoice::External { nodes, tls, .. } = ok.broker else {
             panic!("external expected");
         };
-        assert_eq!(addr, "broker.internal:8883");
-        let tls = tls.unwrap();
-        assert_eq!(tls.server_name, "broker.internal");
-        assert!(tls.identity.is_some());
-        let ok = check(&|c| c.broker = Some("mqtt://127.0.0.1:1883".into())).unwrap();
+        assert_eq!(nodes, ["broker.internal:8883"]);
+        assert!(tls.unwrap().identity.is_some());
+        // The nodes of a cluster, in order; one scheme for all.
+        let ok = check(&|c| {
+            c.broker = Some(BrokerUrls::Nodes(vec![
+                "mqtt://127.0.0.1:1883".into(),
+                "mqtt://127.0.0.1:1884".into(),
+            ]))
+        })
+        .unwrap();
+        let BrokerChoice::External { nodes, .. } = ok.broker else {
+            panic!("external expected");
+        };
+        assert_eq!(nodes, ["127.0.0.1:1883", "127.0.0.1:1884"]);
+        let e = check(&|c| {
+            c.broker = Some(BrokerUrls::Nodes(vec![
+                "mqtt://127.0.0.1:1883".into(),
+                "mqtts://127.0.0.1:1884".into(),
+            ]))
+        })
+        .unwrap_err();
+        assert!(e.problem.contains("mixes"), "{e}");
+        let e = check(&|c| c.broker = Some(BrokerUrls::Nodes(Vec::new()))).unwrap_err();
+        assert!(e.problem.contains("empty"), "{e}");
+        let ok = check(&|c| c.broker = Some(BrokerUrls::from("mqtt://127.0.0.1:1883"))).unwrap();
         assert!(matches!(
             ok.broker,
             BrokerChoice::External { tls: None, .. }

@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio::sync::watch;
 use twofold_gateway::audit::Audit;
 use twofold_gateway::broker::{self, BrokerTarget, Credential, EmbeddedLimits};
-use twofold_gateway::config::{BrokerChoice, File};
+use twofold_gateway::config::{BrokerChoice, BrokerUrls, File};
 use twofold_gateway::server::Gateway;
 use twofold_gateway::session::Limits;
 use twofold_gateway::tls::TlsFiles;
@@ -120,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     file.client_ca = cli.client_ca.or(file.client_ca);
     file.crl = cli.crl.or(file.crl);
     file.trust_domain = cli.trust_domain.or(file.trust_domain);
-    file.broker = cli.broker.or(file.broker);
+    file.broker = cli.broker.map(BrokerUrls::One).or(file.broker);
     file.audit_log = cli.audit_log.or(file.audit_log);
     file.metrics = cli.metrics.or(file.metrics);
     let config = file.check()?;
@@ -147,18 +147,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             BrokerTarget::Embedded(broker::Embedded::start(&limits)?)
         }
         BrokerChoice::External {
-            addr,
+            nodes,
             username,
             password,
             tls,
             v311_only,
             max_qos,
         } => {
-            let resolved = tokio::net::lookup_host(addr.as_str())
-                .await
-                .with_context(|| format!("broker: cannot resolve {addr}"))?
-                .next()
-                .with_context(|| format!("broker: {addr} has no address"))?;
+            let mut resolved = Vec::new();
+            for node in nodes {
+                let addr = tokio::net::lookup_host(node.as_str())
+                    .await
+                    .with_context(|| format!("broker: cannot resolve {node}"))?
+                    .next()
+                    .with_context(|| format!("broker: {node} has no address"))?;
+                let host = node
+                    .rsplit_once(':')
+                    .map_or(node.as_str(), |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let server_name = rustls_pki_types::ServerName::try_from(host.to_owned())
+                    .with_context(|| format!("broker: {host:?} is not a valid server name"))?;
+                resolved.push(broker::Node { addr, server_name });
+            }
             let credential = match (username, password) {
                 (Some(u), p) => Some(Credential {
                     username: u.clone(),
@@ -172,7 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .transpose()
                 .context("broker TLS")?;
             BrokerTarget::External(broker::External {
-                addr: resolved,
+                nodes: resolved,
                 credential,
                 tls,
                 v311_only: *v311_only,

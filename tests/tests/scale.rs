@@ -188,3 +188,58 @@ fn mqtt5_devices_work_through_a_3_1_1_broker() {
         gw.log()
     );
 }
+
+/// A gateway names every node of the cluster: a session opens at the
+/// first that answers, so a node that is down costs a failed connect,
+/// not the session.
+#[test]
+fn a_session_opens_at_the_next_node_when_one_is_down() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let nats = Nats::single(&fleet);
+    let down = free_port();
+    let config = format!(
+        "broker = [\"mqtt://127.0.0.1:{down}\", \"mqtt://127.0.0.1:{}\"]\n\
+         broker_username = \"{NATS_USER}\"\nbroker_password = \"{NATS_PASSWORD}\"",
+        nats.nodes[0].mqtt_port
+    );
+    let gw = Gateway::start(&fleet, &config);
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &[
+            "-i",
+            "sensor-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/sensor-1/telemetry",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), gw.log());
+    // With no node up, the device hears "server unavailable" and the log
+    // names each node and why.
+    drop(nats);
+    let out = mosquitto_pub(
+        &fleet,
+        &gw,
+        Some(&dev),
+        &[
+            "-i",
+            "sensor-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/sensor-1/telemetry",
+            "-m",
+            "x",
+        ],
+    );
+    assert!(!out.status.success());
+    let e = gw.refusal("broker_unavailable");
+    let detail = e["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("127.0.0.1:{down}")), "{detail}");
+}

@@ -35,7 +35,7 @@ use twofold_protocol::message::{self, CertAnswer, CertStatus, RenewRefusal, Rene
 use twofold_protocol::topic::{CERT_ANSWER, CERT_COMMIT, CERT_PREFIX, CERT_RENEW, CERT_STATUS};
 
 use crate::audit::{Audit, Event, EventKind, Presence};
-use crate::broker::{BrokerTarget, Credential, UpstreamTls};
+use crate::broker::{BrokerTarget, Credential, External};
 use crate::embedded::{Embedded, LocalLink, Will};
 use crate::identity::{self, CertInfo};
 use crate::metrics::Direction;

@@ -36,10 +36,7 @@ impl Upstream {
                 ))
             }
             BrokerTarget::External(external) => {
-                let addr = external.addr;
-                let (rd, mut wr) = connect_upstream(addr, external.tls.as_ref())
-                    .await
-                    .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
+                let (addr, rd, mut wr) = connect_upstream(external).await?;
                 let mut rd: Box<dyn AsyncRead + Send + Unpin> = rd;
                 wr.write_all(connect)
                     .await
@@ -93,30 +90,53 @@ impl Upstream {
     }
 }
 
+/// Opens the connection to an external broker, over TLS for `mqtts://`:
+/// at the first of its nodes that answers within a second.
+async fn connect_upstream(external: &External) -> Result<UpstreamHalves, String> {
+    let mut failed = Vec::new();
+    for node in &external.nodes {
+        let addr = node.addr;
+        let tcp = match tokio::time::timeout(NODE_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                failed.push(format!("{addr}: {e}"));
+                continue;
+            }
+            Err(_) => {
+                failed.push(format!("{addr}: no answer within 1 s"));
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        return match &external.tls {
+            None => {
+                let (rd, wr) = tcp.into_split();
+                Ok((addr, Box::new(rd), Box::new(wr)))
+            }
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(node.server_name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
+                let (rd, wr) = tokio::io::split(stream);
+                Ok((addr, Box::new(rd), Box::new(wr)))
+            }
+        };
+    }
+    Err(format!("cannot reach the broker: {}", failed.join("; ")))
+}
+
+/// A connection to a broker's node: its address and both halves.
 type UpstreamHalves = (
+    SocketAddr,
     Box<dyn AsyncRead + Send + Unpin>,
     Box<dyn AsyncWrite + Send + Unpin>,
 );
 
-/// Opens the connection to an external broker, over TLS for `mqtts://`.
-async fn connect_upstream(
-    addr: SocketAddr,
-    tls: Option<&UpstreamTls>,
-) -> std::io::Result<UpstreamHalves> {
-    let tcp = TcpStream::connect(addr).await?;
-    let _ = tcp.set_nodelay(true);
-    Ok(match tls {
-        None => {
-            let (rd, wr) = tcp.into_split();
-            (Box::new(rd), Box::new(wr))
-        }
-        Some(tls) => {
-            let stream = tls.connector.connect(tls.server_name.clone(), tcp).await?;
-            let (rd, wr) = tokio::io::split(stream);
-            (Box::new(rd), Box::new(wr))
-        }
-    })
-}
+/// How long a node of an external broker has to accept the connection
+/// before the next is tried.
+const NODE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a session talks to besides its device.
 pub struct Backends {
