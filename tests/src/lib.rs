@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod ca_service;
+pub mod cluster;
 pub mod fleet;
 pub mod gateway;
 pub mod mqtt;
@@ -18,6 +19,7 @@ pub use agent::{
     assert_doctor_line, run_agent,
 };
 pub use ca_service::{CaService, RenewingMcu};
+pub use cluster::{Cluster, Devices};
 pub use fleet::{
     Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
     enroll_nostd_with, mint_with,

@@ -196,6 +196,25 @@ impl Sub {
         read_hex_lines(&self.out)
     }
 
+    /// The highest telemetry sequence number received from each device.
+    pub fn latest_telemetry(&self) -> BTreeMap<String, u64> {
+        let mut latest = BTreeMap::new();
+        for (topic, payload) in self.messages() {
+            let Some(device) = topic
+                .strip_prefix("devices/")
+                .and_then(|t| t.strip_suffix("/telemetry"))
+            else {
+                continue;
+            };
+            let seq = message::decode::<twofold_protocol::message::Telemetry>(&payload)
+                .expect("telemetry decodes")
+                .seq;
+            let e = latest.entry(device.to_owned()).or_insert(seq);
+            *e = (*e).max(seq);
+        }
+        latest
+    }
+
     /// Waits (at most `secs`) until nothing has arrived for a second, so
     /// that what the broker acknowledged to publishers has also reached
     /// this subscriber's output.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::fleet::Fleet;
-use crate::process::{Proc, free_port, spawn, wait_port};
+use crate::process::{Proc, free_port, run_bounded, spawn, text, wait_port, wait_until};
 
 /// The user the gateways (and the tests' backend subscribers) log in as.
 pub const NATS_USER: &str = "gw";
@@ -47,8 +47,13 @@ impl Nats {
                 "server_name: {name}\nlisten: 127.0.0.1:{}\n\
                  jetstream {{ store_dir: {store:?} }}\n\
                  authorization {{ users = [ {{user: {NATS_USER}, password: {NATS_PASSWORD}}} ] }}\n\
-                 mqtt {{ listen: 127.0.0.1:{mqtt_port} }}\n",
-                free_port()
+                 mqtt {{ listen: 127.0.0.1:{mqtt_port}, stream_replicas: {replicas} }}\n",
+                free_port(),
+                // Explicit: NATS otherwise sizes the MQTT streams by the
+                // nodes it knows when the first client comes, which may be
+                // fewer while the cluster forms (R2 of 3 loses quorum with
+                // one node).
+                replicas = n.min(3)
             );
             if n > 1 {
                 let others: Vec<String> = routes
@@ -78,7 +83,39 @@ impl Nats {
         for node in &nats.nodes {
             wait_port(node.mqtt_port, &node.name);
         }
+        nats.wait_ready();
         nats
+    }
+
+    /// Waits (at most 60 s) until every node stores a QoS 1 message: the
+    /// MQTT listener is up before JetStream's cluster has its leaders.
+    pub fn wait_ready(&self) {
+        for i in 0..self.nodes.len() {
+            let mut last = String::new();
+            let ready = wait_until(60, || {
+                let mut cmd = Command::new("mosquitto_pub");
+                cmd.args(self.client_args(i)).args([
+                    "-i",
+                    "twofold-ready",
+                    "-q",
+                    "1",
+                    "-t",
+                    "twofold/ready",
+                    "-m",
+                    "",
+                ]);
+                let out = run_bounded(cmd, 10);
+                last = text(&out);
+                out.status.success()
+            });
+            assert!(
+                ready,
+                "{} is not ready: {last}
+{}",
+                self.nodes[i].name,
+                self.logs()
+            );
+        }
     }
 
     fn spawn(&mut self, fleet: &Fleet, i: usize) {

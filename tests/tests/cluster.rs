@@ -1,0 +1,150 @@
+//! Three gateways behind haproxy over a three-node NATS cluster with
+//! JetStream, under QoS 1 telemetry from 200 simulated devices (the Linux
+//! agent's own link and disk queue, in this process). One cluster serves
+//! every fault in turn: a gateway killed (-9), then a NATS node killed
+//! (-9). Every sample any device generated must have reached the
+//! backend's subscriber or still be in that device's queue.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use twofold_tests::*;
+
+const DEVICES: usize = 200;
+
+/// Waits (at most `secs`) until every device has delivered a sample at
+/// least 3 past what it had delivered at `before`; returns the seconds
+/// that took, or `None`.
+fn back_after(sub: &Sub, before: &BTreeMap<String, u64>, since: Instant, secs: u64) -> Option<f64> {
+    wait_until(secs, || {
+        let now = sub.latest_telemetry();
+        before
+            .iter()
+            .all(|(d, seq)| now.get(d).is_some_and(|n| *n >= seq + 3))
+    })
+    .then(|| since.elapsed().as_secs_f64())
+}
+
+/// Sessions bound by the running gateways since audit line `skip` of each.
+fn rebound(cluster: &Cluster, skip: &[usize]) -> usize {
+    cluster
+        .running()
+        .zip(skip)
+        .map(|(gw, skip)| {
+            gw.events()
+                .iter()
+                .skip(*skip)
+                .filter(|e| e["event"] == "connected")
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
+    let fleet = Fleet::new();
+    let mut cluster = Cluster::start(&fleet, 3, 3, "");
+    // The backend's subscriber: a persistent QoS 1 session on the third
+    // node, which stays up.
+    let mut args = cluster.nats.client_args(2);
+    args.extend(
+        [
+            "-i",
+            "counter",
+            "-c",
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+        ]
+        .map(str::to_owned),
+    );
+    let sub = Sub::start(
+        &fleet,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "counter",
+    );
+    let devices = Devices::start(
+        &fleet,
+        "unit",
+        DEVICES,
+        cluster.port,
+        Some(Duration::from_secs(1)),
+    );
+    let all_publishing = wait_until(180, || sub.latest_telemetry().len() == DEVICES);
+    assert!(
+        all_publishing,
+        "only {} of {DEVICES} devices delivered telemetry\n{}",
+        sub.latest_telemetry().len(),
+        cluster.nats.logs()
+    );
+    let per_gateway: Vec<usize> = cluster
+        .running()
+        .map(|gw| {
+            gw.events()
+                .iter()
+                .filter(|e| e["event"] == "connected")
+                .count()
+        })
+        .collect();
+
+    // A gateway killed: its devices come back through haproxy to the others.
+    let skip: Vec<usize> = cluster.running().map(|gw| gw.events().len()).collect();
+    let before = sub.latest_telemetry();
+    let killed = Instant::now();
+    cluster.kill_gateway(0);
+    let gateway_back = back_after(&sub, &before, killed, 120);
+    let skip_after: Vec<usize> = skip[1..].to_vec();
+    let moved = rebound(&cluster, &skip_after);
+    cluster.restart_gateway(&fleet, 0);
+
+    // A NATS node killed, the second: the first node of the second
+    // gateway, which holds sessions now (the restarted first gateway has
+    // none yet). Its gateway closes them; the devices come back over the
+    // other two nodes.
+    let skip: Vec<usize> = cluster.running().map(|gw| gw.events().len()).collect();
+    let before = sub.latest_telemetry();
+    let killed = Instant::now();
+    cluster.nats.kill(1);
+    let node_back = back_after(&sub, &before, killed, 120);
+    let reconnected = rebound(&cluster, &skip);
+
+    let names = devices.names.clone();
+    devices.stop();
+    sub.settle(30);
+    let messages = sub.messages();
+    let (mut generated, mut arrived, mut queued, mut duplicates) = (0, 0, 0, 0);
+    let mut lost = Vec::new();
+    for name in &names {
+        let t = account_telemetry(&fleet, name, name, &messages);
+        generated += t.generated;
+        arrived += t.arrived;
+        queued += t.queued;
+        duplicates += t.duplicates;
+        lost.extend(t.lost.iter().map(|s| format!("{name}#{s}")));
+    }
+    println!(
+        "cluster of 3 gateways, 3 NATS nodes, {DEVICES} devices (sessions per gateway at \
+         first: {per_gateway:?}): gateway kill -9: {moved} sessions re-bound, every device \
+         back in {}; NATS node kill -9: {reconnected} sessions re-bound, every device back in \
+         {}; {generated} samples generated, {arrived} arrived, {queued} still queued, \
+         {duplicates} duplicates, {} lost",
+        shown(gateway_back),
+        shown(node_back),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(
+        gateway_back.is_some(),
+        "not every device came back after the gateway kill"
+    );
+    assert!(
+        node_back.is_some(),
+        "not every device came back after the node kill\n{}",
+        cluster.nats.logs()
+    );
+}
+
+fn shown(secs: Option<f64>) -> String {
+    secs.map_or("(never)".into(), |s| format!("{s:.1} s"))
+}
