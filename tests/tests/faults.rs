@@ -5,32 +5,11 @@
 //! (With the embedded broker, a kill -9 takes the broker's in-memory
 //! messages with it; the README says so.)
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use twofold_protocol::message::{self, Telemetry};
 use twofold_tests::*;
 
 const AGENTS: usize = 100;
-
-/// The highest telemetry sequence number received from each device.
-fn latest(sub: &Sub) -> BTreeMap<String, u64> {
-    let mut latest = BTreeMap::new();
-    for (topic, payload) in sub.messages() {
-        let Some(device) = topic
-            .strip_prefix("devices/")
-            .and_then(|t| t.strip_suffix("/telemetry"))
-        else {
-            continue;
-        };
-        let seq = message::decode::<Telemetry>(&payload)
-            .expect("telemetry decodes")
-            .seq;
-        let e = latest.entry(device.to_owned()).or_insert(seq);
-        *e = (*e).max(seq);
-    }
-    latest
-}
 
 #[test]
 fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
@@ -47,22 +26,22 @@ fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
             agent(&fleet, name, &id, port, "[telemetry]\ninterval_secs = 1\n")
         })
         .collect();
-    let all_publishing = wait_until(120, || latest(sub).len() == AGENTS);
+    let all_publishing = wait_until(120, || sub.latest_telemetry().len() == AGENTS);
     assert!(
         all_publishing,
         "only {} of {AGENTS} agents delivered telemetry",
-        latest(sub).len()
+        sub.latest_telemetry().len()
     );
 
     // kill -9 with QoS 1 messages in flight; the agents queue on disk
     // while it is down.
     gw.kill();
     std::thread::sleep(Duration::from_secs(3));
-    let at_restart = latest(sub);
+    let at_restart = sub.latest_telemetry();
     let _gw = Gateway::start_on(&fleet, port, &relay.config);
     // Every agent delivers samples taken after the restart.
     let caught_up = wait_until(120, || {
-        let now = latest(sub);
+        let now = sub.latest_telemetry();
         at_restart
             .iter()
             .all(|(d, seq)| now.get(d).is_some_and(|n| *n >= seq + 5))
