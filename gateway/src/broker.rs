@@ -96,6 +96,8 @@ impl BrokerTarget {
 #[derive(Clone)]
 pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
+    /// The same, for the CRL feed's client.
+    pub config: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -129,8 +131,10 @@ pub fn upstream_tls(tls: &ExternalTls) -> Result<UpstreamTls, TlsSetupError> {
                 detail: format!("does not match {}: {e}", cert.display()),
             })?,
     };
+    let config = Arc::new(config);
     Ok(UpstreamTls {
-        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        connector: tokio_rustls::TlsConnector::from(config.clone()),
+        config,
     })
 }
 

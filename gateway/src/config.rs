@@ -81,6 +81,9 @@ pub struct CaServiceFile {
     /// Renew the gateway's own server certificate there, at two thirds of
     /// its life (default true).
     pub renew_server_cert: Option<bool>,
+    /// Pull the device CA's CRL from there this often (default 60 s; 0:
+    /// never), the safety net for a CRL push that did not arrive.
+    pub crl_poll_secs: Option<u64>,
 }
 
 /// The CA service, checked.
@@ -91,6 +94,7 @@ pub struct CaService {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub renew_server_cert: bool,
+    pub crl_poll: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -386,6 +390,17 @@ impl File {
                     cert: file("ca_service.cert", c.cert)?,
                     key: file("ca_service.key", c.key)?,
                     renew_server_cert: c.renew_server_cert.unwrap_or(true),
+                    crl_poll: match c.crl_poll_secs {
+                        None => Some(Duration::from_secs(60)),
+                        Some(0) => None,
+                        Some(s) if s <= 86_400 => Some(Duration::from_secs(s)),
+                        Some(s) => {
+                            return Err(err(
+                                "ca_service.crl_poll_secs",
+                                format!("{s} is more than a day; 0 turns the pull off"),
+                            ));
+                        }
+                    },
                 })
             }
         };

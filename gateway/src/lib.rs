@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod crl_feed;
 pub mod embedded;
 pub mod identity;
 pub mod logging;

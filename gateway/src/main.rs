@@ -247,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         metrics: config.metrics,
         ca,
+        crl_poll: config.ca_service.as_ref().and_then(|c| c.crl_poll),
     };
     if let (Some(ca), Some(c)) = (&gateway.ca, &config_ca_service)
         && c.renew_server_cert

@@ -127,6 +127,55 @@ impl CaClient {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
+        let request = http::Request::post(path)
+            .header(http::header::HOST, self.addr.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let (_, _, bytes) = self.exchange(request, MAX_ANSWER).await?;
+        serde_json::from_slice(&bytes).map_err(|e| format!("the answer is not JSON: {e}"))
+    }
+
+    /// The device CA's CRL (`GET /v1/crl`): `None` while it still has
+    /// `etag`, else the new ETag and the PEM.
+    pub async fn crl(
+        &self,
+        etag: Option<&str>,
+    ) -> Result<Option<(Option<String>, Vec<u8>)>, String> {
+        let mut request =
+            http::Request::get("/v1/crl").header(http::header::HOST, self.addr.clone());
+        if let Some(tag) = etag {
+            request = request.header(http::header::IF_NONE_MATCH, tag);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let call = self.exchange(request, crate::crl_feed::MAX_CRL);
+        let (status, headers, body) = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| "no answer in time".to_owned())??;
+        match status {
+            http::StatusCode::NOT_MODIFIED => Ok(None),
+            http::StatusCode::OK => {
+                let tag = headers
+                    .get(http::header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                Ok(Some((tag, body.to_vec())))
+            }
+            other => Err(format!(
+                "GET /v1/crl: {other}: {}",
+                String::from_utf8_lossy(&body)
+            )),
+        }
+    }
+
+    /// One request on a fresh connection; the answer's body up to `max`.
+    async fn exchange(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        max: usize,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
         let tcp = TcpStream::connect(&self.addr)
             .await
             .map_err(|e| format!("{}: {e}", self.addr))?;
@@ -140,22 +189,17 @@ impl CaClient {
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let host = self.addr.clone();
-        let request = http::Request::post(path)
-            .header(http::header::HOST, host)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
         let response = sender
             .send_request(request)
             .await
             .map_err(|e| e.to_string())?;
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER)
+        let (parts, body) = response.into_parts();
+        let bytes = Limited::new(body, max)
             .collect()
             .await
             .map_err(|e| format!("the answer: {e}"))?
             .to_bytes();
-        serde_json::from_slice(&bytes).map_err(|e| format!("the answer is not JSON: {e}"))
+        Ok((parts.status, parts.headers, bytes))
     }
 }
 

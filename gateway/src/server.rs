@@ -41,6 +41,8 @@ pub struct Gateway {
     pub metrics: Option<SocketAddr>,
     /// The CA service devices renew through, if one is configured.
     pub ca: Option<Arc<crate::renewal::CaClient>>,
+    /// How often the CRL is pulled from the CA service, if at all.
+    pub crl_poll: Option<Duration>,
 }
 
 /// The TLS files in force (certificate, key, client CAs and CRLs), which
@@ -60,7 +62,19 @@ impl Gateway {
         let tls = TlsContext::load(&self.files, self.max_fragment_size, None)?;
         let live: Arc<Live> = Arc::new(watch::Sender::new(Arc::new(tls)));
         let gateway = Arc::new(self);
-        tokio::spawn(watch_files(gateway.clone(), live.clone()));
+        let reload = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(watch_files(gateway.clone(), live.clone(), reload.clone()));
+        let feed = crate::crl_feed::Feed {
+            crl: gateway.files.crl.clone(),
+            live: live.subscribe(),
+            reload,
+        };
+        if let BrokerTarget::External(external) = &gateway.broker {
+            tokio::spawn(crate::crl_feed::listen(feed.clone(), external.clone()));
+        }
+        if let (Some(ca), Some(every)) = (&gateway.ca, gateway.crl_poll) {
+            tokio::spawn(crate::crl_feed::poll(feed, ca.clone(), every));
+        }
         if let Some(addr) = gateway.metrics {
             let metrics = gateway.audit.metrics().clone();
             let crl = live.subscribe();
@@ -110,8 +124,9 @@ impl Gateway {
 }
 
 /// Reloads the TLS files when they change (polled every second, and at
-/// once on SIGHUP). A broken new file is refused and the old one stays.
-async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
+/// once on SIGHUP or when the CRL feed wrote a new CRL). A broken new
+/// file is refused and the old one stays.
+async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>, reload: Arc<tokio::sync::Notify>) {
     // Length and modification time alone miss a same-length file put in
     // place with its old time; the stamp also compares inode, ctime and
     // contents (one rule, shared with the agent's CRL watcher).
@@ -127,6 +142,7 @@ async fn watch_files(gateway: Arc<Gateway>, live: Arc<Live>) {
     loop {
         let forced = tokio::select! {
             _ = tick.tick() => false,
+            _ = reload.notified() => true,
             Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
         };
         let now = stamp(&gateway.files);

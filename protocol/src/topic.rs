@@ -32,6 +32,11 @@ pub const CERT_COMMIT: &str = "$twofold/v1/cert/commit";
 /// commit, sent whether or not the device subscribed to it.
 pub const CERT_ANSWER: &str = "$twofold/v1/cert/answer";
 
+/// Operator → every gateway, retained: the device CA's CRL as PEM, pushed
+/// on the broker by `provisioning revoke --push`. Gateways take it only if
+/// a client CA signed it and it is newer than theirs.
+pub const CRL: &str = "twofold/v1/crl";
+
 /// What a device topic carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Channel {
