@@ -24,6 +24,7 @@ pub mod keys;
 pub mod output;
 pub mod pki;
 pub mod profile;
+pub mod push;
 pub mod registry;
 pub mod renewal;
 pub mod serial;

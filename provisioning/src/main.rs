@@ -157,6 +157,16 @@ enum Command {
         /// Why.
         #[arg(long, value_enum, default_value_t = RevocationReason::Unspecified)]
         reason: RevocationReason,
+        #[command(flatten)]
+        push: PushArgs,
+    },
+
+    /// Push the device CA's current CRL to every gateway, through the
+    /// broker they relay to (as `revoke --push` does): e.g. again after a
+    /// broker was rebuilt, or from cron before the CRL's next update.
+    PushCrl {
+        #[command(flatten)]
+        push: PushArgs,
     },
 
     /// List issued certificates.
@@ -307,6 +317,57 @@ struct Target {
     /// A certificate serial (hex, as `list` or `openssl x509 -serial` show it).
     #[arg(long, value_name = "SERIAL")]
     serial: Option<String>,
+}
+
+/// Where a new device CRL is pushed: the broker the gateways relay to.
+#[derive(Args)]
+struct PushArgs {
+    /// mqtt://HOST:PORT of the broker the gateways relay to (repeat for
+    /// the nodes of a cluster: tried in order). The CRL is published
+    /// retained on `twofold/v1/crl`; every gateway takes it within a
+    /// second and closes the revoked sessions.
+    #[arg(long = "push", value_name = "URL")]
+    urls: Vec<String>,
+    /// The broker user to push as.
+    #[arg(long = "push-username", value_name = "USER", requires = "urls")]
+    username: Option<String>,
+    /// A file holding that user's password (never on the command line).
+    #[arg(long = "push-password-file", value_name = "FILE", requires = "urls")]
+    password_file: Option<PathBuf>,
+}
+
+impl PushArgs {
+    fn target(&self) -> anyhow::Result<Option<twofold_provisioning::push::Target>> {
+        if self.urls.is_empty() {
+            return Ok(None);
+        }
+        let password = match &self.password_file {
+            None => None,
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .with_context(|| format!("--push-password-file {}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+        };
+        Ok(Some(twofold_provisioning::push::Target {
+            urls: self.urls.clone(),
+            username: self.username.clone(),
+            password,
+        }))
+    }
+}
+
+/// Pushes the PKI's device CRL to `target`.
+fn push_crl(pki: &Pki, target: &twofold_provisioning::push::Target) -> anyhow::Result<()> {
+    let pem = pki.crl_pem()?;
+    let at = twofold_provisioning::push::crl(target, pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the CRL was not pushed: {e}"))?;
+    println!(
+        "  pushed       to {at} (retained on {}); every gateway listening takes it",
+        twofold_provisioning::push::TOPIC
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -654,8 +715,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         } => {
             bulk_enroll(cli, *count, prefix, *start, out, issue.options())?;
         }
-        Command::Revoke { target, reason } => {
+        Command::Revoke {
+            target,
+            reason,
+            push,
+        } => {
             let target = revoke_target(target)?;
+            let push = push.target()?;
             let mut pki = open(cli)?;
             let record = pki.revoke(target, *reason)?;
             println!(
@@ -671,11 +737,28 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                      gateway certificates' CRL URL and give it to devices as server-crl.pem",
                     pki.dir().join(Scope::Server.file()).display()
                 ),
-                _ => println!(
-                    "  CRL          {} regenerated; give it to the gateway",
-                    pki.dir().join(Scope::Device.file()).display()
-                ),
+                _ => {
+                    println!(
+                        "  CRL          {} regenerated; give it to the gateway{}",
+                        pki.dir().join(Scope::Device.file()).display(),
+                        if push.is_some() {
+                            ""
+                        } else {
+                            " (or --push it)"
+                        }
+                    );
+                    if let Some(target) = &push {
+                        push_crl(&pki, target)?;
+                    }
+                }
             }
+        }
+        Command::PushCrl { push } => {
+            let Some(target) = push.target()? else {
+                bail!("name the broker with --push mqtt://HOST:PORT");
+            };
+            let pki = open(cli)?;
+            push_crl(&pki, &target)?;
         }
         Command::List {
             json,

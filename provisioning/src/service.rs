@@ -395,21 +395,7 @@ async fn handle(
         (&Method::POST, "/v1/renew") => renew(state, caller, &body).await,
         (&Method::POST, "/v1/commit") => commit(state, caller, &body).await,
         (&Method::POST, "/v1/server-cert") => server_cert(state, caller, &body).await,
-        (&Method::GET, "/v1/crl") => match state.pki.lock().map(|p| p.crl_pem()) {
-            Ok(Ok(pem)) => {
-                let mut r = Response::new(Full::new(Bytes::from(pem)));
-                r.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    http::HeaderValue::from_static("application/x-pem-file"),
-                );
-                r
-            }
-            _ => refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "failed",
-                "cannot read the CRL",
-            ),
-        },
+        (&Method::GET, "/v1/crl") => crl(&state, &parts.headers),
         (_, "/v1/renew" | "/v1/commit" | "/v1/crl" | "/v1/server-cert") => refused(
             StatusCode::METHOD_NOT_ALLOWED,
             "bad-request",
@@ -421,6 +407,45 @@ async fn handle(
             format!("no such endpoint {path:?}"),
         ),
     }
+}
+
+/// The device CA's CRL as gateways pull it: with an ETag (of its bytes),
+/// and 304 Not Modified for a caller that has it already.
+fn crl(state: &State, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
+    let pem = match state.pki.lock().map(|p| p.crl_pem()) {
+        Ok(Ok(pem)) => pem,
+        _ => {
+            return refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failed",
+                "cannot read the CRL",
+            );
+        }
+    };
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(pem.as_bytes());
+    let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+    let has_it = headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| tag.trim() == etag);
+    let mut r = if has_it {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let mut r = Response::new(Full::new(Bytes::from(pem)));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-pem-file"),
+        );
+        r
+    };
+    if let Ok(value) = http::HeaderValue::from_str(&etag) {
+        r.headers_mut().insert(http::header::ETAG, value);
+    }
+    r
 }
 
 /// Whose certificate a request is about: the caller's own, or, for a

@@ -110,6 +110,34 @@ impl Ca {
         (code.parse().unwrap(), json)
     }
 
+    /// curl GET as the holder of `who/` with extra request headers;
+    /// returns the status and the response headers and body as text.
+    fn get(&self, who: &str, path: &str, headers: &[String]) -> (u16, String) {
+        let (chain, key) = self.credentials(who);
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--show-error", "--max-time", "20", "--include"])
+            .arg("--cacert")
+            .arg(self.path(&format!("{who}/server-ca.pem")))
+            .arg("--cert")
+            .arg(chain)
+            .arg("--key")
+            .arg(key);
+        for h in headers {
+            cmd.arg("-H").arg(h);
+        }
+        cmd.args(["--write-out", "\n%{http_code}"])
+            .arg(format!("https://localhost:{}{path}", self.port));
+        let out = run_bounded(cmd, 30);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (answer, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), answer.to_owned())
+    }
+
     fn credentials(&self, who: &str) -> (PathBuf, PathBuf) {
         let dir = self.path(who);
         for base in ["device", "service"] {
@@ -980,4 +1008,33 @@ fn a_gateway_renews_its_own_server_certificate_and_swaps_it_in() {
         &["-i", "pump-1", "-t", "devices/pump-1/telemetry", "-m", "x"],
     );
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Gateways pull the CRL with the ETag of the last answer: unchanged, a
+/// 304 and no body; after a revocation, the new CRL and a new ETag.
+#[test]
+fn the_crl_is_pulled_with_an_etag() {
+    let ca = Ca::start(&[]);
+    let etag_of = |answer: &str| {
+        answer
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("etag: ")
+                    .or_else(|| l.strip_prefix("ETag: "))
+            })
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_else(|| panic!("no ETag in {answer}"))
+    };
+    let (status, answer) = ca.get("gw", "/v1/crl", &[]);
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("-----BEGIN X509 CRL-----"), "{answer}");
+    let etag = etag_of(&answer);
+    let (status, answer) = ca.get("gw", "/v1/crl", &[format!("If-None-Match: {etag}")]);
+    assert_eq!(status, 304, "{answer}");
+    assert!(!answer.contains("BEGIN X509 CRL"), "{answer}");
+
+    provisioning(ca.dir.path(), &["revoke", "pump-3"]);
+    let (status, answer) = ca.get("gw", "/v1/crl", &[format!("If-None-Match: {etag}")]);
+    assert_eq!(status, 200, "{answer}");
+    assert_ne!(etag_of(&answer), etag);
 }

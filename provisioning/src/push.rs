@@ -1,0 +1,92 @@
+//! Pushing the device CA's CRL to every gateway at once: a retained QoS 1
+//! PUBLISH on the broker the gateways relay to ([`TOPIC`]). Each gateway
+//! listens there, checks the CRL (signed by its client CA, newer than its
+//! own) and closes the revoked sessions; the broker keeps the message, so
+//! a gateway that starts later gets it too (NATS: in a JetStream stream).
+
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS};
+
+pub use twofold_protocol::topic::CRL as TOPIC;
+
+/// How long one broker node has to take the CRL.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and as whom to push.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `mqtt://host:port`, the nodes of one broker: tried in order until
+    /// one acknowledges.
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Publishes `pem` retained on [`TOPIC`]; returns the node that
+/// acknowledged it, or why none did.
+pub fn crl(target: &Target, pem: &[u8]) -> Result<String, String> {
+    let mut failed = Vec::new();
+    for url in &target.urls {
+        match push_to(url, target, pem) {
+            Ok(()) => return Ok(url.clone()),
+            Err(e) => failed.push(format!("{url}: {e}")),
+        }
+    }
+    Err(failed.join("; "))
+}
+
+fn push_to(url: &str, target: &Target, pem: &[u8]) -> Result<(), String> {
+    let rest = match url.split_once("://") {
+        Some(("mqtt", rest)) => rest,
+        Some(("mqtts", _)) => {
+            return Err(
+                "mqtts:// is not supported for the push yet; push to a node \
+                        on a trusted network, or let gateways pull from the CA service"
+                    .into(),
+            );
+        }
+        _ => return Err("not an mqtt://HOST:PORT URL".into()),
+    };
+    let (host, port) = rest
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .ok_or("not an mqtt://HOST:PORT URL")?;
+    let id = format!("twofold-provisioning-{}", std::process::id());
+    let mut options = MqttOptions::new(id, host.trim_matches(['[', ']']), port);
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_max_packet_size(64 * 1024, pem.len() + 1024);
+    if let Some(user) = &target.username {
+        options.set_credentials(user.clone(), target.password.clone().unwrap_or_default());
+    }
+    let (client, mut connection) = Client::new(options, 4);
+    client
+        .publish(TOPIC, QoS::AtLeastOnce, true, pem.to_vec())
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + PUSH_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match connection.recv_timeout(left) {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => break,
+            Ok(Ok(Event::Incoming(Packet::ConnAck(ack))))
+                if ack.code != rumqttc::ConnectReturnCode::Success =>
+            {
+                return Err(format!("the broker refused the connection: {:?}", ack.code));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no acknowledgement within {PUSH_TIMEOUT:?}")),
+        }
+    }
+    let _ = client.disconnect();
+    // Let the DISCONNECT go out.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while let Ok(Ok(event)) =
+        connection.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
+            break;
+        }
+    }
+    Ok(())
+}
