@@ -68,9 +68,32 @@ impl Cluster {
         )
     }
 
+    /// Starts gateway `i` with a CRL file of its own (a copy of the
+    /// fleet's at first start, kept across restarts): a new CRL reaches
+    /// each gateway by itself, never through a file another one wrote.
     fn start_gateway(&self, fleet: &Fleet, i: usize) -> Gateway {
         let config = self.gateway_config(i);
-        Gateway::start_on(fleet, self.gateway_ports[i].0, &config)
+        let crl = self.crl(fleet, i);
+        if !crl.exists() {
+            std::fs::copy(fleet.path("gw/crl.pem"), &crl).unwrap();
+        }
+        Gateway::start_with_crl(fleet, self.gateway_ports[i].0, &crl, &config)
+    }
+
+    /// Gateway `i`'s CRL file.
+    pub fn crl(&self, fleet: &Fleet, i: usize) -> std::path::PathBuf {
+        fleet.path(&format!("gw-{}-crl.pem", i + 1))
+    }
+
+    /// The CRL number gateway `i` has in force, from its `/metrics`.
+    pub fn crl_number(&self, i: usize) -> Option<u64> {
+        let addr = format!("127.0.0.1:{}", self.gateway_ports[i].1)
+            .parse()
+            .unwrap();
+        let (_, body) = crate::gateway::http_get(addr, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("twofold_gateway_crl_number "))
+            .and_then(|n| n.trim().parse().ok())
     }
 
     /// kill -9 gateway `i`.

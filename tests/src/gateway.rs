@@ -29,6 +29,17 @@ impl Gateway {
     /// Starts the gateway on `port` (e.g. again after a kill); its audit
     /// log and stderr are per port and appended to across restarts.
     pub fn start_on(fleet: &Fleet, port: u16, extra_toml: &str) -> Gateway {
+        Self::start_with_crl(fleet, port, &fleet.path("gw").join(files::CRL), extra_toml)
+    }
+
+    /// [`Self::start_on`] with a CRL file of its own, as each gateway of
+    /// a cluster has.
+    pub fn start_with_crl(
+        fleet: &Fleet,
+        port: u16,
+        crl: &std::path::Path,
+        extra_toml: &str,
+    ) -> Gateway {
         let audit = fleet.path(&format!("audit-{port}.jsonl"));
         let config = fleet.path(&format!("gateway-{port}.toml"));
         let gw = fleet.path("gw");
@@ -39,7 +50,7 @@ impl Gateway {
                 gw.join(files::GATEWAY_CHAIN),
                 gw.join(files::GATEWAY_KEY),
                 gw.join(files::CLIENT_CA),
-                gw.join(files::CRL),
+                crl,
                 audit
             ),
         )

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::fleet::Fleet;
-use crate::process::{Proc, free_port, run_bounded, spawn, text, wait_port, wait_until};
+use crate::process::{Proc, free_port, run_bounded, spawn, text, wait_until};
 
 /// The user the gateways (and the tests' backend subscribers) log in as.
 pub const NATS_USER: &str = "gw";
@@ -20,6 +20,22 @@ pub struct NatsNode {
     /// Where MQTT clients connect.
     pub mqtt_port: u16,
     restarts: usize,
+}
+
+impl NatsNode {
+    /// Waits (at most 20 s) until it takes MQTT connections; panics with
+    /// its log if it does not.
+    fn wait_listening(&self) {
+        let up = wait_until(20, || {
+            std::net::TcpStream::connect(("127.0.0.1", self.mqtt_port)).is_ok()
+        });
+        let log = self.proc.as_ref().map(Proc::log).unwrap_or_default();
+        assert!(
+            up,
+            "{} did not listen on {}:\n{log}",
+            self.name, self.mqtt_port
+        );
+    }
 }
 
 /// A NATS cluster of one or more nodes on loopback, each with JetStream
@@ -81,7 +97,7 @@ impl Nats {
             nats.spawn(fleet, i);
         }
         for node in &nats.nodes {
-            wait_port(node.mqtt_port, &node.name);
+            node.wait_listening();
         }
         nats.wait_ready();
         nats
@@ -139,7 +155,7 @@ impl Nats {
     pub fn restart(&mut self, fleet: &Fleet, i: usize) {
         self.kill(i);
         self.spawn(fleet, i);
-        wait_port(self.nodes[i].mqtt_port, &self.nodes[i].name);
+        self.nodes[i].wait_listening();
     }
 
     /// The gateway's configuration lines that relay to node `i`.

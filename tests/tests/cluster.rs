@@ -109,6 +109,137 @@ fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
     let node_back = back_after(&sub, &before, killed, 120);
     let reconnected = rebound(&cluster, &skip);
 
+    // Revocation, pushed on the broker. The first gateway is down while
+    // it happens and must catch up when it starts.
+    let before = sub.latest_telemetry();
+    cluster.kill_gateway(0);
+    assert!(back_after(&sub, &before, Instant::now(), 120).is_some());
+    // A device connected through the second gateway now.
+    let connected = cluster.gateways[1].as_ref().unwrap().events();
+    let victim = connected
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "connected")
+        .and_then(|e| e["client_id"].as_str())
+        .unwrap()
+        .to_owned();
+    let victim = victim.as_str();
+    let password = fleet.path("nats-password");
+    std::fs::write(&password, NATS_PASSWORD).unwrap();
+    let mut revoke = std::process::Command::new(built("provisioning"));
+    revoke.arg("--pki").arg(fleet.path("pki")).args([
+        "revoke",
+        victim,
+        "--reason",
+        "key-compromise",
+    ]);
+    // The dead node first: the push goes on to the next.
+    for node in [1, 2, 0] {
+        revoke.args([
+            "--push",
+            &format!("mqtt://127.0.0.1:{}", cluster.nats.nodes[node].mqtt_port),
+        ]);
+    }
+    revoke
+        .args(["--push-username", NATS_USER, "--push-password-file"])
+        .arg(&password);
+    let started = time::OffsetDateTime::now_utc();
+    let out = run_bounded(revoke, 60);
+    let returned = time::OffsetDateTime::now_utc();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("pushed"), "{}", text(&out));
+    let closed = wait_until(15, || {
+        cluster.running().any(|gw| {
+            gw.events().iter().any(|e| {
+                e["reason"] == "revoked"
+                    && e["client_id"] == victim
+                    && e["detail"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("while connected")
+            })
+        })
+    });
+    assert!(
+        closed,
+        "the revoked device's session was not closed:\n{}",
+        cluster
+            .running()
+            .map(|gw| gw.log())
+            .collect::<Vec<_>>()
+            .join("\n")
+            .lines()
+            .filter(|l| l.contains("CRL") || l.contains("crl") || l.contains("TLS files"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let closed_at = cluster
+        .running()
+        .flat_map(|gw| gw.events())
+        .find(|e| e["reason"] == "revoked" && e["client_id"] == victim)
+        .and_then(|e| {
+            time::OffsetDateTime::parse(
+                e["ts"].as_str()?,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .ok()
+        })
+        .unwrap();
+    cluster.restart_gateway(&fleet, 0);
+    let newest = cluster.crl_number(1);
+    let caught_up = wait_until(15, || cluster.crl_number(0) == newest);
+    assert!(
+        caught_up,
+        "the restarted gateway has CRL {:?}, the others {newest:?}",
+        cluster.crl_number(0)
+    );
+    // Refused at every gateway, the restarted one included.
+    let dir = fleet.path(&format!("unit/{victim}"));
+    let revoked = Identity {
+        cert: dir.join("device.pem"),
+        key: dir.join("device.key"),
+        dir,
+    };
+    for (i, gw) in cluster.running().enumerate() {
+        let mut publish = std::process::Command::new("mosquitto_pub");
+        publish
+            .args(tls_args(&fleet, gw.addr.port(), &revoked))
+            .args([
+                "-i",
+                victim,
+                "-q",
+                "1",
+                "-t",
+                &format!("devices/{victim}/telemetry"),
+                "-m",
+                "x",
+            ]);
+        let out = run_bounded(publish, 10);
+        assert!(
+            !out.status.success(),
+            "gateway {} let a revoked device in",
+            i + 1
+        );
+        let subject = format!("CN={victim}");
+        gw.wait_for(|e| {
+            e["event"] == "refused" && e["reason"] == "revoked" && e["subject"] == subject.as_str()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "gateway {} did not refuse it as revoked:\n{}",
+                i + 1,
+                gw.log()
+            )
+        });
+    }
+    println!(
+        "revocation pushed through the broker: the session closed {:.2} s after `provisioning \
+         revoke` started ({:.2} s after it returned); a gateway started afterwards took CRL \
+         {newest:?} from the broker; refused at all 3 gateways",
+        (closed_at - started).as_seconds_f64(),
+        (closed_at - returned).as_seconds_f64()
+    );
+
     let names = devices.names.clone();
     devices.stop();
     sub.settle(30);
