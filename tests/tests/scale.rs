@@ -243,3 +243,115 @@ fn a_session_opens_at_the_next_node_when_one_is_down() {
     let detail = e["detail"].as_str().unwrap();
     assert!(detail.contains(&format!("127.0.0.1:{down}")), "{detail}");
 }
+
+/// The safety net: a gateway with no push to hear pulls the CRL from the
+/// CA service (every second here), takes the new one into its own CRL
+/// file and closes the revoked session; nobody copied a file.
+#[test]
+fn a_gateway_pulls_a_new_crl_from_the_ca_service() {
+    use twofold_provisioning::RevokeTarget;
+    use twofold_provisioning::registry::RevocationReason;
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    fleet.service("gw");
+    let ca = CaService::start(&mut fleet, &["--ra", "gw"]);
+    let config = format!("{}crl_poll_secs = 1\n", ca.gateway_toml(&fleet, "gw"));
+    let gw = Gateway::start(&fleet, &config);
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &dev,
+        &["-i", "sensor-1", "-t", "devices/sensor-1/commands"],
+    );
+    wait_connected(&gw, "sensor-1");
+    let before = std::fs::read_to_string(fleet.path("gw/crl.pem")).unwrap();
+    // Revoked in the PKI only: gw/crl.pem is not touched.
+    let target = RevokeTarget::Principal(twofold_protocol::Principal::Device(
+        twofold_protocol::DeviceId::parse("sensor-1").unwrap(),
+    ));
+    fleet
+        .pki
+        .revoke(target, RevocationReason::KeyCompromise)
+        .unwrap();
+    let closed = gw.wait_for(|e| {
+        e["reason"] == "revoked"
+            && e["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("while connected")
+    });
+    assert!(closed.is_some(), "{}", gw.log());
+    let out = finish(sub, 10);
+    assert!(out.status.code().is_some(), "the session was left open");
+    let after = std::fs::read_to_string(fleet.path("gw/crl.pem")).unwrap();
+    assert_ne!(
+        before, after,
+        "the pulled CRL was not kept in the gateway's file"
+    );
+    assert_eq!(after, fleet.pki.crl_pem().unwrap());
+    assert!(gw.log().contains("from=\"ca-service\""), "{}", gw.log());
+}
+
+/// `provisioning push-crl` pushes the current CRL again, e.g. after a
+/// revocation made without --push: the gateway in front of NATS takes it.
+#[test]
+fn push_crl_reaches_a_gateway_through_nats() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("sensor-1");
+    let nats = Nats::single(&fleet);
+    let gw = Gateway::start(&fleet, &nats.gateway_config(0));
+    let publish = || {
+        mosquitto_pub(
+            &fleet,
+            &gw,
+            Some(&dev),
+            &[
+                "-i",
+                "sensor-1",
+                "-q",
+                "1",
+                "-t",
+                "devices/sensor-1/telemetry",
+                "-m",
+                "x",
+            ],
+        )
+    };
+    assert!(publish().status.success());
+    let password = fleet.path("nats-password");
+    std::fs::write(&password, format!("{NATS_PASSWORD}\n")).unwrap();
+    let pki = fleet.path("pki");
+    let provisioning = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(built("provisioning"));
+        cmd.arg("--pki").arg(&pki).args(args);
+        run_bounded(cmd, 30)
+    };
+    let out = provisioning(&["revoke", "sensor-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("(or --push it)"), "{}", text(&out));
+    let url = format!("mqtt://127.0.0.1:{}", nats.nodes[0].mqtt_port);
+    let push_crl = || {
+        provisioning(&[
+            "push-crl",
+            "--push",
+            &url,
+            "--push-username",
+            NATS_USER,
+            "--push-password-file",
+            password.to_str().unwrap(),
+        ])
+    };
+    let out = push_crl();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        wait_until(10, || !publish().status.success()),
+        "the revoked device still gets in:\n{}",
+        gw.log()
+    );
+    gw.refusal("revoked");
+    // A wrong password is said so, and nothing is pushed.
+    std::fs::write(&password, "wrong").unwrap();
+    let out = push_crl();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("was not pushed"), "{}", text(&out));
+}
