@@ -119,6 +119,50 @@ pub struct TelemetryAccount {
     pub lost: Vec<u64>,
 }
 
+/// The fleet's telemetry, added up over agents `names` (each its own
+/// device id) against what a subscriber received.
+#[derive(Debug, Default)]
+pub struct FleetAccount {
+    pub generated: u64,
+    pub arrived: usize,
+    pub queued: usize,
+    pub duplicates: usize,
+    /// `NAME#SEQ` of every sample neither arrived nor queued.
+    pub lost: Vec<String>,
+}
+
+impl FleetAccount {
+    /// Reads each agent's queue: call it once they are stopped.
+    pub fn of(fleet: &Fleet, names: &[String], messages: &[(String, Vec<u8>)]) -> FleetAccount {
+        let mut total = FleetAccount::default();
+        for name in names {
+            let t = account_telemetry(fleet, name, name, messages);
+            total.generated += t.generated;
+            total.arrived += t.arrived;
+            total.queued += t.queued;
+            total.duplicates += t.duplicates;
+            total
+                .lost
+                .extend(t.lost.iter().map(|s| format!("{name}#{s}")));
+        }
+        total
+    }
+}
+
+impl std::fmt::Display for FleetAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} samples generated, {} arrived, {} still queued, {} duplicates, {} lost",
+            self.generated,
+            self.arrived,
+            self.queued,
+            self.duplicates,
+            self.lost.len()
+        )
+    }
+}
+
 /// Accounts for every telemetry sample agent `name` (device `device`) ever
 /// generated, against `messages` (topic, payload) a subscriber received:
 /// each must have arrived or still be in the agent's queue. Read the queue

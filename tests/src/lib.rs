@@ -15,8 +15,8 @@ pub mod nats;
 pub mod process;
 
 pub use agent::{
-    TelemetryAccount, account_telemetry, agent, agent_config, agent_doctor, agent_with,
-    assert_doctor_line, run_agent,
+    FleetAccount, TelemetryAccount, account_telemetry, agent, agent_config, agent_doctor,
+    agent_with, assert_doctor_line, run_agent,
 };
 pub use ca_service::{CaService, RenewingMcu};
 pub use cluster::{Cluster, Devices};

@@ -243,28 +243,16 @@ fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
     let names = devices.names.clone();
     devices.stop();
     sub.settle(30);
-    let messages = sub.messages();
-    let (mut generated, mut arrived, mut queued, mut duplicates) = (0, 0, 0, 0);
-    let mut lost = Vec::new();
-    for name in &names {
-        let t = account_telemetry(&fleet, name, name, &messages);
-        generated += t.generated;
-        arrived += t.arrived;
-        queued += t.queued;
-        duplicates += t.duplicates;
-        lost.extend(t.lost.iter().map(|s| format!("{name}#{s}")));
-    }
+    let total = FleetAccount::of(&fleet, &names, &sub.messages());
     println!(
         "cluster of 3 gateways, 3 NATS nodes, {DEVICES} devices (sessions per gateway at \
          first: {per_gateway:?}): gateway kill -9: {moved} sessions re-bound, every device \
          back in {}; NATS node kill -9: {reconnected} sessions re-bound, every device back in \
-         {}; {generated} samples generated, {arrived} arrived, {queued} still queued, \
-         {duplicates} duplicates, {} lost",
+         {}; {total}",
         shown(gateway_back),
         shown(node_back),
-        lost.len()
     );
-    assert!(lost.is_empty(), "lost: {lost:?}");
+    assert!(total.lost.is_empty(), "lost: {:?}", total.lost);
     assert!(
         gateway_back.is_some(),
         "not every device came back after the gateway kill"

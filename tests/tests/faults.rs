@@ -52,23 +52,13 @@ fn a_gateway_killed_under_100_agents_loses_no_qos1_telemetry() {
     assert!(caught_up, "not every agent delivered after the restart");
     sub.settle(30);
 
-    let messages = sub.messages();
-    let (mut generated, mut arrived, mut queued, mut duplicates) = (0, 0, 0, 0);
-    let mut lost = Vec::new();
-    for name in &names {
-        let t = account_telemetry(&fleet, name, name, &messages);
-        generated += t.generated;
-        arrived += t.arrived;
-        queued += t.queued;
-        duplicates += t.duplicates;
-        lost.extend(t.lost.iter().map(|s| format!("{name}#{s}")));
-    }
-    println!(
-        "kill -9 under {AGENTS} agents: {generated} samples generated, {arrived} arrived, \
-         {queued} still queued, {duplicates} duplicates, {} lost",
-        lost.len()
-    );
-    assert!(lost.is_empty(), "lost: {lost:?}");
+    let total = FleetAccount::of(&fleet, &names, &sub.messages());
+    println!("kill -9 under {AGENTS} agents: {total}");
+    assert!(total.lost.is_empty(), "lost: {:?}", total.lost);
     // At least seq 0 to 5 from each, without loss.
-    assert!(arrived >= 6 * AGENTS, "only {arrived} arrived");
+    assert!(
+        total.arrived >= 6 * AGENTS,
+        "only {} arrived",
+        total.arrived
+    );
 }
