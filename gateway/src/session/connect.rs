@@ -316,25 +316,7 @@ pub(super) fn answer_connack(
                     _ => return Err(refused("not a CONNACK".into())),
                 }
             };
-            let props = ack.properties.get_or_insert_with(|| v5::ConnAckProperties {
-                session_expiry_interval: None,
-                receive_max: None,
-                max_qos: None,
-                retain_available: None,
-                max_packet_size: None,
-                assigned_client_identifier: None,
-                topic_alias_max: None,
-                reason_string: None,
-                user_properties: Vec::new(),
-                wildcard_subscription_available: None,
-                subscription_identifiers_available: None,
-                shared_subscription_available: None,
-                server_keep_alive: None,
-                response_information: None,
-                server_reference: None,
-                authentication_method: None,
-                authentication_data: None,
-            });
+            let props = ack.properties.get_or_insert_with(no_connack_properties);
             props.topic_alias_max = None;
             props.assigned_client_identifier = None;
             // Services may share a subscription across instances.

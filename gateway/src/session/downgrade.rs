@@ -149,23 +149,8 @@ pub(super) fn connack(
                 session_present: ack.session_present && !clean_start,
                 code: v5::ConnectReturnCode::Success,
                 properties: Some(v5::ConnAckProperties {
-                    session_expiry_interval: None,
-                    receive_max: None,
                     max_qos: (max_qos < 2).then_some(max_qos),
-                    retain_available: None,
-                    max_packet_size: None,
-                    assigned_client_identifier: None,
-                    topic_alias_max: None,
-                    reason_string: None,
-                    user_properties: Vec::new(),
-                    wildcard_subscription_available: None,
-                    subscription_identifiers_available: None,
-                    shared_subscription_available: None,
-                    server_keep_alive: None,
-                    response_information: None,
-                    server_reference: None,
-                    authentication_method: None,
-                    authentication_data: None,
+                    ..no_connack_properties()
                 }),
             })
         }

@@ -97,6 +97,29 @@ pub(super) fn v5_connack(code: v5::ConnectReturnCode) -> Bytes {
     }))
 }
 
+/// MQTT 5 CONNACK properties with nothing set, for the gateway to fill.
+pub(super) fn no_connack_properties() -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
 /// An MQTT 5 DISCONNECT with a reason code and an empty property list.
 /// Written by hand: rumqttc 0.25 encodes this packet as remaining length 1
 /// followed by two bytes (the reason and a property length), so a client
