@@ -144,8 +144,10 @@ pub enum Error {
     #[error("cannot build the microcontroller bundle: {0}")]
     Bundle(String),
 
+    /// Not a `source`: the message says it already, and a source would
+    /// print it twice in a chain (`error: registry: X: X`).
     #[error("registry: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
 
     #[error("{path}: {source}")]
     Io {
@@ -155,6 +157,12 @@ pub enum Error {
 
     #[error("certificate generation failed: {0}")]
     Certificate(#[from] rcgen::Error),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(e)
+    }
 }
 
 impl Error {
