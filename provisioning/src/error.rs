@@ -23,6 +23,24 @@ pub enum Error {
     )]
     PkiExists { dir: PathBuf },
 
+    #[error(
+        "no registry.db in {dir}, though its CA files are there: if this PKI keeps its registry \
+         in PostgreSQL, give --registry (or TWOFOLD_REGISTRY) its postgres:// URL"
+    )]
+    RegistryElsewhere { dir: PathBuf },
+
+    #[error(
+        "the registry {registry} holds no PKI: create one with `provisioning init --registry \
+         {registry}`, or check the URL's database name"
+    )]
+    NoPkiInRegistry { registry: String },
+
+    #[error(
+        "the registry {registry} already holds a PKI; refusing to start another in it. Give `init` \
+         an empty database"
+    )]
+    RegistryHasPki { registry: String },
+
     #[error("{dir} is not empty and holds no PKI; give `init` a new or empty directory")]
     DirNotEmpty { dir: PathBuf },
 

@@ -16,7 +16,9 @@ use twofold_provisioning::crl::Scope;
 use twofold_provisioning::enrollment::{batch_ids, rfc3339};
 use twofold_provisioning::keys::{Passphrase, PassphraseSource};
 use twofold_provisioning::output::{self, GatewayAddress, files};
-use twofold_provisioning::registry::{CertRecord, Filter, Kind, RevocationReason, Status, Store};
+use twofold_provisioning::registry::{
+    CertRecord, Filter, Kind, RegistryUrl, RevocationReason, Status, Store,
+};
 use twofold_provisioning::{
     EnrollOptions, EnrollRequest, Error, KeySource, Pki, RevokeTarget, Serial, profile,
 };
@@ -34,6 +36,18 @@ struct Cli {
     /// The PKI directory.
     #[arg(long, global = true, env = "TWOFOLD_PKI", default_value = "pki")]
     pki: PathBuf,
+
+    /// Where the registry is: `sqlite` (registry.db in the PKI directory)
+    /// or a postgres://user@host/database URL, shared by several
+    /// provisioning nodes and CA services. Give the password in PGPASSWORD
+    /// or ~/.pgpass, not in the URL, where `ps` would show it.
+    #[arg(
+        long,
+        global = true,
+        env = "TWOFOLD_REGISTRY",
+        default_value = "sqlite"
+    )]
+    registry: RegistryUrl,
 
     #[command(subcommand)]
     command: Command,
@@ -463,7 +477,7 @@ fn service_name(s: &str) -> Result<ServiceName, Error> {
 }
 
 fn open(cli: &Cli) -> Result<Pki, Error> {
-    Pki::open(&cli.pki, Box::new(CliPassphrase))
+    Pki::open_with(&cli.pki, Box::new(CliPassphrase), &cli.registry)
 }
 
 /// The certificates (DER) in each PEM file of `paths`; a file with none
@@ -518,7 +532,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let pki = Pki::init(&cli.pki, td, passphrase)?;
+            let pki = Pki::init_with(&cli.pki, td, passphrase, &cli.registry)?;
             println!(
                 "created PKI for trust domain {} in {}",
                 pki.trust_domain(),

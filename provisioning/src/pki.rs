@@ -27,7 +27,10 @@ use crate::atomic::{self, Durability};
 use crate::error::{Error, Result};
 use crate::keys::{self, Passphrase, PassphraseSource};
 use crate::profile::{self, Intermediate};
-use crate::registry::{CertRecord, Kind, SqliteStore, Store, StoreError, StoreTx};
+use crate::registry::{
+    CertRecord, Filter, Kind, PgStore, Registry, RegistryUrl, SqliteStore, Store, StoreError,
+    StoreTx,
+};
 use crate::serial::Serial;
 
 pub(crate) const ROOT_CERT: &str = "root-ca.pem";
@@ -42,8 +45,8 @@ pub(crate) const REGISTRY: &str = "registry.db";
 
 const TRUST_DOMAIN_SETTING: &str = "trust_domain";
 
-/// An open PKI directory, with its registry in `S` (SQLite by default).
-pub struct Pki<S: Store = SqliteStore> {
+/// An open PKI directory, with its registry in `S` (SQLite or PostgreSQL).
+pub struct Pki<S: Store = Registry> {
     dir: PathBuf,
     pub(crate) store: S,
     trust_domain: TrustDomain,
@@ -88,16 +91,29 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
 
-impl Pki<SqliteStore> {
-    /// Creates a new PKI at `dir`: root, device and server CAs (ECDSA
-    /// P-256), an empty CRL and the registry. Refuses an existing PKI or a
-    /// non-empty directory. Everything is built in a temporary directory
-    /// beside `dir` and renamed into place, so an interrupted init leaves
-    /// nothing behind.
+impl Pki<Registry> {
+    /// Creates a new PKI at `dir` with its registry in SQLite beside it;
+    /// see [`Pki::init_with`].
     pub fn init(
         dir: &Path,
         trust_domain: TrustDomain,
         passphrase: Option<Passphrase>,
+    ) -> Result<Pki> {
+        Pki::init_with(dir, trust_domain, passphrase, &RegistryUrl::Sqlite)
+    }
+
+    /// Creates a new PKI at `dir`: root, device and server CAs (ECDSA
+    /// P-256), an empty CRL and the registry, in `registry`. Refuses an
+    /// existing PKI, a non-empty directory, or a PostgreSQL registry that
+    /// holds a PKI already. Everything is built in a temporary directory
+    /// beside `dir` and renamed into place, so an interrupted init leaves
+    /// nothing behind; a PostgreSQL registry commits only once the
+    /// directory is in place.
+    pub fn init_with(
+        dir: &Path,
+        trust_domain: TrustDomain,
+        passphrase: Option<Passphrase>,
+        registry: &RegistryUrl,
     ) -> Result<Pki> {
         if dir.join(REGISTRY).exists() {
             return Err(Error::PkiExists {
@@ -118,37 +134,75 @@ impl Pki<SqliteStore> {
             .prefix(".twofold-init-")
             .tempdir_in(&parent)
             .map_err(Error::io(&parent))?;
-        build(staging.path(), &trust_domain, passphrase.as_ref())?;
-        fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o700))
-            .map_err(Error::io(staging.path()))?;
-        // rename(2) replaces an empty directory and fails on a non-empty
-        // one, so a concurrent init cannot overwrite a PKI either.
-        let staged = staging.keep();
-        if let Err(e) = fs::rename(&staged, dir) {
-            let _ = fs::remove_dir_all(&staged);
-            return Err(if dir.join(REGISTRY).exists() {
-                Error::PkiExists {
-                    dir: dir.to_owned(),
+        match registry {
+            RegistryUrl::Sqlite => {
+                let mut store = SqliteStore::open(&staging.path().join(REGISTRY))?;
+                let tx = store.begin()?;
+                build(staging.path(), &trust_domain, passphrase.as_ref(), &tx)?;
+                tx.commit()?;
+                drop(store);
+                place(staging, dir, &parent)?;
+            }
+            RegistryUrl::Postgres(url) => {
+                let mut store = PgStore::open(url)?;
+                let tx = store.begin()?;
+                // Under the writer lock: a concurrent init waits here and
+                // then finds this one's root CA.
+                let roots = tx.find(&Filter {
+                    kind: Some(Kind::RootCa),
+                    ..Filter::default()
+                })?;
+                if !roots.is_empty() {
+                    return Err(Error::RegistryHasPki {
+                        registry: registry.to_string(),
+                    });
                 }
-            } else {
-                Error::Io {
-                    path: dir.to_owned(),
-                    source: e,
+                build(staging.path(), &trust_domain, passphrase.as_ref(), &tx)?;
+                place(staging, dir, &parent)?;
+                match tx.commit() {
+                    Ok(()) => {}
+                    // It may have been recorded: the keys must stay.
+                    Err(e @ StoreError::CommitUnknown(_)) => return Err(e.into()),
+                    Err(e) => {
+                        let _ = fs::remove_dir_all(dir);
+                        return Err(e.into());
+                    }
                 }
-            });
+            }
         }
-        atomic::sync_dir(&parent)?;
         let source: Box<dyn PassphraseSource + Send> = match passphrase {
             Some(p) => Box::new(p),
             None => Box::new(keys::NoPassphrase),
         };
-        Pki::open(dir, source)
+        Pki::open_with(dir, source, registry)
     }
 
-    /// Opens an existing PKI. `passphrase` is asked only if a CA key that
-    /// an operation needs turns out to be encrypted.
+    /// Opens an existing PKI whose registry is the SQLite file in `dir`.
     pub fn open(dir: &Path, passphrase: Box<dyn PassphraseSource + Send>) -> Result<Pki> {
-        if !dir.join(REGISTRY).is_file() {
+        Pki::open_with(dir, passphrase, &RegistryUrl::Sqlite)
+    }
+
+    /// Opens an existing PKI with its registry in `registry`. `passphrase`
+    /// is asked only if a CA key that an operation needs turns out to be
+    /// encrypted.
+    pub fn open_with(
+        dir: &Path,
+        passphrase: Box<dyn PassphraseSource + Send>,
+        registry: &RegistryUrl,
+    ) -> Result<Pki> {
+        let has_sqlite = dir.join(REGISTRY).is_file();
+        if *registry == RegistryUrl::Sqlite && !has_sqlite {
+            return Err(if dir.join(ROOT_CERT).is_file() {
+                Error::RegistryElsewhere {
+                    dir: dir.to_owned(),
+                }
+            } else {
+                Error::NoPki {
+                    dir: dir.to_owned(),
+                }
+            });
+        }
+        if !dir.join(ROOT_CERT).is_file() && !has_sqlite {
             return Err(Error::NoPki {
                 dir: dir.to_owned(),
             });
@@ -167,9 +221,45 @@ impl Pki<SqliteStore> {
                 });
             }
         }
-        let store = SqliteStore::open(&dir.join(REGISTRY))?;
+        let store = match registry {
+            RegistryUrl::Sqlite => Registry::Sqlite(SqliteStore::open(&dir.join(REGISTRY))?),
+            RegistryUrl::Postgres(url) => {
+                let store = PgStore::open(url)?;
+                if store.setting(TRUST_DOMAIN_SETTING)?.is_none() {
+                    return Err(Error::NoPkiInRegistry {
+                        registry: registry.to_string(),
+                    });
+                }
+                Registry::Postgres(Box::new(store))
+            }
+        };
         Pki::with_store(dir, store, passphrase)
     }
+}
+
+/// Renames the built PKI `staging` into `dir`. rename(2) replaces an empty
+/// directory and fails on a non-empty one, so a concurrent init cannot
+/// overwrite a PKI either.
+fn place(staging: tempfile::TempDir, dir: &Path, parent: &Path) -> Result<()> {
+    fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(staging.path()))?;
+    let staged = staging.keep();
+    if let Err(e) = fs::rename(&staged, dir) {
+        let _ = fs::remove_dir_all(&staged);
+        return Err(
+            if dir.join(REGISTRY).exists() || dir.join(ROOT_CERT).exists() {
+                Error::PkiExists {
+                    dir: dir.to_owned(),
+                }
+            } else {
+                Error::Io {
+                    path: dir.to_owned(),
+                    source: e,
+                }
+            },
+        );
+    }
+    atomic::sync_dir(parent)
 }
 
 impl<S: Store> Pki<S> {
@@ -275,11 +365,15 @@ impl<S: Store> Pki<S> {
     }
 }
 
-/// Writes a complete PKI into the empty directory `dir`.
-fn build(dir: &Path, td: &TrustDomain, passphrase: Option<&Passphrase>) -> Result<()> {
+/// Writes a complete PKI into the empty directory `dir`, and its records
+/// into `tx`, which the caller commits.
+fn build(
+    dir: &Path,
+    td: &TrustDomain,
+    passphrase: Option<&Passphrase>,
+    tx: &impl StoreTx,
+) -> Result<()> {
     let now = crate::registry::now();
-    let mut store = SqliteStore::open(&dir.join(REGISTRY))?;
-    let tx = store.begin()?;
     tx.set_setting(TRUST_DOMAIN_SETTING, td.as_str())?;
     tx.set_setting("created_at", &now.unix_timestamp().to_string())?;
 
@@ -345,7 +439,7 @@ fn build(dir: &Path, td: &TrustDomain, passphrase: Option<&Passphrase>) -> Resul
             Intermediate::Server => crate::crl::Scope::Server,
         };
         let issuer = Issuer::new(params.clone(), key);
-        let crl = crate::crl::sign(scope, &tx, &issuer, now, None)?;
+        let crl = crate::crl::sign(scope, tx, &issuer, now, None)?;
         atomic::write(
             &dir.join(scope.file()),
             crl.pem()?.as_bytes(),
@@ -353,6 +447,5 @@ fn build(dir: &Path, td: &TrustDomain, passphrase: Option<&Passphrase>) -> Resul
             Durability::Sync,
         )?;
     }
-    tx.commit()?;
     Ok(())
 }

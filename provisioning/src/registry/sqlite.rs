@@ -11,7 +11,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use time::OffsetDateTime;
 
-use super::{CertRecord, Filter, Kind, Revocation, RevocationReason, Store, StoreError, StoreTx};
+use super::{
+    COLUMNS, CertRecord, Filter, Kind, MIGRATE_V1, RawRow, Revocation, Store, StoreError, StoreTx,
+    exactly_one, parse_serial, unix,
+};
 use crate::crl::Scope;
 use crate::serial::Serial;
 
@@ -38,35 +41,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_active_client_cert
     WHERE revoked_at IS NULL AND kind IN ('device', 'service');
 CREATE INDEX IF NOT EXISTS certificates_by_name ON certificates (name);
 ";
-
-/// Renewal (schema version 1): a renewed certificate is recorded beside
-/// its predecessor, marked `replaces`, until the device commits it or the
-/// grace period ends; only then is the predecessor revoked. The one-active
-/// rule therefore counts committed certificates only. `renewals` remembers
-/// which certificate each request id produced, so that a device asking
-/// again after a dropped connection gets the same one.
-const MIGRATE_V1: &str = "
-ALTER TABLE certificates ADD COLUMN replaces TEXT;
-DROP INDEX one_active_client_cert;
-CREATE UNIQUE INDEX one_active_client_cert
-    ON certificates (kind, name)
-    WHERE revoked_at IS NULL AND replaces IS NULL AND kind IN ('device', 'service');
-CREATE UNIQUE INDEX one_pending_client_cert
-    ON certificates (kind, name)
-    WHERE revoked_at IS NULL AND replaces IS NOT NULL;
-CREATE TABLE renewals (
-    kind       TEXT NOT NULL,
-    name       TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    serial     TEXT NOT NULL REFERENCES certificates (serial),
-    at         INTEGER NOT NULL,
-    PRIMARY KEY (kind, name, request_id)
-);
-PRAGMA user_version = 1;
-";
-
-const COLUMNS: &str = "serial, kind, name, identity, not_before, not_after, fingerprint, \
-                       issued_at, revoked_at, revocation_reason, der, replaces";
 
 /// How long a command waits for another one holding the write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,19 +77,12 @@ impl SqliteStore {
         if version < 1 {
             let tx = conn.unchecked_transaction().map_err(backend)?;
             tx.execute_batch(MIGRATE_V1).map_err(backend)?;
+            tx.execute_batch("PRAGMA user_version = 1")
+                .map_err(backend)?;
             tx.commit().map_err(backend)?;
         }
         Ok(SqliteStore { conn })
     }
-}
-
-fn unix(t: OffsetDateTime) -> i64 {
-    t.unix_timestamp()
-}
-
-fn from_unix(secs: i64) -> Result<OffsetDateTime, StoreError> {
-    OffsetDateTime::from_unix_timestamp(secs)
-        .map_err(|_| StoreError::Corrupt(format!("timestamp {secs} out of range")))
 }
 
 fn read_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
@@ -133,58 +100,6 @@ fn read_row(row: &Row<'_>) -> rusqlite::Result<RawRow> {
         der: row.get(10)?,
         replaces: row.get(11)?,
     })
-}
-
-/// A row as stored, before its text fields are checked.
-struct RawRow {
-    serial: String,
-    kind: String,
-    name: String,
-    identity: Option<String>,
-    not_before: i64,
-    not_after: i64,
-    fingerprint: String,
-    issued_at: i64,
-    revoked_at: Option<i64>,
-    reason: Option<String>,
-    der: Vec<u8>,
-    replaces: Option<String>,
-}
-
-fn parse_serial(text: &str) -> Result<Serial, StoreError> {
-    text.parse::<Serial>()
-        .map_err(|_| StoreError::Corrupt(format!("bad serial {text:?}")))
-}
-
-impl RawRow {
-    fn into_record(self) -> Result<CertRecord, StoreError> {
-        let serial = parse_serial(&self.serial)?;
-        let revocation = match (self.revoked_at, self.reason) {
-            (Some(at), Some(reason)) => Some(Revocation {
-                at: from_unix(at)?,
-                reason: RevocationReason::parse(&reason)?,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(StoreError::Corrupt(format!(
-                    "half-recorded revocation of {serial}"
-                )));
-            }
-        };
-        Ok(CertRecord {
-            serial,
-            kind: self.kind.parse()?,
-            name: self.name,
-            identity: self.identity,
-            not_before: from_unix(self.not_before)?,
-            not_after: from_unix(self.not_after)?,
-            fingerprint: self.fingerprint,
-            issued_at: from_unix(self.issued_at)?,
-            revocation,
-            der: self.der,
-            replaces: self.replaces.as_deref().map(parse_serial).transpose()?,
-        })
-    }
 }
 
 fn find(conn: &Connection, filter: &Filter) -> Result<Vec<CertRecord>, StoreError> {
@@ -302,13 +217,7 @@ impl StoreTx for SqliteTx<'_> {
                 ],
             )
             .map_err(backend)?;
-        if changed == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Backend(format!(
-                "certificate {serial} is not revocable"
-            )))
-        }
+        exactly_one(changed as u64, serial, "not revocable")
     }
 
     fn settle(&self, serial: &Serial) -> Result<(), StoreError> {
@@ -320,13 +229,7 @@ impl StoreTx for SqliteTx<'_> {
                 [serial.to_string()],
             )
             .map_err(backend)?;
-        if changed == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Backend(format!(
-                "certificate {serial} is not awaiting commit"
-            )))
-        }
+        exactly_one(changed as u64, serial, "not awaiting commit")
     }
 
     fn renewal(
@@ -393,16 +296,8 @@ impl StoreTx for SqliteTx<'_> {
         rows.map(|r| r.map_err(backend)?.into_record()).collect()
     }
 
-    fn next_crl_number(&self, scope: Scope, at_least: u64) -> Result<u64, StoreError> {
-        let key = scope.number_setting();
-        let current = setting(&self.tx, key)?
-            .map(|v| v.parse::<u64>())
-            .transpose()
-            .map_err(|_| StoreError::Corrupt(format!("{key} is not a number")))?
-            .unwrap_or(0);
-        let next = current.saturating_add(1).max(at_least);
-        self.set_setting(key, &next.to_string())?;
-        Ok(next)
+    fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        setting(&self.tx, key)
     }
 
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
@@ -424,6 +319,7 @@ impl StoreTx for SqliteTx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::RevocationReason;
 
     fn record(name: &str, kind: Kind) -> CertRecord {
         let serial = Serial::random();
