@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod mqtt;
 pub mod nats;
+pub mod postgres;
 pub mod process;
 
 pub use agent::{
@@ -30,6 +31,7 @@ pub use mqtt::{
     replies, send_command, tls_args,
 };
 pub use nats::{NATS_PASSWORD, NATS_USER, Nats};
+pub use postgres::{PG_PASSWORD, PG_USER, Postgres};
 pub use process::{
     Proc, assert_alive_then_kill, built, exit_status, finish, free_port, run_bounded, spawn, text,
     wait_port, wait_until,

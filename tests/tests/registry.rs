@@ -1,0 +1,316 @@
+//! The registry on PostgreSQL, with the real `provisioning` command: what
+//! it accepts, what it refuses and why, operators racing each other, and
+//! the database restarting under an enrollment.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use twofold_tests::*;
+
+/// `provisioning` against `pki` with its registry at `registry`.
+fn provisioning(pki: &Path, registry: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(built("provisioning"));
+    cmd.env("PGPASSWORD", PG_PASSWORD)
+        .env("TWOFOLD_REGISTRY", registry)
+        .env("TWOFOLD_PKI", pki)
+        .args(args);
+    cmd
+}
+
+fn run(pki: &Path, registry: &str, args: &[&str]) -> Output {
+    run_bounded(provisioning(pki, registry, args), 60)
+}
+
+fn ok(pki: &Path, registry: &str, args: &[&str]) -> String {
+    let out = run(pki, registry, args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// The refusal of `args`, asserted to contain `reason`.
+fn refused(pki: &Path, registry: &str, args: &[&str], reason: &str) {
+    let out = run(pki, registry, args);
+    assert!(
+        !out.status.success(),
+        "{args:?} was accepted: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains(reason),
+        "{args:?}: expected {reason:?} in: {}",
+        text(&out)
+    );
+}
+
+/// The serial `revoke` printed.
+fn revoked_serial(out: &str) -> String {
+    let at = out.find("(serial ").expect("serial in revoke's output") + 8;
+    out[at..].split(',').next().unwrap().to_owned()
+}
+
+fn init(pki: &Path, registry: &str) {
+    ok(
+        pki,
+        registry,
+        &["init", "--trust-domain", "iot.example.com"],
+    );
+}
+
+/// A PKI kept in PostgreSQL does what one kept in SQLite does, and a
+/// registry that is wrong is refused with what to do about it.
+#[test]
+fn a_postgres_registry_carries_a_pki_and_refuses_what_is_wrong() {
+    let pg = Postgres::start();
+    let url = pg.database("fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    init(&pki, &url);
+    assert!(
+        !pki.join("registry.db").exists(),
+        "no SQLite file beside a PostgreSQL registry"
+    );
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    ok(&pki, &url, &["enroll", "dev-1", "--out", &out("dev-1")]);
+    ok(&pki, &url, &["enroll", "dev-2", "--out", &out("dev-2")]);
+    refused(
+        &pki,
+        &url,
+        &["enroll", "dev-1", "--out", &out("dev-1b")],
+        "device dev-1 already has an active certificate",
+    );
+    let revoked = revoked_serial(&ok(&pki, &url, &["revoke", "dev-1"]));
+    let crl = run_bounded(
+        {
+            let mut c = Command::new("openssl");
+            c.args(["crl", "-noout", "-text", "-in"])
+                .arg(pki.join("crl.pem"));
+            c
+        },
+        30,
+    );
+    assert!(
+        text(&crl).to_lowercase().contains(&revoked.to_lowercase()),
+        "{revoked} not in the CRL: {}",
+        text(&crl)
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&pki, &url, &["list", "--json"])).unwrap();
+    let active: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "device" && r["status"] == "active")
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(active, ["dev-2"], "{list}");
+    // What the registry holds is what the database holds.
+    assert_eq!(
+        pg.psql(
+            "fleet",
+            "SELECT count(*) FROM certificates WHERE kind = 'device' AND revoked_at IS NULL"
+        )
+        .unwrap()
+        .trim(),
+        "1"
+    );
+
+    // Refused, each with its reason.
+    let other = dir.path().join("other");
+    refused(
+        &other,
+        &url,
+        &["init", "--trust-domain", "iot.example.com"],
+        "already holds a PKI",
+    );
+    assert!(!other.exists(), "a refused init leaves no directory");
+    refused(&pki, "sqlite", &["list"], "give --registry");
+    let empty = pg.database("empty");
+    refused(&pki, &empty, &["list"], "holds no PKI");
+    refused(&pki, "mysql://db/x", &["list"], "is not a registry");
+    let mut wrong = provisioning(&pki, &url, &["list"]);
+    wrong.env("PGPASSWORD", "wrong");
+    let out = run_bounded(wrong, 60);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("password authentication failed"),
+        "{}",
+        text(&out)
+    );
+    let closed = format!("postgres://{PG_USER}@127.0.0.1:{}/fleet", free_port());
+    refused(&pki, &closed, &["list"], "unreachable");
+}
+
+/// Two operators (here six) enrolling and revoking one device at the same
+/// moment, round after round: never two active certificates for it, and
+/// every revocation reported is in the registry and in the CRL.
+#[test]
+fn operators_racing_never_make_two_active_certificates_or_lose_a_revocation() {
+    let pg = Postgres::start();
+    let url = pg.database("race");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    init(&pki, &url);
+    let mut revoked = Vec::new();
+    let mut enrolled = 0;
+    for round in 0..5 {
+        let children: Vec<_> = (0..6)
+            .map(|i| {
+                let out = dir.path().join(format!("r{round}-{i}"));
+                let out = out.display().to_string();
+                let args: Vec<&str> = if i % 2 == 0 {
+                    vec!["enroll", "pump-1", "--out", &out]
+                } else {
+                    vec!["revoke", "pump-1"]
+                };
+                let mut cmd = provisioning(&pki, &url, &args);
+                cmd.stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for (i, child) in children.into_iter().enumerate() {
+            let out = finish(child, 120);
+            let said = text(&out);
+            match (i % 2 == 0, out.status.success()) {
+                (true, true) => enrolled += 1,
+                (true, false) => assert!(
+                    said.contains("already has an active certificate"),
+                    "an enroll failed for another reason: {said}"
+                ),
+                (false, true) => revoked.push(revoked_serial(&said)),
+                (false, false) => assert!(
+                    said.contains("has no active certificate")
+                        || said.contains("no certificate was ever"),
+                    "a revoke failed for another reason: {said}"
+                ),
+            }
+        }
+        let active = pg
+            .psql(
+                "race",
+                "SELECT count(*) FROM certificates WHERE name = 'pump-1' AND revoked_at IS NULL",
+            )
+            .unwrap();
+        assert!(
+            active.trim() == "0" || active.trim() == "1",
+            "round {round}: {active} active certificates for pump-1"
+        );
+    }
+    assert!(
+        enrolled >= 1 && !revoked.is_empty(),
+        "{enrolled} {revoked:?}"
+    );
+    // Every revocation is in the registry and in the CRL on disk (the
+    // last revoke wrote it, under the same lock).
+    let in_db = pg
+        .psql(
+            "race",
+            "SELECT serial FROM certificates WHERE revoked_at IS NOT NULL AND kind = 'device'",
+        )
+        .unwrap();
+    let crl = {
+        let mut c = Command::new("openssl");
+        c.args(["crl", "-noout", "-text", "-in"])
+            .arg(pki.join("crl.pem"));
+        text(&run_bounded(c, 30)).to_lowercase()
+    };
+    for serial in &revoked {
+        assert!(in_db.contains(serial.as_str()), "{serial} lost: {in_db}");
+        assert!(
+            crl.contains(&serial.to_lowercase()),
+            "{serial} not in the CRL"
+        );
+    }
+    eprintln!(
+        "race: {enrolled} enrolled, {} revoked over 5 rounds of 6 operators",
+        revoked.len()
+    );
+}
+
+/// PostgreSQL restarts while devices are enrolled one after another: the
+/// enrollments it cuts off fail with a reason and record nothing; the
+/// rest, and a retry of the failed ones, are all there once, each device
+/// with one active certificate.
+#[test]
+fn postgres_restarting_while_enrolling_loses_nothing_and_doubles_nothing() {
+    let mut pg = Postgres::start();
+    let url = pg.database("restart");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    init(&pki, &url);
+    const DEVICES: usize = 40;
+    let enroll = {
+        let (pki, url, dir) = (pki.clone(), url.clone(), dir.path().to_owned());
+        move |i: usize, attempt: usize| {
+            let out = dir
+                .join(format!("dev-{i:02}-{attempt}"))
+                .display()
+                .to_string();
+            run(
+                &pki,
+                &url,
+                &["enroll", &format!("dev-{i:02}"), "--out", &out],
+            )
+        }
+    };
+    let worker = {
+        let enroll = enroll.clone();
+        std::thread::spawn(move || (0..DEVICES).map(|i| (i, enroll(i, 0))).collect::<Vec<_>>())
+    };
+    // Restart once a few have gone through, and again a moment later.
+    assert!(wait_until(60, || {
+        pg.psql(
+            "restart",
+            "SELECT count(*) FROM certificates WHERE kind = 'device'",
+        )
+        .is_ok_and(|n| n.trim().parse::<usize>().unwrap_or(0) >= 5)
+    }));
+    pg.restart();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    pg.stop();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    pg.resume();
+    let results = worker.join().unwrap();
+    let mut failed = Vec::new();
+    for (i, out) in &results {
+        if !out.status.success() {
+            let said = text(out);
+            let unknown = said.contains("may or may not have been recorded");
+            assert!(
+                said.contains("unreachable") || unknown,
+                "dev-{i:02} failed without saying the registry was away: {said}"
+            );
+            assert!(
+                !dir.path().join(format!("dev-{i:02}-0")).exists(),
+                "dev-{i:02}: a failed enrollment wrote a bundle"
+            );
+            failed.push((*i, unknown));
+        }
+    }
+    for (i, unknown) in &failed {
+        let out = enroll(*i, 1);
+        // Only a commit cut off mid-way may have gone through, and then
+        // the retry is refused for the right reason.
+        let recorded = *unknown && text(&out).contains("already has an active certificate");
+        assert!(
+            out.status.success() || recorded,
+            "retry of dev-{i:02}: {}",
+            text(&out)
+        );
+    }
+    let per_device = pg
+        .psql(
+            "restart",
+            "SELECT name, count(*) FROM certificates WHERE kind = 'device' \
+             AND revoked_at IS NULL GROUP BY name ORDER BY name",
+        )
+        .unwrap();
+    let rows: Vec<&str> = per_device.lines().collect();
+    assert_eq!(rows.len(), DEVICES, "{per_device}");
+    assert!(rows.iter().all(|r| r.ends_with("|1")), "{per_device}");
+    eprintln!(
+        "restart: {DEVICES} enrolled, {} cut off by the restarts and retried",
+        failed.len()
+    );
+}
