@@ -93,6 +93,18 @@ pub(crate) fn sign(
         .and_then(published_number)
         .map_or(0, |n| n.saturating_add(1));
     let number = tx.next_crl_number(scope, floor)?;
+    sign_numbered(scope, tx, issuer, now, number)
+}
+
+/// Signs `scope`'s CRL with `number` as given, the registry's counter left
+/// as it is: a node catching up with a number another node took.
+pub(crate) fn sign_numbered(
+    scope: Scope,
+    tx: &impl StoreTx,
+    issuer: &Issuer<'_, impl SigningKey>,
+    now: OffsetDateTime,
+    number: u64,
+) -> Result<CertificateRevocationList> {
     let revoked_certs = tx
         .revoked_unexpired(scope, now)?
         .into_iter()
@@ -119,7 +131,7 @@ pub(crate) fn sign(
 }
 
 /// The CRL number of a published PEM CRL, if it has one.
-fn published_number(pem_bytes: &[u8]) -> Option<u64> {
+pub(crate) fn published_number(pem_bytes: &[u8]) -> Option<u64> {
     let block = pem::parse(pem_bytes).ok()?;
     let (_, crl) = x509_parser::parse_x509_crl(block.contents()).ok()?;
     crl.crl_number()?.to_string().parse().ok()

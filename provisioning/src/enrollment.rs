@@ -320,6 +320,48 @@ impl<S: Store> Pki<S> {
         Ok(record)
     }
 
+    /// Signs the device CRL again if the registry's CRL number has moved
+    /// past the one in this PKI directory: another node sharing the
+    /// registry (PostgreSQL) revoked since. It signs at the registry's
+    /// number, not a new one, so two services catching up with each other
+    /// settle instead of taking turns forever. Returns the number, if it
+    /// signed. The CA service runs it every second, so that gateways
+    /// pulling `GET /v1/crl` from it learn of every node's revocations.
+    pub fn catch_up_crl(&mut self, ca: &CaIssuer) -> Result<Option<u64>> {
+        let scope = Scope::Device;
+        let path = self.dir().join(scope.file());
+        let on_disk = std::fs::read(&path)
+            .ok()
+            .and_then(|pem| crl::published_number(&pem))
+            .unwrap_or(0);
+        let in_registry = self
+            .store
+            .setting(scope.number_setting())?
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if in_registry <= on_disk {
+            return Ok(None);
+        }
+        let tx = self.store.begin()?;
+        // Read again under the writer lock: a revocation may have landed
+        // in between, and the number and the revoked set must match.
+        let number = tx
+            .setting(scope.number_setting())?
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(in_registry);
+        let crl = crl::sign_numbered(scope, &tx, &ca.issuer, crate::registry::now(), number)?;
+        atomic::write(
+            &path,
+            crl.pem()?.as_bytes(),
+            atomic::PUBLIC,
+            Durability::Sync,
+        )?;
+        // Nothing changed in the registry; ending the transaction frees
+        // the lock.
+        drop(tx);
+        Ok(Some(number))
+    }
+
     /// Signs a fresh CRL of `scope`'s CA (new number, new validity
     /// window), writes it to the PKI and returns it.
     pub fn refresh_crl(&mut self, scope: Scope) -> Result<rcgen::CertificateRevocationList> {

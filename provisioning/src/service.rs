@@ -165,6 +165,7 @@ pub async fn run(
     tracing::info!(listen = %listener.local_addr()?, "CA service ready");
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::spawn(settle_periodically(state.clone()));
+    tokio::spawn(catch_up_crl_periodically(state.clone()));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -1081,6 +1082,41 @@ async fn settle_periodically(state: Arc<State>) {
             Ok(Ok(n)) => tracing::info!(count = n, "grace period over: predecessors superseded"),
             Ok(Err(e)) => tracing::warn!(error = %e, "settling renewals failed"),
             Err(e) => tracing::warn!(error = %e, "settling renewals failed"),
+        }
+    }
+}
+
+/// Keeps the CRL this service hands out (`GET /v1/crl`) up with the
+/// registry, which other provisioning nodes may share and revoke in.
+async fn catch_up_crl_periodically(state: Arc<State>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    // A registry that is away is said once, not every second.
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let core = state.clone();
+        let caught = tokio::task::spawn_blocking(move || {
+            core.pki
+                .lock()
+                .map_err(|_| "poisoned".to_owned())?
+                .catch_up_crl(&core.ca)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match caught {
+            Ok(n) => {
+                if let Some(number) = n {
+                    tracing::info!(number, "CRL signed again: the shared registry moved on");
+                }
+                failing = false;
+            }
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "cannot check the registry for new revocations");
+                failing = true;
+            }
+            Err(_) => {}
         }
     }
 }
