@@ -19,6 +19,13 @@ impl CaService {
     /// 127.0.0.1 in `ca-service/`, with `args` (e.g. `--ra gw`) after the
     /// fleet's PKI and the listening address.
     pub fn start(fleet: &mut Fleet, args: &[&str]) -> CaService {
+        let pki = fleet.path("pki");
+        Self::start_on(fleet, &pki, args)
+    }
+
+    /// [`Self::start`] on the PKI directory `pki` (another provisioning
+    /// node's copy of the fleet's CA files).
+    pub fn start_on(fleet: &mut Fleet, pki: &std::path::Path, args: &[&str]) -> CaService {
         let dir = fleet.path("ca-service");
         std::fs::create_dir_all(&dir).unwrap();
         let cert = fleet
@@ -48,7 +55,7 @@ impl CaService {
         let port = free_port();
         let mut cmd = Command::new(built("provisioning"));
         cmd.arg("--pki")
-            .arg(fleet.path("pki"))
+            .arg(pki)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--cert")
             .arg(dir.join("service.pem"))

@@ -9,7 +9,7 @@ use rcgen::{
 };
 use twofold_protocol::{DeviceId, Principal, ServiceName, TrustDomain};
 use twofold_provisioning::output::{self, files};
-use twofold_provisioning::registry::RevocationReason;
+use twofold_provisioning::registry::{RegistryUrl, RevocationReason};
 use twofold_provisioning::{
     EnrollOptions, EnrollRequest, KeySource, Pki, RevokeTarget, Serial, atomic::Durability,
 };
@@ -44,11 +44,17 @@ impl Default for Fleet {
 
 impl Fleet {
     pub fn new() -> Fleet {
+        Self::with_registry(&RegistryUrl::Sqlite)
+    }
+
+    /// A fleet whose PKI keeps its registry in `registry`.
+    pub fn with_registry(registry: &RegistryUrl) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let mut pki = Pki::init(
+        let mut pki = Pki::init_with(
             &dir.path().join("pki"),
             TrustDomain::parse(TD).unwrap(),
             None,
+            registry,
         )
         .unwrap();
         let gw = pki

@@ -153,6 +153,15 @@ impl Postgres {
         self.url(name)
     }
 
+    /// The URL with the password in it, for a process whose environment
+    /// the test cannot set (and never for an operator: `ps` shows it).
+    pub fn url_with_password(&self, database: &str) -> String {
+        format!(
+            "postgres://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{}/{database}",
+            self.port
+        )
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgres://{PG_USER}@127.0.0.1:{}/{database}", self.port)
     }

@@ -314,3 +314,102 @@ fn postgres_restarting_while_enrolling_loses_nothing_and_doubles_nothing() {
         failed.len()
     );
 }
+
+/// Two provisioning nodes share the registry: one runs the CA service the
+/// gateway pulls its CRL from, the other revokes. The service signs the
+/// CRL again when the registry moves on, and the gateway closes the
+/// revoked device's session.
+#[test]
+fn a_revocation_on_another_node_reaches_the_gateway_through_the_ca_service() {
+    let pg = Postgres::start();
+    pg.database("nodes");
+    let registry =
+        twofold_provisioning::registry::RegistryUrl::Postgres(pg.url_with_password("nodes"));
+    let mut fleet = Fleet::with_registry(&registry);
+    let dev = fleet.device("sensor-1");
+    fleet.service("gw");
+    let ca = CaService::start(
+        &mut fleet,
+        &["--ra", "gw", "--registry", &pg.url_with_password("nodes")],
+    );
+    let config = format!("{}crl_poll_secs = 1\n", ca.gateway_toml(&fleet, "gw"));
+    let gw = Gateway::start(&fleet, &config);
+    let sub = mosquitto_sub(
+        &fleet,
+        &gw,
+        &dev,
+        &["-i", "sensor-1", "-t", "devices/sensor-1/commands"],
+    );
+    wait_connected(&gw, "sensor-1");
+
+    // The second node: the same CA files, the same registry.
+    let node2 = fleet.path("node-2");
+    std::fs::create_dir_all(&node2).unwrap();
+    for entry in std::fs::read_dir(fleet.path("pki")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), node2.join(entry.file_name())).unwrap();
+        }
+    }
+    let said = ok(&node2, &pg.url("nodes"), &["revoke", "sensor-1"]);
+    let serial = revoked_serial(&said);
+    let closed = gw.wait_for(|e| {
+        e["reason"] == "revoked"
+            && e["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("while connected")
+    });
+    assert!(closed.is_some(), "{}\n{}", gw.log(), ca.proc.log());
+    assert!(
+        finish(sub, 10).status.code().is_some(),
+        "the session was left open"
+    );
+    // The gateway's CRL is the service's, signed again after node 2's.
+    let crl = {
+        let mut c = Command::new("openssl");
+        c.args(["crl", "-noout", "-text", "-in"])
+            .arg(fleet.path("gw/crl.pem"));
+        text(&run_bounded(c, 30)).to_lowercase()
+    };
+    assert!(crl.contains(&serial.to_lowercase()), "{crl}");
+    assert!(
+        ca.proc.log().contains("CRL signed again"),
+        "{}",
+        ca.proc.log()
+    );
+
+    // A second CA service, on node 2: the two catch up with each other
+    // once and settle; neither keeps signing new numbers.
+    let second = CaService::start_on(
+        &mut fleet,
+        &node2,
+        &["--ra", "gw", "--registry", &pg.url_with_password("nodes")],
+    );
+    let number = || {
+        pg.psql(
+            "nodes",
+            "SELECT value FROM settings WHERE key = 'crl_number'",
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let settled = number();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        number(),
+        settled,
+        "the services keep signing:\n{}\n{}",
+        ca.proc.log(),
+        second.proc.log()
+    );
+    let on_disk = |dir: &std::path::Path| {
+        let mut c = Command::new("openssl");
+        c.args(["crl", "-noout", "-crlnumber", "-in"])
+            .arg(dir.join("crl.pem"));
+        text(&run_bounded(c, 30))
+    };
+    assert_eq!(on_disk(&fleet.path("pki")), on_disk(&node2));
+}
