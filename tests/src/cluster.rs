@@ -19,12 +19,26 @@ pub struct Cluster {
     /// Where devices connect: haproxy.
     pub port: u16,
     extra: String,
+    /// Each gateway names its own node first (else all name the first).
+    spread: bool,
 }
 
 impl Cluster {
     /// `nodes` NATS nodes and `gateways` gateways behind haproxy; `extra`
     /// is added to every gateway's configuration.
     pub fn start(fleet: &Fleet, nodes: usize, gateways: usize, extra: &str) -> Cluster {
+        Self::start_with(fleet, nodes, gateways, extra, true)
+    }
+
+    /// [`Self::start`]; with `spread` false every gateway names the nodes
+    /// in the same order, so all sessions live on the first node.
+    pub fn start_with(
+        fleet: &Fleet,
+        nodes: usize,
+        gateways: usize,
+        extra: &str,
+        spread: bool,
+    ) -> Cluster {
         let nats = Nats::cluster(fleet, nodes);
         let gateway_ports: Vec<(u16, u16)> =
             (0..gateways).map(|_| (free_port(), free_port())).collect();
@@ -37,6 +51,7 @@ impl Cluster {
             haproxy,
             port,
             extra: extra.to_owned(),
+            spread,
         };
         for i in 0..gateways {
             let gw = cluster.start_gateway(fleet, i);
@@ -46,14 +61,15 @@ impl Cluster {
     }
 
     /// The configuration of gateway `i`: every node, its own (`i` modulo
-    /// the nodes) first.
+    /// the nodes) first unless the cluster is not spread.
     pub fn gateway_config(&self, i: usize) -> String {
         let n = self.nats.nodes.len();
+        let first = if self.spread { i } else { 0 };
         let urls: Vec<String> = (0..n)
             .map(|k| {
                 format!(
                     "\"mqtt://127.0.0.1:{}\"",
-                    self.nats.nodes[(i + k) % n].mqtt_port
+                    self.nats.nodes[(first + k) % n].mqtt_port
                 )
             })
             .collect();
@@ -149,6 +165,12 @@ fn haproxy(fleet: &Fleet, port: u16, gateways: &[(u16, u16)]) -> Proc {
 /// sit where [`crate::account_telemetry`] reads them (`queue-NAME.sqlite`).
 pub struct Devices {
     pub names: Vec<String>,
+    /// Each device's telemetry topic, queue and link's wake-up.
+    feeds: Vec<(
+        String,
+        twofold_agent::queue::Queue,
+        std::sync::Arc<tokio::sync::Notify>,
+    )>,
     runtime: tokio::runtime::Runtime,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -188,6 +210,7 @@ impl Devices {
             .unwrap();
         let (stop, shutdown) = watch::channel(false);
         let (mut names, mut tasks, mut inboxes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut feeds = Vec::new();
         // bulk-enroll pads the numbers to the width of the last.
         let width = n.to_string().len();
         for k in 1..=n {
@@ -211,6 +234,7 @@ impl Devices {
             let (commands, inbox) = mpsc::channel(1);
             inboxes.push(inbox);
             let topic = format!("devices/{name}/telemetry");
+            feeds.push((topic.clone(), queue.clone(), wake.clone()));
             let link = Link {
                 tls: watch::channel(identity.tls.clone()).1,
                 identity,
@@ -256,10 +280,27 @@ impl Devices {
         }
         Devices {
             names,
+            feeds,
             runtime,
             stop,
             tasks,
             _commands: inboxes,
+        }
+    }
+
+    /// Stores `k` telemetry samples in every device's queue at once and
+    /// wakes its link: a burst of QoS 1 PUBLISHes.
+    pub fn burst(&self, k: usize) {
+        use twofold_agent::{config::Format, telemetry};
+        for (topic, queue, wake) in &self.feeds {
+            for _ in 0..k {
+                queue
+                    .push_with(topic, Some("telemetry"), |seq| {
+                        telemetry::encode(seq, None, &[], Format::Postcard)
+                    })
+                    .unwrap();
+            }
+            wake.notify_one();
         }
     }
 

@@ -33,6 +33,6 @@ pub use mqtt::{
 pub use nats::{NATS_PASSWORD, NATS_USER, Nats};
 pub use postgres::{PG_PASSWORD, PG_USER, Postgres};
 pub use process::{
-    Proc, assert_alive_then_kill, built, exit_status, finish, free_port, run_bounded, spawn, text,
-    wait_port, wait_until,
+    Proc, assert_alive_then_kill, built, cpu_seconds, exit_status, finish, free_port, run_bounded,
+    spawn, text, wait_port, wait_until,
 };
