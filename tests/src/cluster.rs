@@ -195,10 +195,8 @@ impl Devices {
 
         let fds = rlimit::increase_nofile_limit(5 * n as u64 + 4096).unwrap();
         assert!(fds >= 5 * n as u64, "open files are limited to {fds}");
-        let mut bulk = Command::new(crate::process::built("provisioning"));
-        bulk.arg("--pki")
-            .arg(fleet.path("pki"))
-            .args(["bulk-enroll", "--prefix", prefix, "--count", &n.to_string()])
+        let mut bulk = fleet.provisioning();
+        bulk.args(["bulk-enroll", "--prefix", prefix, "--count", &n.to_string()])
             .arg("--out")
             .arg(fleet.path(prefix));
         let done = crate::process::run_bounded(bulk, 300);

@@ -25,6 +25,8 @@ pub struct Fleet {
     pub pki: Pki,
     /// The serial of the certificate in `gw/`.
     pub gateway_serial: Serial,
+    /// Where the PKI's registry is.
+    pub registry: RegistryUrl,
 }
 
 /// A certificate chain and key on disk: a bundle directory from
@@ -69,6 +71,7 @@ impl Fleet {
             dir,
             pki,
             gateway_serial: gw.record.serial.clone(),
+            registry: registry.clone(),
         };
         output::write_gateway(
             &fleet.path("gw"),
@@ -85,6 +88,16 @@ impl Fleet {
         let clients = format!("{}{root}", fleet.pki.device_ca_pem().unwrap());
         std::fs::write(fleet.path("openssl-client-ca.pem"), clients).unwrap();
         fleet
+    }
+
+    /// The `provisioning` command on this fleet's PKI and registry.
+    pub fn provisioning(&self) -> Command {
+        let mut cmd = Command::new(built("provisioning"));
+        cmd.arg("--pki").arg(self.path("pki"));
+        if let RegistryUrl::Postgres(url) = &self.registry {
+            cmd.args(["--registry", url]);
+        }
+        cmd
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

@@ -1,9 +1,11 @@
 //! Three gateways behind haproxy over a three-node NATS cluster with
 //! JetStream, under QoS 1 telemetry from 200 simulated devices (the Linux
 //! agent's own link and disk queue, in this process). One cluster serves
-//! every fault in turn: a gateway killed (-9), then a NATS node killed
-//! (-9). Every sample any device generated must have reached the
-//! backend's subscriber or still be in that device's queue.
+//! every fault in turn: a gateway killed (-9), a NATS node killed (-9),
+//! PostgreSQL (the registry) restarted while devices enroll, a revocation
+//! pushed while a gateway is down. Every sample any device generated must
+//! have reached the backend's subscriber or still be in that device's
+//! queue.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -42,7 +44,12 @@ fn rebound(cluster: &Cluster, skip: &[usize]) -> usize {
 
 #[test]
 fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
-    let fleet = Fleet::new();
+    // The registry in PostgreSQL, restarted below while devices enroll.
+    let mut pg = Postgres::start();
+    pg.database("cluster");
+    let fleet = Fleet::with_registry(&twofold_provisioning::registry::RegistryUrl::Postgres(
+        pg.url_with_password("cluster"),
+    ));
     let mut cluster = Cluster::start(&fleet, 3, 3, "");
     // The backend's subscriber: a persistent QoS 1 session on the third
     // node, which stays up.
@@ -109,6 +116,48 @@ fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
     let node_back = back_after(&sub, &before, killed, 120);
     let reconnected = rebound(&cluster, &skip);
 
+    // PostgreSQL restarted while 20 more devices are enrolled one by one:
+    // the enrollments it cuts off fail, saying why, and go through when
+    // retried; the sessions carry on (gateways never read the registry).
+    let before = sub.latest_telemetry();
+    let restarted = Instant::now();
+    let enroll = |i: usize| {
+        let mut cmd = fleet.provisioning();
+        cmd.args(["enroll", &format!("late-{i:02}"), "--out"])
+            .arg(fleet.path(&format!("late/late-{i:02}")));
+        cmd
+    };
+    let queued: Vec<_> = (1..=20).map(|i| (i, enroll(i))).collect();
+    let (cut_off, registry_back) = std::thread::scope(|s| {
+        let worker = s.spawn(move || {
+            queued
+                .into_iter()
+                .map(|(i, cmd)| (i, run_bounded(cmd, 60)))
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        pg.restart();
+        let results = worker.join().unwrap();
+        let mut cut_off = 0;
+        for (i, out) in results {
+            if !out.status.success() {
+                assert!(
+                    text(&out).contains("unreachable"),
+                    "late-{i:02}: {}",
+                    text(&out)
+                );
+                cut_off += 1;
+                let again = run_bounded(enroll(i), 60);
+                assert!(again.status.success(), "retry: {}", text(&again));
+            }
+        }
+        (cut_off, back_after(&sub, &before, restarted, 60))
+    });
+    assert!(
+        registry_back.is_some(),
+        "telemetry stopped while PostgreSQL restarted"
+    );
+
     // Revocation, pushed on the broker. The first gateway is down while
     // it happens and must catch up when it starts.
     let before = sub.latest_telemetry();
@@ -126,13 +175,8 @@ fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
     let victim = victim.as_str();
     let password = fleet.path("nats-password");
     std::fs::write(&password, NATS_PASSWORD).unwrap();
-    let mut revoke = std::process::Command::new(built("provisioning"));
-    revoke.arg("--pki").arg(fleet.path("pki")).args([
-        "revoke",
-        victim,
-        "--reason",
-        "key-compromise",
-    ]);
+    let mut revoke = fleet.provisioning();
+    revoke.args(["revoke", victim, "--reason", "key-compromise"]);
     // The dead node first: the push goes on to the next.
     for node in [1, 2, 0] {
         revoke.args([
@@ -248,9 +292,11 @@ fn a_cluster_loses_no_qos1_telemetry_when_a_gateway_or_a_nats_node_dies() {
         "cluster of 3 gateways, 3 NATS nodes, {DEVICES} devices (sessions per gateway at \
          first: {per_gateway:?}): gateway kill -9: {moved} sessions re-bound, every device \
          back in {}; NATS node kill -9: {reconnected} sessions re-bound, every device back in \
-         {}; {total}",
+         {}; PostgreSQL restarted while enrolling 20: {cut_off} cut off and retried, every \
+         device delivering {} after; {total}",
         shown(gateway_back),
         shown(node_back),
+        shown(registry_back),
     );
     assert!(total.lost.is_empty(), "lost: {:?}", total.lost);
     assert!(
