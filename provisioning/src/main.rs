@@ -336,10 +336,10 @@ struct Target {
 /// Where a new device CRL is pushed: the broker the gateways relay to.
 #[derive(Args)]
 struct PushArgs {
-    /// mqtt://HOST:PORT of the broker the gateways relay to (repeat for
-    /// the nodes of a cluster: tried in order). The CRL is published
-    /// retained on `twofold/v1/crl`; every gateway takes it within a
-    /// second and closes the revoked sessions.
+    /// mqtt://HOST:PORT or mqtts://HOST:PORT of the broker the gateways
+    /// relay to (repeat for the nodes of a cluster: tried in order). The
+    /// CRL is published retained on `twofold/v1/crl`; every gateway takes
+    /// it within a second and closes the revoked sessions.
     #[arg(long = "push", value_name = "URL")]
     urls: Vec<String>,
     /// The broker user to push as.
@@ -348,6 +348,10 @@ struct PushArgs {
     /// A file holding that user's password (never on the command line).
     #[arg(long = "push-password-file", value_name = "FILE", requires = "urls")]
     password_file: Option<PathBuf>,
+    /// For mqtts://: the CA certificates (PEM) the broker's certificate
+    /// must chain to; nothing else is trusted.
+    #[arg(long = "push-ca", value_name = "FILE", requires = "urls")]
+    ca: Option<PathBuf>,
 }
 
 impl PushArgs {
@@ -364,10 +368,18 @@ impl PushArgs {
                     .to_owned(),
             ),
         };
+        let ca = match &self.ca {
+            None => Vec::new(),
+            Some(f) => pem_certs("--push-ca", std::slice::from_ref(f))?
+                .into_iter()
+                .map(rustls::pki_types::CertificateDer::from)
+                .collect(),
+        };
         Ok(Some(twofold_provisioning::push::Target {
             urls: self.urls.clone(),
             username: self.username.clone(),
             password,
+            ca,
         }))
     }
 }
@@ -480,9 +492,9 @@ fn open(cli: &Cli) -> Result<Pki, Error> {
     Pki::open_with(&cli.pki, Box::new(CliPassphrase), &cli.registry)
 }
 
-/// The certificates (DER) in each PEM file of `paths`; a file with none
-/// is an error.
-fn bootstrap_cas(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+/// The certificates (DER) in each PEM file of `paths`, given with `flag`;
+/// a file with none is an error.
+fn pem_certs(flag: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for path in paths {
         let text =
@@ -494,10 +506,7 @@ fn bootstrap_cas(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
             .map(|p| p.into_contents())
             .collect();
         if certs.is_empty() {
-            bail!(
-                "--est-bootstrap-ca {}: no certificate in it",
-                path.display()
-            );
+            bail!("{flag} {}: no certificate in it", path.display());
         }
         out.extend(certs);
     }
@@ -919,7 +928,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 grace: time::Duration::try_from(*grace)?,
                 rate_limit: (*rate_limit).max(1),
                 rate_window: *rate_window,
-                bootstrap_cas: bootstrap_cas(est_bootstrap_cas)?,
+                bootstrap_cas: pem_certs("--est-bootstrap-ca", est_bootstrap_cas)?,
                 server_lifetime: time::Duration::try_from(*server_lifetime)?
                     .max(twofold_provisioning::renewal::MIN_LIFETIME),
             };

@@ -3,10 +3,13 @@
 //! listens there, checks the CRL (signed by its client CA, newer than its
 //! own) and closes the revoked sessions; the broker keeps the message, so
 //! a gateway that starts later gets it too (NATS: in a JetStream stream).
+//! `mqtts://` pushes over TLS, trusting only the CA given for the broker.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS};
+use rustls::pki_types::CertificateDer;
 
 pub use twofold_protocol::topic::CRL as TOPIC;
 
@@ -16,11 +19,35 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where and as whom to push.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// `mqtt://host:port`, the nodes of one broker: tried in order until
-    /// one acknowledges.
+    /// `mqtt://host:port` or `mqtts://host:port`, the nodes of one
+    /// broker: tried in order until one acknowledges.
     pub urls: Vec<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// For `mqtts://`: the CA certificates the broker's certificate must
+    /// chain to (DER).
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+/// The TLS client side of a push: only `ca` is trusted, and the broker's
+/// certificate must name the URL's host.
+fn tls(ca: &[CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
+    if ca.is_empty() {
+        return Err("mqtts:// needs the broker's CA: give --push-ca FILE".into());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("--push-ca: not a usable CA certificate: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// Publishes `pem` retained on [`TOPIC`]; returns the node that
@@ -37,23 +64,22 @@ pub fn crl(target: &Target, pem: &[u8]) -> Result<String, String> {
 }
 
 fn push_to(url: &str, target: &Target, pem: &[u8]) -> Result<(), String> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt", rest)) => rest,
-        Some(("mqtts", _)) => {
-            return Err(
-                "mqtts:// is not supported for the push yet; push to a node \
-                        on a trusted network, or let gateways pull from the CA service"
-                    .into(),
-            );
-        }
-        _ => return Err("not an mqtt://HOST:PORT URL".into()),
+    let (secure, rest) = match url.split_once("://") {
+        Some(("mqtt", rest)) => (false, rest),
+        Some(("mqtts", rest)) => (true, rest),
+        _ => return Err("not an mqtt://HOST:PORT or mqtts://HOST:PORT URL".into()),
     };
     let (host, port) = rest
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .ok_or("not an mqtt://HOST:PORT URL")?;
+        .ok_or("not an mqtt://HOST:PORT or mqtts://HOST:PORT URL")?;
     let id = format!("twofold-provisioning-{}", std::process::id());
     let mut options = MqttOptions::new(id, host.trim_matches(['[', ']']), port);
+    if secure {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls(&target.ca)?),
+        ));
+    }
     options.set_keep_alive(Duration::from_secs(10));
     options.set_max_packet_size(64 * 1024, pem.len() + 1024);
     if let Some(user) = &target.username {
