@@ -42,6 +42,8 @@ impl NatsNode {
 /// file storage under the fleet's directory; killed (-9) when dropped.
 pub struct Nats {
     pub nodes: Vec<NatsNode>,
+    /// With TLS on the MQTT listeners: the CA file clients trust.
+    tls_ca: Option<PathBuf>,
 }
 
 impl Nats {
@@ -53,6 +55,16 @@ impl Nats {
     /// `n` nodes routed to each other; JetStream (and with it the MQTT
     /// sessions' state) is replicated across them.
     pub fn cluster(fleet: &Fleet, n: usize) -> Nats {
+        Self::build(fleet, n, false)
+    }
+
+    /// One node whose MQTT listener speaks TLS only, with the fleet's
+    /// gateway certificate (it names localhost).
+    pub fn single_tls(fleet: &Fleet) -> Nats {
+        Self::build(fleet, 1, true)
+    }
+
+    fn build(fleet: &Fleet, n: usize, tls: bool) -> Nats {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for (i, route) in routes.iter().enumerate() {
@@ -63,13 +75,22 @@ impl Nats {
                 "server_name: {name}\nlisten: 127.0.0.1:{}\n\
                  jetstream {{ store_dir: {store:?} }}\n\
                  authorization {{ users = [ {{user: {NATS_USER}, password: {NATS_PASSWORD}}} ] }}\n\
-                 mqtt {{ listen: 127.0.0.1:{mqtt_port}, stream_replicas: {replicas} }}\n",
+                 mqtt {{ listen: 127.0.0.1:{mqtt_port}, stream_replicas: {replicas}{tls} }}\n",
                 free_port(),
                 // Explicit: NATS otherwise sizes the MQTT streams by the
                 // nodes it knows when the first client comes, which may be
                 // fewer while the cluster forms (R2 of 3 loses quorum with
                 // one node).
-                replicas = n.min(3)
+                replicas = n.min(3),
+                tls = if tls {
+                    format!(
+                        ", tls {{ cert_file: {:?}, key_file: {:?} }}",
+                        fleet.path("gw/gateway.pem"),
+                        fleet.path("gw/gateway.key")
+                    )
+                } else {
+                    String::new()
+                }
             );
             if n > 1 {
                 let others: Vec<String> = routes
@@ -92,7 +113,10 @@ impl Nats {
                 restarts: 0,
             });
         }
-        let mut nats = Nats { nodes };
+        let mut nats = Nats {
+            nodes,
+            tls_ca: tls.then(|| fleet.path("openssl-ca.pem")),
+        };
         for i in 0..n {
             nats.spawn(fleet, i);
         }
@@ -158,19 +182,29 @@ impl Nats {
         self.nodes[i].wait_listening();
     }
 
+    /// Where node `i` takes MQTT clients, as a URL.
+    pub fn url(&self, i: usize) -> String {
+        match self.tls_ca {
+            Some(_) => format!("mqtts://localhost:{}", self.nodes[i].mqtt_port),
+            None => format!("mqtt://127.0.0.1:{}", self.nodes[i].mqtt_port),
+        }
+    }
+
     /// The gateway's configuration lines that relay to node `i`.
     pub fn gateway_config(&self, i: usize) -> String {
-        format!(
-            "broker = \"mqtt://127.0.0.1:{}\"\nbroker_username = \"{NATS_USER}\"\nbroker_password = \"{NATS_PASSWORD}\"",
-            self.nodes[i].mqtt_port
-        )
+        let mut config = format!(
+            "broker = \"{}\"\nbroker_username = \"{NATS_USER}\"\nbroker_password = \"{NATS_PASSWORD}\"\n",
+            self.url(i)
+        );
+        if let Some(ca) = &self.tls_ca {
+            config.push_str(&format!("broker_ca = {ca:?}\n"));
+        }
+        config
     }
 
     /// mosquitto_sub's arguments to reach node `i` directly, as a backend.
     pub fn client_args(&self, i: usize) -> Vec<String> {
-        [
-            "-h",
-            "127.0.0.1",
+        let mut args: Vec<String> = [
             "-p",
             &self.nodes[i].mqtt_port.to_string(),
             "-u",
@@ -179,7 +213,17 @@ impl Nats {
             NATS_PASSWORD,
         ]
         .map(str::to_owned)
-        .to_vec()
+        .to_vec();
+        match &self.tls_ca {
+            Some(ca) => args.extend([
+                "-h".into(),
+                "localhost".into(),
+                "--cafile".into(),
+                ca.display().to_string(),
+            ]),
+            None => args.extend(["-h".into(), "127.0.0.1".into()]),
+        }
+        args
     }
 
     /// Every node's log so far, for a failing assertion.

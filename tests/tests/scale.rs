@@ -296,9 +296,41 @@ fn a_gateway_pulls_a_new_crl_from_the_ca_service() {
 /// revocation made without --push: the gateway in front of NATS takes it.
 #[test]
 fn push_crl_reaches_a_gateway_through_nats() {
-    let mut fleet = Fleet::new();
+    let fleet = Fleet::new();
+    push_crl_reaches_a_gateway(fleet, Nats::single, &[], &[]);
+}
+
+/// The same over TLS (mqtts://) to the broker: the push trusts only the
+/// CA it is given, and says what is wrong when that is not the broker's.
+#[test]
+fn push_crl_over_mqtts_trusts_only_the_given_ca() {
+    let fleet = Fleet::new();
+    let ca = fleet.path("openssl-ca.pem").display().to_string();
+    // Another PKI's CAs: a broker certificate from this one does not chain.
+    let stranger = Fleet::new();
+    let other_ca = stranger.path("openssl-ca.pem").display().to_string();
+    let refusals = [
+        (vec![], "give --push-ca"),
+        (vec!["--push-ca", other_ca.as_str()], "UnknownIssuer"),
+    ];
+    let refusals: Vec<(&[&str], &str)> = refusals
+        .iter()
+        .map(|(args, why)| (args.as_slice(), *why))
+        .collect();
+    push_crl_reaches_a_gateway(fleet, Nats::single_tls, &["--push-ca", &ca], &refusals);
+}
+
+/// A device revoked without --push, then `push-crl` (with `push_args`)
+/// to the gateway's broker; each of `refused` (other push arguments and
+/// the reason) is tried first and must fail saying why.
+fn push_crl_reaches_a_gateway(
+    mut fleet: Fleet,
+    nats: fn(&Fleet) -> Nats,
+    push_args: &[&str],
+    refused: &[(&[&str], &str)],
+) {
     let dev = fleet.device("sensor-1");
-    let nats = Nats::single(&fleet);
+    let nats = nats(&fleet);
     let gw = Gateway::start(&fleet, &nats.gateway_config(0));
     let publish = || {
         mosquitto_pub(
@@ -317,21 +349,20 @@ fn push_crl_reaches_a_gateway_through_nats() {
             ],
         )
     };
-    assert!(publish().status.success());
+    assert!(publish().status.success(), "{}", gw.log());
     let password = fleet.path("nats-password");
     std::fs::write(&password, format!("{NATS_PASSWORD}\n")).unwrap();
-    let pki = fleet.path("pki");
     let provisioning = |args: &[&str]| {
-        let mut cmd = std::process::Command::new(built("provisioning"));
-        cmd.arg("--pki").arg(&pki).args(args);
+        let mut cmd = fleet.provisioning();
+        cmd.args(args);
         run_bounded(cmd, 30)
     };
     let out = provisioning(&["revoke", "sensor-1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("(or --push it)"), "{}", text(&out));
-    let url = format!("mqtt://127.0.0.1:{}", nats.nodes[0].mqtt_port);
-    let push_crl = || {
-        provisioning(&[
+    let url = nats.url(0);
+    let push_crl = |extra: &[&str]| {
+        let mut args = vec![
             "push-crl",
             "--push",
             &url,
@@ -339,9 +370,20 @@ fn push_crl_reaches_a_gateway_through_nats() {
             NATS_USER,
             "--push-password-file",
             password.to_str().unwrap(),
-        ])
+        ];
+        args.extend(extra);
+        provisioning(&args)
     };
-    let out = push_crl();
+    for (args, why) in refused {
+        let out = push_crl(args);
+        assert!(!out.status.success(), "pushed with {args:?}");
+        assert!(text(&out).contains(why), "{args:?}: {}", text(&out));
+    }
+    assert!(
+        publish().status.success(),
+        "a refused push reached the gateway"
+    );
+    let out = push_crl(push_args);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         wait_until(10, || !publish().status.success()),
@@ -351,7 +393,7 @@ fn push_crl_reaches_a_gateway_through_nats() {
     gw.refusal("revoked");
     // A wrong password is said so, and nothing is pushed.
     std::fs::write(&password, "wrong").unwrap();
-    let out = push_crl();
+    let out = push_crl(push_args);
     assert!(!out.status.success());
     assert!(text(&out).contains("was not pushed"), "{}", text(&out));
 }
