@@ -6,13 +6,27 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A loopback port nothing listens on at the moment.
+/// A loopback port nothing uses at the moment, below Linux's ephemeral
+/// range (32768–60999): a port the kernel handed out (port 0) could be
+/// taken as the local end of an outgoing connection (hundreds of them
+/// while simulated devices run) before the server binds it. A port is
+/// handed out once per process, so parallel tests do not draw the same.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let random = RandomState::new();
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for attempt in 0u32..10_000 {
+        let port = 10_000 + (random.hash_one(attempt) % 22_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in 10000-31999");
 }
 
 /// Waits (at most 20 s) until something accepts on `port`.
