@@ -86,7 +86,26 @@ impl Gateway {
             || TcpStream::connect(addr).is_err()
         {
             if let Some(status) = gateway.child.try_wait().unwrap() {
-                panic!("gateway exited with {status}:\n{}", gateway.log());
+                // Who holds the ports, if a bind failed.
+                let ss = Command::new("ss").arg("-tanp").output();
+                let holders: String = ss
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| gateway.log().contains("in use") && l.contains("127.0.0.1:"))
+                    .filter(|l| {
+                        gateway
+                            .log()
+                            .split(|c: char| !c.is_ascii_digit())
+                            .filter(|n| n.len() >= 4)
+                            .any(|n| l.contains(&format!(":{n} ")))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "gateway exited with {status}:\n{}\n{holders}",
+                    gateway.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
