@@ -22,8 +22,11 @@ struct Figures {
     /// some device connected again (a slow CONNACK, a takeover).
     bound: usize,
     connect_cpu: f64,
+    /// Of which the gateways' (the rest is the broker's).
+    connect_gateway_cpu: f64,
     messages: usize,
     message_cpu: f64,
+    message_gateway_cpu: f64,
     message_secs: f64,
     haproxy_cpu: f64,
 }
@@ -73,7 +76,14 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
         sub,
     } = servers;
     let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let gateway_cpu = || {
+        gateways
+            .iter()
+            .map(|g| cpu_seconds(g.child.id()))
+            .sum::<f64>()
+    };
     let before = cpu();
+    let gateway_before = gateway_cpu();
     let fleet_of = Devices::start(fleet, "bench", devices, port, None);
     assert!(
         wait_until(300, || bound(gateways) >= devices),
@@ -81,10 +91,12 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
         bound(gateways)
     );
     let connect_cpu = cpu() - before;
+    let connect_gateway_cpu = gateway_cpu() - gateway_before;
     let bound_sessions = bound(gateways);
     // Settle, then the burst.
     std::thread::sleep(Duration::from_secs(1));
     let before = cpu();
+    let gateway_before = gateway_cpu();
     let haproxy_before = haproxy.map_or(0.0, cpu_seconds);
     let started = Instant::now();
     fleet_of.burst(burst);
@@ -96,6 +108,7 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
     );
     let message_secs = started.elapsed().as_secs_f64();
     let message_cpu = cpu() - before;
+    let message_gateway_cpu = gateway_cpu() - gateway_before;
     let haproxy_cpu = haproxy.map_or(0.0, cpu_seconds) - haproxy_before;
     fleet_of.stop();
     Figures {
@@ -103,8 +116,10 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
         connects: devices,
         bound: bound_sessions,
         connect_cpu,
+        connect_gateway_cpu,
         messages,
         message_cpu,
+        message_gateway_cpu,
         message_secs,
         haproxy_cpu,
     }
@@ -230,9 +245,9 @@ fn main() {
          QoS 1 messages at once; CPU = the gateways' and NATS nodes' user + system time\n"
     );
     println!(
-        "| setup | connects | sessions bound | server CPU-s | connects per CPU-s | vs 1 gateway | QoS 1 messages | server CPU-s | messages per CPU-s | vs 1 gateway | messages/s | haproxy CPU-s |"
+        "| setup | connects | sessions bound | server CPU-s | of which gateways | connects per CPU-s | vs 1 gateway | QoS 1 messages | server CPU-s | of which gateways | messages per CPU-s | vs 1 gateway | messages/s | haproxy CPU-s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let one = rows
         .iter()
         .find(|r| r.setup.ends_with("1 gateway") && r.setup.starts_with("NATS"));
@@ -246,15 +261,17 @@ fn main() {
         let c = r.connects as f64 / r.connect_cpu;
         let m = r.messages as f64 / r.message_cpu;
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2}× | {} | {:.2} | {:.0} | {:.2}× | {:.0} | {:.2} |",
+            "| {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.2}× | {} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.0} | {:.2} |",
             r.setup,
             r.connects,
             r.bound,
             r.connect_cpu,
+            r.connect_gateway_cpu,
             c,
             c / c1,
             r.messages,
             r.message_cpu,
+            r.message_gateway_cpu,
             m,
             m / m1,
             r.messages as f64 / r.message_secs,
