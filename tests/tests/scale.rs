@@ -3,6 +3,25 @@
 
 use twofold_tests::*;
 
+/// sensor-1 publishes "x" at QoS 1 on its telemetry topic through `gw`.
+fn publish_x(fleet: &Fleet, gw: &Gateway, dev: &Identity) -> std::process::Output {
+    mosquitto_pub(
+        fleet,
+        gw,
+        Some(dev),
+        &[
+            "-i",
+            "sensor-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/sensor-1/telemetry",
+            "-m",
+            "x",
+        ],
+    )
+}
+
 /// A backend service's persistent session holds a QoS 1 message while the
 /// service is away; the gateway is then killed (-9) and NATS restarted
 /// (-9 too). The message still arrives when the service comes back.
@@ -204,40 +223,12 @@ fn a_session_opens_at_the_next_node_when_one_is_down() {
         nats.nodes[0].mqtt_port
     );
     let gw = Gateway::start(&fleet, &config);
-    let out = mosquitto_pub(
-        &fleet,
-        &gw,
-        Some(&dev),
-        &[
-            "-i",
-            "sensor-1",
-            "-q",
-            "1",
-            "-t",
-            "devices/sensor-1/telemetry",
-            "-m",
-            "x",
-        ],
-    );
+    let out = publish_x(&fleet, &gw, &dev);
     assert!(out.status.success(), "{}\n{}", text(&out), gw.log());
     // With no node up, the device hears "server unavailable" and the log
     // names each node and why.
     drop(nats);
-    let out = mosquitto_pub(
-        &fleet,
-        &gw,
-        Some(&dev),
-        &[
-            "-i",
-            "sensor-1",
-            "-q",
-            "1",
-            "-t",
-            "devices/sensor-1/telemetry",
-            "-m",
-            "x",
-        ],
-    );
+    let out = publish_x(&fleet, &gw, &dev);
     assert!(!out.status.success());
     let e = gw.refusal("broker_unavailable");
     let detail = e["detail"].as_str().unwrap();
@@ -332,23 +323,7 @@ fn push_crl_reaches_a_gateway(
     let dev = fleet.device("sensor-1");
     let nats = nats(&fleet);
     let gw = Gateway::start(&fleet, &nats.gateway_config(0));
-    let publish = || {
-        mosquitto_pub(
-            &fleet,
-            &gw,
-            Some(&dev),
-            &[
-                "-i",
-                "sensor-1",
-                "-q",
-                "1",
-                "-t",
-                "devices/sensor-1/telemetry",
-                "-m",
-                "x",
-            ],
-        )
-    };
+    let publish = || publish_x(&fleet, &gw, &dev);
     assert!(publish().status.success(), "{}", gw.log());
     let password = fleet.path("nats-password");
     std::fs::write(&password, format!("{NATS_PASSWORD}\n")).unwrap();
