@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod atomic;
+pub mod audit;
 pub mod crl;
 pub mod csr;
 pub mod enrollment;

@@ -23,6 +23,8 @@ use twofold_provisioning::{
     EnrollOptions, EnrollRequest, Error, KeySource, Pki, RevokeTarget, Serial, profile,
 };
 
+mod audit_command;
+
 const PASSPHRASE_ENV: &str = "TWOFOLD_CA_PASSPHRASE";
 
 /// Run the Twofold certificate authority and enroll devices.
@@ -290,6 +292,17 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         server_lifetime: std::time::Duration,
     },
+
+    /// Audit the fleet: expiring CAs and certificates, renewals not done,
+    /// weak or shared keys, cloned certificates, revoked ones still in use,
+    /// gateways behind on the CRL.
+    ///
+    /// Reads the registry, the gateways' audit logs (--audit-log) and their
+    /// /metrics (--gateway). Exit status: 0 if nothing at or above
+    /// --fail-on was found, 2 if something was, 1 if the audit could not
+    /// run. For cron or CI; --metrics-out writes the findings as Prometheus
+    /// gauges for node_exporter's textfile collector.
+    Audit(audit_command::AuditArgs),
 }
 
 /// Options of every command that issues client certificates.
@@ -515,6 +528,15 @@ fn pem_certs(flag: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Audit(args) = &cli.command {
+        return match audit_command::run(open(&cli), args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -950,6 +972,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
             }))?;
         }
+        Command::Audit(_) => unreachable!("handled in main"),
     }
     Ok(())
 }
