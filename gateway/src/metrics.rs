@@ -38,6 +38,7 @@ pub struct Metrics {
     crl_age: IntGauge,
     crl_revoked: IntGauge,
     earliest_expiry: IntGauge,
+    broker_up: IntGauge,
     /// not_after (Unix seconds) → how many connected sessions expire then.
     expiries: Mutex<BTreeMap<i64, usize>>,
 }
@@ -104,6 +105,10 @@ impl Metrics {
                 "earliest_client_cert_expiry_seconds",
                 "Unix time of the earliest expiry among connected clients' certificates (0 if none)",
             ),
+            broker_up: gauge(
+                "broker_up",
+                "1 if the broker could take sessions when /metrics was read, else 0",
+            ),
             expiries: Mutex::new(BTreeMap::new()),
         };
         for c in [&m.handshakes, &m.refusals, &m.messages, &m.bytes] {
@@ -115,6 +120,7 @@ impl Metrics {
             &m.crl_age,
             &m.crl_revoked,
             &m.earliest_expiry,
+            &m.broker_up,
         ] {
             let _ = m.registry.register(Box::new(g.clone()));
         }
@@ -167,6 +173,11 @@ impl Metrics {
         }
     }
 
+    /// Whether the broker could take sessions, checked at scrape time.
+    pub fn broker_reachable(&self, up: bool) {
+        self.broker_up.set(i64::from(up));
+    }
+
     /// The text exposition, with the values computed at scrape time.
     pub fn render(&self, crl: &RevocationList) -> String {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -206,9 +217,13 @@ pub async fn serve(
     let app = axum::Router::new()
         .route(
             "/metrics",
-            get(move || {
-                let body = metrics.render(&tls.borrow().revocations);
-                async move { ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body) }
+            get({
+                let broker = broker.clone();
+                move || async move {
+                    metrics.broker_reachable(broker.reachable().await);
+                    let body = metrics.render(&tls.borrow().revocations);
+                    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body)
+                }
             }),
         )
         .route(

@@ -602,6 +602,7 @@ fn metrics_pass_promtool_and_count_what_happened() {
         "twofold_gateway_handshakes_total{outcome=\"ok\"} 2",
         "twofold_gateway_messages_total{direction=\"in\"} 1",
         "twofold_gateway_crl_number 1",
+        "twofold_gateway_broker_up 1",
     ] {
         assert!(
             body.lines().any(|l| l == line),
@@ -610,6 +611,31 @@ fn metrics_pass_promtool_and_count_what_happened() {
     }
     let (status, body) = http_get(metrics_addr, "/healthz");
     assert!(status.contains("200") && body == "ok\n", "{status} {body}");
+}
+
+/// The other side: a broker that cannot be reached shows as 0 on
+/// /metrics (what the BrokerDown alert watches) and 503 on /healthz.
+#[test]
+fn a_broker_that_cannot_be_reached_shows_on_metrics_and_healthz() {
+    let fleet = Fleet::new();
+    let metrics_port = free_port();
+    let closed = free_port();
+    let gw = Gateway::start(
+        &fleet,
+        &format!("metrics = \"127.0.0.1:{metrics_port}\"\nbroker = \"mqtt://127.0.0.1:{closed}\""),
+    );
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let (_, body) = http_get(metrics_addr, "/metrics");
+    assert!(
+        body.lines().any(|l| l == "twofold_gateway_broker_up 0"),
+        "{body}"
+    );
+    let (status, body) = http_get(metrics_addr, "/healthz");
+    assert!(
+        status.contains("503") && body == "broker unreachable\n",
+        "{status} {body}"
+    );
+    drop(gw);
 }
 
 #[test]
