@@ -63,6 +63,7 @@ pub struct QueueFile {
 pub struct ReconnectFile {
     pub min_secs: Option<f64>,
     pub max_secs: Option<f64>,
+    pub refused_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +136,8 @@ pub struct Config {
     pub queue_max: u64,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// The wait after the gateway refused the certificate itself.
+    pub reconnect_refused: Duration,
     pub socket: PathBuf,
     pub commands: BTreeMap<String, CommandSpec>,
 }
@@ -320,6 +323,10 @@ impl File {
                 "must be at least twice reconnect.min_secs and at most 86400",
             ));
         }
+        let refused = self.reconnect.refused_secs.unwrap_or(3600.0);
+        if !(1.0..=86_400.0).contains(&refused) {
+            return Err(err("reconnect.refused_secs", "must be 1 to 86400"));
+        }
 
         let mut commands = BTreeMap::new();
         for (name, c) in self.commands {
@@ -366,6 +373,7 @@ impl File {
             queue_max,
             reconnect_min: Duration::from_secs_f64(min),
             reconnect_max: Duration::from_secs_f64(max),
+            reconnect_refused: Duration::from_secs_f64(refused),
             socket: self.api.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
             commands,
         })

@@ -50,6 +50,12 @@ pub struct Link {
     pub wake: Arc<Notify>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// How long to wait after the gateway refused this device's own
+    /// certificate (revoked, expired): retrying sooner cannot help.
+    pub refused_wait: Duration,
+    /// The certificate file: a new one (the device enrolled again) ends
+    /// that wait at once.
+    pub cert_path: std::path::PathBuf,
     /// Payloads that arrived on the commands topic.
     pub commands: mpsc::Sender<Vec<u8>>,
     /// The certificate's renewal through the gateway.
@@ -64,6 +70,94 @@ pub enum End {
     /// A renewal changed the certificate to connect with: the agent loads
     /// its identity again and starts a new link.
     Renewed,
+}
+
+/// The gateway refused this device's own certificate in the handshake
+/// (its TLS alert): no retry soon can succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertRefused {
+    Revoked,
+    /// Expired, or not valid yet (TLS has one alert for both).
+    Expired,
+}
+
+impl CertRefused {
+    /// What the person reading the log should know and do.
+    fn explain(self) -> &'static str {
+        match self {
+            CertRefused::Revoked => {
+                "the gateway refused this device's certificate: it is revoked. The operator \
+                 must enroll the device again (provisioning enroll or sign-csr); the agent \
+                 takes the new certificate as soon as its file changes"
+            }
+            CertRefused::Expired => {
+                "the gateway refused this device's certificate as expired (or not yet valid: \
+                 check the clock). It is past any grace for renewal: the operator must enroll \
+                 the device again; the agent takes the new certificate as soon as its file \
+                 changes"
+            }
+        }
+    }
+}
+
+/// Why a session ended with an error: the text for the log, and whether
+/// the gateway refused the certificate itself.
+#[derive(Debug)]
+struct Failure {
+    text: String,
+    refused: Option<CertRefused>,
+    /// It failed before the CONNACK, in the handshake or right after it.
+    before_session: bool,
+}
+
+impl From<String> for Failure {
+    fn from(text: String) -> Self {
+        Failure {
+            text,
+            refused: None,
+            before_session: false,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(text: &str) -> Self {
+        Failure::from(text.to_owned())
+    }
+}
+
+impl From<&ConnectionError> for Failure {
+    fn from(e: &ConnectionError) -> Self {
+        Failure {
+            text: describe(e),
+            refused: certificate_refused(e),
+            before_session: false,
+        }
+    }
+}
+
+/// The gateway's TLS alert refusing our certificate, found anywhere in
+/// the error's chain (rustls puts it inside an I/O error).
+pub fn certificate_refused(e: &ConnectionError) -> Option<CertRefused> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        match tls {
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) => {
+                return Some(CertRefused::Revoked);
+            }
+            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired)) => {
+                return Some(CertRefused::Expired);
+            }
+            _ => {}
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// The queue position recorded for the agent's own PUBLISHes (renewal),
@@ -115,21 +209,61 @@ impl Link {
     /// Runs until `shutdown` turns true, or a renewal needs a new link.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> End {
         let mut delays = backoff(self.reconnect_min, self.reconnect_max);
+        // The refusal last logged, so that a revoked device says so once,
+        // not at every retry.
+        let mut told: Option<CertRefused> = None;
+        // Whether the next connection makes a full handshake.
+        let mut full = false;
         loop {
             let started = Instant::now();
-            let ended = self.session(&mut shutdown).await;
-            let error = match ended {
+            let ended = self.session(&mut shutdown, full).await;
+            let failure = match ended {
                 Ok(end) => return end,
                 Err(e) => e,
             };
             if started.elapsed() >= STABLE {
                 delays = backoff(self.reconnect_min, self.reconnect_max);
             }
+            let gateway = format!("{}:{}", self.host, self.port);
+            // A resumed TLS session skips the gateway's certificate
+            // checks, so it refuses one after the handshake, when TLS has
+            // no alert left to say why: the connection just ends. A full
+            // handshake next time gets the reason (revoked, expired).
+            full = failure.before_session || failure.refused.is_some();
+            if let Some(refused) = failure.refused {
+                let wait = self.refused_wait / 2
+                    + self
+                        .refused_wait
+                        .mul_f64(OsRng.next_u32() as f64 / u32::MAX as f64 / 2.0);
+                if told != Some(refused) {
+                    tracing::error!(
+                        gateway = %gateway,
+                        refused = ?refused,
+                        retry_in = ?wait,
+                        "{}",
+                        refused.explain()
+                    );
+                    told = Some(refused);
+                } else {
+                    tracing::debug!(gateway = %gateway, refused = ?refused, retry_in = ?wait, "still refused");
+                }
+                let certificate = modified(&self.cert_path);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = changed(&self.cert_path, certificate) => {
+                        tracing::info!(cert = %self.cert_path.display(), "the certificate file changed: loading it");
+                        return End::Renewed;
+                    }
+                    _ = shutdown.changed() => return End::Shutdown,
+                }
+                continue;
+            }
+            told = None;
             let wait = delays.next().unwrap_or(self.reconnect_max);
             let queued = self.queue.len().unwrap_or(0);
             tracing::warn!(
-                gateway = %format!("{}:{}", self.host, self.port),
-                error = %error,
+                gateway = %gateway,
+                error = %failure.text,
                 retry_in = ?wait,
                 queued,
                 "not connected to the gateway"
@@ -143,9 +277,18 @@ impl Link {
 
     /// One connection, from CONNECT to its end. `Ok` on shutdown, or
     /// when a renewal asks for a new link.
-    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> Result<End, String> {
+    async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        full: bool,
+    ) -> Result<End, Failure> {
         let mut tls = self.tls.clone();
-        let config = tls.borrow_and_update().clone();
+        let mut config = tls.borrow_and_update().clone();
+        if full {
+            let mut fresh = (*config).clone();
+            fresh.resumption = rustls::client::Resumption::disabled();
+            config = Arc::new(fresh);
+        }
         let (client, mut events) = AsyncClient::new(self.options(config), WINDOW * 2 + 16);
         let staged = self.renewal.staged();
         match timeout(Duration::from_secs(30), connack(&mut events)).await {
@@ -157,7 +300,12 @@ impl Link {
                 self.renewal.roll_back(&describe(&e));
                 return Ok(End::Renewed);
             }
-            Ok(Err(e)) => return Err(describe(&e)),
+            Ok(Err(e)) => {
+                return Err(Failure {
+                    before_session: true,
+                    ..Failure::from(&e)
+                });
+            }
             Err(_) => return Err("no CONNACK within 30 s".into()),
         }
         let commands_topic = self.topic(Channel::Commands);
@@ -244,7 +392,7 @@ impl Link {
                         return Err("the gateway closed the session".into());
                     }
                     Ok(_) => {}
-                    Err(e) => return Err(describe(&e)),
+                    Err(e) => return Err(Failure::from(&e)),
                 },
                 _ = self.wake.notified() => {}
                 _ = sleep_until(renew_at) => {
@@ -344,6 +492,22 @@ pub fn describe(e: &ConnectionError) -> String {
     }
 }
 
+/// The certificate file's modification time, if it can be read.
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Resolves when `path`'s modification time is no longer `then` (checked
+/// every 5 s: a few stat calls while a refused device waits an hour).
+async fn changed(path: &std::path::Path, then: Option<std::time::SystemTime>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        if modified(path) != then {
+            return;
+        }
+    }
+}
+
 /// The agent's refusal of the gateway's certificate inside an I/O error.
 fn refusal(io: &std::io::Error) -> Option<&GatewayRefusal> {
     io.get_ref()
@@ -354,6 +518,42 @@ fn refusal(io: &std::io::Error) -> Option<&GatewayRefusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gateways_refusal_of_our_certificate_is_found_in_the_error() {
+        use rustls::AlertDescription as A;
+        let io = |alert| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(alert),
+            )
+        };
+        let cases = [
+            (
+                ConnectionError::Io(io(A::CertificateRevoked)),
+                Some(CertRefused::Revoked),
+            ),
+            (
+                ConnectionError::MqttState(rumqttc::StateError::Io(io(A::CertificateRevoked))),
+                Some(CertRefused::Revoked),
+            ),
+            (
+                ConnectionError::Tls(rumqttc::TlsError::Io(io(A::CertificateExpired))),
+                Some(CertRefused::Expired),
+            ),
+            // Other refusals and network failures keep the usual backoff.
+            (ConnectionError::Io(io(A::UnknownCA)), None),
+            (ConnectionError::Io(io(A::BadCertificate)), None),
+            (
+                ConnectionError::Io(std::io::ErrorKind::ConnectionRefused.into()),
+                None,
+            ),
+            (ConnectionError::NetworkTimeout, None),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(certificate_refused(&error), expected, "{error:?}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_stays_within_bounds() {

@@ -93,6 +93,8 @@ async fn run_once(config: &Config, shutdown: watch::Receiver<bool>) -> anyhow::R
         wake: wake.clone(),
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max,
+        refused_wait: config.reconnect_refused,
+        cert_path: config.identity.cert.clone(),
         commands: commands_tx,
         renewal,
     };

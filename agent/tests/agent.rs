@@ -506,3 +506,71 @@ fn an_expired_certificate_renews_within_the_grace_period_and_only_renews() {
     );
     let _ = ops;
 }
+
+/// A revoked device says so once, plainly, and does not retry on the
+/// network-failure backoff (0.2 s to 2 s here): one refusal in several
+/// seconds, not a dozen. Enrolled again, it takes the new certificate
+/// without a restart.
+#[test]
+fn a_revoked_device_says_so_once_waits_and_takes_a_new_certificate() {
+    use twofold_protocol::{DeviceId, Principal};
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-1");
+    let port = free_port();
+    let gw = Gateway::start_on(&fleet, port, "");
+    fleet.revoke("pi-1");
+    let agent = agent(&fleet, "pi-1", &dev, port, "");
+    // The first attempts may resume a TLS session, which the gateway can
+    // refuse only by closing; the agent's full handshake then gets the
+    // reason as a TLS alert.
+    assert!(
+        wait_until(30, || agent.log().contains("it is revoked")),
+        "agent:\n{}\naudit:\n{:#?}",
+        agent.log(),
+        gw.events()
+    );
+    let refusals = || {
+        gw.events()
+            .iter()
+            .filter(|e| e["event"] == "refused" && e["reason"] == "revoked")
+            .count()
+    };
+    let before = refusals();
+    // The network backoff would have retried several times by now.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(refusals(), before, "agent:\n{}", agent.log());
+    let log = agent.log();
+    assert_eq!(
+        log.matches("it is revoked").count(),
+        1,
+        "said once, plainly:\n{log}"
+    );
+    assert!(log.contains("enroll the device again"), "{log}");
+
+    // Enrolled again: the key first, then the certificate whose change
+    // the agent watches. It connects (a second time: the first was before
+    // the gateway took the CRL) without a restart.
+    let fresh = fleet.enroll(
+        Principal::Device(DeviceId::parse("pi-1").unwrap()),
+        "pi-1-new",
+    );
+    std::fs::copy(&fresh.key, &dev.key).unwrap();
+    std::fs::copy(&fresh.cert, &dev.cert).unwrap();
+    assert!(
+        wait_until(30, || {
+            agent
+                .log()
+                .matches("connected to the gateway device")
+                .count()
+                >= 2
+        }),
+        "agent:\n{}\naudit:\n{:#?}",
+        agent.log(),
+        gw.events()
+    );
+    assert!(
+        agent.log().contains("the certificate file changed"),
+        "{}",
+        agent.log()
+    );
+}

@@ -244,6 +244,8 @@ impl Devices {
                 // The agent's defaults ([reconnect] in agent.example.toml).
                 reconnect_min: std::time::Duration::from_secs(1),
                 reconnect_max: std::time::Duration::from_secs(300),
+                refused_wait: std::time::Duration::from_secs(3600),
+                cert_path: paths.cert.clone(),
                 commands,
                 renewal: Arc::new(renewal),
             };
