@@ -11,7 +11,7 @@ use crate::name::{DeviceId, NameError, ServiceName, TrustDomain};
 const SCHEME: &str = "spiffe://";
 
 /// Who a certificate speaks for, inside one trust domain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Principal {
     /// A device in the field.
     Device(DeviceId),

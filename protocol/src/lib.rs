@@ -24,5 +24,5 @@ pub use backoff::Backoff;
 pub use bundle::{Bundle, BundleError, ChainRecord, ChainState};
 pub use identity::{Identity, IdentityError, Principal};
 pub use message::{CertStatus, Command, Reading, Reply, ReplyStatus, Telemetry, Value, WireError};
-pub use name::{DeviceId, NameError, ServiceName, TrustDomain};
+pub use name::{DeviceId, GroupName, NameError, ServiceName, TrustDomain};
 pub use topic::{Channel, Topic, TopicError};

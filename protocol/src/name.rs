@@ -205,6 +205,16 @@ name_type!(
 );
 
 name_type!(
+    /// A group of devices and services named in the topic policy (e.g.
+    /// `pumps`), with the same rules as a [`DeviceId`]: it may appear as
+    /// a topic level.
+    GroupName,
+    64,
+    parse_label,
+    "a group name"
+);
+
+name_type!(
     /// A SPIFFE trust domain: 1–255 characters of `[a-z0-9._-]`.
     TrustDomain,
     255,

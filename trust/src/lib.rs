@@ -19,6 +19,7 @@
 pub mod crl;
 pub mod files;
 pub mod identity;
+pub mod policy;
 pub mod renewal;
 pub mod serial;
 pub mod stamp;

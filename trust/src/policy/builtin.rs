@@ -1,7 +1,7 @@
-//! Who may publish and subscribe where. Pure functions of the identity and
-//! the topic; the session calls them for every PUBLISH, SUBSCRIBE and will.
+//! The built-in policy: what an empty policy file means, and the default.
+//! Pure functions of the identity and the topic.
 //!
-//! Default policy, templated on the identity:
+//! Templated on the identity:
 //! - a device publishes and subscribes only under `devices/<its id>/`;
 //! - a service subscribes to `devices/<id or +>/…` (also shared with its
 //!   other instances: `$share/<group>/devices/…`) and publishes only to
@@ -12,37 +12,11 @@
 
 use twofold_protocol::{Channel, DeviceId, Principal, topic::DEVICES};
 
-/// Why an operation was denied, for the audit log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Denial {
-    /// The topic or filter is not valid MQTT (empty level misuse, wildcard in a topic, NUL).
-    Malformed,
-    /// Outside the subtree this identity may use.
-    OutsideOwnSubtree,
-    /// A service may publish only to `devices/<id>/commands`.
-    ServicePublishesCommandsOnly,
-    /// Shared subscriptions (`$share/<group>/<filter>`) are for services,
-    /// which scale out across instances; a device has no one to share with.
-    SharedForServicesOnly,
-}
-
-impl Denial {
-    /// A short explanation.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Denial::Malformed => "not a valid MQTT topic or filter",
-            Denial::OutsideOwnSubtree => "outside the identity's own topics",
-            Denial::ServicePublishesCommandsOnly => {
-                "services may publish only to devices/<id>/commands"
-            }
-            Denial::SharedForServicesOnly => "shared subscriptions are for services only",
-        }
-    }
-}
+use super::Denial;
 
 /// Checks MQTT filter syntax: `#` only as the whole last level, `+` only as
 /// a whole level, no NUL, not empty.
-fn valid_filter(filter: &str) -> bool {
+pub(crate) fn valid_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.contains('\0') {
         return false;
     }
@@ -54,7 +28,7 @@ fn valid_filter(filter: &str) -> bool {
     })
 }
 
-fn valid_topic(topic: &str) -> bool {
+pub(crate) fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['#', '+', '\0'])
 }
 
@@ -113,7 +87,7 @@ pub fn may_subscribe(who: &Principal, filter: &str) -> Result<(), Denial> {
 }
 
 /// The rule for a filter that is not shared.
-fn may_subscribe_plain(who: &Principal, filter: &str) -> Result<(), Denial> {
+pub(crate) fn may_subscribe_plain(who: &Principal, filter: &str) -> Result<(), Denial> {
     if !valid_filter(filter) {
         return Err(Denial::Malformed);
     }
