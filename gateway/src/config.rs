@@ -22,6 +22,11 @@ pub struct File {
     pub audit_log: Option<PathBuf>,
     /// Where `/metrics` and `/healthz` are served; off when absent.
     pub metrics: Option<String>,
+    /// The topic policy file (TOML); the built-in policy when absent.
+    pub policy: Option<PathBuf>,
+    /// Group memberships for the policy, as `provisioning groups export`
+    /// writes them.
+    pub groups: Option<PathBuf>,
     /// `embedded` (default), `mqtt://host:port` or `mqtts://host:port`,
     /// or a list of such URLs: the nodes of one clustered broker, tried in
     /// order for each session.
@@ -151,6 +156,7 @@ pub struct Config {
     pub crl: PathBuf,
     pub audit_log: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    pub policy: Option<crate::policy::PolicyFiles>,
     pub broker: BrokerChoice,
     pub handshake_timeout: Duration,
     pub max_concurrent_handshakes: usize,
@@ -461,6 +467,16 @@ impl File {
                 "must be at least 1",
             ));
         }
+        let policy = match (self.policy, self.groups) {
+            (Some(policy), groups) => Some(crate::policy::PolicyFiles { policy, groups }),
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(err(
+                    "groups",
+                    "is read only with a policy file: give policy = \"policy.toml\" too",
+                ));
+            }
+        };
         Ok(Config {
             listen,
             trust_domain,
@@ -470,6 +486,7 @@ impl File {
             crl,
             audit_log: self.audit_log,
             metrics,
+            policy,
             broker,
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_concurrent_handshakes,

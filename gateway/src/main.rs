@@ -131,6 +131,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("audit_log: cannot open {}", path.display()))?,
         None => Audit::to_writer(Box::new(std::io::stdout())),
     };
+    let policy = twofold_gateway::policy::start(config.policy.clone()).map_err(|e| {
+        anyhow::anyhow!("policy: {e}; the gateway does not start on a broken policy")
+    })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen: cannot bind {}", config.listen))?;
@@ -248,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         metrics: config.metrics,
         ca,
         crl_poll: config.ca_service.as_ref().and_then(|c| c.crl_poll),
+        policy,
     };
     if let (Some(ca), Some(c)) = (&gateway.ca, &config_ca_service)
         && c.renew_server_cert

@@ -43,6 +43,8 @@ pub struct Gateway {
     pub ca: Option<Arc<crate::renewal::CaClient>>,
     /// How often the CRL is pulled from the CA service, if at all.
     pub crl_poll: Option<Duration>,
+    /// The topic policy in force.
+    pub policy: crate::policy::InForce,
 }
 
 /// The TLS files in force (certificate, key, client CAs and CRLs), which
@@ -520,6 +522,7 @@ async fn connection(
         peer,
         session::Backends {
             broker: gateway.broker.clone(),
+            policy: gateway.policy.clone(),
             ca: gateway.ca.clone(),
         },
         gateway.limits.clone(),

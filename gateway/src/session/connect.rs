@@ -126,6 +126,7 @@ pub(super) struct ConnectRefusal {
 pub(super) fn admit(
     frame: BytesMut,
     principal: &Principal,
+    policy: &crate::policy::InForce,
     credential: Option<&Credential>,
     max: usize,
     quirks: Quirks,
@@ -187,7 +188,8 @@ pub(super) fn admit(
     ];
     if let Some((what, topic, d)) = will.iter().find_map(|(what, topic)| {
         let topic = topic.as_deref()?;
-        policy::may_publish(principal, topic)
+        policy
+            .may_publish(principal, topic)
             .err()
             .map(|d| (what, topic, d))
     }) {

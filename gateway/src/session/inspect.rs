@@ -131,6 +131,8 @@ pub struct Inspector {
     pub(super) renew_only: Option<String>,
     /// PUBLISHes held back in a renew-only session.
     pub(super) held: u64,
+    /// The topic policy in force.
+    pub(super) policy: InForce,
 }
 
 impl Inspector {
@@ -148,6 +150,7 @@ impl Inspector {
             cert_requests: Vec::new(),
             cert_in_flight: false,
             renew_only: None,
+            policy: InForce::default(),
             held: 0,
         }
     }
@@ -367,7 +370,7 @@ impl Inspector {
                 if let Some(refused) = self.above_max_qos(&p.topic, p.qos as u8) {
                     return refused;
                 }
-                match policy::may_publish(&principal, &p.topic) {
+                match self.policy.may_publish(&principal, &p.topic) {
                     Ok(()) => self.passed(p.qos as u8, p.pkid),
                     // MQTT 3.1.1 has no negative PUBACK: the only answer is to close.
                     Err(d) => self.refuse_publish(
@@ -415,10 +418,10 @@ impl Inspector {
                     .properties
                     .as_ref()
                     .and_then(|props| props.response_topic.as_deref());
-                let denied = match policy::may_publish(&principal, topic) {
+                let denied = match self.policy.may_publish(&principal, topic) {
                     Err(d) => Some(format!("PUBLISH to {}: {}", shown(topic), d.as_str())),
                     Ok(()) => response.and_then(|r| {
-                        policy::may_publish(&principal, r).err().map(|d| {
+                        self.policy.may_publish(&principal, r).err().map(|d| {
                             format!(
                                 "PUBLISH to {} with response topic {}: {}",
                                 shown(topic),
@@ -573,7 +576,8 @@ impl Inspector {
         let denied: Vec<String> = filters
             .iter()
             .filter_map(|(f, _)| {
-                policy::may_subscribe(&self.principal, f)
+                self.policy
+                    .may_subscribe(&self.principal, f)
                     .err()
                     .map(|d| format!("{}: {}", shown(f), d.as_str()))
             })

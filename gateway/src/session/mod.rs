@@ -39,7 +39,7 @@ use crate::broker::{BrokerTarget, Credential, External};
 use crate::embedded::{Embedded, LocalLink, Will};
 use crate::identity::{self, CertInfo};
 use crate::metrics::Direction;
-use crate::policy;
+use crate::policy::{self, InForce};
 use crate::reason::Reason;
 use crate::tls::TlsContext;
 
@@ -209,7 +209,7 @@ pub fn screen(principal: &Principal, input: &[u8], max: usize) -> Screened {
         Err(_) => return out.close(Reason::ProtocolError),
     };
     let quirks = Quirks::EMBEDDED;
-    let version = match admit(frame, principal, None, max, quirks) {
+    let version = match admit(frame, principal, &InForce::default(), None, max, quirks) {
         Ok((version, _)) => version,
         Err(refusal) => return out.close(refusal.reason),
     };
@@ -313,6 +313,12 @@ impl Session {
     /// it answers a SUBSCRIBE to [`CERT_STATUS`] with its status.
     /// A certificate that has expired was admitted within the grace
     /// period (no other way in): the session may only renew.
+    /// Decides with `policy` rather than the built-in policy.
+    pub fn with_policy(mut self, policy: InForce) -> Session {
+        self.inspector.policy = policy;
+        self
+    }
+
     pub fn with_certificate(mut self, life: CertLife) -> Session {
         if life.not_after <= life.unix {
             let at = time::OffsetDateTime::from_unix_timestamp(life.not_after)
@@ -901,7 +907,10 @@ mod tests {
         let ingest = inspect::broker_filter(&svc("ingest"), f);
         assert!(ingest.starts_with("$share/ingest~workers~"), "{ingest}");
         assert!(ingest.ends_with("/devices/+/telemetry"), "{ingest}");
-        assert_eq!(policy::may_subscribe(&svc("ingest"), &ingest), Ok(()));
+        assert_eq!(
+            InForce::default().may_subscribe(&svc("ingest"), &ingest),
+            Ok(())
+        );
         assert_ne!(ingest, inspect::broker_filter(&svc("audit"), f));
         assert_ne!(
             ingest,

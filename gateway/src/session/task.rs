@@ -141,6 +141,8 @@ const NODE_TIMEOUT: Duration = Duration::from_secs(1);
 /// What a session talks to besides its device.
 pub struct Backends {
     pub broker: BrokerTarget,
+    /// The topic policy in force.
+    pub policy: crate::policy::InForce,
     /// The CA service renewals go to, if the gateway has one.
     pub ca: Option<Arc<crate::renewal::CaClient>>,
 }
@@ -159,7 +161,7 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Backends { broker, ca } = backends;
+    let Backends { broker, policy, ca } = backends;
     let refuse = |reason: Reason, detail: String, client_id: Option<&str>| {
         let mut e = Event::refused(peer.addr, reason, detail)
             .with_certificate(Some(peer.cert.clone()))
@@ -206,7 +208,7 @@ pub async fn run<S>(
         BrokerTarget::Embedded(_) => (None, Quirks::EMBEDDED),
         BrokerTarget::External(external) => (external.credential.as_ref(), external.quirks()),
     };
-    let (version, connect) = match admit(frame, &peer.principal, credential, max, quirks) {
+    let (version, connect) = match admit(frame, &peer.principal, &policy, credential, max, quirks) {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(reply) = &refusal.reply {
@@ -293,7 +295,8 @@ pub async fn run<S>(
         connect.keep_alive,
         started,
     )
-    .with_certificate(life);
+    .with_certificate(life)
+    .with_policy(policy);
     let mut connected = Event::new(EventKind::Connected, peer.addr)
         .with_identity(peer.identity.clone())
         .with_client_id(client_id.clone())
