@@ -24,6 +24,7 @@ use twofold_provisioning::{
 };
 
 mod audit_command;
+mod policy_command;
 
 const PASSPHRASE_ENV: &str = "TWOFOLD_CA_PASSPHRASE";
 
@@ -123,6 +124,10 @@ enum Command {
         /// Gateway address stored in a nostd bundle.
         #[arg(long, value_name = "HOST:PORT", required_if_eq("format", "nostd"))]
         gateway: Option<GatewayAddress>,
+        /// Put it in this group of the topic policy (repeatable); see
+        /// `groups`.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
     },
 
     /// Issue a device certificate for a CSR made on the device.
@@ -303,6 +308,19 @@ enum Command {
     /// run. For cron or CI; --metrics-out writes the findings as Prometheus
     /// gauges for node_exporter's textfile collector.
     Audit(audit_command::AuditArgs),
+
+    /// Groups of devices and services for the topic policy: add, remove,
+    /// list, and export the groups file gateways read.
+    Groups {
+        #[command(subcommand)]
+        action: policy_command::GroupsAction,
+    },
+
+    /// Check a topic policy file, or explain one of its decisions.
+    Policy {
+        #[command(subcommand)]
+        action: policy_command::PolicyAction,
+    },
 }
 
 /// Options of every command that issues client certificates.
@@ -528,6 +546,15 @@ fn pem_certs(flag: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Policy { action } = &cli.command {
+        return match policy_command::policy(|| open(&cli), action) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Audit(args) = &cli.command {
         return match audit_command::run(open(&cli), args) {
             Ok(code) => code,
@@ -635,6 +662,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             issue,
             format,
             gateway,
+            groups,
         } => {
             let principal = match (id, service) {
                 (Some(id), None) => Principal::Device(device_id(id)?),
@@ -663,6 +691,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 issue.replace.then_some(principal.name()),
                 "choose another --out, or pass --replace to re-enroll",
             )?;
+            // Memberships first: one left behind by a failed enrollment
+            // names an id that has no certificate yet, which grants nothing.
+            for g in groups {
+                let member = match principal {
+                    Principal::Device(id) => id.as_str().to_owned(),
+                    Principal::Service(name) => format!("service:{name}"),
+                };
+                policy_command::set(&mut pki, g, &[member], true)?;
+            }
             let options = issue.options();
             let request = EnrollRequest {
                 principal,
@@ -972,7 +1009,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
             }))?;
         }
-        Command::Audit(_) => unreachable!("handled in main"),
+        Command::Audit(_) | Command::Policy { .. } => unreachable!("handled in main"),
+        Command::Groups { action } => policy_command::groups(open(cli), action)?,
     }
     Ok(())
 }

@@ -297,6 +297,12 @@ impl<S: Store> Pki<S> {
         &self.store
     }
 
+    /// The registry, to change what [`Pki`] has no method for (group
+    /// memberships).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     /// Reads a public file of the PKI (a CA certificate or the CRL).
     pub fn read_public(&self, file: &str) -> Result<String> {
         let path = self.dir.join(file);

@@ -236,3 +236,111 @@ fn the_gateway_does_not_start_on_a_broken_policy() {
         "{err}"
     );
 }
+
+fn provisioning(fleet: &Fleet, args: &[&str]) -> std::process::Output {
+    let mut cmd = fleet.provisioning();
+    cmd.args(args);
+    run_bounded(cmd, 60)
+}
+
+/// Groups live in the registry; `groups export` writes the file the
+/// gateway reloads; `policy explain` names the rule that decides.
+#[test]
+fn registry_groups_reach_the_gateway_and_explain_names_the_rule() {
+    let mut fleet = Fleet::new();
+    let pump = fleet.device("pump-1");
+    let ops = fleet.service("ops");
+    let policy = fleet.path("policy.toml");
+    let groups = fleet.path("groups.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let policy_arg = policy.to_str().unwrap();
+    let groups_arg = groups.to_str().unwrap();
+    let out = provisioning(&fleet, &["groups", "export", "--out", groups_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0 groups"), "{}", text(&out));
+    let gw = Gateway::start(&fleet, &format!("policy = {policy:?}\ngroups = {groups:?}"));
+    let sub_args = ["-i", "pump-1", "-t", "groups/pumps/commands", "-W", "3"];
+    finish(mosquitto_sub(&fleet, &gw, &pump, &sub_args), 10);
+    assert!(!denials(&gw, "pump-1").is_empty(), "not in pumps yet");
+
+    // Explained from the registry's groups: denied, then allowed.
+    let explain = |who: &str, access: &str, topic: &str| {
+        provisioning(
+            &fleet,
+            &[
+                "policy", "explain", "--policy", policy_arg, who, access, topic,
+            ],
+        )
+    };
+    let out = explain("pump-1", "subscribe", "groups/pumps/commands");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("denied: device:pump-1 may not subscribe"),
+        "{}",
+        text(&out)
+    );
+
+    let out = provisioning(&fleet, &["groups", "add", "pumps", "pump-1", "pump-2"]);
+    assert!(
+        text(&out).contains("device:pump-1, device:pump-2 added to group pumps"),
+        "{}",
+        text(&out)
+    );
+    let out = explain("pump-1", "subscribe", "groups/pumps/commands");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("allowed: device:pump-1 may subscribe \"groups/pumps/commands\" (groups pumps): rule \"pumps-broadcast\""),
+        "{}",
+        text(&out)
+    );
+    let out = explain(
+        "service:pump-control",
+        "publish",
+        "devices/valve-1/commands",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("no rule of the policy grants this"),
+        "{}",
+        text(&out)
+    );
+    let out = explain("pump-1", "publish", "devices/pump-1/telemetry");
+    assert!(text(&out).contains("the built-in rule"), "{}", text(&out));
+
+    // Exported, the gateway takes it within a second or so.
+    let out = provisioning(&fleet, &["groups", "export", "--out", groups_arg]);
+    assert!(
+        text(&out).contains("1 groups, 2 memberships"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        wait_until(15, || gw.log().contains("topic policy reloaded")),
+        "{}",
+        gw.log()
+    );
+    let sub = Sub::start_tls(&fleet, gw.addr.port(), &pump, "pump-1", &sub_args[..4]);
+    publish(&fleet, &gw, &ops, "ops", "groups/pumps/commands");
+    assert!(
+        wait_until(15, || sub
+            .messages()
+            .iter()
+            .any(|(t, _)| t == "groups/pumps/commands")),
+        "the broadcast did not arrive; audit:\n{:#?}",
+        gw.events()
+    );
+
+    // `policy check` names the rule of a broken file.
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"x\"\napplies_to = [\"group:Pumps\"]\npublish = [\"a\"]\n",
+    )
+    .unwrap();
+    let out = provisioning(&fleet, &["policy", "check", policy_arg]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("rule 1 (\"x\"): applies_to \"group:Pumps\": the group name"),
+        "{}",
+        text(&out)
+    );
+}

@@ -71,7 +71,30 @@ fn a_postgres_registry_carries_a_pki_and_refuses_what_is_wrong() {
     );
     let out = |name: &str| dir.path().join(name).display().to_string();
     ok(&pki, &url, &["enroll", "dev-1", "--out", &out("dev-1")]);
-    ok(&pki, &url, &["enroll", "dev-2", "--out", &out("dev-2")]);
+    ok(
+        &pki,
+        &url,
+        &[
+            "enroll",
+            "dev-2",
+            "--group",
+            "pumps",
+            "--out",
+            &out("dev-2"),
+        ],
+    );
+    ok(
+        &pki,
+        &url,
+        &["groups", "add", "pumps", "dev-1", "service:ops"],
+    );
+    ok(&pki, &url, &["groups", "remove", "pumps", "dev-1"]);
+    let groups: serde_json::Value =
+        serde_json::from_str(&ok(&pki, &url, &["groups", "list", "--json"])).unwrap();
+    assert_eq!(
+        groups,
+        serde_json::json!({ "pumps": ["device:dev-2", "service:ops"] })
+    );
     refused(
         &pki,
         &url,

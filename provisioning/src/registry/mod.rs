@@ -228,6 +228,9 @@ pub trait Store {
 
     /// Reads a setting written at init (e.g. the trust domain).
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Every group membership, ordered by group, kind and name.
+    fn memberships(&self) -> Result<Vec<Membership>, StoreError>;
 }
 
 /// Changes that become visible together on [`StoreTx::commit`], or not at all.
@@ -282,9 +285,31 @@ pub trait StoreTx {
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Writes a setting.
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// Adds (`member`) or removes a group membership; whether it changed.
+    fn set_membership(&self, m: &Membership, member: bool) -> Result<bool, StoreError>;
     /// Makes every change visible at once.
     fn commit(self) -> Result<(), StoreError>;
 }
+
+/// A device or service in a group of the topic policy.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Membership {
+    pub group: String,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// Groups (schema version 2): which devices and services are in which
+/// group of the topic policy. Names only: a membership outlives the
+/// certificates of its device, as the device's id does.
+pub(crate) const MIGRATE_V2: &str = "
+CREATE TABLE memberships (
+    grp  TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (grp, kind, name)
+);
+";
 
 /// Renewal (schema version 1): a renewed certificate is recorded beside
 /// its predecessor, marked `replaces`, until the device commits it or the
@@ -484,6 +509,10 @@ impl Store for Registry {
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         each!(Registry, self, s => s.setting(key))
     }
+
+    fn memberships(&self) -> Result<Vec<Membership>, StoreError> {
+        each!(Registry, self, s => s.memberships())
+    }
 }
 
 impl StoreTx for RegistryTx<'_> {
@@ -529,6 +558,9 @@ impl StoreTx for RegistryTx<'_> {
     }
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
         each!(RegistryTx, self, t => t.set_setting(key, value))
+    }
+    fn set_membership(&self, m: &Membership, member: bool) -> Result<bool, StoreError> {
+        each!(RegistryTx, self, t => t.set_membership(m, member))
     }
     fn commit(self) -> Result<(), StoreError> {
         each!(RegistryTx, self, t => t.commit())

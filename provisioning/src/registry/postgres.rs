@@ -30,8 +30,8 @@ use time::OffsetDateTime;
 use tokio::runtime::Runtime;
 
 use super::{
-    COLUMNS, CertRecord, Filter, Kind, MIGRATE_V1, RawRow, Revocation, Store, StoreError, StoreTx,
-    exactly_one, parse_serial, unix,
+    COLUMNS, CertRecord, Filter, Kind, MIGRATE_V1, MIGRATE_V2, Membership, RawRow, Revocation,
+    Store, StoreError, StoreTx, exactly_one, parse_serial, unix,
 };
 use crate::crl::Scope;
 use crate::serial::Serial;
@@ -63,7 +63,7 @@ CREATE UNIQUE INDEX one_active_client_cert
 CREATE INDEX certificates_by_name ON certificates (name);
 ";
 
-const MIGRATIONS: [&str; 2] = [MIGRATE_V0, MIGRATE_V1];
+const MIGRATIONS: [&str; 3] = [MIGRATE_V0, MIGRATE_V1, MIGRATE_V2];
 
 /// The advisory lock every writer takes (an arbitrary constant: "2fold"
 /// in ASCII).
@@ -328,6 +328,23 @@ impl Store for PgStore {
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         setting(self, true, key)
     }
+
+    fn memberships(&self) -> Result<Vec<Membership>, StoreError> {
+        let rows: Vec<(String, String, String)> = self.run(true, async |conn| {
+            sqlx::query_as("SELECT grp, kind, name FROM memberships ORDER BY grp, kind, name")
+                .fetch_all(&mut *conn)
+                .await
+        })?;
+        rows.into_iter()
+            .map(|(group, kind, name)| {
+                Ok(Membership {
+                    group,
+                    kind: kind.parse()?,
+                    name,
+                })
+            })
+            .collect()
+    }
 }
 
 /// An exclusive write transaction on the PostgreSQL registry. Dropped
@@ -489,6 +506,21 @@ impl StoreTx for PgTx<'_> {
 
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         setting(self.store, false, key)
+    }
+
+    fn set_membership(&self, m: &Membership, member: bool) -> Result<bool, StoreError> {
+        let sql = if member {
+            "INSERT INTO memberships (grp, kind, name) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM memberships WHERE grp = $1 AND kind = $2 AND name = $3"
+        };
+        let changed = self.execute(
+            sqlx::query(sql)
+                .bind(&m.group)
+                .bind(m.kind.as_str())
+                .bind(&m.name),
+        )?;
+        Ok(changed == 1)
     }
 
     fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {

@@ -12,8 +12,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use time::OffsetDateTime;
 
 use super::{
-    COLUMNS, CertRecord, Filter, Kind, MIGRATE_V1, RawRow, Revocation, Store, StoreError, StoreTx,
-    exactly_one, parse_serial, unix,
+    COLUMNS, CertRecord, Filter, Kind, MIGRATE_V1, MIGRATE_V2, Membership, RawRow, Revocation,
+    Store, StoreError, StoreTx, exactly_one, parse_serial, unix,
 };
 use crate::crl::Scope;
 use crate::serial::Serial;
@@ -78,6 +78,13 @@ impl SqliteStore {
             let tx = conn.unchecked_transaction().map_err(backend)?;
             tx.execute_batch(MIGRATE_V1).map_err(backend)?;
             tx.execute_batch("PRAGMA user_version = 1")
+                .map_err(backend)?;
+            tx.commit().map_err(backend)?;
+        }
+        if version < 2 {
+            let tx = conn.unchecked_transaction().map_err(backend)?;
+            tx.execute_batch(MIGRATE_V2).map_err(backend)?;
+            tx.execute_batch("PRAGMA user_version = 2")
                 .map_err(backend)?;
             tx.commit().map_err(backend)?;
         }
@@ -153,6 +160,32 @@ impl Store for SqliteStore {
 
     fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         setting(&self.conn, key)
+    }
+
+    fn memberships(&self) -> Result<Vec<Membership>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT grp, kind, name FROM memberships ORDER BY grp, kind, name")
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (group, kind, name) = row.map_err(backend)?;
+            out.push(Membership {
+                group,
+                kind: kind.parse()?,
+                name,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -309,6 +342,19 @@ impl StoreTx for SqliteTx<'_> {
             )
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn set_membership(&self, m: &Membership, member: bool) -> Result<bool, StoreError> {
+        let sql = if member {
+            "INSERT INTO memberships (grp, kind, name) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM memberships WHERE grp = ?1 AND kind = ?2 AND name = ?3"
+        };
+        let changed = self
+            .tx
+            .execute(sql, params![m.group, m.kind.as_str(), m.name])
+            .map_err(backend)?;
+        Ok(changed == 1)
     }
 
     fn commit(self) -> Result<(), StoreError> {
