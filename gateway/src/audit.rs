@@ -195,7 +195,9 @@ impl Audit {
             .create(true)
             .append(true)
             .open(path)?;
-        Ok(Audit::to_writer(Box::new(file)))
+        let audit = Audit::to_writer(Box::new(file));
+        audit.metrics.audit_to_file(true);
+        Ok(audit)
     }
 
     /// Writes to any sink (stdout, a buffer in tests).
@@ -224,6 +226,7 @@ impl Audit {
         if let Ok(mut sink) = self.sink.lock() {
             // An audit line that cannot be written is reported, never fatal.
             if let Err(e) = sink.write_all(&line).and_then(|_| sink.flush()) {
+                self.metrics.audit_write_failed();
                 tracing::error!(error = %e, "cannot write the audit log");
             }
         }
@@ -243,6 +246,46 @@ impl Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sink that has stopped taking writes (a full disk).
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("no space left on device"))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn audit_events_that_cannot_be_written_are_counted() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let audit = Audit::to_writer(Box::new(Full));
+        audit.record(&Event::new(EventKind::Connected, addr));
+        audit.record(&Event::refused(addr, Reason::Revoked, "x"));
+        let text = audit
+            .metrics()
+            .render(&crate::revocation::RevocationList::default());
+        assert!(
+            text.contains("twofold_gateway_audit_write_errors_total 2"),
+            "{text}"
+        );
+        assert!(text.contains("twofold_gateway_audit_log_file 0"), "{text}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Audit::to_file(&dir.path().join("audit.jsonl")).unwrap();
+        kept.record(&Event::new(EventKind::Connected, addr));
+        let text = kept
+            .metrics()
+            .render(&crate::revocation::RevocationList::default());
+        assert!(
+            text.contains("twofold_gateway_audit_write_errors_total 0"),
+            "{text}"
+        );
+        assert!(text.contains("twofold_gateway_audit_log_file 1"), "{text}");
+    }
 
     #[test]
     fn long_peer_strings_are_cut_and_say_so() {

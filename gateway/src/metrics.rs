@@ -39,6 +39,8 @@ pub struct Metrics {
     crl_revoked: IntGauge,
     earliest_expiry: IntGauge,
     broker_up: IntGauge,
+    audit_to_file: IntGauge,
+    audit_write_errors: IntCounter,
     /// not_after (Unix seconds) → how many connected sessions expire then.
     expiries: Mutex<BTreeMap<i64, usize>>,
 }
@@ -109,6 +111,15 @@ impl Metrics {
                 "broker_up",
                 "1 if the broker could take sessions when /metrics was read, else 0",
             ),
+            audit_to_file: gauge(
+                "audit_log_file",
+                "1 if audit events go to the audit_log file, 0 if to standard output",
+            ),
+            audit_write_errors: IntCounter::with_opts(opts(
+                "audit_write_errors_total",
+                "Audit events that could not be written (disk full, file gone read-only)",
+            ))
+            .expect("static metric options"),
             expiries: Mutex::new(BTreeMap::new()),
         };
         for c in [&m.handshakes, &m.refusals, &m.messages, &m.bytes] {
@@ -121,9 +132,11 @@ impl Metrics {
             &m.crl_revoked,
             &m.earliest_expiry,
             &m.broker_up,
+            &m.audit_to_file,
         ] {
             let _ = m.registry.register(Box::new(g.clone()));
         }
+        let _ = m.registry.register(Box::new(m.audit_write_errors.clone()));
         // Every label value exists from the start, at zero.
         for reason in Reason::ALL {
             m.refusals.with_label_values(&[reason.as_str()]);
@@ -171,6 +184,16 @@ impl Metrics {
                 e.remove(&not_after);
             }
         }
+    }
+
+    /// Audit events go to a file (`true`) or to standard output.
+    pub fn audit_to_file(&self, file: bool) {
+        self.audit_to_file.set(i64::from(file));
+    }
+
+    /// An audit event could not be written.
+    pub fn audit_write_failed(&self) {
+        self.audit_write_errors.inc();
     }
 
     /// Whether the broker could take sessions, checked at scrape time.
