@@ -25,6 +25,13 @@ pub struct AuditArgs {
     /// setting); repeat for every gateway.
     #[arg(long = "gateway", value_name = "URL")]
     gateways: Vec<String>,
+    /// The gateways' topic policy file, to check for rules that grant
+    /// more than an identity's own subtree.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// The groups file that goes with --policy.
+    #[arg(long, value_name = "FILE", requires = "policy")]
+    groups: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -70,6 +77,12 @@ pub fn run(pki: Result<Pki, Error>, args: &AuditArgs) -> anyhow::Result<ExitCode
         logs.push((path.display().to_string(), file));
     }
     let log = audit::log::read(logs).context("reading the audit logs")?;
+    let policy = args
+        .policy
+        .as_deref()
+        .map(|p| twofold_trust::policy::file::load(p, args.groups.as_deref()))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let gateways: Vec<_> = args
         .gateways
         .iter()
@@ -87,6 +100,7 @@ pub fn run(pki: Result<Pki, Error>, args: &AuditArgs) -> anyhow::Result<ExitCode
             crl_number,
             log: &log,
             gateways: &gateways,
+            policy: policy.as_ref(),
         },
         &options,
     );

@@ -196,6 +196,22 @@ fn the_audit_finds_clones_stale_crls_and_revoked_sessions_and_nothing_in_a_healt
     // What happened stays in the log.
     assert_eq!(f["revoked-admitted"], ["stolen"]);
 
+    // A policy whose rule opens every device's subtree to devices.
+    let policy = fleet.path("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"peek\"\napplies_to = [\"devices\"]\nsubscribe = [\"devices/+/telemetry\"]\n",
+    )
+    .unwrap();
+    let mut cmd = fleet.provisioning();
+    cmd.args(["audit", "--json", "--policy"]).arg(&policy);
+    let report = json(&run_bounded(cmd, 60));
+    assert_eq!(
+        found(&report)["policy-broad"],
+        ["rule \"peek\""],
+        "{report:#}"
+    );
+
     // A gateway that cannot be read is medium: under the default
     // --fail-on high it does not fail the run by itself.
     let closed = free_port();

@@ -9,6 +9,7 @@
 
 pub mod gateway;
 pub mod log;
+pub mod policy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -76,7 +77,10 @@ pub enum Check {
     WeakKey,
     ClonedCertificate,
     StaleCrl,
+    AuditLogFailing,
+    PolicyBroad,
     RenewalOverdue,
+    AuditLogNotKept,
     SimultaneousUse,
     GatewayUnreadable,
     AuditLogDamaged,
@@ -85,7 +89,7 @@ pub enum Check {
 
 impl Check {
     /// Every check, for gauges that list zero counts too.
-    pub const ALL: [Check; 15] = [
+    pub const ALL: [Check; 18] = [
         Check::CaExpired,
         Check::CaExpiring,
         Check::SharedKey,
@@ -96,7 +100,10 @@ impl Check {
         Check::WeakKey,
         Check::ClonedCertificate,
         Check::StaleCrl,
+        Check::AuditLogFailing,
+        Check::PolicyBroad,
         Check::RenewalOverdue,
+        Check::AuditLogNotKept,
         Check::SimultaneousUse,
         Check::GatewayUnreadable,
         Check::AuditLogDamaged,
@@ -116,6 +123,9 @@ impl Check {
             Check::WeakKey => "weak-key",
             Check::ClonedCertificate => "cloned-certificate",
             Check::StaleCrl => "stale-crl",
+            Check::AuditLogFailing => "audit-log-failing",
+            Check::PolicyBroad => "policy-broad",
+            Check::AuditLogNotKept => "audit-log-not-kept",
             Check::RenewalOverdue => "renewal-overdue",
             Check::SimultaneousUse => "simultaneous-use",
             Check::GatewayUnreadable => "gateway-unreadable",
@@ -135,10 +145,13 @@ impl Check {
             | Check::CertExpiring
             | Check::WeakKey
             | Check::ClonedCertificate
-            | Check::StaleCrl => Severity::High,
-            Check::RenewalOverdue | Check::SimultaneousUse | Check::GatewayUnreadable => {
-                Severity::Medium
-            }
+            | Check::StaleCrl
+            | Check::AuditLogFailing
+            | Check::PolicyBroad => Severity::High,
+            Check::RenewalOverdue
+            | Check::SimultaneousUse
+            | Check::GatewayUnreadable
+            | Check::AuditLogNotKept => Severity::Medium,
             Check::AuditLogDamaged | Check::CertOld => Severity::Low,
         }
     }
@@ -160,6 +173,11 @@ impl Check {
                 "one certificate in use from several addresses at once, again and again"
             }
             Check::StaleCrl => "a gateway enforces an older CRL than the registry's newest",
+            Check::AuditLogFailing => "a gateway could not write audit events",
+            Check::PolicyBroad => {
+                "a policy rule grants more than the identity's own subtree to many"
+            }
+            Check::AuditLogNotKept => "a gateway writes audit events to standard output only",
             Check::RenewalOverdue => "a certificate is past its renewal time, not renewed",
             Check::SimultaneousUse => "one certificate in use from two addresses at once",
             Check::GatewayUnreadable => "a gateway's /metrics could not be read",
@@ -213,6 +231,18 @@ impl Check {
             Check::StaleCrl => {
                 "that gateway still admits devices revoked since: push the CRL \
                  (provisioning push-crl) and check its crl file or [ca_service] pull"
+            }
+            Check::AuditLogFailing => {
+                "its audit log is in effect off: check the disk under its audit_log (full? \
+                 read-only?) and the gateway's log for \"cannot write the audit log\""
+            }
+            Check::PolicyBroad => {
+                "narrow the pattern to {device}, a named device or a group's members \
+                 ({member:GROUP}); `provisioning policy explain` shows what it grants"
+            }
+            Check::AuditLogNotKept => {
+                "set audit_log in its gateway.toml, so that refusals, clones and revoked \
+                 sessions are kept in a file this audit can read"
             }
             Check::RenewalOverdue => {
                 "renewal is due at two thirds of the lifetime: check the device is online, and \
@@ -303,6 +333,8 @@ pub struct Inputs<'a> {
     pub log: &'a LogSummary,
     /// The gateways' `/metrics`, read by [`gateway::read`].
     pub gateways: &'a [GatewayReading],
+    /// The gateways' topic policy, if one was given.
+    pub policy: Option<&'a twofold_trust::policy::Policy>,
 }
 
 /// The audit's result: findings by severity, greatest first.
@@ -552,8 +584,29 @@ pub fn audit(inputs: &Inputs<'_>, options: &Options) -> Report {
         add(Check::AuditLogDamaged, &d.log, d.to_string());
     }
 
+    // The policy.
+    if let Some(p) = inputs.policy {
+        for a in policy::broad(p) {
+            add(Check::PolicyBroad, &a.name, a.detail);
+        }
+    }
+
     // Gateways.
     for g in inputs.gateways {
+        if let Some(n) = g.audit_write_errors.filter(|n| *n > 0) {
+            add(
+                Check::AuditLogFailing,
+                &g.url,
+                format!("{n} audit event(s) could not be written since it started"),
+            );
+        }
+        if g.audit_to_file == Some(false) {
+            add(
+                Check::AuditLogNotKept,
+                &g.url,
+                "audit events go to standard output (no audit_log)".to_owned(),
+            );
+        }
         match &g.crl_number {
             Ok(n) if *n < inputs.crl_number => add(
                 Check::StaleCrl,
@@ -778,6 +831,7 @@ mod tests {
                 crl_number: 5,
                 log,
                 gateways,
+                policy: None,
             },
             &Options::new(NOW),
         )
@@ -985,6 +1039,8 @@ mod tests {
         let reading = |url: &str, n: Result<u64, String>| GatewayReading {
             url: url.into(),
             crl_number: n,
+            audit_to_file: Some(true),
+            audit_write_errors: Some(0),
         };
         let gateways = [
             reading("http://gw-1/metrics", Ok(5)),
@@ -993,6 +1049,8 @@ mod tests {
         ];
         let report = run(&[], &LogSummary::default(), &gateways);
         let f = found(&report);
+        assert!(!f.contains_key(&Check::AuditLogFailing), "{f:?}");
+        assert!(!f.contains_key(&Check::AuditLogNotKept), "{f:?}");
         assert_eq!(f[&Check::StaleCrl], names(&["http://gw-2/metrics"]));
         assert_eq!(
             f[&Check::GatewayUnreadable],
@@ -1010,10 +1068,38 @@ mod tests {
     }
 
     #[test]
+    fn gateways_whose_audit_events_are_lost_or_not_kept() {
+        let reading = |url: &str, file, errors| GatewayReading {
+            url: url.into(),
+            crl_number: Ok(5),
+            audit_to_file: file,
+            audit_write_errors: errors,
+        };
+        let gateways = [
+            reading("http://full", Some(true), Some(12)),
+            reading("http://stdout", Some(false), Some(0)),
+            // An older gateway says neither: nothing to report.
+            reading("http://old", None, None),
+        ];
+        let report = run(&[], &LogSummary::default(), &gateways);
+        let f = found(&report);
+        assert_eq!(f[&Check::AuditLogFailing], names(&["http://full"]));
+        assert_eq!(f[&Check::AuditLogNotKept], names(&["http://stdout"]));
+        assert_eq!(f.len(), 2, "{f:?}");
+        let text = render_text(&report, 5);
+        assert!(
+            text.contains("12 audit event(s) could not be written"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn gauges_list_every_check_and_count_what_was_found() {
         let gateways = [GatewayReading {
             url: "http://gw".into(),
             crl_number: Ok(1),
+            audit_to_file: None,
+            audit_write_errors: None,
         }];
         let text = render_metrics(&run(&[], &LogSummary::default(), &gateways));
         assert!(
