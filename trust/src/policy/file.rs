@@ -269,10 +269,15 @@ fn check(p: &Pattern, devices: bool, services: bool) -> Result<(), String> {
         return Err("{service} never matches: the rule applies to no service".into());
     }
     // Under devices/, the id level is a device id: a group or service
-    // name there could equal another device's id and open its subtree.
-    if levels.first() == Some(&Level::Literal(twofold_protocol::topic::DEVICES.into()))
-        && matches!(levels.get(1), Some(Level::Group | Level::Service))
-    {
+    // name there could equal another device's id and open its subtree. A
+    // first level of `+` reaches devices/ too. (A variable first level
+    // never matches `devices`: pattern.rs.)
+    let reaches_devices = match levels.first() {
+        Some(Level::Plus) => true,
+        Some(Level::Literal(l)) => l == twofold_protocol::topic::DEVICES,
+        _ => false,
+    };
+    if reaches_devices && matches!(levels.get(1), Some(Level::Group | Level::Service)) {
         return Err(
             "puts {group} or {service} at the device id level of devices/…: a name there can \
              equal another device's id; use {device}, {member:GROUP}, an id or +"

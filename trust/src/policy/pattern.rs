@@ -108,14 +108,14 @@ impl Pattern {
             return false;
         }
         let mut t = topic.iter();
-        for level in &self.levels {
+        for (i, level) in self.levels.iter().enumerate() {
             if *level == Level::Hash {
                 return true;
             }
             let Some(part) = t.next() else {
                 return false;
             };
-            if !level_matches(level, part, who, groups) {
+            if !level_matches(level, i, part, who, groups) {
                 return false;
             }
         }
@@ -131,7 +131,7 @@ impl Pattern {
             return false;
         }
         let mut f = filter.iter();
-        for level in &self.levels {
+        for (i, level) in self.levels.iter().enumerate() {
             if *level == Level::Hash {
                 return true;
             }
@@ -142,7 +142,7 @@ impl Pattern {
                 // Only # covers #, only + or # covers +.
                 "#" => false,
                 "+" => *level == Level::Plus,
-                part => level_matches(level, part, who, groups),
+                part => level_matches(level, i, part, who, groups),
             };
             if !ok {
                 return false;
@@ -152,8 +152,24 @@ impl Pattern {
     }
 }
 
-/// One concrete topic level against one pattern level.
-fn level_matches(level: &Level, part: &str, who: &Principal, groups: &Groups) -> bool {
+/// One concrete topic level, the `index`th, against one pattern level.
+/// A variable first level never stands for `devices`: a device, service
+/// or group named so must not turn `{device}/#` into every device's
+/// subtree.
+fn level_matches(
+    level: &Level,
+    index: usize,
+    part: &str,
+    who: &Principal,
+    groups: &Groups,
+) -> bool {
+    let variable = matches!(
+        level,
+        Level::Device | Level::Service | Level::Group | Level::Member(_)
+    );
+    if variable && index == 0 && part == twofold_protocol::topic::DEVICES {
+        return false;
+    }
     match level {
         Level::Literal(l) => l == part,
         Level::Plus | Level::Hash => true,

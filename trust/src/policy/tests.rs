@@ -186,6 +186,19 @@ subscribe = ["#"]
         p.may_subscribe(&me, "config/+/#"),
         Err(Denial::OutsideOwnSubtree)
     );
+    // A device named `devices`: {device} first never means devices/.
+    let p2 = file::parse(
+        "[groups]\ndevices = [\"device:a\"]\n\n[[rule]]\nname = \"mine\"\napplies_to = [\"devices\"]\n\
+         subscribe = [\"{device}/#\", \"{group}/+/#\"]\n",
+    )
+    .unwrap();
+    for who in [device("devices"), device("a")] {
+        assert_eq!(
+            p2.may_subscribe(&who, "devices/b/telemetry"),
+            Err(Denial::OutsideOwnSubtree),
+            "{who:?}"
+        );
+    }
     let root = service("root");
     assert_eq!(
         p.may_subscribe(&root, "a/b/#"),
@@ -245,6 +258,10 @@ fn broken_files_name_the_rule_and_the_problem() {
         (
             "[[rule]]\nname = \"x\"\napplies_to = [\"devices\"]\nsubscribe = [\"$share/g/a\"]",
             "starts with $share",
+        ),
+        (
+            "[[rule]]\nname = \"x\"\napplies_to = [\"devices\"]\nsubscribe = [\"+/{group}/#\"]",
+            "at the device id level",
         ),
         (
             "[groups]\nPumps = [\"device:a\"]",
@@ -330,8 +347,9 @@ fn rule_text() -> impl Strategy<Value = String> {
 fn names_others(text: &str, other: &str, members: &[&str]) -> bool {
     let levels: Vec<&str> = text.split('/').collect();
     match levels.first() {
-        Some(&"+") | Some(&"#") => return true,
-        Some(&"devices") => {}
+        Some(&"#") => return true,
+        // `+` first reaches devices/ as the literal does.
+        Some(&"+") | Some(&"devices") => {}
         _ => return false,
     }
     match levels.get(1) {
@@ -350,7 +368,8 @@ proptest! {
 
     /// No rule set lets device a into device b's subtree unless the rule
     /// that decided names it explicitly; group names that equal device ids
-    /// included (group "b" has a as a member).
+    /// included (group "b" has a as a member), and a group named
+    /// "devices" (which {group} at the first level must not expand to).
     #[test]
     fn no_rule_set_opens_another_devices_subtree_implicitly(
         rules in prop::collection::vec(rule_text(), 0..4),
@@ -360,7 +379,7 @@ proptest! {
         subscribe in any::<bool>(),
     ) {
         let mut text = format!(
-            "[builtin]\ndevices = {builtin_devices}\n\n[groups]\ng1 = [\"device:a\", \"device:pump-2\"]\nb = [\"device:a\"]\n"
+            "[builtin]\ndevices = {builtin_devices}\n\n[groups]\ng1 = [\"device:a\", \"device:pump-2\"]\nb = [\"device:a\"]\ndevices = [\"device:a\"]\n"
         );
         for (i, r) in rules.iter().enumerate() {
             text.push_str(&format!("\n[[rule]]\nname = \"r{i}\"\n{r}"));
