@@ -6,8 +6,10 @@
 //! at start, where a broken file stops the gateway, and again when either
 //! changes (polled every second) or on SIGHUP, where a broken file is
 //! refused and the policy in force stays. Every session sees a reload at
-//! its next PUBLISH or SUBSCRIBE; what the broker already has (a granted
-//! subscription) stays until the session ends.
+//! its next PUBLISH or SUBSCRIBE. What the broker already has (a granted
+//! subscription, kept across reconnects by a persistent session) stays
+//! there, so with a policy file every delivery is checked too, and what
+//! the identity may no longer read is withheld (`session/from_broker.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +37,11 @@ impl PolicyFiles {
 
 /// The policy in force, as each session reads it.
 #[derive(Clone, Debug)]
-pub struct InForce(watch::Receiver<Arc<Policy>>);
+pub struct InForce {
+    policy: watch::Receiver<Arc<Policy>>,
+    /// Read from files, so it can change while sessions live.
+    reloadable: bool,
+}
 
 impl Default for InForce {
     /// The built-in policy, for good.
@@ -47,17 +53,40 @@ impl Default for InForce {
 impl InForce {
     /// A policy that never changes.
     pub fn fixed(policy: Policy) -> InForce {
-        InForce(watch::channel(Arc::new(policy)).1)
+        InForce {
+            policy: watch::channel(Arc::new(policy)).1,
+            reloadable: false,
+        }
+    }
+
+    /// A policy that the returned sender replaces (a reload).
+    pub fn reloadable(policy: Policy) -> (watch::Sender<Arc<Policy>>, InForce) {
+        let (tx, rx) = watch::channel(Arc::new(policy));
+        (
+            tx,
+            InForce {
+                policy: rx,
+                reloadable: true,
+            },
+        )
     }
 
     /// May `who` publish to `topic`?
     pub fn may_publish(&self, who: &Principal, topic: &str) -> Result<(), Denial> {
-        self.0.borrow().may_publish(who, topic).map(|_| ())
+        self.policy.borrow().may_publish(who, topic).map(|_| ())
     }
 
     /// May `who` subscribe to `filter`?
     pub fn may_subscribe(&self, who: &Principal, filter: &str) -> Result<(), Denial> {
-        self.0.borrow().may_subscribe(who, filter).map(|_| ())
+        self.policy.borrow().may_subscribe(who, filter).map(|_| ())
+    }
+
+    /// Whether what the broker delivers must be checked again: with a
+    /// policy that can change (a file), a subscription granted earlier may
+    /// no longer be allowed. The built-in policy never changes, so what it
+    /// granted stays granted, and its deliveries cost no check.
+    pub fn restricts_reading(&self) -> bool {
+        self.reloadable
     }
 }
 
@@ -73,9 +102,9 @@ pub fn start(files: Option<PolicyFiles>) -> Result<InForce, PolicyError> {
         rules = policy.rules.len(),
         "topic policy loaded"
     );
-    let (tx, rx) = watch::channel(Arc::new(policy));
+    let (tx, in_force) = InForce::reloadable(policy);
     tokio::spawn(watch_files(files, tx));
-    Ok(InForce(rx))
+    Ok(in_force)
 }
 
 async fn watch_files(files: PolicyFiles, tx: watch::Sender<Arc<Policy>>) {

@@ -172,6 +172,15 @@ fn groups_broadcast_and_limit_and_a_broken_reload_keeps_the_policy() {
     );
 
     // A good one is taken: without the broadcast rule, pump-1 is refused.
+    // First a live session of pump-1, subscribed under the policy in force.
+    drop(sub);
+    let live = Sub::start_tls(
+        &fleet,
+        port,
+        &pump,
+        "pump-1-live",
+        &["-i", "pump-1", "-q", "1", "-t", "groups/pumps/commands"],
+    );
     std::fs::write(
         &policy,
         POLICY.replace(
@@ -185,6 +194,29 @@ fn groups_broadcast_and_limit_and_a_broken_reload_keeps_the_policy() {
         "{}",
         gw.log()
     );
+    // pump-1's live session keeps its subscription at the broker, but
+    // what it delivers is withheld now, and audited.
+    let heard = |sub: &Sub| {
+        sub.messages()
+            .iter()
+            .filter(|(t, _)| t == "groups/pumps/commands")
+            .count()
+    };
+    let before = heard(&live);
+    publish(&fleet, &gw, &ops, "ops", "groups/pumps/commands");
+    gw.wait_for(|e| {
+        e["client_id"] == "pump-1"
+            && e["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("delivery of \"groups/pumps/commands\" withheld"))
+    })
+    .unwrap_or_else(|| panic!("no withheld delivery; audit:\n{:#?}", gw.events()));
+    assert_eq!(
+        heard(&live),
+        before,
+        "the broadcast reached pump-1 after the reload"
+    );
+    drop(live);
     finish(
         mosquitto_sub(
             &fleet,

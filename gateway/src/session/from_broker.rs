@@ -18,16 +18,59 @@ pub(super) struct ToDevice {
     pub(super) frames: Bytes,
     pub(super) publishes: u64,
     pub(super) answers: u64,
+    /// PUBLISHes the policy in force no longer lets the device read.
+    pub(super) withheld: Vec<Withheld>,
+}
+
+/// A PUBLISH from the broker kept from the device.
+pub(super) struct Withheld {
+    pub(super) topic: String,
+    pub(super) qos: u8,
+    pub(super) pkid: u16,
+}
+
+/// Who the session is and the policy in force, for what the broker
+/// delivers: a subscription granted under an earlier policy (a reload, a
+/// group membership removed, a persistent session's subscription kept by
+/// the broker across reconnects) must not go on delivering.
+pub(super) struct Reader<'a> {
+    pub(super) principal: &'a Principal,
+    pub(super) policy: &'a InForce,
+}
+
+/// The topic, QoS and packet id of a whole PUBLISH frame (MQTT 3.1.1 and
+/// 5 put them first, after the fixed header). Read by hand because the
+/// codec's reader copies the payload too, for every message.
+pub(super) fn publish_head(frame: &[u8]) -> Option<(String, u8, u16)> {
+    let qos = (frame.first()? >> 1) & 0b11;
+    // The remaining length: 1 to 4 bytes, each but the last with bit 7 set.
+    let varint = frame.get(1..)?.iter().take(4).position(|b| b & 0x80 == 0)? + 1;
+    let rest = frame.get(1 + varint..)?;
+    let len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    let topic = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_owned();
+    let pkid = if qos > 0 {
+        u16::from_be_bytes([*rest.get(2 + len)?, *rest.get(3 + len)?])
+    } else {
+        0
+    };
+    Some((topic, qos, pkid))
 }
 
 impl FromBroker {
     /// Takes the whole frames at the front of `buf`. Bytes the codec cannot
     /// frame are passed on as they are: they come from the broker, which
     /// the gateway trusts.
-    pub(super) fn take(&self, buf: &mut BytesMut, pings: &mut VecDeque<Ping>) -> ToDevice {
+    pub(super) fn take(
+        &self,
+        buf: &mut BytesMut,
+        pings: &mut VecDeque<Ping>,
+        reader: &Reader<'_>,
+    ) -> ToDevice {
         let mut at = 0;
         let mut publishes = 0;
         let mut answers = 0;
+        let mut withheld = Vec::new();
+        let check = reader.policy.restricts_reading();
         // Cut points: a frame to drop, or to replace.
         let mut edits: Vec<(std::ops::Range<usize>, Option<Bytes>)> = Vec::new();
         while at < buf.len() {
@@ -35,6 +78,19 @@ impl FromBroker {
                 Ok(header) => {
                     let end = at + header.frame_length();
                     let kind = buf[at] >> 4;
+                    if kind == 3
+                        && check
+                        && let Some((topic, qos, pkid)) = publish_head(&buf[at..end])
+                        && reader
+                            .policy
+                            .may_subscribe(reader.principal, &topic)
+                            .is_err()
+                    {
+                        edits.push((at..end, None));
+                        withheld.push(Withheld { topic, qos, pkid });
+                        at = end;
+                        continue;
+                    }
                     if self.upgrade
                         && (kind == 3 || kind == 9)
                         && let Some(up) = downgrade::frame_up(&buf[at..end])
@@ -81,6 +137,7 @@ impl FromBroker {
             frames,
             publishes,
             answers,
+            withheld,
         }
     }
 

@@ -281,6 +281,8 @@ pub struct Session {
     silence: Option<Duration>,
     heard: Instant,
     closed: bool,
+    /// A withheld delivery has been audited in this session.
+    withheld_said: bool,
 }
 
 impl Session {
@@ -306,6 +308,7 @@ impl Session {
             silence: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             heard: now,
             closed: false,
+            withheld_said: false,
         }
     }
 
@@ -459,11 +462,45 @@ impl Session {
         if self.closed {
             return actions;
         }
+        let reader = Reader {
+            principal: &self.inspector.principal,
+            policy: &self.inspector.policy,
+        };
         let ToDevice {
             frames,
             publishes,
             answers,
-        } = self.from_broker.take(buf, &mut self.inspector.pings);
+            withheld,
+        } = self
+            .from_broker
+            .take(buf, &mut self.inspector.pings, &reader);
+        for w in &withheld {
+            // Acknowledged to the broker as delivered, so that it does not
+            // deliver it again (QoS 2: the broker's PUBREL reaches the
+            // device, which answers PUBCOMP for an id it does not know).
+            let ack = match w.qos {
+                1 => Some(0x40),
+                2 => Some(0x50),
+                _ => None,
+            };
+            if let Some(kind) = ack {
+                let [hi, lo] = w.pkid.to_be_bytes();
+                actions.push(Action::ToBroker(Bytes::copy_from_slice(&[kind, 2, hi, lo])));
+            }
+            if !self.withheld_said {
+                self.withheld_said = true;
+                actions.push(Action::Refused(
+                    Reason::PolicyDenied,
+                    format!(
+                        "delivery of {} withheld: the policy in force no longer lets this \
+                         identity read it (a subscription made under an earlier policy or \
+                         group membership); later ones in this session are withheld without \
+                         a line",
+                        inspect::shown(&w.topic)
+                    ),
+                ));
+            }
+        }
         if frames.is_empty() {
             return actions;
         }
@@ -605,9 +642,13 @@ mod tests {
             version: Version::V5,
             upgrade: false,
         };
+        let reader = Reader {
+            principal: &device("any"),
+            policy: &InForce::default(),
+        };
         let ToDevice {
             frames, answers, ..
-        } = relay.take(&mut buf, &mut VecDeque::new());
+        } = relay.take(&mut buf, &mut VecDeque::new(), &reader);
         Out::Broker { frames, answers }
     }
 
@@ -747,6 +788,87 @@ mod tests {
             .iter()
             .position(pred)
             .unwrap_or_else(|| panic!("not in {actions:?}"))
+    }
+
+    /// A QoS 1 PUBLISH with a 300-byte payload (a two-byte remaining length).
+    fn v4_delivery(topic: &str, pkid: u16) -> Bytes {
+        let mut p = v4::Publish::new(topic, mqttbytes::QoS::AtLeastOnce, vec![7u8; 300]);
+        p.pkid = pkid;
+        encode_v4(v4::Packet::Publish(p))
+    }
+
+    /// A subscription granted under an earlier policy does not go on
+    /// delivering: a reload that takes pump-1 out of pumps withholds the
+    /// broadcast, acknowledges it to the broker, and audits it once.
+    #[test]
+    fn deliveries_the_policy_no_longer_grants_are_withheld() {
+        let rule = "[[rule]]\nname = \"b\"\napplies_to = [\"group:pumps\"]\n\
+                    subscribe = [\"groups/pumps/commands\"]\n";
+        let with = |members: &str| {
+            twofold_trust::policy::file::parse(&format!("{rule}[groups]\npumps = [{members}]\n"))
+                .unwrap()
+        };
+        let (reload, policy) = InForce::reloadable(with("\"device:pump-1\""));
+        let me = device("pump-1");
+        let t0 = Instant::now();
+        let mut session =
+            Session::new(Version::V311, me, 1024, Quirks::EMBEDDED, 0, t0).with_policy(policy);
+        let delivered = |session: &mut Session, pkid| {
+            let mut buf = BytesMut::from(&v4_delivery("groups/pumps/commands", pkid)[..]);
+            session.handle_broker(&mut buf)
+        };
+        let actions = delivered(&mut session, 7);
+        assert_eq!(
+            to_device(&actions),
+            v4_delivery("groups/pumps/commands", 7).to_vec()
+        );
+
+        reload.send_replace(std::sync::Arc::new(with("\"device:pump-2\"")));
+        for pkid in [8u16, 9] {
+            let actions = delivered(&mut session, pkid);
+            assert!(to_device(&actions).is_empty(), "{actions:?}");
+            let [hi, lo] = pkid.to_be_bytes();
+            assert!(
+                actions
+                    .iter()
+                    .any(|a| matches!(a, Action::ToBroker(b) if b[..] == [0x40, 2, hi, lo])),
+                "no PUBACK to the broker: {actions:?}"
+            );
+            let refusals = actions
+                .iter()
+                .filter(|a| matches!(a, Action::Refused(Reason::PolicyDenied, d) if d.contains("groups/pumps/commands")))
+                .count();
+            assert_eq!(
+                refusals,
+                usize::from(pkid == 8),
+                "audited once: {actions:?}"
+            );
+        }
+        // Its own topics still arrive.
+        let mut buf = BytesMut::from(&v4_delivery("devices/pump-1/commands", 10)[..]);
+        assert!(!to_device(&session.handle_broker(&mut buf)).is_empty());
+    }
+
+    #[test]
+    fn a_publish_head_is_read_whatever_its_length_and_not_past_its_end() {
+        let long = v4_delivery("devices/pump-1/commands", 513);
+        assert!(long.len() > 300, "a two-byte remaining length");
+        assert_eq!(
+            from_broker::publish_head(&long),
+            Some(("devices/pump-1/commands".to_owned(), 1, 513))
+        );
+        for cut in 0..30 {
+            assert_eq!(from_broker::publish_head(&long[..cut]), None, "{cut}");
+        }
+        let qos0 = encode_v4(v4::Packet::Publish(v4::Publish::new(
+            "a/b",
+            mqttbytes::QoS::AtMostOnce,
+            vec![],
+        )));
+        assert_eq!(
+            from_broker::publish_head(&qos0),
+            Some(("a/b".to_owned(), 0, 0))
+        );
     }
 
     #[test]
