@@ -55,8 +55,11 @@ pub struct AuditArgs {
     /// logs within this.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     seen_within: Duration,
-    /// Times one identity may be seen from two addresses at once before
-    /// it is reported as a cloned certificate (fewer: simultaneous use).
+    /// Times one identity may be seen from the same two addresses at once
+    /// before it is reported as a cloned certificate (fewer, or each time
+    /// a new address, as a device moving between networks: simultaneous
+    /// use). A device that flaps between two networks looks the same as a
+    /// clone: check its addresses.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     clone_threshold: u32,
 }

@@ -37,8 +37,15 @@ pub struct Admission {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overlaps {
     pub times: usize,
+    /// The most times one pair of addresses was seen at once. A clone and
+    /// its original meet again and again; a device that moves to a new
+    /// network before its old connection timed out meets each old address
+    /// once.
+    pub repeated: usize,
     /// The addresses (without ports) seen at once, in order of appearance.
     pub addresses: Vec<String>,
+    /// Times each pair of addresses (in order) was seen at once.
+    pub(crate) pairs: HashMap<(String, String), usize>,
 }
 
 /// Lines of one log that could not be read.
@@ -104,6 +111,8 @@ struct Line<'a> {
     identity: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     serial: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    client_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -113,10 +122,15 @@ enum Kind {
     Other,
 }
 
-/// A connection in one log: its index and the peer's address and port.
-type Connection = (u16, String);
-/// An open session's identity, certificate serial and start.
-type OpenSession = (Option<String>, Option<String>, OffsetDateTime);
+/// A connection: the peer's address and port, and the identity. Not the
+/// log it is in: a gateway's rotated files are several logs, and a
+/// session may begin in one and end in the next.
+type Connection = (String, Option<String>);
+/// An open session's serial, start and log.
+type OpenSession = (Option<String>, OffsetDateTime, u16);
+/// Who holds a broker session: the identity and the client id (each
+/// instance of a scaled-out service has its own).
+type Holder = (String, String);
 
 struct Event {
     at: OffsetDateTime,
@@ -125,6 +139,7 @@ struct Event {
     peer: String,
     identity: Option<String>,
     serial: Option<String>,
+    client_id: Option<String>,
 }
 
 /// Reads `logs` (a name for messages, and the reader), merges them in
@@ -168,10 +183,9 @@ pub fn read<R: Read>(logs: Vec<(String, R)>) -> std::io::Result<LogSummary> {
     events.sort_by_key(|e| e.at);
     summary.events = events.len() as u64;
 
-    // (log, peer) → the open session's identity, serial and start.
     let mut open: HashMap<Connection, OpenSession> = HashMap::new();
-    // identity → its open sessions' (log, peer).
-    let mut open_by_identity: HashMap<String, Vec<(u16, String)>> = HashMap::new();
+    // Each holder's open connections.
+    let mut held: HashMap<Holder, Vec<Connection>> = HashMap::new();
     for e in events {
         let sighting = || Sighting {
             at: e.at,
@@ -183,6 +197,11 @@ pub fn read<R: Read>(logs: Vec<(String, R)>) -> std::io::Result<LogSummary> {
         if let Some(s) = &e.serial {
             summary.by_serial.insert(s.clone(), sighting());
         }
+        let key: Connection = (e.peer.clone(), e.identity.clone());
+        let holder = e
+            .identity
+            .clone()
+            .map(|i| (i, e.client_id.clone().unwrap_or_default()));
         match e.kind {
             Kind::Connected => {
                 if let Some(s) = &e.serial {
@@ -196,47 +215,56 @@ pub fn read<R: Read>(logs: Vec<(String, R)>) -> std::io::Result<LogSummary> {
                         },
                     );
                 }
-                let key = (e.log, e.peer.clone());
                 // A second Connected on the same connection cannot happen;
-                // if the log says so, the first session ended unrecorded.
-                if let Some((Some(old), _, _)) = open.remove(&key)
-                    && let Some(list) = open_by_identity.get_mut(&old)
-                {
+                // if the logs say so, the first session ended unrecorded.
+                open.remove(&key);
+                for list in held.values_mut() {
                     list.retain(|k| *k != key);
                 }
-                if let Some(identity) = &e.identity {
+                if let Some(holder) = holder {
                     let here = host(&e.peer);
-                    let list = open_by_identity.entry(identity.clone()).or_default();
-                    let elsewhere: Vec<String> = list
+                    let list = held.entry(holder.clone()).or_default();
+                    let mut elsewhere: Vec<String> = list
                         .iter()
-                        .map(|(_, p)| host(p))
+                        .map(|(p, _)| host(p))
                         .filter(|h| *h != here)
                         .collect();
+                    elsewhere.sort();
+                    elsewhere.dedup();
                     if !elsewhere.is_empty() {
-                        let o = summary.overlaps.entry(identity.clone()).or_default();
+                        let o = summary.overlaps.entry(holder.0).or_default();
                         o.times += 1;
-                        for h in elsewhere.into_iter().chain([here]) {
+                        for h in elsewhere {
+                            let pair = if h < here {
+                                (h.clone(), here.clone())
+                            } else {
+                                (here.clone(), h.clone())
+                            };
+                            let n = o.pairs.entry(pair).or_default();
+                            *n += 1;
+                            o.repeated = o.repeated.max(*n);
                             if !o.addresses.contains(&h) && o.addresses.len() < 16 {
                                 o.addresses.push(h);
                             }
                         }
+                        if !o.addresses.contains(&here) && o.addresses.len() < 16 {
+                            o.addresses.push(here);
+                        }
                     }
                     list.push(key.clone());
                 }
-                open.insert(key, (e.identity, e.serial, e.at));
+                open.insert(key, (e.serial, e.at, e.log));
             }
             Kind::Disconnected => {
-                let key = (e.log, e.peer);
-                if let Some((Some(identity), _, _)) = open.remove(&key)
-                    && let Some(list) = open_by_identity.get_mut(&identity)
-                {
+                open.remove(&key);
+                if let Some(list) = holder.and_then(|h| held.get_mut(&h)) {
                     list.retain(|k| *k != key);
                 }
             }
             Kind::Other => {}
         }
     }
-    for ((log, peer), (_, serial, at)) in open {
+    for ((peer, _), (serial, at, log)) in open {
         if let Some(serial) = serial {
             summary.open_at_end.push(Admission {
                 at,
@@ -273,6 +301,7 @@ fn parse(text: &str, log: u16) -> Result<Option<Event>, String> {
         peer: line.peer.into_owned(),
         identity: line.identity.map(Cow::into_owned),
         serial: line.serial.map(Cow::into_owned),
+        client_id: line.client_id.map(Cow::into_owned),
     }))
 }
 
@@ -280,7 +309,7 @@ fn parse(text: &str, log: u16) -> Result<Option<Event>, String> {
 /// connection, its address does not.
 fn host(peer: &str) -> String {
     peer.parse::<SocketAddr>()
-        .map_or_else(|_| peer.to_owned(), |a| a.ip().to_string())
+        .map_or_else(|_| peer.to_owned(), |a| a.ip().to_canonical().to_string())
 }
 
 fn clip(s: &str) -> &str {
@@ -301,6 +330,113 @@ mod tests {
         format!(
             r#"{{"ts":"{ts}","event":"{event}","peer":"{peer}","identity":"{identity}","serial":"{serial}","subject":"CN=a"}}"#
         )
+    }
+
+    fn service_line(ts: &str, event: &str, peer: &str, client_id: &str) -> String {
+        format!(
+            r#"{{"ts":"{ts}","event":"{event}","peer":"{peer}","identity":"spiffe://td/service/ingest","client_id":"{client_id}"}}"#
+        )
+    }
+
+    #[test]
+    fn instances_of_a_service_are_not_overlaps() {
+        let gw0 = [
+            service_line(
+                "2026-12-01T10:00:00Z",
+                "connected",
+                "10.0.0.1:1",
+                "ingest-a",
+            ),
+            service_line(
+                "2026-12-01T10:00:01Z",
+                "connected",
+                "10.0.0.2:1",
+                "ingest-b",
+            ),
+        ];
+        assert!(summary(&[&gw0]).overlaps.is_empty());
+        // The same instance from two places is one.
+        let gw1 = [
+            service_line(
+                "2026-12-01T10:00:00Z",
+                "connected",
+                "10.0.0.1:1",
+                "ingest-a",
+            ),
+            service_line(
+                "2026-12-01T10:00:01Z",
+                "connected",
+                "10.0.0.2:1",
+                "ingest-a",
+            ),
+        ];
+        assert_eq!(
+            summary(&[&gw1]).overlaps["spiffe://td/service/ingest"].times,
+            1
+        );
+    }
+
+    #[test]
+    fn a_clone_meets_the_same_address_again_and_a_roaming_device_does_not() {
+        let t = |m: u32| format!("2026-12-01T10:{m:02}:00Z");
+        // Roaming: each new network's connection arrives before the old one
+        // timed out, and never goes back.
+        let mut roam = Vec::new();
+        for (m, net) in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+            .iter()
+            .enumerate()
+        {
+            let m = m as u32 * 10;
+            roam.push(line(&t(m), "connected", &format!("{net}:1"), A, "01"));
+            if m > 0 {
+                let prev = format!("10.0.0.{}:1", m / 10);
+                roam.push(line(&t(m + 1), "disconnected", &prev, A, ""));
+            }
+        }
+        let o = &summary(&[&roam]).overlaps[A];
+        assert_eq!((o.times, o.repeated), (3, 1));
+        // A clone: two places taking the session from each other.
+        let mut clone = Vec::new();
+        for m in 0..6u32 {
+            let here = if m % 2 == 0 { "10.0.0.1" } else { "192.0.2.9" };
+            let there = if m % 2 == 0 { "192.0.2.9" } else { "10.0.0.1" };
+            clone.push(line(
+                &t(m * 2),
+                "connected",
+                &format!("{here}:{m}"),
+                A,
+                "01",
+            ));
+            if m > 0 {
+                let prev = format!("{there}:{}", m - 1);
+                clone.push(line(&t(m * 2 + 1), "disconnected", &prev, A, ""));
+            }
+        }
+        let o = &summary(&[&clone]).overlaps[A];
+        assert_eq!((o.times, o.repeated), (5, 5));
+        assert_eq!(o.addresses, ["10.0.0.1", "192.0.2.9"]);
+    }
+
+    #[test]
+    fn a_session_may_begin_in_one_rotated_file_and_end_in_the_next() {
+        let old = [line(
+            "2026-12-01T10:00:00Z",
+            "connected",
+            "10.0.0.1:1",
+            A,
+            "01",
+        )];
+        let new = [line(
+            "2026-12-02T10:00:00Z",
+            "disconnected",
+            "10.0.0.1:1",
+            A,
+            "",
+        )];
+        let s = summary(&[&old, &new]);
+        assert!(s.open_at_end.is_empty(), "{:?}", s.open_at_end);
+        // An IPv4 client seen through an IPv6 socket is the same address.
+        assert_eq!(host("[::ffff:10.0.0.1]:5"), "10.0.0.1");
     }
 
     fn summary(logs: &[&[String]]) -> LogSummary {

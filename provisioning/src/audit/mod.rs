@@ -170,7 +170,7 @@ impl Check {
             Check::CertExpiring => "a device or service certificate expires soon, not renewed",
             Check::WeakKey => "a certificate has a key other than ECDSA P-256",
             Check::ClonedCertificate => {
-                "one certificate in use from several addresses at once, again and again"
+                "one certificate in use from the same two addresses at once, again and again"
             }
             Check::StaleCrl => "a gateway enforces an older CRL than the registry's newest",
             Check::AuditLogFailing => "a gateway could not write audit events",
@@ -303,8 +303,8 @@ pub struct Options {
     /// An expired certificate is reported if its identity was seen in the
     /// audit logs within this.
     pub seen_within: Duration,
-    /// Times an identity is seen from two addresses at once before it is
-    /// reported as cloned rather than as simultaneous use.
+    /// Times an identity is seen from the same two addresses at once
+    /// before it is reported as cloned rather than as simultaneous use.
     pub clone_threshold: usize,
 }
 
@@ -565,7 +565,7 @@ pub fn audit(inputs: &Inputs<'_>, options: &Options) -> Report {
         }
     }
     for (identity, overlaps) in &inputs.log.overlaps {
-        let check = if overlaps.times >= options.clone_threshold {
+        let check = if overlaps.repeated >= options.clone_threshold {
             Check::ClonedCertificate
         } else {
             Check::SimultaneousUse
@@ -574,8 +574,10 @@ pub fn audit(inputs: &Inputs<'_>, options: &Options) -> Report {
             check,
             &name_of(identity),
             format!(
-                "{} time(s) connected while connected from another address; addresses {}",
+                "{} time(s) connected while connected from another address, the same two \
+                 addresses {} time(s); addresses {}",
                 overlaps.times,
+                overlaps.repeated,
                 overlaps.addresses.join(", ")
             ),
         );
@@ -1023,7 +1025,9 @@ mod tests {
         let mut log = LogSummary::default();
         let overlaps = |times| log::Overlaps {
             times,
+            repeated: times,
             addresses: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+            ..Default::default()
         };
         log.overlaps
             .insert(a.identity.clone().unwrap(), overlaps(1));
