@@ -62,6 +62,11 @@ pub struct AuditArgs {
     /// clone: check its addresses.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     clone_threshold: u32,
+    /// How long after a revocation a gateway may still admit the
+    /// certificate before that is reported (the CRL's way to the gateways:
+    /// a push takes a second, a pull up to its interval).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    crl_grace: Duration,
 }
 
 pub fn run(pki: Result<Pki, Error>, args: &AuditArgs) -> anyhow::Result<ExitCode> {
@@ -97,6 +102,7 @@ pub fn run(pki: Result<Pki, Error>, args: &AuditArgs) -> anyhow::Result<ExitCode
     options.max_age = args.max_age;
     options.seen_within = args.seen_within;
     options.clone_threshold = args.clone_threshold as usize;
+    options.crl_grace = args.crl_grace;
     let report = audit::audit(
         &audit::Inputs {
             records: &records,

@@ -155,7 +155,7 @@ fn the_audit_finds_clones_stale_crls_and_revoked_sessions_and_nothing_in_a_healt
     let mut again = hold(&fleet, &gw, &stolen, "stolen", "127.0.0.3");
     wait_connections(&gw, "stolen", 2);
 
-    let out = audit(&fleet, &gw, metrics, &["--json"]);
+    let out = audit(&fleet, &gw, metrics, &["--json", "--crl-grace", "0s"]);
     assert_eq!(out.status.code(), Some(2), "critical findings exit 2");
     let report = json(&out);
     let f = found(&report);
@@ -184,7 +184,12 @@ fn the_audit_finds_clones_stale_crls_and_revoked_sessions_and_nothing_in_a_healt
         .expect("the revoked session closed");
     let deadline = Instant::now() + Duration::from_secs(15);
     let report = loop {
-        let report = json(&audit(&fleet, &gw, metrics, &["--json"]));
+        let report = json(&audit(
+            &fleet,
+            &gw,
+            metrics,
+            &["--json", "--crl-grace", "0s"],
+        ));
         if !found(&report).contains_key("stale-crl") || Instant::now() > deadline {
             break report;
         }

@@ -303,6 +303,10 @@ pub struct Options {
     /// An expired certificate is reported if its identity was seen in the
     /// audit logs within this.
     pub seen_within: Duration,
+    /// How long after a revocation an admission is not yet a finding: the
+    /// CRL's way to the gateways (a push takes a second, a pull up to its
+    /// interval) and the clocks' difference.
+    pub crl_grace: Duration,
     /// Times an identity is seen from the same two addresses at once
     /// before it is reported as cloned rather than as simultaneous use.
     pub clone_threshold: usize,
@@ -319,6 +323,7 @@ impl Options {
             max_age: Duration::from_secs(365 * DAY),
             seen_within: Duration::from_secs(7 * DAY),
             clone_threshold: 3,
+            crl_grace: Duration::from_secs(120),
         }
     }
 }
@@ -399,11 +404,15 @@ pub fn audit(inputs: &Inputs<'_>, options: &Options) -> Report {
         }
     }
 
-    // Devices and services: their newest certificate.
+    // Devices and services: the certificate each uses, the newest
+    // committed one. A renewal awaiting the device's commit (`replaces`)
+    // counts only if there is nothing else: a device stuck before its
+    // commit still uses the old certificate, which may be expiring.
     let mut newest: HashMap<(Kind, &str), &CertRecord> = HashMap::new();
     for r in inputs.records.iter().filter(|r| r.kind.is_client()) {
         let slot = newest.entry((r.kind, r.name.as_str())).or_insert(r);
-        if (r.issued_at, r.not_after) > (slot.issued_at, slot.not_after) {
+        let rank = |c: &CertRecord| (c.replaces.is_none(), c.issued_at, c.not_after);
+        if rank(r) > rank(slot) {
             *slot = r;
         }
     }
@@ -532,7 +541,7 @@ pub fn audit(inputs: &Inputs<'_>, options: &Options) -> Report {
         .collect();
     for s in inputs.log.admissions.values() {
         if let Some((r, at)) = revoked.get(&s.serial)
-            && s.at > *at
+            && s.at > later(*at, options.crl_grace)
         {
             add(
                 Check::RevokedAdmitted,
@@ -928,6 +937,15 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_awaiting_its_commit_does_not_hide_the_expiring_certificate() {
+        let old = device("stuck", NOW - 88 * DAYS, 90 * DAYS);
+        let mut pending = device("stuck", NOW - DAYS, 90 * DAYS);
+        pending.replaces = Some(old.serial.clone());
+        let f = found(&run(&[old, pending], &LogSummary::default(), &[]));
+        assert_eq!(f[&Check::CertExpiring], names(&["stuck"]), "{f:?}");
+    }
+
+    #[test]
     fn an_expired_certificate_is_reported_only_if_its_device_was_seen_lately() {
         let seen = device("seen", NOW - 100 * DAYS, 90 * DAYS);
         let refused = device("refused", NOW - 100 * DAYS, 90 * DAYS);
@@ -1000,6 +1018,12 @@ mod tests {
             });
         }
         let fine = device("fine", NOW - 10 * DAYS, 90 * DAYS);
+        // Admitted a minute after its revocation: the CRL was on its way.
+        let mut soon = device("soon", NOW - 10 * DAYS, 90 * DAYS);
+        soon.revocation = Some(Revocation {
+            at: NOW - time::Duration::MINUTE,
+            reason: RevocationReason::KeyCompromise,
+        });
         let admission = |r: &CertRecord, days_ago: i64| log::Admission {
             at: NOW - DAYS * days_ago as i32,
             serial: r.serial.to_string(),
@@ -1011,8 +1035,10 @@ mod tests {
             log.admissions
                 .insert(r.serial.to_string(), admission(r, ago));
         }
+        log.admissions
+            .insert(soon.serial.to_string(), admission(&soon, 0));
         log.open_at_end = vec![admission(&open, 2), admission(&fine, 0)];
-        let f = found(&run(&[late, open, closed, fine], &log, &[]));
+        let f = found(&run(&[late, open, closed, fine, soon], &log, &[]));
         assert_eq!(f[&Check::RevokedAdmitted], names(&["late"]));
         assert_eq!(f[&Check::RevokedStillConnected], names(&["open"]));
         assert_eq!(f.len(), 2, "{f:?}");
