@@ -71,23 +71,24 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(backend)?;
         conn.execute_batch(SCHEMA).map_err(backend)?;
-        let version: i64 = conn
+        // The version is read inside a write transaction: two commands
+        // opening an old registry at once (the CA service and a cron
+        // audit) must not both migrate it.
+        let tx =
+            rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
+                .map_err(backend)?;
+        let version: i64 = tx
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(backend)?;
         if version < 1 {
-            let tx = conn.unchecked_transaction().map_err(backend)?;
             tx.execute_batch(MIGRATE_V1).map_err(backend)?;
-            tx.execute_batch("PRAGMA user_version = 1")
-                .map_err(backend)?;
-            tx.commit().map_err(backend)?;
         }
         if version < 2 {
-            let tx = conn.unchecked_transaction().map_err(backend)?;
             tx.execute_batch(MIGRATE_V2).map_err(backend)?;
             tx.execute_batch("PRAGMA user_version = 2")
                 .map_err(backend)?;
-            tx.commit().map_err(backend)?;
         }
+        tx.commit().map_err(backend)?;
         Ok(SqliteStore { conn })
     }
 }
@@ -462,6 +463,40 @@ mod tests {
         }
         assert!(store.find(&Filter::default()).unwrap().is_empty());
         assert_eq!(store.setting("crl_number").unwrap(), None);
+    }
+
+    #[test]
+    fn a_renewal_era_registry_gains_groups_and_migrates_once_when_opened_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            // Schema version 1, as the round-2 renewal left it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute_batch(MIGRATE_V1).unwrap();
+            conn.execute_batch("PRAGMA user_version = 1").unwrap();
+        }
+        // The CA service and a cron audit opening it at the same moment.
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || SqliteStore::open(&path).map(|_| ()))
+            })
+            .collect();
+        for o in opened {
+            o.join().unwrap().unwrap();
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        let m = Membership {
+            group: "pumps".into(),
+            kind: Kind::Device,
+            name: "a".into(),
+        };
+        let tx = store.begin().unwrap();
+        assert!(tx.set_membership(&m, true).unwrap());
+        assert!(!tx.set_membership(&m, true).unwrap(), "already a member");
+        tx.commit().unwrap();
+        assert_eq!(store.memberships().unwrap(), vec![m]);
     }
 
     #[test]
