@@ -214,8 +214,16 @@ impl Link {
         let mut told: Option<CertRefused> = None;
         // Whether the next connection makes a full handshake.
         let mut full = false;
+        // Refusals of the certificate in a row. The first may be a forged
+        // alert (before a TLS 1.2 handshake is keyed, anyone on the path
+        // can send one): it gets the usual backoff; the second, the long
+        // wait.
+        let mut refusals = 0u32;
         loop {
             let started = Instant::now();
+            // Before the attempt, so that a certificate installed during
+            // it still counts as a change.
+            let certificate = modified(&self.cert_path);
             let ended = self.session(&mut shutdown, full).await;
             let failure = match ended {
                 Ok(end) => return end,
@@ -230,7 +238,12 @@ impl Link {
             // no alert left to say why: the connection just ends. A full
             // handshake next time gets the reason (revoked, expired).
             full = failure.before_session || failure.refused.is_some();
-            if let Some(refused) = failure.refused {
+            refusals = if failure.refused.is_some() {
+                refusals + 1
+            } else {
+                0
+            };
+            if let Some(refused) = failure.refused.filter(|_| refusals >= 2) {
                 let wait = self.refused_wait / 2
                     + self
                         .refused_wait
@@ -247,7 +260,6 @@ impl Link {
                 } else {
                     tracing::debug!(gateway = %gateway, refused = ?refused, retry_in = ?wait, "still refused");
                 }
-                let certificate = modified(&self.cert_path);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = changed(&self.cert_path, certificate) => {
@@ -498,12 +510,18 @@ fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
 }
 
 /// Resolves when `path`'s modification time is no longer `then` (checked
-/// every 5 s: a few stat calls while a refused device waits an hour).
+/// every 5 s: a few stat calls while a refused device waits an hour), and
+/// has then stayed the same for 2 s: a certificate being copied in is
+/// taken once it is whole.
 async fn changed(path: &std::path::Path, then: Option<std::time::SystemTime>) {
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        if modified(path) != then {
-            return;
+        let now = modified(path);
+        if now != then {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            if modified(path) == now {
+                return;
+            }
         }
     }
 }
