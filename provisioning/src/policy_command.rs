@@ -229,6 +229,16 @@ pub fn policy(
                 on(p.builtin_services),
                 p.groups.iter().count()
             );
+            // A group with no member grants nothing: most likely a typo,
+            // unless its members come from the registry's export.
+            for (rule, group) in named_groups(&p) {
+                if !p.groups.iter().any(|(g, _)| *g == group) {
+                    println!(
+                        "warning: rule {rule:?} names group {group}, which has no members here \
+                         (give the groups file with --groups; a misspelt group grants nothing)"
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         PolicyAction::Explain {
@@ -248,6 +258,10 @@ pub fn policy(
                 let pki =
                     pki().context("reading the groups from the registry (or give --groups)")?;
                 p.groups.merge(registry_groups(&pki)?);
+                println!(
+                    "(groups from the registry: a gateway sees a change once `groups export` \
+                     has written its groups file)"
+                );
             }
             let who = member(identity)?;
             let access = match access {
@@ -280,6 +294,29 @@ pub fn policy(
             }
         }
     }
+}
+
+/// Every (rule, group) the rules name, as a subject or in {member:G}.
+fn named_groups(p: &Policy) -> Vec<(String, GroupName)> {
+    use twofold_trust::policy::{Level, Subject};
+    let mut out = Vec::new();
+    for rule in &p.rules {
+        for s in &rule.applies_to {
+            if let Subject::Group(g) = s {
+                out.push((rule.name.clone(), *g));
+            }
+        }
+        for pattern in rule.publish.iter().chain(&rule.subscribe) {
+            for level in pattern.levels() {
+                if let Level::Member(g) = level {
+                    out.push((rule.name.clone(), *g));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn on(b: bool) -> &'static str {

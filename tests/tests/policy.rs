@@ -362,6 +362,29 @@ fn registry_groups_reach_the_gateway_and_explain_names_the_rule() {
         gw.events()
     );
 
+    // `policy check` warns of a group no member is in (a typo?).
+    std::fs::write(
+        &policy,
+        POLICY.replace(
+            "applies_to = [\"group:pumps\"]",
+            "applies_to = [\"group:pumsp\"]",
+        ),
+    )
+    .unwrap();
+    let out = provisioning(
+        &fleet,
+        &["policy", "check", policy_arg, "--groups", groups_arg],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "warning: rule \"pumps-broadcast\" names group pumsp, which has no members here"
+        ),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains("group pumps,"), "{}", text(&out));
+
     // `policy check` names the rule of a broken file.
     std::fs::write(
         &policy,
