@@ -126,8 +126,8 @@ enum Kind {
 /// log it is in: a gateway's rotated files are several logs, and a
 /// session may begin in one and end in the next.
 type Connection = (String, Option<String>);
-/// An open session's serial, start and log.
-type OpenSession = (Option<String>, OffsetDateTime, u16);
+/// An open session's serial, start, log and holder.
+type OpenSession = (Option<String>, OffsetDateTime, u16, Option<Holder>);
 /// Who holds a broker session: the identity and the client id (each
 /// instance of a scaled-out service has its own).
 type Holder = (String, String);
@@ -217,11 +217,12 @@ pub fn read<R: Read>(logs: Vec<(String, R)>) -> std::io::Result<LogSummary> {
                 }
                 // A second Connected on the same connection cannot happen;
                 // if the logs say so, the first session ended unrecorded.
-                open.remove(&key);
-                for list in held.values_mut() {
+                if let Some((_, _, _, Some(old))) = open.remove(&key)
+                    && let Some(list) = held.get_mut(&old)
+                {
                     list.retain(|k| *k != key);
                 }
-                if let Some(holder) = holder {
+                if let Some(holder) = holder.clone() {
                     let here = host(&e.peer);
                     let list = held.entry(holder.clone()).or_default();
                     let mut elsewhere: Vec<String> = list
@@ -253,18 +254,21 @@ pub fn read<R: Read>(logs: Vec<(String, R)>) -> std::io::Result<LogSummary> {
                     }
                     list.push(key.clone());
                 }
-                open.insert(key, (e.serial, e.at, e.log));
+                open.insert(key, (e.serial, e.at, e.log, holder));
             }
             Kind::Disconnected => {
-                open.remove(&key);
-                if let Some(list) = holder.and_then(|h| held.get_mut(&h)) {
+                // The holder the session was opened with: a disconnect
+                // line may lack the client id.
+                if let Some((_, _, _, Some(old))) = open.remove(&key)
+                    && let Some(list) = held.get_mut(&old)
+                {
                     list.retain(|k| *k != key);
                 }
             }
             Kind::Other => {}
         }
     }
-    for ((peer, _), (serial, at, log)) in open {
+    for ((peer, _), (serial, at, log, _)) in open {
         if let Some(serial) = serial {
             summary.open_at_end.push(Admission {
                 at,
