@@ -42,6 +42,19 @@ pub struct IdentityFile {
     pub server_crl: Option<PathBuf>,
     pub server_crl_url: Option<String>,
     pub server_crl_refresh_secs: Option<u64>,
+    pub pkcs11: Option<Pkcs11File>,
+}
+
+/// `[identity.pkcs11]`: the device key in a PKCS#11 token (an HSM, a TPM
+/// 2.0 through libtpm2_pkcs11, SoftHSM2) instead of a file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11File {
+    pub module: Option<PathBuf>,
+    pub token: Option<String>,
+    pub key_label: Option<String>,
+    pub pin_file: Option<PathBuf>,
+    pub pin_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,11 +103,35 @@ pub enum Format {
     Json,
 }
 
+/// Where the device's private key is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyStore {
+    /// A PEM file, readable by the agent's user alone.
+    File(PathBuf),
+    /// A key pair in a PKCS#11 token, labelled `label`; of the keys with
+    /// that label, the one the certificate names is used.
+    Token {
+        spec: twofold_token::TokenSpec,
+        label: String,
+    },
+}
+
+impl std::fmt::Display for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyStore::File(path) => write!(f, "{}", path.display()),
+            KeyStore::Token { spec, label } => {
+                write!(f, "key \"{label}\" in token \"{}\"", spec.token)
+            }
+        }
+    }
+}
+
 /// Where the certificate, key, server CA and server CA's CRL are.
 #[derive(Clone, Debug)]
 pub struct IdentityPaths {
     pub cert: PathBuf,
-    pub key: PathBuf,
+    pub key: KeyStore,
     pub server_ca: PathBuf,
     /// Revoked gateway certificates. Without it the gateway's certificate
     /// is not checked for revocation.
@@ -207,6 +244,13 @@ impl File {
                 "missing: set identity.bundle to the directory `provisioning enroll` wrote",
             )
         })?;
+        let token = id.pkcs11.map(check_pkcs11).transpose()?;
+        if token.is_some() && id.key.is_some() {
+            return Err(err(
+                "identity.key",
+                "give either identity.key or [identity.pkcs11], not both",
+            ));
+        }
         let identity = match id.bundle {
             Some(dir) => {
                 for (key, set) in [
@@ -227,7 +271,7 @@ impl File {
                 // have none; the agent says so, and watches for it.
                 IdentityPaths {
                     cert: dir.join("device.pem"),
-                    key: dir.join("device.key"),
+                    key: token.unwrap_or_else(|| KeyStore::File(dir.join("device.key"))),
                     server_ca: dir.join("server-ca.pem"),
                     server_crl_required: id.server_crl.is_some(),
                     server_crl: Some(id.server_crl.unwrap_or_else(|| dir.join("server-crl.pem"))),
@@ -237,9 +281,15 @@ impl File {
                 cert: id
                     .cert
                     .ok_or_else(|| err("identity.cert", "missing (or set identity.bundle)"))?,
-                key: id
-                    .key
-                    .ok_or_else(|| err("identity.key", "missing (or set identity.bundle)"))?,
+                key: match token {
+                    Some(token) => token,
+                    None => KeyStore::File(id.key.ok_or_else(|| {
+                        err(
+                            "identity.key",
+                            "missing (or set identity.bundle, or [identity.pkcs11])",
+                        )
+                    })?),
+                },
                 server_ca: id
                     .server_ca
                     .ok_or_else(|| err("identity.server_ca", "missing (or set identity.bundle)"))?,
@@ -380,6 +430,55 @@ impl File {
     }
 }
 
+/// `[identity.pkcs11]`, checked: a module path, a token and key label,
+/// and the PIN from a file or the environment, never in the config.
+fn check_pkcs11(file: Pkcs11File) -> Result<KeyStore, ConfigError> {
+    let module = file.module.ok_or_else(|| {
+        err(
+            "identity.pkcs11.module",
+            "missing: the PKCS#11 module, e.g. /usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
+        )
+    })?;
+    if !module.is_absolute() {
+        return Err(err("identity.pkcs11.module", "must be an absolute path"));
+    }
+    let token = file
+        .token
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| err("identity.pkcs11.token", "missing: the token's label"))?;
+    let label = file.key_label.unwrap_or_else(|| DEFAULT_KEY_LABEL.into());
+    if label.is_empty() || label.len() > 64 {
+        return Err(err(
+            "identity.pkcs11.key_label",
+            "must be 1 to 64 characters",
+        ));
+    }
+    let pin = match (file.pin_file, file.pin_env) {
+        (Some(path), None) => twofold_token::PinSource::File(path),
+        (None, Some(name)) if !name.is_empty() => twofold_token::PinSource::Env(name),
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "identity.pkcs11.pin_env",
+                "give pin_file or pin_env, not both",
+            ));
+        }
+        _ => {
+            return Err(err(
+                "identity.pkcs11.pin_file",
+                "missing: a file holding the token's user PIN (0600), or pin_env naming an \
+                 environment variable; the PIN itself is never written in this file",
+            ));
+        }
+    };
+    Ok(KeyStore::Token {
+        spec: twofold_token::TokenSpec { module, token, pin },
+        label,
+    })
+}
+
+/// The label of the device key in a token when the config gives none.
+pub const DEFAULT_KEY_LABEL: &str = "twofold-device";
+
 /// A server CRL's URL: `http://`, a host, and the path of a file.
 fn check_crl_url(url: &str) -> Result<(), String> {
     let uri: ureq::http::Uri = url
@@ -417,7 +516,10 @@ mod tests {
     fn the_example_config_parses() {
         let c = parse(include_str!("../agent.example.toml")).unwrap();
         assert_eq!(c.port, 8883);
-        assert_eq!(c.identity.key, Path::new("/etc/twofold/device/device.key"));
+        assert_eq!(
+            c.identity.key,
+            KeyStore::File("/etc/twofold/device/device.key".into())
+        );
         assert!(c.commands.contains_key("reboot"));
     }
 
@@ -452,6 +554,62 @@ mod tests {
         let e = parse("[gateway]\nhost = \"gw\"\n[identity]\nbundle = \"/b\"\ncert = \"/c\"\n")
             .unwrap_err();
         assert_eq!(e.key, "identity.cert");
+    }
+
+    #[test]
+    fn a_token_key_needs_a_module_a_token_and_a_pin_source() {
+        let base = "[gateway]\nhost = \"gw\"\n[identity]\nbundle = \"/b\"\n[identity.pkcs11]\n";
+        let good =
+            "module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken = \"dev\"\npin_env = \"PIN\"\n";
+        let c = parse(&format!("{base}{good}")).unwrap();
+        match c.identity.key {
+            KeyStore::Token { spec, label } => {
+                assert_eq!(spec.token, "dev");
+                assert_eq!(spec.pin, twofold_token::PinSource::Env("PIN".into()));
+                assert_eq!(label, DEFAULT_KEY_LABEL);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.identity.cert, Path::new("/b/device.pem"));
+        for (text, key, why) in [
+            (
+                "token = \"dev\"\npin_env = \"PIN\"\n",
+                "identity.pkcs11.module",
+                "missing",
+            ),
+            (
+                "module = \"libsofthsm2.so\"\ntoken = \"dev\"\npin_env = \"PIN\"\n",
+                "identity.pkcs11.module",
+                "absolute",
+            ),
+            (
+                "module = \"/m.so\"\npin_env = \"PIN\"\n",
+                "identity.pkcs11.token",
+                "missing",
+            ),
+            (
+                "module = \"/m.so\"\ntoken = \"dev\"\n",
+                "identity.pkcs11.pin_file",
+                "never written",
+            ),
+            (
+                "module = \"/m.so\"\ntoken = \"dev\"\npin_env = \"P\"\npin_file = \"/p\"\n",
+                "identity.pkcs11.pin_env",
+                "not both",
+            ),
+        ] {
+            let e = parse(&format!("{base}{text}")).unwrap_err();
+            assert_eq!(e.key, key, "{text}");
+            assert!(e.problem.contains(why), "{text}: {e}");
+        }
+        // A PIN in clear is not a key of the file at all.
+        let e = parse(&format!("{base}{good}pin = \"1234\"\n")).unwrap_err();
+        assert!(e.problem.contains("unknown field"), "{e}");
+        let e = parse(&format!(
+            "[gateway]\nhost = \"gw\"\n[identity]\ncert = \"/c\"\nkey = \"/k\"\nserver_ca = \"/s\"\n[identity.pkcs11]\n{good}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "identity.key");
     }
 
     #[test]

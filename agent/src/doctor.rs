@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::{Config, CrlFetch, IdentityPaths};
+use crate::config::{Config, CrlFetch, IdentityPaths, KeyStore};
 use crate::crl_fetch::{self, Served};
 use crate::gateway_cert::GatewayRefusal;
 use crate::identity::{self, Expiry};
@@ -127,6 +127,132 @@ fn date(unix: i64) -> String {
 const RE_ENROLL: &str = "make a new key and CSR on the board (agent keygen --out DIR --id ID --trust-domain TD), have the operator run provisioning sign-csr on it, and install the new device.pem";
 const SYNC_CLOCK: &str = "set the clock right (timedatectl set-ntp true; a board without a real-time clock needs the network time first)";
 
+/// The key file belongs to the certificate.
+fn file_key_check<W: Write>(
+    paths: &IdentityPaths,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    report: &mut Report<W>,
+) -> bool {
+    match identity::signing_key(&paths.key, &paths.cert, chain) {
+        Ok(_) => {
+            report.ok(
+                "key",
+                format!(
+                    "{} belongs to the certificate in {}",
+                    paths.key,
+                    paths.cert.display()
+                ),
+            );
+            true
+        }
+        Err(e) => {
+            report.fail(
+                "key",
+                e.to_string(),
+                "use the key that made the CSR for this certificate, or enroll again",
+            );
+            false
+        }
+    }
+}
+
+/// The token: its module loads, it is there, the PIN opens it (and a PIN
+/// file is private); then the key: there, the certificate's, and kept
+/// from export. One line each, with the token's own fix on failure.
+fn token_checks<W: Write>(
+    spec: &twofold_token::TokenSpec,
+    label: &str,
+    paths: &IdentityPaths,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    report: &mut Report<W>,
+) -> bool {
+    if let twofold_token::PinSource::File(pin) = &spec.pin
+        && let Err(identity::IdentityError::KeyExposed { path, mode }) =
+            identity::check_key_mode(pin)
+    {
+        report.fail(
+            "token",
+            format!(
+                "the PIN file {} is readable by others (mode {mode:o})",
+                path.display()
+            ),
+            &format!(
+                "chmod 600 {} (and chown it to the agent's user)",
+                path.display()
+            ),
+        );
+        report.skip("key");
+        return false;
+    }
+    let token = match twofold_token::Token::open(spec) {
+        Ok(token) => {
+            report.ok(
+                "token",
+                format!(
+                    "token \"{}\" in {}: logged in with the PIN from {}",
+                    spec.token,
+                    spec.module.display(),
+                    spec.pin
+                ),
+            );
+            token
+        }
+        Err(e) => {
+            report.fail("token", e.to_string(), &e.fix());
+            report.skip("key");
+            return false;
+        }
+    };
+    let Some(point) = twofold_token::public_point_of_cert(&chain[0]) else {
+        report.fail(
+            "key",
+            format!("the key in {} is not P-256", paths.cert.display()),
+            "enroll again with a key made in the token (agent keygen --config …)",
+        );
+        return false;
+    };
+    let key = match token.key_for(label, &point) {
+        Ok(key) => key,
+        Err(e) => {
+            report.fail("key", e.to_string(), &e.fix());
+            return false;
+        }
+    };
+    if let Err(e) = identity::signing_key(&paths.key, &paths.cert, chain) {
+        report.fail("key", e.to_string(), "check the token, then enroll again");
+        return false;
+    }
+    match key.protection() {
+        Ok(p) if p.sensitive && !p.extractable && p.value_refused => {
+            report.ok(
+                "key",
+                format!(
+                    "\"{label}\" (id {}) in token \"{}\" belongs to the certificate in {}; the token keeps it sensitive and unextractable",
+                    hex::encode(&key.info().id),
+                    spec.token,
+                    paths.cert.display()
+                ),
+            );
+            true
+        }
+        Ok(p) => {
+            report.fail(
+                "key",
+                format!(
+                    "\"{label}\" in token \"{}\" can leave it (sensitive: {}, extractable: {}, value readable: {})",
+                    spec.token, p.sensitive, p.extractable, !p.value_refused
+                ),
+                "make a new key in the token with agent keygen --config … (its keys are sensitive and never extractable), enroll again, and revoke this certificate",
+            );
+            false
+        }
+        Err(e) => {
+            report.fail("key", e.to_string(), &e.fix());
+            false
+        }
+    }
+}
+
 /// Runs every check for the agent configured in `config_path`, with the
 /// local clock at `now` (Unix seconds).
 pub async fn diagnose<W: Write>(config_path: &Path, now: i64, report: &mut Report<W>) {
@@ -153,7 +279,14 @@ pub async fn diagnose<W: Write>(config_path: &Path, now: i64, report: &mut Repor
 fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> bool {
     let paths = &config.identity;
     let mut missing = Vec::new();
-    for path in [&paths.cert, &paths.key, &paths.server_ca] {
+    let key_file = match &paths.key {
+        KeyStore::File(path) => Some(path),
+        KeyStore::Token { .. } => None,
+    };
+    for path in [Some(&paths.cert), key_file, Some(&paths.server_ca)]
+        .into_iter()
+        .flatten()
+    {
         if let Err(e) = std::fs::File::open(path) {
             missing.push(format!("{}: {e}", path.display()));
         }
@@ -169,17 +302,25 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
         }
         return false;
     }
-    match identity::check_key_mode(&paths.key) {
-        Ok(()) => report.ok(
+    match key_file.map(|path| identity::check_key_mode(path)) {
+        None => report.ok(
+            "files",
+            format!(
+                "{} and {} are present; the key is in a token",
+                paths.cert.display(),
+                paths.server_ca.display()
+            ),
+        ),
+        Some(Ok(())) => report.ok(
             "files",
             format!(
                 "{}, {} and {} are present; the key is private to its owner",
                 paths.cert.display(),
-                paths.key.display(),
+                paths.key,
                 paths.server_ca.display()
             ),
         ),
-        Err(identity::IdentityError::KeyExposed { path, mode }) => report.fail(
+        Some(Err(identity::IdentityError::KeyExposed { path, mode })) => report.fail(
             "files",
             format!("{} is readable by others (mode {mode:o})", path.display()),
             &format!(
@@ -187,7 +328,7 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
                 path.display()
             ),
         ),
-        Err(e) => report.fail(
+        Some(Err(e)) => report.fail(
             "files",
             e.to_string(),
             "make the key readable by the agent only",
@@ -208,26 +349,9 @@ fn local_checks<W: Write>(config: &Config, now: i64, report: &mut Report<W>) -> 
             return false;
         }
     };
-    let key_ok = match identity::key_matches(&paths.key, &paths.cert, &chain) {
-        Ok(()) => {
-            report.ok(
-                "key",
-                format!(
-                    "{} belongs to the certificate in {}",
-                    paths.key.display(),
-                    paths.cert.display()
-                ),
-            );
-            true
-        }
-        Err(e) => {
-            report.fail(
-                "key",
-                e.to_string(),
-                "use the key that made the CSR for this certificate, or enroll again",
-            );
-            false
-        }
+    let key_ok = match &paths.key {
+        KeyStore::Token { spec, label } => token_checks(spec, label, paths, &chain, report),
+        KeyStore::File(_) => file_key_check(paths, &chain, report),
     };
 
     let identity_ok = match identity::device_of(&chain[0], &paths.cert) {

@@ -14,7 +14,7 @@ use twofold_trust::FileStamp;
 use twofold_trust::crl::{Crl, CrlHistory, CrlRefusal};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::IdentityPaths;
+use crate::config::{IdentityPaths, KeyStore};
 use crate::gateway_cert::GatewayVerifier;
 
 /// Why the device's identity cannot be used.
@@ -28,10 +28,13 @@ pub enum IdentityError {
     KeyExposed { path: PathBuf, mode: u32 },
     #[error("{key} does not match the certificate in {cert}: {detail}")]
     KeyMismatch {
-        key: PathBuf,
+        /// The key file, or the key in its token, in words.
+        key: String,
         cert: PathBuf,
         detail: String,
     },
+    #[error("{0}; fix: {fix}", fix = .0.fix())]
+    Token(#[from] twofold_token::TokenError),
     #[error("{path}: the certificate has no device identity: {reason}")]
     NoDeviceIdentity { path: PathBuf, reason: NotADevice },
 }
@@ -85,7 +88,7 @@ pub struct ServerCrl {
 #[derive(Clone)]
 struct TlsParts {
     chain: Vec<CertificateDer<'static>>,
-    key: Arc<PrivateKeyDer<'static>>,
+    key: Arc<dyn rustls::sign::SigningKey>,
     server_ca: Vec<CertificateDer<'static>>,
     paths: IdentityPaths,
 }
@@ -198,31 +201,51 @@ pub fn device_of(der: &[u8], path: &Path) -> Result<(DeviceId, String), Identity
     }
 }
 
-/// Checks that the private key in `key` belongs to the leaf of `chain`.
-pub fn key_matches(
-    key: &Path,
+/// The signing key for the leaf of `chain` (from `cert`), from a file or
+/// a token, checked to be the certificate's key.
+pub fn signing_key(
+    key: &KeyStore,
     cert: &Path,
     chain: &[CertificateDer<'static>],
-) -> Result<(), IdentityError> {
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| file_error(key, format!("no usable private key: {e}")))?;
+) -> Result<Arc<dyn rustls::sign::SigningKey>, IdentityError> {
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    // from_der checks that the key belongs to the certificate.
-    rustls::sign::CertifiedKey::from_der(chain.to_vec(), der, &provider).map_err(|e| {
-        IdentityError::KeyMismatch {
-            key: key.to_owned(),
-            cert: cert.to_owned(),
-            detail: e.to_string(),
+    let mismatch = |detail: String| IdentityError::KeyMismatch {
+        key: key.to_string(),
+        cert: cert.to_owned(),
+        detail,
+    };
+    let signing: Arc<dyn rustls::sign::SigningKey> = match key {
+        KeyStore::File(path) => {
+            let der = PrivateKeyDer::from_pem_file(path)
+                .map_err(|e| file_error(path, format!("no usable private key: {e}")))?;
+            provider
+                .key_provider
+                .load_private_key(der)
+                .map_err(|e| mismatch(e.to_string()))?
         }
-    })?;
-    Ok(())
+        KeyStore::Token { spec, label } => {
+            let point = twofold_token::public_point_of_cert(&chain[0])
+                .ok_or_else(|| mismatch("the certificate's key is not P-256".into()))?;
+            let token = twofold_token::Token::open(spec)?;
+            Arc::new(crate::token_key::TlsTokenKey::new(
+                token.key_for(label, &point)?,
+            ))
+        }
+    };
+    // keys_match checks that the key belongs to the certificate.
+    rustls::sign::CertifiedKey::new(chain.to_vec(), signing.clone())
+        .keys_match()
+        .map_err(|e| mismatch(e.to_string()))?;
+    Ok(signing)
 }
 
 /// Loads and checks the identity files and builds the TLS client config:
 /// it trusts only the server CA, checks the gateway's name, and presents
 /// the device's chain.
 pub fn load(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
-    check_key_mode(&paths.key)?;
+    if let KeyStore::File(path) = &paths.key {
+        check_key_mode(path)?;
+    }
     build(paths)
 }
 
@@ -230,8 +253,6 @@ pub fn load(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
 /// which reports that separately and still goes on to the gateway.
 pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
     let chain = load_certs(&paths.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&paths.key)
-        .map_err(|e| file_error(&paths.key, format!("no usable private key: {e}")))?;
     let (id, uri) = device_of(&chain[0], &paths.cert)?;
     let (_, leaf) = X509Certificate::from_der(&chain[0]).map_err(|e| file_error(&paths.cert, e))?;
     let serial = twofold_trust::Serial::from_der_bytes(leaf.raw_serial()).to_string();
@@ -239,10 +260,10 @@ pub fn build(paths: &IdentityPaths) -> Result<DeviceIdentity, IdentityError> {
     let not_after = leaf.validity().not_after.timestamp();
 
     let server_ca = load_certs(&paths.server_ca)?;
-    key_matches(&paths.key, &paths.cert, &chain)?;
+    let key = signing_key(&paths.key, &paths.cert, &chain)?;
     let parts = TlsParts {
         chain,
-        key: Arc::new(key),
+        key,
         server_ca,
         paths: paths.clone(),
     };
@@ -313,12 +334,9 @@ fn tls_config(
         .map_err(|e| file_error(&paths.cert, e))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_auth_cert(parts.chain.clone(), parts.key.clone_key())
-        .map_err(|e| IdentityError::KeyMismatch {
-            key: paths.key.clone(),
-            cert: paths.cert.clone(),
-            detail: e.to_string(),
-        })?;
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(
+            rustls::sign::CertifiedKey::new(parts.chain.clone(), parts.key.clone()),
+        )));
     Ok((tls, taken))
 }
 

@@ -17,3 +17,4 @@ pub mod queue;
 pub mod renew;
 pub mod run;
 pub mod telemetry;
+pub mod token_key;

@@ -39,10 +39,17 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Make a P-256 key (0600) and a CSR for `provisioning sign-csr`.
+    /// Make a P-256 key (0600) and a CSR for `provisioning sign-csr`. With
+    /// --config naming an [identity.pkcs11] token, the key is made inside
+    /// the token (never extractable) and only the CSR is written.
     Keygen {
+        /// The directory for device.key and device.csr (only device.csr
+        /// with a token).
         #[arg(long)]
         out: PathBuf,
+        /// The agent's config: its [identity.pkcs11] says which token.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The device id the CSR asks for.
         #[arg(long)]
         id: String,
@@ -129,16 +136,43 @@ async fn command(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Keygen {
             out,
+            config,
             id,
             trust_domain,
         } => {
             let id = DeviceId::parse(&id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;
             let td = TrustDomain::parse(&trust_domain)
                 .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
-            let (key, csr) = twofold_agent::keygen::keygen(&out, &id, &td)?;
-            println!("key: {}\ncsr: {}", key.display(), csr.display());
+            let token = match config {
+                None => None,
+                Some(path) => match Config::load(&path)?.identity.key {
+                    config::KeyStore::Token { spec, label } => Some((spec, label)),
+                    config::KeyStore::File(_) => anyhow::bail!(
+                        "{}: the key is a file there, not in a token ([identity.pkcs11]); run without --config to make a key file",
+                        path.display()
+                    ),
+                },
+            };
+            let csr = match token {
+                Some((spec, label)) => {
+                    let (key_id, csr) =
+                        twofold_agent::keygen::keygen_in_token(&spec, &label, &out, &id, &td)?;
+                    println!(
+                        "key: \"{label}\" (id {}) in token \"{}\", sensitive and never extractable\ncsr: {}",
+                        hex::encode(key_id),
+                        spec.token,
+                        csr.display()
+                    );
+                    csr
+                }
+                None => {
+                    let (key, csr) = twofold_agent::keygen::keygen(&out, &id, &td)?;
+                    println!("key: {}\ncsr: {}", key.display(), csr.display());
+                    csr
+                }
+            };
             println!(
-                "next, on the operator's machine: provisioning sign-csr {} --out device.pem; copy device.pem and the PKI's server-ca.pem next to the key",
+                "next, on the operator's machine: provisioning sign-csr {} --out device.pem; copy device.pem and the PKI's server-ca.pem where [identity] points",
                 csr.display()
             );
             Ok(())

@@ -17,6 +17,15 @@
 //! A commit renames `key.next` over `key`, then `cert.next` over `cert`;
 //! a rollback (the gateway refused the new pair) removes `cert.next`, then
 //! `key.next`. Each step leaves one of the states above.
+//!
+//! A key in a PKCS#11 token is rekeyed inside the token: the new pair is
+//! made there under the same label with a new id (recorded in
+//! `cert.renewal` before it is made), and the key in use is always the
+//! one the certificate names. So `cert.next` alone says a pair is issued;
+//! a commit is the one rename of `cert.next` over `cert`, after which the
+//! old key is destroyed; a rollback removes `cert.next`, then destroys the
+//! new key. A kill between a commit's rename and the destruction leaves
+//! the old key in the token, unused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -27,7 +36,7 @@ use twofold_protocol::message::{self, CertAnswer, RenewRefusal, RenewRequest};
 use twofold_protocol::{DeviceId, Identity, TrustDomain};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::IdentityPaths;
+use crate::config::{IdentityPaths, KeyStore};
 use crate::files;
 
 /// The renewal's record beside the certificate, for restarts and `doctor`.
@@ -42,6 +51,9 @@ pub struct State {
     pub last_attempt: Option<i64>,
     /// The last answer, in words.
     pub last_answer: Option<String>,
+    /// With a key in a token: the id (hex) of the request's new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<String>,
 }
 
 /// What the session does after an answer.
@@ -90,6 +102,17 @@ impl Renewal {
     /// commit if there is one, else the pair in force.
     pub fn recover(paths: &IdentityPaths) -> Result<IdentityPaths, String> {
         let (key_next, cert_next) = next_of(paths);
+        let KeyStore::File(key_next) = key_next else {
+            // In a token the key follows the certificate.
+            return Ok(if cert_next.exists() {
+                IdentityPaths {
+                    cert: cert_next,
+                    ..paths.clone()
+                }
+            } else {
+                paths.clone()
+            });
+        };
         if cert_next.exists() && !key_next.exists() {
             // Killed between the two renames of a commit: the key is the
             // new one already.
@@ -99,7 +122,7 @@ impl Renewal {
         Ok(if key_next.exists() && cert_next.exists() {
             IdentityPaths {
                 cert: cert_next,
-                key: key_next,
+                key: KeyStore::File(key_next),
                 ..paths.clone()
             }
         } else {
@@ -120,7 +143,10 @@ impl Renewal {
     /// Whether an issued pair awaits commit (the session connects with it).
     pub fn staged(&self) -> bool {
         let (key, cert) = next_of(&self.committed);
-        key.exists() && cert.exists()
+        match key {
+            KeyStore::File(key) => key.exists() && cert.exists(),
+            KeyStore::Token { .. } => cert.exists(),
+        }
     }
 
     /// The record, for logs and `doctor`.
@@ -148,25 +174,10 @@ impl Renewal {
     /// The renew request to publish: the request id and key of the one
     /// out, if any, else new ones (recorded before the request leaves).
     pub fn request(&self) -> Result<Vec<u8>, String> {
-        let (key_path, _) = next_of(&self.committed);
-        let request_id = match (self.state().request_id, key_path.exists()) {
-            (Some(id), true) => id,
-            _ => {
-                let mut raw = [0u8; 8];
-                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
-                let id = format!("{}-{}", now(), hex_of(&raw));
-                // The id first, then the key: a request never leaves
-                // without both on disk.
-                self.update(|s| s.request_id = Some(id.clone()));
-                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| e.to_string())?;
-                files::replace(&key_path, key.serialize_pem().as_bytes(), 0o600)
-                    .map_err(io(&key_path))?;
-                id
-            }
+        let (request_id, key) = match &self.committed.key {
+            KeyStore::File(_) => self.file_key()?,
+            KeyStore::Token { spec, label } => self.token_key(spec, label)?,
         };
-        let pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| e.to_string())?;
         let identity = Identity::device(self.trust_domain, self.id);
         let mut params = rcgen::CertificateParams::default();
         params
@@ -178,7 +189,12 @@ impl Renewal {
                 .try_into()
                 .map_err(|e| format!("{e}"))?,
         )];
-        let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+        let csr = match &key {
+            RequestKey::File(key) => params.serialize_request(key).map_err(|e| e.to_string()),
+            RequestKey::Token(key) => params
+                .serialize_request(key)
+                .map_err(|e| key.last_error().unwrap_or_else(|| e.to_string())),
+        }?;
         let mut buf = vec![0u8; csr.der().len() + request_id.len() + 16];
         let request = RenewRequest {
             request_id: &request_id,
@@ -190,6 +206,80 @@ impl Renewal {
         self.update(|s| s.last_attempt = Some(now()));
         tracing::info!(request_id, "asking the gateway to renew the certificate");
         Ok(payload)
+    }
+
+    /// A new request's id, or the one out, new ones recorded before
+    /// the request leaves.
+    fn request_id(&self, out: bool) -> (String, bool) {
+        match self.state().request_id {
+            Some(id) if out => (id, false),
+            _ => {
+                let mut raw = [0u8; 8];
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut raw);
+                (format!("{}-{}", now(), hex_of(&raw)), true)
+            }
+        }
+    }
+
+    /// The request id and key of the one out, if any, else new ones: the
+    /// id first, then the key, so a request never leaves without both.
+    fn file_key(&self) -> Result<(String, RequestKey), String> {
+        let (KeyStore::File(key_path), _) = next_of(&self.committed) else {
+            unreachable!("a key file's next key is a file");
+        };
+        let (request_id, new) = self.request_id(key_path.exists());
+        if new {
+            self.update(|s| s.request_id = Some(request_id.clone()));
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| e.to_string())?;
+            files::replace(&key_path, key.serialize_pem().as_bytes(), 0o600)
+                .map_err(io(&key_path))?;
+        }
+        let pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| e.to_string())?;
+        Ok((request_id, RequestKey::File(key)))
+    }
+
+    /// [`Renewal::file_key`] in a token: the new key's id is recorded
+    /// with the request's, then the key is made in the token.
+    fn token_key(
+        &self,
+        spec: &twofold_token::TokenSpec,
+        label: &str,
+    ) -> Result<(String, RequestKey), String> {
+        let token = twofold_token::Token::open(spec).map_err(|e| e.to_string())?;
+        let state = self.state();
+        let existing = match &state.next_key {
+            Some(id) => {
+                let id = hex::decode(id).unwrap_or_default();
+                token
+                    .keys(label)
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|k| k.id == id)
+            }
+            None => None,
+        };
+        let (request_id, new) = self.request_id(existing.is_some());
+        let info = match existing {
+            Some(info) if !new => info,
+            _ => {
+                let id = twofold_token::new_key_id();
+                self.update(|s| {
+                    s.request_id = Some(request_id.clone());
+                    s.next_key = Some(hex_of(&id));
+                });
+                let info = token.generate_p256(label, &id).map_err(|e| e.to_string())?;
+                tracing::info!(
+                    token = spec.token,
+                    label,
+                    id = hex_of(&id),
+                    "made the new key in the token"
+                );
+                info
+            }
+        };
+        Ok((request_id, RequestKey::Token(token.key(info))))
     }
 
     /// Takes the gateway's answer; says what the session does next.
@@ -303,7 +393,7 @@ impl Renewal {
             .iter()
             .map(|d| CertificateDer::from(d.to_vec()))
             .collect();
-        crate::identity::key_matches(&key_path, &cert_path, &chain).map_err(|e| e.to_string())?;
+        crate::identity::signing_key(&key_path, &cert_path, &chain).map_err(|e| e.to_string())?;
         let pem: String = ders
             .iter()
             .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.to_vec())))
@@ -316,8 +406,35 @@ impl Renewal {
     /// The new pair becomes the one in force: key first, then certificate.
     fn commit(&self) -> Result<(), String> {
         let (key_next, cert_next) = next_of(&self.committed);
-        files::rename(&key_next, &self.committed.key).map_err(io(&self.committed.key))?;
-        files::rename(&cert_next, &self.committed.cert).map_err(io(&self.committed.cert))
+        match (key_next, &self.committed.key) {
+            (KeyStore::File(key_next), KeyStore::File(key)) => {
+                files::rename(&key_next, key).map_err(io(key))?;
+                files::rename(&cert_next, &self.committed.cert).map_err(io(&self.committed.cert))
+            }
+            (_, KeyStore::Token { spec, label }) => {
+                // The old key, found by the old certificate, goes once the
+                // new certificate is in force.
+                let old = crate::identity::load_certs(&self.committed.cert)
+                    .ok()
+                    .and_then(|chain| twofold_token::public_point_of_cert(&chain[0]));
+                files::rename(&cert_next, &self.committed.cert)
+                    .map_err(io(&self.committed.cert))?;
+                self.update(|s| s.next_key = None);
+                let destroyed = twofold_token::Token::open(spec).and_then(|token| {
+                    for key in token.keys(label)? {
+                        if Some(&key.public) == old.as_ref() {
+                            token.destroy(label, &key.id)?;
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = destroyed {
+                    tracing::warn!(error = %e, "cannot destroy the replaced key in the token; it stays there unused");
+                }
+                Ok(())
+            }
+            (KeyStore::Token { .. }, KeyStore::File(_)) => unreachable!("next_of keeps the store"),
+        }
     }
 
     /// The gateway refused the issued pair: back to the one in force.
@@ -327,23 +444,47 @@ impl Renewal {
             why,
             "the renewed certificate did not work; rolling back to the one in force"
         );
-        for path in [&cert_next, &key_next] {
-            if let Err(e) = files::remove(path) {
-                tracing::error!(path = %path.display(), error = %e, "cannot remove");
+        if let Err(e) = files::remove(&cert_next) {
+            tracing::error!(path = %cert_next.display(), error = %e, "cannot remove");
+        }
+        match key_next {
+            KeyStore::File(path) => {
+                if let Err(e) = files::remove(&path) {
+                    tracing::error!(path = %path.display(), error = %e, "cannot remove");
+                }
+            }
+            KeyStore::Token { spec, label } => {
+                if let Some(id) = self.state().next_key.and_then(|id| hex::decode(id).ok()) {
+                    let destroyed = twofold_token::Token::open(&spec)
+                        .and_then(|token| token.destroy(&label, &id));
+                    if let Err(e) = destroyed {
+                        tracing::error!(error = %e, "cannot destroy the refused key in the token");
+                    }
+                }
             }
         }
         self.update(|s| {
+            s.next_key = None;
             s.request_id = None;
             s.last_answer = Some(format!("rolled back: {why}"));
         });
     }
 }
 
-fn next_of(paths: &IdentityPaths) -> (PathBuf, PathBuf) {
-    (
-        files::beside(&paths.key, ".next"),
-        files::beside(&paths.cert, ".next"),
-    )
+/// A request's key, to sign its CSR.
+enum RequestKey {
+    File(rcgen::KeyPair),
+    Token(twofold_token::TokenKey),
+}
+
+/// Where the next key and certificate go: a key file beside the one in
+/// force, or the same token and label.
+fn next_of(paths: &IdentityPaths) -> (KeyStore, PathBuf) {
+    let key = match &paths.key {
+        KeyStore::File(path) => KeyStore::File(files::beside(path, ".next")),
+        token => token.clone(),
+    };
+    (key, files::beside(&paths.cert, ".next"))
 }
 
 fn hex_of(bytes: &[u8]) -> String {
@@ -357,10 +498,25 @@ mod tests {
     fn paths(dir: &Path) -> IdentityPaths {
         IdentityPaths {
             cert: dir.join("device.pem"),
-            key: dir.join("device.key"),
+            key: KeyStore::File(dir.join("device.key")),
             server_ca: dir.join("server-ca.pem"),
             server_crl: None,
             server_crl_required: false,
+        }
+    }
+
+    fn key_of(p: &IdentityPaths) -> PathBuf {
+        match &p.key {
+            KeyStore::File(path) => path.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn next_files(p: &IdentityPaths) -> (PathBuf, PathBuf) {
+        let (key, cert) = next_of(p);
+        match key {
+            KeyStore::File(key) => (key, cert),
+            other => panic!("{other:?}"),
         }
     }
 
@@ -383,8 +539,8 @@ mod tests {
     fn a_kill_at_any_step_leaves_a_usable_pair() {
         let dir = tempfile::tempdir().unwrap();
         let p = paths(dir.path());
-        let (key_next, cert_next) = next_of(&p);
-        write(&p.key, "old key");
+        let (key_next, cert_next) = next_files(&p);
+        write(&key_of(&p), "old key");
         write(&p.cert, "old cert");
         // Nothing staged, or only a request out: the pair in force.
         assert_eq!(Renewal::recover(&p).unwrap().cert, p.cert);
@@ -393,14 +549,17 @@ mod tests {
         // Issued: the new pair, to try.
         write(&cert_next, "new cert");
         let load = Renewal::recover(&p).unwrap();
-        assert_eq!((load.cert, load.key), (cert_next.clone(), key_next.clone()));
+        assert_eq!(
+            (load.cert, load.key),
+            (cert_next.clone(), KeyStore::File(key_next.clone()))
+        );
         assert!(renewal(&p).staged());
         // Killed between the commit's two renames: finished at start.
-        files::rename(&key_next, &p.key).unwrap();
+        files::rename(&key_next, &key_of(&p)).unwrap();
         let load = Renewal::recover(&p).unwrap();
         assert_eq!(load.cert, p.cert);
         assert_eq!(
-            (read(&p.key), read(&p.cert)),
+            (read(&key_of(&p)), read(&p.cert)),
             ("new key".into(), "new cert".into())
         );
         assert!(!cert_next.exists());
@@ -410,8 +569,8 @@ mod tests {
     fn a_roll_back_removes_the_certificate_first_and_forgets_the_request() {
         let dir = tempfile::tempdir().unwrap();
         let p = paths(dir.path());
-        let (key_next, cert_next) = next_of(&p);
-        write(&p.key, "old key");
+        let (key_next, cert_next) = next_files(&p);
+        write(&key_of(&p), "old key");
         write(&p.cert, "old cert");
         write(&key_next, "new key");
         write(&cert_next, "new cert");
@@ -432,7 +591,7 @@ mod tests {
     fn answers_not_meant_for_this_request_change_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let p = paths(dir.path());
-        write(&p.key, "old key");
+        write(&key_of(&p), "old key");
         write(&p.cert, "old cert");
         let r = renewal(&p);
         r.update(|s| s.request_id = Some("r1".into()));

@@ -216,7 +216,7 @@ impl Devices {
             let dir = fleet.path(&format!("{prefix}/{name}"));
             let paths = IdentityPaths {
                 cert: dir.join("device.pem"),
-                key: dir.join("device.key"),
+                key: twofold_agent::config::KeyStore::File(dir.join("device.key")),
                 server_ca: dir.join("server-ca.pem"),
                 server_crl: Some(dir.join("server-crl.pem")),
                 server_crl_required: true,
