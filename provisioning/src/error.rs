@@ -175,6 +175,19 @@ pub enum Error {
 
     #[error("certificate generation failed: {0}")]
     Certificate(#[from] rcgen::Error),
+
+    /// Not a `source`: the text says it all, and once.
+    #[error("{0}; fix: {fix}", fix = .0.fix())]
+    Token(twofold_token::TokenError),
+
+    #[error("{file}: {detail}")]
+    TokenFile { file: PathBuf, detail: String },
+}
+
+impl From<twofold_token::TokenError> for Error {
+    fn from(e: twofold_token::TokenError) -> Self {
+        Error::Token(e)
+    }
 }
 
 impl From<StoreError> for Error {

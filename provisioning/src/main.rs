@@ -16,6 +16,7 @@ use twofold_provisioning::crl::Scope;
 use twofold_provisioning::enrollment::{batch_ids, rfc3339};
 use twofold_provisioning::keys::{Passphrase, PassphraseSource};
 use twofold_provisioning::output::{self, GatewayAddress, files};
+use twofold_provisioning::pki::{NewCaKeys, TOKEN_PIN_ENV};
 use twofold_provisioning::registry::{
     CertRecord, Filter, Kind, RegistryUrl, RevocationReason, Status, Store,
 };
@@ -68,8 +69,22 @@ enum Command {
         #[arg(long)]
         trust_domain: String,
         /// Encrypt the CA keys with a passphrase.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pkcs11_module")]
         encrypt: bool,
+        /// Make the three CA keys inside a PKCS#11 token (an HSM, a TPM
+        /// through libtpm2_pkcs11, SoftHSM2) through this module; they are
+        /// never written anywhere. Every signing command then uses them
+        /// there. Needs --token.
+        #[arg(long, value_name = "MODULE", requires = "token")]
+        pkcs11_module: Option<PathBuf>,
+        /// The token's label.
+        #[arg(long, value_name = "LABEL", requires = "pkcs11_module")]
+        token: Option<String>,
+        /// A file holding the token's user PIN; without it the PIN is read
+        /// from TWOFOLD_TOKEN_PIN. Recorded (the path, not the PIN) in
+        /// PKI/token.toml for the commands after.
+        #[arg(long, value_name = "FILE", requires = "pkcs11_module")]
+        pin_file: Option<PathBuf>,
     },
 
     /// Issue a gateway server certificate (EKU serverAuth only).
@@ -578,6 +593,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Init {
             trust_domain,
             encrypt,
+            pkcs11_module,
+            token,
+            pin_file,
         } => {
             let td =
                 TrustDomain::parse(trust_domain).map_err(|reason| Error::InvalidTrustDomain {
@@ -585,12 +603,19 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     reason,
                 })?;
             warn_about_interrupted_inits(&cli.pki);
-            let passphrase = if *encrypt {
-                Some(new_passphrase()?)
-            } else {
-                None
+            let keys = match (pkcs11_module, token) {
+                (Some(module), Some(token)) => NewCaKeys::Token(twofold_token::TokenSpec {
+                    module: module.clone(),
+                    token: token.clone(),
+                    pin: match pin_file {
+                        Some(path) => twofold_token::PinSource::File(std::path::absolute(path)?),
+                        None => twofold_token::PinSource::Env(TOKEN_PIN_ENV.into()),
+                    },
+                }),
+                _ if *encrypt => NewCaKeys::Files(Some(new_passphrase()?)),
+                _ => NewCaKeys::Files(None),
             };
-            let pki = Pki::init_with(&cli.pki, td, passphrase, &cli.registry)?;
+            let pki = Pki::init_keys(&cli.pki, td, keys, &cli.registry)?;
             println!(
                 "created PKI for trust domain {} in {}",
                 pki.trust_domain(),
@@ -605,19 +630,27 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 "  server CA  {}  (issues gateway certificates, signs server-crl.pem; devices trust only this)",
                 pki.dir().join("server-ca.pem").display()
             );
-            println!(
-                "  CA keys    {}",
-                if *encrypt {
-                    "encrypted with your passphrase"
-                } else {
-                    "not encrypted (use --encrypt to protect them)"
-                }
-            );
+            match (pkcs11_module, token) {
+                (Some(module), Some(token)) => println!(
+                    "  CA keys    in token \"{token}\" ({}), labelled twofold-root-ca, twofold-device-ca and twofold-server-ca; sensitive, never extractable, on no disk",
+                    module.display()
+                ),
+                _ if *encrypt => println!("  CA keys    encrypted with your passphrase"),
+                _ => println!(
+                    "  CA keys    not encrypted (use --encrypt, or --pkcs11-module, to protect them)"
+                ),
+            }
             println!(
                 "next: provisioning --pki {} gateway-cert <gateway-dns-name> --out gateway/",
                 cli.pki.display()
             );
-            println!("note: root-ca.key is not needed after init; keep it offline.");
+            if pkcs11_module.is_some() {
+                println!(
+                    "note: the root CA's key is not needed after init; a token of its own can be kept offline."
+                );
+            } else {
+                println!("note: root-ca.key is not needed after init; keep it offline.");
+            }
         }
         Command::GatewayCert {
             names,

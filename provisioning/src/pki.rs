@@ -11,16 +11,21 @@
 //!   crl.pem            the device CA's CRL (devices and services), for the gateway
 //!   server-crl.pem     the server CA's CRL (gateway certificates), for devices
 //!   registry.db        every issued certificate (SQLite)
+//!   token.toml         with CA keys in a PKCS#11 token instead of the
+//!                      three .key files: the module, the token's label and
+//!                      where its PIN is read from (never the PIN)
 //! ```
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use rcgen::{CertificateParams, Issuer, KeyPair, PublicKeyData};
+use rcgen::{CertificateParams, Issuer, KeyPair, PublicKeyData, SigningKey};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use twofold_protocol::TrustDomain;
+use twofold_token::{PinSource, Token, TokenKey, TokenSpec};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::atomic::{self, Durability};
@@ -42,6 +47,9 @@ pub(crate) const SERVER_CA_KEY: &str = "server-ca.key";
 pub(crate) const CRL: &str = "crl.pem";
 pub(crate) const SERVER_CRL: &str = "server-crl.pem";
 pub(crate) const REGISTRY: &str = "registry.db";
+pub(crate) const TOKEN_FILE: &str = "token.toml";
+/// Where the token's PIN is read from when `token.toml` does not say.
+pub const TOKEN_PIN_ENV: &str = "TWOFOLD_TOKEN_PIN";
 
 const TRUST_DOMAIN_SETTING: &str = "trust_domain";
 
@@ -51,11 +59,119 @@ pub struct Pki<S: Store = Registry> {
     pub(crate) store: S,
     trust_domain: TrustDomain,
     passphrase: Box<dyn PassphraseSource + Send>,
+    /// With the CA keys in a token: which one, and its session once open.
+    token: Option<(TokenSpec, std::sync::OnceLock<Token>)>,
+}
+
+/// Where a new PKI keeps its CA keys.
+pub enum NewCaKeys {
+    /// PEM files in the PKI directory, encrypted with the passphrase if
+    /// one is given (the default).
+    Files(Option<Passphrase>),
+    /// Made inside this PKCS#11 token, never written anywhere.
+    Token(TokenSpec),
+}
+
+/// A CA's signing key: a key read from its file, or one in a token.
+pub enum CaKey {
+    File(KeyPair),
+    Token(TokenKey),
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            CaKey::File(key) => key.der_bytes(),
+            CaKey::Token(key) => key.der_bytes(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            CaKey::File(key) => key.algorithm(),
+            CaKey::Token(key) => key.algorithm(),
+        }
+    }
+}
+
+impl SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        match self {
+            CaKey::File(key) => key.sign(msg),
+            CaKey::Token(key) => {
+                let signed = key.sign(msg);
+                if signed.is_err() {
+                    tracing::error!(
+                        error = key.last_error().unwrap_or_default(),
+                        "the token did not sign"
+                    );
+                }
+                signed
+            }
+        }
+    }
+}
+
+/// The token's label of each CA's key. Several PKIs may share a token:
+/// a CA's key is the one under its label that its certificate names.
+fn token_label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::RootCa => "twofold-root-ca",
+        Kind::DeviceCa => "twofold-device-ca",
+        _ => "twofold-server-ca",
+    }
+}
+
+/// `token.toml`: which token holds the CA keys.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    module: PathBuf,
+    token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pin_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pin_env: Option<String>,
+}
+
+impl TokenFile {
+    fn of(spec: &TokenSpec) -> TokenFile {
+        let (pin_file, pin_env) = match &spec.pin {
+            PinSource::File(path) => (Some(path.clone()), None),
+            PinSource::Env(name) => (None, Some(name.clone())),
+        };
+        TokenFile {
+            module: spec.module.clone(),
+            token: spec.token.clone(),
+            pin_file,
+            pin_env,
+        }
+    }
+
+    fn read(path: &Path) -> Result<TokenSpec> {
+        let failed = |detail: String| Error::TokenFile {
+            file: path.to_owned(),
+            detail,
+        };
+        let text = fs::read_to_string(path).map_err(Error::io(path))?;
+        let file: TokenFile = toml::from_str(&text).map_err(|e| failed(e.to_string()))?;
+        let pin = match (file.pin_file, file.pin_env) {
+            (Some(_), Some(_)) => return Err(failed("give pin_file or pin_env, not both".into())),
+            (Some(path), None) => PinSource::File(path),
+            (None, Some(name)) => PinSource::Env(name),
+            (None, None) => PinSource::Env(TOKEN_PIN_ENV.into()),
+        };
+        Ok(TokenSpec {
+            module: file.module,
+            token: file.token,
+            pin,
+        })
+    }
 }
 
 /// A CA certificate with its signing key, ready to issue.
 pub struct CaIssuer {
-    pub issuer: Issuer<'static, KeyPair>,
+    pub issuer: Issuer<'static, CaKey>,
     pub cert_pem: String,
     pub cert_der: Vec<u8>,
     pub not_after: OffsetDateTime,
@@ -115,6 +231,53 @@ impl Pki<Registry> {
         passphrase: Option<Passphrase>,
         registry: &RegistryUrl,
     ) -> Result<Pki> {
+        Pki::init_keys(dir, trust_domain, NewCaKeys::Files(passphrase), registry)
+    }
+
+    /// [`Pki::init_with`], with the CA keys where `keys` says: in files,
+    /// or made inside a PKCS#11 token and never written anywhere.
+    pub fn init_keys(
+        dir: &Path,
+        trust_domain: TrustDomain,
+        keys: NewCaKeys,
+        registry: &RegistryUrl,
+    ) -> Result<Pki> {
+        let (passphrase, token) = match keys {
+            NewCaKeys::Files(passphrase) => (passphrase, None),
+            NewCaKeys::Token(spec) => (None, Some(Token::open(&spec)?)),
+        };
+        let minter = match &token {
+            Some(token) => Minter::Token(token, Default::default()),
+            None => Minter::Files(passphrase.as_ref()),
+        };
+        let made = Pki::init_in(dir, &trust_domain, &minter, registry);
+        match (&made, &minter) {
+            // A PKI that may have been recorded keeps its keys.
+            (Err(Error::Store(StoreError::CommitUnknown(_))), _) | (Ok(()), _) => {}
+            (Err(_), Minter::Token(token, keys)) => {
+                for (label, id) in keys.borrow().iter() {
+                    if let Err(e) = token.destroy(label, id) {
+                        tracing::warn!(error = %e, label, "cannot destroy a key of the failed init");
+                    }
+                }
+            }
+            (Err(_), Minter::Files(_)) => {}
+        }
+        made?;
+        let source: Box<dyn PassphraseSource + Send> = match passphrase {
+            Some(p) => Box::new(p),
+            None => Box::new(keys::NoPassphrase),
+        };
+        Pki::open_with(dir, source, registry)
+    }
+
+    /// [`Pki::init_keys`] up to its keys being in place.
+    fn init_in(
+        dir: &Path,
+        trust_domain: &TrustDomain,
+        minter: &Minter<'_>,
+        registry: &RegistryUrl,
+    ) -> Result<()> {
         if dir.join(REGISTRY).exists() {
             return Err(Error::PkiExists {
                 dir: dir.to_owned(),
@@ -138,7 +301,7 @@ impl Pki<Registry> {
             RegistryUrl::Sqlite => {
                 let mut store = SqliteStore::open(&staging.path().join(REGISTRY))?;
                 let tx = store.begin()?;
-                build(staging.path(), &trust_domain, passphrase.as_ref(), &tx)?;
+                build(staging.path(), trust_domain, minter, &tx)?;
                 tx.commit()?;
                 drop(store);
                 place(staging, dir, &parent)?;
@@ -157,7 +320,7 @@ impl Pki<Registry> {
                         registry: registry.to_string(),
                     });
                 }
-                build(staging.path(), &trust_domain, passphrase.as_ref(), &tx)?;
+                build(staging.path(), trust_domain, minter, &tx)?;
                 place(staging, dir, &parent)?;
                 match tx.commit() {
                     Ok(()) => {}
@@ -170,11 +333,7 @@ impl Pki<Registry> {
                 }
             }
         }
-        let source: Box<dyn PassphraseSource + Send> = match passphrase {
-            Some(p) => Box::new(p),
-            None => Box::new(keys::NoPassphrase),
-        };
-        Pki::open_with(dir, source, registry)
+        Ok(())
     }
 
     /// Opens an existing PKI whose registry is the SQLite file in `dir`.
@@ -207,6 +366,7 @@ impl Pki<Registry> {
                 dir: dir.to_owned(),
             });
         }
+        let in_token = dir.join(TOKEN_FILE).is_file();
         for file in [
             DEVICE_CA_CERT,
             DEVICE_CA_KEY,
@@ -214,6 +374,9 @@ impl Pki<Registry> {
             SERVER_CA_KEY,
             ROOT_CERT,
         ] {
+            if in_token && file.ends_with(".key") {
+                continue;
+            }
             if !dir.join(file).is_file() {
                 return Err(Error::PkiIncomplete {
                     dir: dir.to_owned(),
@@ -274,11 +437,18 @@ impl<S: Store> Pki<S> {
             .ok_or_else(|| StoreError::Corrupt("no trust domain recorded".into()))?;
         let trust_domain = TrustDomain::parse(&td)
             .map_err(|e| StoreError::Corrupt(format!("recorded trust domain {td:?} {e}")))?;
+        let token_file = dir.join(TOKEN_FILE);
+        let token = if token_file.is_file() {
+            Some((TokenFile::read(&token_file)?, std::sync::OnceLock::new()))
+        } else {
+            None
+        };
         Ok(Pki {
             dir: dir.to_owned(),
             store,
             trust_domain,
             passphrase,
+            token,
         })
     }
 
@@ -338,15 +508,26 @@ impl<S: Store> Pki<S> {
         }
     }
 
-    /// Loads an intermediate CA with its key, decrypting it if needed.
-    pub(crate) fn issuer(&self, which: Intermediate) -> Result<CaIssuer> {
-        let (cert_file, key_file) = match which {
-            Intermediate::Device => (DEVICE_CA_CERT, DEVICE_CA_KEY),
-            Intermediate::Server => (SERVER_CA_CERT, SERVER_CA_KEY),
+    /// The token holding the CA keys, if they are in one, logged in on
+    /// first use.
+    pub fn token(&self) -> Result<Option<&Token>> {
+        let Some((spec, session)) = &self.token else {
+            return Ok(None);
         };
-        let key_path = self.dir.join(key_file);
-        let key_pem = fs::read_to_string(&key_path).map_err(Error::io(&key_path))?;
-        let key = keys::from_pem(&key_path, &key_pem, self.passphrase.as_ref())?;
+        if let Some(token) = session.get() {
+            return Ok(Some(token));
+        }
+        let token = Token::open(spec)?;
+        Ok(Some(session.get_or_init(|| token)))
+    }
+
+    /// Loads an intermediate CA with its key, decrypting it if needed, or
+    /// finding it in the token.
+    pub(crate) fn issuer(&self, which: Intermediate) -> Result<CaIssuer> {
+        let (cert_file, key_file, kind) = match which {
+            Intermediate::Device => (DEVICE_CA_CERT, DEVICE_CA_KEY, Kind::DeviceCa),
+            Intermediate::Server => (SERVER_CA_CERT, SERVER_CA_KEY, Kind::ServerCa),
+        };
         let cert_path = self.dir.join(cert_file);
         let cert_pem = fs::read_to_string(&cert_path).map_err(Error::io(&cert_path))?;
         let corrupt = |detail: String| Error::CorruptCertificate {
@@ -357,6 +538,25 @@ impl<S: Store> Pki<S> {
             .map_err(|e| corrupt(format!("not PEM: {e}")))?;
         let (_, cert) =
             X509Certificate::from_der(&pem.contents).map_err(|e| corrupt(e.to_string()))?;
+        let key = match self.token()? {
+            Some(token) => {
+                let point = cert.public_key().subject_public_key.data.to_vec();
+                let key = token.key_for(token_label(kind), &point)?;
+                // A failure to sign says why here, rather than as rcgen's
+                // wordless error in the middle of an issue.
+                key.sign_sha256(b"twofold: can this token sign?")?;
+                CaKey::Token(key)
+            }
+            None => {
+                let key_path = self.dir.join(key_file);
+                let key_pem = fs::read_to_string(&key_path).map_err(Error::io(&key_path))?;
+                CaKey::File(keys::from_pem(
+                    &key_path,
+                    &key_pem,
+                    self.passphrase.as_ref(),
+                )?)
+            }
+        };
         if cert.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err(corrupt(format!("it does not match the key in {key_file}")));
         }
@@ -373,12 +573,30 @@ impl<S: Store> Pki<S> {
 
 /// Writes a complete PKI into the empty directory `dir`, and its records
 /// into `tx`, which the caller commits.
-fn build(
-    dir: &Path,
-    td: &TrustDomain,
-    passphrase: Option<&Passphrase>,
-    tx: &impl StoreTx,
-) -> Result<()> {
+/// Makes the CA keys of a new PKI where they are to live.
+enum Minter<'a> {
+    Files(Option<&'a Passphrase>),
+    /// The token, and the keys made in it so far (label, id): a failed
+    /// init destroys them.
+    Token(&'a Token, std::cell::RefCell<Vec<(&'static str, Vec<u8>)>>),
+}
+
+impl Minter<'_> {
+    fn make(&self, kind: Kind) -> Result<CaKey> {
+        Ok(match self {
+            Minter::Files(_) => CaKey::File(keys::generate()?),
+            Minter::Token(token, made) => {
+                let label = token_label(kind);
+                let id = twofold_token::new_key_id();
+                let info = token.generate_p256(label, &id)?;
+                made.borrow_mut().push((label, id));
+                CaKey::Token(token.key(info))
+            }
+        })
+    }
+}
+
+fn build(dir: &Path, td: &TrustDomain, minter: &Minter<'_>, tx: &impl StoreTx) -> Result<()> {
     let now = crate::registry::now();
     tx.set_setting(TRUST_DOMAIN_SETTING, td.as_str())?;
     tx.set_setting("created_at", &now.unix_timestamp().to_string())?;
@@ -386,19 +604,22 @@ fn build(
     let write_ca = |kind: Kind,
                     params: &CertificateParams,
                     cert: &rcgen::Certificate,
-                    key: &KeyPair,
+                    key: &CaKey,
                     serial: Serial| {
         let (cert_file, key_file) = match kind {
             Kind::RootCa => (ROOT_CERT, ROOT_KEY),
             Kind::DeviceCa => (DEVICE_CA_CERT, DEVICE_CA_KEY),
             _ => (SERVER_CA_CERT, SERVER_CA_KEY),
         };
-        atomic::write(
-            &dir.join(key_file),
-            keys::to_pem(key, passphrase)?.as_bytes(),
-            atomic::SECRET,
-            Durability::Sync,
-        )?;
+        // A key in a token is there already; only the token file says which.
+        if let (CaKey::File(key), Minter::Files(passphrase)) = (key, minter) {
+            atomic::write(
+                &dir.join(key_file),
+                keys::to_pem(key, *passphrase)?.as_bytes(),
+                atomic::SECRET,
+                Durability::Sync,
+            )?;
+        }
         atomic::write(
             &dir.join(cert_file),
             cert.pem().as_bytes(),
@@ -417,7 +638,24 @@ fn build(
         Ok::<_, Error>(())
     };
 
-    let root_key = keys::generate()?;
+    if let Minter::Token(token, _) = minter {
+        let text = toml::to_string(&TokenFile::of(token.spec())).map_err(|e| Error::TokenFile {
+            file: dir.join(TOKEN_FILE),
+            detail: e.to_string(),
+        })?;
+        atomic::write(
+            &dir.join(TOKEN_FILE),
+            format!(
+                "# The CA keys of this PKI are in this PKCS#11 token; no file holds them.\n\
+                 # The PIN is read from pin_file, or the environment variable pin_env\n\
+                 # ({TOKEN_PIN_ENV} when neither is given).\n{text}"
+            )
+            .as_bytes(),
+            atomic::PUBLIC,
+            Durability::Sync,
+        )?;
+    }
+    let root_key = minter.make(Kind::RootCa)?;
     let root_serial = Serial::random();
     let root_params = profile::root_ca(td.as_str(), &root_serial, now);
     let root_cert = root_params.self_signed(&root_key)?;
@@ -434,7 +672,7 @@ fn build(
         (Intermediate::Device, Kind::DeviceCa),
         (Intermediate::Server, Kind::ServerCa),
     ] {
-        let key = keys::generate()?;
+        let key = minter.make(kind)?;
         let serial = Serial::random();
         let params = profile::intermediate_ca(which, td.as_str(), &serial, now);
         let cert = params.signed_by(&key, &root)?;
