@@ -33,10 +33,17 @@ pub enum IdentityError {
         cert: PathBuf,
         detail: String,
     },
+    /// Not a `source`: the text says it all, and once.
     #[error("{0}; fix: {fix}", fix = .0.fix())]
-    Token(#[from] twofold_token::TokenError),
+    Token(twofold_token::TokenError),
     #[error("{path}: the certificate has no device identity: {reason}")]
     NoDeviceIdentity { path: PathBuf, reason: NotADevice },
+}
+
+impl From<twofold_token::TokenError> for IdentityError {
+    fn from(e: twofold_token::TokenError) -> Self {
+        IdentityError::Token(e)
+    }
 }
 
 /// Why a certificate names no device.
