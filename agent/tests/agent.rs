@@ -237,7 +237,7 @@ fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
     fleet.service("gw");
     // The device starts on a one-minute certificate (same key).
     let now = time::OffsetDateTime::now_utc();
-    one_minute_certificate(&mut fleet, &dev, "pi-r", now);
+    fleet.one_minute_certificate(&dev.cert, "pi-r", now);
     let principal = Principal::Device(DeviceId::parse("pi-r").unwrap());
 
     let ca = CaService::start(
@@ -304,44 +304,10 @@ fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
     assert!(t.lost.is_empty(), "telemetry lost: {:?}", t.lost);
 }
 
-/// A one-minute certificate for `name`, issued (as a renewal of its
-/// enrolled one, same key) and committed at `at`, written over its
-/// certificate file.
-fn one_minute_certificate(fleet: &mut Fleet, who: &Identity, name: &str, at: time::OffsetDateTime) {
-    use twofold_protocol::{DeviceId, Principal};
-    use twofold_provisioning::renewal::{NewKey, RenewOptions, RenewRequest};
-    let principal = Principal::Device(DeviceId::parse(name).unwrap());
-    let enrolled = fleet.pki.history(&principal).unwrap().remove(0);
-    let ca_key = fleet.pki.device_issuer().unwrap();
-    let short = fleet
-        .pki
-        .renew(
-            &ca_key,
-            RenewRequest {
-                principal,
-                presented: enrolled.serial,
-                request_id: "test-seed".into(),
-                key: NewKey::Same,
-            },
-            RenewOptions {
-                lifetime: time::Duration::seconds(60),
-                enforce_due: false,
-                expired_grace: time::Duration::ZERO,
-            },
-            at,
-        )
-        .unwrap();
-    fleet
-        .pki
-        .commit_renewal(&ca_key, &principal, &short.record.serial, at)
-        .unwrap();
-    std::fs::write(&who.cert, &short.chain_pem).unwrap();
-}
-
 /// A certificate for `name` that expired `ago`.
 fn expired_certificate(fleet: &mut Fleet, who: &Identity, name: &str, ago: time::Duration) {
     let at = time::OffsetDateTime::now_utc() - ago - time::Duration::seconds(60);
-    one_minute_certificate(fleet, who, name, at);
+    fleet.one_minute_certificate(&who.cert, name, at);
 }
 
 #[test]

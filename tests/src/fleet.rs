@@ -100,6 +100,38 @@ impl Fleet {
         cmd
     }
 
+    /// A one-minute certificate for device `name`, issued (as a renewal
+    /// of its enrolled one, same key) and committed at `at`, written over
+    /// `cert`: a device that renews within a minute.
+    pub fn one_minute_certificate(&mut self, cert: &Path, name: &str, at: time::OffsetDateTime) {
+        use twofold_provisioning::renewal::{NewKey, RenewOptions, RenewRequest};
+        let principal = Principal::Device(DeviceId::parse(name).unwrap());
+        let enrolled = self.pki.history(&principal).unwrap().remove(0);
+        let ca_key = self.pki.device_issuer().unwrap();
+        let short = self
+            .pki
+            .renew(
+                &ca_key,
+                RenewRequest {
+                    principal,
+                    presented: enrolled.serial,
+                    request_id: "test-seed".into(),
+                    key: NewKey::Same,
+                },
+                RenewOptions {
+                    lifetime: time::Duration::seconds(60),
+                    enforce_due: false,
+                    expired_grace: time::Duration::ZERO,
+                },
+                at,
+            )
+            .unwrap();
+        self.pki
+            .commit_renewal(&ca_key, &principal, &short.record.serial, at)
+            .unwrap();
+        std::fs::write(cert, &short.chain_pem).unwrap();
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
