@@ -368,15 +368,16 @@ impl Token {
     }
 
     /// Makes a P-256 key pair in the token, labelled `label` with `id`:
-    /// private, sensitive, never extractable, for signing only.
+    /// private, sensitive, never extractable, for signing and never for
+    /// key agreement. (CKA_DECRYPT and CKA_ENCRYPT are left to the token:
+    /// tpm2-pkcs11 refuses a template that turns them off, and no EC
+    /// mechanism uses them.)
     pub fn generate_p256(&self, label: &str, id: &[u8]) -> Result<KeyInfo> {
         let (public, _) = self.with_session("generating a key", |s| {
             let public = [
                 Attribute::Token(true),
                 Attribute::Private(false),
                 Attribute::Verify(true),
-                Attribute::Encrypt(false),
-                Attribute::Wrap(false),
                 Attribute::EcParams(P256_PARAMS.to_vec()),
                 Attribute::Label(label.as_bytes().to_vec()),
                 Attribute::Id(id.to_vec()),
@@ -387,8 +388,6 @@ impl Token {
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Sign(true),
-                Attribute::Decrypt(false),
-                Attribute::Unwrap(false),
                 Attribute::Derive(false),
                 Attribute::Label(label.as_bytes().to_vec()),
                 Attribute::Id(id.to_vec()),
