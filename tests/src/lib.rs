@@ -14,7 +14,7 @@ pub mod mqtt;
 pub mod nats;
 pub mod postgres;
 pub mod process;
-pub mod softhsm;
+pub mod tokens;
 
 pub use agent::{
     FleetAccount, TelemetryAccount, account_telemetry, agent, agent_config, agent_doctor,
@@ -37,4 +37,4 @@ pub use process::{
     Proc, assert_alive_then_kill, built, cpu_seconds, exit_status, finish, free_port, run_bounded,
     spawn, text, wait_port, wait_until,
 };
-pub use softhsm::SoftHsm;
+pub use tokens::{SoftHsm, SwTpm, TokenEnv};

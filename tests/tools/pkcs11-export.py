@@ -49,14 +49,19 @@ def main():
                 print("value: refused (no value given)")
         except PyKCS11.PyKCS11Error as e:
             print(f"value: refused ({PyKCS11.CKR[e.value]})")
-        wrapping = session.generateKey([
-            (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
-            (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
-            (PyKCS11.CKA_VALUE_LEN, 32),
-            (PyKCS11.CKA_TOKEN, False),
-            (PyKCS11.CKA_WRAP, True),
-            (PyKCS11.CKA_ENCRYPT, True),
-        ], PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN, None))
+        try:
+            wrapping = session.generateKey([
+                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+                (PyKCS11.CKA_VALUE_LEN, 32),
+                (PyKCS11.CKA_TOKEN, False),
+                (PyKCS11.CKA_WRAP, True),
+                (PyKCS11.CKA_ENCRYPT, True),
+            ], PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_GEN, None))
+        except PyKCS11.PyKCS11Error as e:
+            # A TPM's module makes no session keys: nothing to wrap with.
+            print(f"wrap: impossible (no wrapping key: {PyKCS11.CKR[e.value]})")
+            continue
         try:
             wrapped = session.wrapKey(
                 wrapping, key, PyKCS11.Mechanism(PyKCS11.CKM_AES_KEY_WRAP_PAD, None))
