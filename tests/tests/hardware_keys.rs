@@ -496,6 +496,57 @@ fn a_ca_whose_keys_are_in_a_token_issues_and_revokes() {
     std::fs::write(&t.pin_file, format!("{USER_PIN}\n")).unwrap();
     let listed = succeeded("list", &provisioning(&["list"]));
     assert!(!listed.contains("dev-2"), "{listed}");
+    // The CA service signs with the token too: a renewal over HTTPS,
+    // curl as the device.
+    succeeded(
+        "enroll",
+        &provisioning(&["enroll", "dev-3", "--out", "dev-3"]),
+    );
+    let port = free_port();
+    let mut serve = Command::new(built("provisioning"));
+    serve
+        .arg("--pki")
+        .arg(&pki)
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--cert",
+            "gw/gateway.pem",
+            "--key",
+            "gw/gateway.key",
+            "--allow-early",
+        ])
+        .current_dir(dir.path())
+        .envs(t.env.iter().map(|(k, v)| (k, v)));
+    let service = spawn(serve, dir.path().join("serve.log"));
+    wait_port(port, "provisioning serve");
+    let mut curl = Command::new("curl");
+    curl.current_dir(dir.path())
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args([
+            "--cacert",
+            "dev-3/server-ca.pem",
+            "--cert",
+            "dev-3/device.pem",
+        ])
+        .args([
+            "--key",
+            "dev-3/device.key",
+            "--json",
+            r#"{"request_id": "r1"}"#,
+        ])
+        .arg(format!("https://localhost:{port}/v1/renew"));
+    let out = run_bounded(curl, 30);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {out:?}\n{}", service.log()));
+    assert_eq!(answer["status"], "issued", "{answer}\n{}", service.log());
+    std::fs::write(
+        dir.path().join("renewed.pem"),
+        answer["chain"].as_str().unwrap(),
+    )
+    .unwrap();
+    let (ok, said) = verify(&["-untrusted", "pki/device-ca.pem"], "renewed.pem");
+    assert!(ok, "{said}");
+
     // Only the devices' own bundles hold keys (enroll makes them there).
     assert_no_key_file(&pki);
 }
