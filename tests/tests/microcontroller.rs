@@ -12,12 +12,21 @@ use twofold_tests::*;
 /// The QEMU firmware, built for thumbv7em (release, size-optimised) into
 /// this workspace's target directory by `hardware/qemu-mps2/build`.
 fn firmware() -> PathBuf {
-    let target = built("gateway")
+    firmware_with(&[], None)
+}
+
+/// [`firmware`] built with `features`, into `subdir` of the target
+/// directory when given (so it does not replace the default build).
+fn firmware_with(features: &[&str], subdir: Option<&str>) -> PathBuf {
+    let mut target = built("gateway")
         .parent()
         .unwrap()
         .parent()
         .unwrap()
         .to_path_buf();
+    if let Some(subdir) = subdir {
+        target = target.join(subdir);
+    }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
@@ -28,6 +37,9 @@ fn firmware() -> PathBuf {
         .arg(root.join("hardware/qemu-mps2/build"))
         .env("CARGO", env!("CARGO"))
         .env("CARGO_TARGET_DIR", &target);
+    if !features.is_empty() {
+        build.arg("--features").arg(features.join(","));
+    }
     let out = run_bounded(build, 600);
     assert!(
         out.status.success(),
@@ -173,6 +185,44 @@ fn qemu_firmware_enrolls_publishes_and_answers_then_a_revoked_one_is_refused() {
         dev.log()
     );
     assert!(gw.refusal("revoked").to_string().contains("mcu-r"));
+}
+
+/// The worked example of hardware/SECURE-ELEMENT.md: the same firmware
+/// with its key in a simulated secure element, signing its handshakes
+/// through the element's command frames, publishes through the gateway.
+#[test]
+fn qemu_firmware_signs_through_a_simulated_secure_element() {
+    let fw = firmware_with(&["secure-element"], Some("secure-element"));
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    let port = free_port();
+    let bundle = enroll_nostd(&fleet, "mcu-se", port);
+    let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
+    let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-se");
+    let mut dev = qemu(&fleet, "se", &fw, &bundle, port, "telemetry=3 interval=300");
+    let status = exit_status(&mut dev, 90);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+    assert!(
+        dev.log().contains("device key in secure element slot 0"),
+        "{}",
+        dev.log()
+    );
+    assert!(
+        wait_until(10, || sub
+            .messages()
+            .iter()
+            .filter(|(t, _)| t == "devices/mcu-se/telemetry")
+            .count()
+            >= 3),
+        "{:?}",
+        sub.messages()
+    );
 }
 
 #[test]

@@ -30,6 +30,9 @@
 #![no_std]
 #![no_main]
 
+#[cfg(feature = "secure-element")]
+mod element;
+
 use core::cell::Cell;
 use core::future::Future;
 use core::pin::pin;
@@ -498,10 +501,33 @@ fn main() -> ! {
             exit(20)
         }
     };
-    let Ok(mut key) = p256::ecdsa::SigningKey::from_slice(bundle.private_key) else {
+    let Ok(key) = p256::ecdsa::SigningKey::from_slice(bundle.private_key) else {
         hprintln!("twofold: the bundle's private key is not a P-256 scalar");
         exit(20)
     };
+    // With a secure element the key goes into it (the factory's step,
+    // here at boot) and the agent gets only a handle that signs through
+    // the element's command frames.
+    #[cfg(feature = "secure-element")]
+    let mut element = element::SimulatedElement::new();
+    #[cfg(feature = "secure-element")]
+    let mut key = {
+        if !element::personalize(&mut element, 0, bundle.private_key) {
+            hprintln!("twofold: the secure element refused the key");
+            exit(20)
+        }
+        let expected = key.verifying_key().to_encoded_point(false);
+        drop(key);
+        let mut handle = element::ElementKey::new(&mut element, 0);
+        if handle.public().as_ref().map(|p| &p[..]) != Some(expected.as_bytes()) {
+            hprintln!("twofold: the secure element's key is not the certificate's");
+            exit(20)
+        }
+        hprintln!("twofold: device key in secure element slot 0");
+        handle
+    };
+    #[cfg(not(feature = "secure-element"))]
+    let mut key = key;
     hprintln!("twofold: device {}", bundle.device_id.as_str());
 
     let mut cp = cortex_m::Peripherals::take().unwrap_or_else(|| exit(101));
