@@ -248,22 +248,27 @@ impl Renewal {
         label: &str,
     ) -> Result<(String, RequestKey), String> {
         let token = twofold_token::Token::open(spec).map_err(|e| e.to_string())?;
-        let state = self.state();
-        let existing = match &state.next_key {
-            Some(id) => {
-                let id = hex::decode(id).unwrap_or_default();
-                token
-                    .keys(label)
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .find(|k| k.id == id)
-            }
+        let in_force = self.point_in_force();
+        // The recorded new key, unless it is the one in force (a commit
+        // cut off before its record was cleared): that is never renewed
+        // into, nor destroyed.
+        let existing = match self.next_key_id() {
+            Some(id) => token
+                .keys(label)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|k| k.id == id && Some(&k.public) != in_force.as_ref()),
             None => None,
         };
         let (request_id, new) = self.request_id(existing.is_some());
         let info = match existing {
             Some(info) if !new => info,
-            _ => {
+            stale => {
+                // A request that cannot go on as it was: its key goes
+                // before a new one is made, or the token fills up.
+                if let Some(old) = stale {
+                    token.destroy(label, &old.id).map_err(|e| e.to_string())?;
+                }
                 let id = twofold_token::new_key_id();
                 self.update(|s| {
                     s.request_id = Some(request_id.clone());
@@ -280,6 +285,18 @@ impl Renewal {
             }
         };
         Ok((request_id, RequestKey::Token(token.key(info))))
+    }
+
+    /// The id of the request's new key in the token, as recorded.
+    fn next_key_id(&self) -> Option<Vec<u8>> {
+        self.state().next_key.and_then(|id| hex::decode(id).ok())
+    }
+
+    /// The public point of the certificate in force.
+    fn point_in_force(&self) -> Option<Vec<u8>> {
+        crate::identity::load_certs(&self.committed.cert)
+            .ok()
+            .and_then(|chain| twofold_token::public_point_of_cert(&chain[0]))
     }
 
     /// Takes the gateway's answer; says what the session does next.
@@ -394,6 +411,14 @@ impl Renewal {
             .map(|d| CertificateDer::from(d.to_vec()))
             .collect();
         crate::identity::signing_key(&key_path, &cert_path, &chain).map_err(|e| e.to_string())?;
+        // In a token the key must be the request's new one: a certificate
+        // for the key in force would make the commit destroy that key.
+        if let KeyStore::Token { .. } = &key_path {
+            let point = twofold_token::public_point_of_cert(&chain[0]);
+            if point.is_none() || point == self.point_in_force() {
+                return Err("it certifies the key in force, not the request's new key".into());
+            }
+        }
         let pem: String = ders
             .iter()
             .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.to_vec())))
@@ -413,16 +438,20 @@ impl Renewal {
             }
             (_, KeyStore::Token { spec, label }) => {
                 // The old key, found by the old certificate, goes once the
-                // new certificate is in force.
-                let old = crate::identity::load_certs(&self.committed.cert)
+                // new certificate is in force; never the new one.
+                let old = self.point_in_force();
+                let new = crate::identity::load_certs(&cert_next)
                     .ok()
                     .and_then(|chain| twofold_token::public_point_of_cert(&chain[0]));
+                self.update(|s| s.next_key = None);
                 files::rename(&cert_next, &self.committed.cert)
                     .map_err(io(&self.committed.cert))?;
-                self.update(|s| s.next_key = None);
+                let Some(old) = old.filter(|old| Some(old) != new.as_ref()) else {
+                    return Ok(());
+                };
                 let destroyed = twofold_token::Token::open(spec).and_then(|token| {
                     for key in token.keys(label)? {
-                        if Some(&key.public) == old.as_ref() {
+                        if key.public == old {
                             token.destroy(label, &key.id)?;
                         }
                     }
@@ -447,6 +476,9 @@ impl Renewal {
         if let Err(e) = files::remove(&cert_next) {
             tracing::error!(path = %cert_next.display(), error = %e, "cannot remove");
         }
+        // A key that could not be destroyed stays recorded, so that the
+        // next request destroys it before making its own.
+        let mut forget_key = true;
         match key_next {
             KeyStore::File(path) => {
                 if let Err(e) = files::remove(&path) {
@@ -454,17 +486,28 @@ impl Renewal {
                 }
             }
             KeyStore::Token { spec, label } => {
-                if let Some(id) = self.state().next_key.and_then(|id| hex::decode(id).ok()) {
-                    let destroyed = twofold_token::Token::open(&spec)
-                        .and_then(|token| token.destroy(&label, &id));
+                // The refused key, unless it is the one in force.
+                if let Some(id) = self.next_key_id() {
+                    let in_force = self.point_in_force();
+                    let destroyed = twofold_token::Token::open(&spec).and_then(|token| {
+                        for key in token.keys(&label)? {
+                            if key.id == id && Some(&key.public) != in_force.as_ref() {
+                                token.destroy(&label, &key.id)?;
+                            }
+                        }
+                        Ok(())
+                    });
                     if let Err(e) = destroyed {
-                        tracing::error!(error = %e, "cannot destroy the refused key in the token");
+                        tracing::error!(error = %e, "cannot destroy the refused key in the token; the next request will");
+                        forget_key = false;
                     }
                 }
             }
         }
         self.update(|s| {
-            s.next_key = None;
+            if forget_key {
+                s.next_key = None;
+            }
             s.request_id = None;
             s.last_answer = Some(format!("rolled back: {why}"));
         });
