@@ -307,8 +307,14 @@ impl Link {
             Ok(Ok(())) => {}
             // The gateway (or this agent) refused the renewed certificate
             // in the handshake: back to the one in force. An unreachable
-            // gateway says nothing about the certificate.
-            Ok(Err(e)) if staged && !matches!(e, ConnectionError::Io(_)) => {
+            // gateway says nothing about the certificate, nor does a
+            // token that failed to sign (a resource manager restarting):
+            // the pair may be committed already.
+            Ok(Err(e))
+                if staged
+                    && !matches!(e, ConnectionError::Io(_))
+                    && !crate::token_key::signing_failed(&e) =>
+            {
                 self.renewal.roll_back(&describe(&e));
                 return Ok(End::Renewed);
             }
