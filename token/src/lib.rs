@@ -180,7 +180,14 @@ impl PinSource {
                     .unwrap_or(&text)
                     .to_owned()
             }
-            PinSource::Env(name) => std::env::var(name).map_err(|e| failed(e.to_string()))?,
+            // Never the error's own text: for a value that is not UTF-8
+            // it quotes the value.
+            PinSource::Env(name) => std::env::var(name).map_err(|e| {
+                failed(match e {
+                    std::env::VarError::NotPresent => "it is not set".into(),
+                    std::env::VarError::NotUnicode(_) => "it is not UTF-8".into(),
+                })
+            })?,
         };
         if pin.is_empty() {
             return Err(failed("it is empty".into()));
@@ -197,7 +204,10 @@ struct Inner {
     spec: TokenSpec,
     ctx: Pkcs11,
     slot: Slot,
-    pin: AuthPin,
+    /// The PIN the token refused when a dropped session was opened again:
+    /// not tried again (each try counts towards locking the token) until
+    /// the PIN's source says something else.
+    refused: Mutex<Option<AuthPin>>,
     /// A session is not `Sync`; signing is one call at a time anyway.
     session: Mutex<Session>,
 }
@@ -263,7 +273,7 @@ impl Token {
             spec: spec.clone(),
             ctx,
             slot,
-            pin,
+            refused: Mutex::new(None),
             session: Mutex::new(session),
         })))
     }
@@ -303,10 +313,34 @@ impl Token {
                     )
                 ) =>
             {
-                *session = login(&self.0.ctx, self.0.slot, &self.0.spec, &self.0.pin)?;
+                *session = self.relogin()?;
                 f(&session).map_err(|e| self.failed(operation, &e))
             }
             Err(e) => Err(self.failed(operation, &e)),
+        }
+    }
+
+    /// A new session, logged in with the PIN read again from its source
+    /// (it may have been changed), but never with one refused before.
+    fn relogin(&self) -> Result<Session> {
+        use secrecy::ExposeSecret;
+        let pin = self.0.spec.pin.read()?;
+        let mut refused = self.0.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if refused
+            .as_ref()
+            .is_some_and(|r| r.expose_secret() == pin.expose_secret())
+        {
+            return Err(TokenError::WrongPin {
+                token: self.0.spec.token.clone(),
+                source_: self.0.spec.pin.clone(),
+            });
+        }
+        match login(&self.0.ctx, self.0.slot, &self.0.spec, &pin) {
+            Err(e @ TokenError::WrongPin { .. }) => {
+                *refused = Some(pin);
+                Err(e)
+            }
+            other => other,
         }
     }
 
@@ -332,12 +366,16 @@ impl Token {
                 };
                 // The public half: the point is not an attribute of the
                 // private key object in PKCS#11.
+                // Under the same label too, and only one: another pair
+                // with the same id (pkcs11-tool --id 01 is common) must not
+                // lend its point.
                 let publics = s.find_objects(&[
                     Attribute::Class(ObjectClass::PUBLIC_KEY),
                     Attribute::KeyType(KeyType::EC),
+                    Attribute::Label(label.as_bytes().to_vec()),
                     Attribute::Id(id.clone()),
                 ])?;
-                let Some(public) = publics.first() else {
+                let [public] = publics.as_slice() else {
                     continue;
                 };
                 let mut params = None;
@@ -518,7 +556,9 @@ fn login(ctx: &Pkcs11, slot: Slot, spec: &TokenSpec, pin: &AuthPin) -> Result<Se
 /// give it bare); the uncompressed point or nothing.
 fn unwrap_point(raw: &[u8]) -> Option<Vec<u8>> {
     let point = match raw {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+        // The OCTET STRING of a 65-byte point is 67 bytes; a bare point
+        // is 65, whatever its x begins with.
+        [0x04, 0x41, rest @ ..] if rest.len() == POINT_LEN => rest,
         bare => bare,
     };
     (point.len() == POINT_LEN && point[0] == 0x04).then(|| point.to_vec())
@@ -712,6 +752,10 @@ mod tests {
         assert_eq!(unwrap_point(&wrapped), Some(point.clone()));
         assert_eq!(unwrap_point(&point), Some(point));
         assert_eq!(unwrap_point(&[0x04, 2, 1, 2]), None);
+        // A bare point whose x starts with 0x3f is not a 63-byte wrapper.
+        let mut odd = vec![0x04, 0x3f];
+        odd.extend([9u8; 63]);
+        assert_eq!(unwrap_point(&odd), Some(odd.clone()));
     }
 
     #[test]
