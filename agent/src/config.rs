@@ -204,13 +204,22 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
-        let file: File = toml::from_str(&text).map_err(|e| {
-            err(
-                path.display().to_string(),
-                e.to_string().trim_end().to_owned(),
-            )
-        })?;
+        let file: File = toml::from_str(&text)
+            .map_err(|e| err(path.display().to_string(), toml_problem(&text, &e)))?;
         file.check()
+    }
+}
+
+/// A TOML error as "line N: what": never toml's own text, which quotes
+/// the line, and the line may be a PIN someone wrote where it does not
+/// belong.
+pub fn toml_problem(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message().trim_end())
+        }
+        None => e.message().trim_end().to_owned(),
     }
 }
 
@@ -508,7 +517,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         toml::from_str::<File>(text)
-            .map_err(|e| err("toml", e.to_string()))?
+            .map_err(|e| err("toml", toml_problem(text, &e)))?
             .check()
     }
 
@@ -602,9 +611,12 @@ mod tests {
             assert_eq!(e.key, key, "{text}");
             assert!(e.problem.contains(why), "{text}: {e}");
         }
-        // A PIN in clear is not a key of the file at all.
+        // A PIN in clear is not a key of the file at all, and the error
+        // does not repeat it.
         let e = parse(&format!("{base}{good}pin = \"1234\"\n")).unwrap_err();
-        assert!(e.problem.contains("unknown field"), "{e}");
+        assert!(e.problem.contains("unknown field `pin`"), "{e}");
+        assert!(e.problem.starts_with("line 9: "), "{e}");
+        assert!(!e.problem.contains("1234"), "{e}");
         let e = parse(&format!(
             "[gateway]\nhost = \"gw\"\n[identity]\ncert = \"/c\"\nkey = \"/k\"\nserver_ca = \"/s\"\n[identity.pkcs11]\n{good}"
         ))
