@@ -604,6 +604,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 })?;
             warn_about_interrupted_inits(&cli.pki);
             let keys = match (pkcs11_module, token) {
+                (Some(module), Some(_)) if !module.is_absolute() => anyhow::bail!(
+                    "--pkcs11-module {}: give an absolute path (it is recorded for the commands after, run from anywhere)",
+                    module.display()
+                ),
                 (Some(module), Some(token)) => NewCaKeys::Token(twofold_token::TokenSpec {
                     module: module.clone(),
                     token: token.clone(),

@@ -154,7 +154,14 @@ impl TokenFile {
             detail,
         };
         let text = fs::read_to_string(path).map_err(Error::io(path))?;
-        let file: TokenFile = toml::from_str(&text).map_err(|e| failed(e.to_string()))?;
+        // toml's message, without the line it quotes.
+        let file: TokenFile = toml::from_str(&text).map_err(|e| failed(e.message().to_owned()))?;
+        if !file.module.is_absolute() {
+            return Err(failed(format!(
+                "module {} must be an absolute path",
+                file.module.display()
+            )));
+        }
         let pin = match (file.pin_file, file.pin_env) {
             (Some(_), Some(_)) => return Err(failed("give pin_file or pin_env, not both".into())),
             (Some(path), None) => PinSource::File(path),
@@ -254,6 +261,8 @@ impl Pki<Registry> {
         match (&made, &minter) {
             // A PKI that may have been recorded keeps its keys.
             (Err(Error::Store(StoreError::CommitUnknown(_))), _) | (Ok(()), _) => {}
+            // Placed: the PKI is there, and its keys are in use.
+            (Err(_), Minter::Token(..)) if dir.join(TOKEN_FILE).exists() => {}
             (Err(_), Minter::Token(token, keys)) => {
                 for (label, id) in keys.borrow().iter() {
                     if let Err(e) = token.destroy(label, id) {
