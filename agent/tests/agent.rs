@@ -270,16 +270,7 @@ fn a_one_minute_certificate_is_renewed_four_times_and_nothing_is_lost() {
     assert!(renewed, "fewer than four renewals:\n{}", agent_proc.log());
     // Every renewal was a rekey: no two certificates share a key (but the
     // enrolled one and the test's one-minute one, newest first).
-    let mut keys: Vec<Vec<u8>> = history
-        .iter()
-        .take(history.len() - 1)
-        .map(|r| {
-            let (_, c) = x509_parser::parse_x509_certificate(&r.der).unwrap();
-            c.public_key().raw.to_vec()
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
+    let keys = public_keys(&history[..history.len() - 1]);
     assert_eq!(keys.len(), history.len() - 1, "a renewal kept its key");
     // The predecessors were superseded as each new one was committed.
     let superseded = history

@@ -246,6 +246,19 @@ impl Fleet {
 }
 
 /// The client profile provisioning issues, for device `id`.
+/// The distinct public keys (SPKI) of the certificates in `records`.
+pub fn public_keys(
+    records: &[twofold_provisioning::registry::CertRecord],
+) -> std::collections::BTreeSet<Vec<u8>> {
+    records
+        .iter()
+        .map(|r| {
+            let (_, c) = x509_parser::parse_x509_certificate(&r.der).unwrap();
+            c.public_key().raw.to_vec()
+        })
+        .collect()
+}
+
 pub fn client_params(id: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();

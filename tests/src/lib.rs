@@ -24,7 +24,7 @@ pub use ca_service::{CaService, RenewingMcu};
 pub use cluster::{Cluster, Devices};
 pub use fleet::{
     Fleet, Identity, MCU_LIMITS, TD, assert_mcu_refused_by_gateway, client_params, enroll_nostd,
-    enroll_nostd_with, mint_with,
+    enroll_nostd_with, mint_with, public_keys,
 };
 pub use gateway::{Gateway, http_get, wait_connected};
 pub use mqtt::{

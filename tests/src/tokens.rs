@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::process::{Proc, free_port, run_bounded, spawn, wait_port, wait_until};
+use crate::process::{Proc, free_port, run_bounded, spawn, text, wait_port, wait_until};
 
 /// What a process needs to use a token: the module, its environment,
 /// and a file holding the user PIN.
@@ -29,14 +29,7 @@ impl TokenEnv {
             .arg(&self.pin_file)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         let out = run_bounded(cmd, 60);
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        (out.status.code(), text(&out))
     }
 
     /// Runs `pkcs11-tool` (OpenSC, not ours) on the module with `args`,
@@ -53,14 +46,7 @@ impl TokenEnv {
         .args(args)
         .envs(self.env.iter().map(|(k, v)| (k, v)));
         let out = run_bounded(cmd, 60);
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        (out.status.success(), text(&out))
     }
 }
 

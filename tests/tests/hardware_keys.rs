@@ -25,13 +25,9 @@ fn run(mut cmd: Command, t: &TokenEnv) -> Output {
 }
 
 fn succeeded(what: &str, out: &Output) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    text
+    let said = text(out);
+    assert!(out.status.success(), "{what} failed:\n{said}");
+    said
 }
 
 /// A device `name` whose key `agent keygen` made in token `name`, with
@@ -205,15 +201,7 @@ fn a_device_key_in_a_token_enrolls_connects_renews_and_is_revoked() {
     let principal =
         twofold_protocol::Principal::Device(twofold_protocol::DeviceId::parse("pi-t").unwrap());
     let history = fleet.pki.history(&principal).unwrap();
-    let mut keys: Vec<Vec<u8>> = history
-        .iter()
-        .map(|r| {
-            let (_, c) = x509_parser::parse_x509_certificate(&r.der).unwrap();
-            c.public_key().raw.to_vec()
-        })
-        .collect();
-    keys.sort();
-    keys.dedup();
+    let keys = public_keys(&history);
     assert!(
         keys.len() >= 3,
         "{} keys in {} certificates",
@@ -265,6 +253,21 @@ fn variant(config: &Path, name: &str, from: &str, to: &str) -> PathBuf {
     path
 }
 
+/// The report of `doctor` on the [`variant`] of `config`, which must
+/// fail.
+fn doctor_fails(t: &TokenEnv, config: &Path, name: &str, from: &str, to: &str) -> String {
+    let (ok, report) = doctor(t, &variant(config, name, from, to));
+    assert!(!ok, "{report}");
+    report
+}
+
+/// A PIN file holding `pin`, with `mode`.
+fn pin_file(path: PathBuf, pin: &str, mode: u32) -> PathBuf {
+    std::fs::write(&path, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    path
+}
+
 #[test]
 fn doctor_checks_the_token_and_names_each_failure() {
     let hsm = SoftHsm::new(&["pi-d"]);
@@ -287,18 +290,10 @@ fn doctor_checks_the_token_and_names_each_failure() {
     assert_doctor_line(&report, "mqtt", "[ OK ]", &[]);
 
     // A wrong PIN.
-    let wrong = fleet.path("wrong-pin");
-    std::fs::write(&wrong, "0000\n").unwrap();
-    std::fs::set_permissions(&wrong, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let pin_line = format!("pin_file = {:?}", t.pin_file);
-    let bad = variant(
-        &config,
-        "wrong-pin.toml",
-        &pin_line,
-        &format!("pin_file = {wrong:?}"),
-    );
-    let (ok, report) = doctor(&t, &bad);
-    assert!(!ok);
+    let wrong = pin_file(fleet.path("wrong-pin"), "0000", 0o600);
+    let to = format!("pin_file = {wrong:?}");
+    let report = doctor_fails(&t, &config, "wrong-pin.toml", &pin_line, &to);
     assert_doctor_line(
         &report,
         "token",
@@ -308,21 +303,9 @@ fn doctor_checks_the_token_and_names_each_failure() {
     assert!(report.contains("counts towards locking"), "{report}");
 
     // A PIN file others can read.
-    let exposed = fleet.path("exposed-pin");
-    std::fs::write(&exposed, format!("{USER_PIN}\n")).unwrap();
-    std::fs::set_permissions(
-        &exposed,
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
-    let bad = variant(
-        &config,
-        "exposed-pin.toml",
-        &pin_line,
-        &format!("pin_file = {exposed:?}"),
-    );
-    let (ok, report) = doctor(&t, &bad);
-    assert!(!ok);
+    let exposed = pin_file(fleet.path("exposed-pin"), USER_PIN, 0o644);
+    let to = format!("pin_file = {exposed:?}");
+    let report = doctor_fails(&t, &config, "exposed-pin.toml", &pin_line, &to);
     assert_doctor_line(
         &report,
         "token",
@@ -331,14 +314,8 @@ fn doctor_checks_the_token_and_names_each_failure() {
     );
 
     // A module that is not there.
-    let bad = variant(
-        &config,
-        "no-module.toml",
-        SOFTHSM_MODULE,
-        "/usr/lib/softhsm/libsofthsm2-gone.so",
-    );
-    let (ok, report) = doctor(&t, &bad);
-    assert!(!ok);
+    let gone = "/usr/lib/softhsm/libsofthsm2-gone.so";
+    let report = doctor_fails(&t, &config, "no-module.toml", SOFTHSM_MODULE, gone);
     assert_doctor_line(
         &report,
         "token",
@@ -351,14 +328,8 @@ fn doctor_checks_the_token_and_names_each_failure() {
     );
 
     // A token that is not there: the ones that are, are named.
-    let bad = variant(
-        &config,
-        "no-token.toml",
-        "token = \"pi-d\"",
-        "token = \"pi-x\"",
-    );
-    let (ok, report) = doctor(&t, &bad);
-    assert!(!ok);
+    let (from, to) = ("token = \"pi-d\"", "token = \"pi-x\"");
+    let report = doctor_fails(&t, &config, "no-token.toml", from, to);
     assert_doctor_line(
         &report,
         "token",
@@ -367,14 +338,8 @@ fn doctor_checks_the_token_and_names_each_failure() {
     );
 
     // A key that is not there.
-    let bad = variant(
-        &config,
-        "no-key.toml",
-        "token = \"pi-d\"",
-        "token = \"pi-d\"\nkey_label = \"gone\"",
-    );
-    let (ok, report) = doctor(&t, &bad);
-    assert!(!ok);
+    let to = "token = \"pi-d\"\nkey_label = \"gone\"";
+    let report = doctor_fails(&t, &config, "no-key.toml", from, to);
     assert_doctor_line(&report, "token", "[ OK ]", &[]);
     assert_doctor_line(
         &report,
