@@ -55,6 +55,8 @@ fn main() {
                     "test result: FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out"
                 );
             }
+            // exit() runs no destructors: the token's directory goes first.
+            drop(hsm);
             std::process::exit(status.code().unwrap_or(101));
         }
         Some(pin) => {

@@ -39,6 +39,8 @@ fn main() {
             )
             .status()
             .unwrap();
+        // exit() runs no destructors: the TPM's processes go first.
+        drop((hsm, tpm));
         std::process::exit(status.code().unwrap_or(101));
     }
     let pins = std::env::var(CHILD).unwrap();
