@@ -174,6 +174,12 @@ impl Renewal {
     /// The renew request to publish: the request id and key of the one
     /// out, if any, else new ones (recorded before the request leaves).
     pub fn request(&self) -> Result<Vec<u8>, String> {
+        // A new request would replace the staged pair's key.
+        if self.staged() {
+            return Err(
+                "a renewed certificate awaits its commit; no new request until then".into(),
+            );
+        }
         let (request_id, key) = match &self.committed.key {
             KeyStore::File(_) => self.file_key()?,
             KeyStore::Token { spec, label } => self.token_key(spec, label)?,
@@ -354,11 +360,21 @@ impl Renewal {
                 }
             }
             CertAnswer::Refused {
+                request_id,
                 code,
                 retry_after,
                 reason,
-                ..
             } => {
+                // Only ours: a refusal of another request must not make
+                // this one forget its id (and, in a token, lose its key).
+                if self.state().request_id.as_deref() != Some(request_id) {
+                    tracing::warn!(
+                        request_id,
+                        ?code,
+                        "a refusal of a request not ours; ignored"
+                    );
+                    return Next::Stop;
+                }
                 self.update(|s| s.last_answer = Some(format!("refused ({code:?}): {reason}")));
                 let next = match code {
                     RenewRefusal::Busy | RenewRefusal::RateLimited | RenewRefusal::Unavailable => {
@@ -474,7 +490,10 @@ impl Renewal {
             "the renewed certificate did not work; rolling back to the one in force"
         );
         if let Err(e) = files::remove(&cert_next) {
-            tracing::error!(path = %cert_next.display(), error = %e, "cannot remove");
+            // The staged certificate stays, so its key must too: the
+            // rollback is tried again at the next refusal.
+            tracing::error!(path = %cert_next.display(), error = %e, "cannot remove; the rollback is not done");
+            return;
         }
         // A key that could not be destroyed stays recorded, so that the
         // next request destroys it before making its own.
@@ -650,6 +669,20 @@ mod tests {
         .to_vec();
         assert_eq!(r.answer(&other), Next::Stop);
         assert_eq!(r.answer(b"\xff\xff"), Next::Stop);
+        // Nor does a refusal of another request: the id is kept.
+        let refused_other = message::encode(
+            &CertAnswer::Refused {
+                request_id: "r0",
+                code: RenewRefusal::BadRequest,
+                retry_after: 0,
+                reason: "not yours",
+            },
+            &mut buf,
+        )
+        .unwrap()
+        .to_vec();
+        assert_eq!(r.answer(&refused_other), Next::Stop);
+        assert_eq!(r.state().request_id.as_deref(), Some("r1"));
         assert!(!next_of(&p).1.exists());
         // A refusal that cannot be retried as is: stop, and say why.
         let refused = message::encode(

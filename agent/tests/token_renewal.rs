@@ -221,6 +221,11 @@ fn a_key_in_a_token_survives_every_step_of_a_renewal(pin: PathBuf) {
     assert_ne!(staged.cert, paths.cert);
     usable(&staged);
     usable(&paths);
+    // No new request while the pair awaits its commit: it would replace
+    // the staged certificate's key.
+    assert!(r.request().unwrap_err().contains("awaits its commit"));
+    assert_eq!(keys().len(), 2);
+    usable(&staged);
 
     // The gateway refuses it: B is destroyed, A stays in force.
     r.roll_back("refused in the test");
