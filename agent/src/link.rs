@@ -160,6 +160,32 @@ pub fn certificate_refused(e: &ConnectionError) -> Option<CertRefused> {
     None
 }
 
+/// Whether the gateway itself refused this connection: a TLS alert it
+/// sent, anywhere in the error's chain (rustls puts it inside an I/O
+/// error), or a CONNACK refusing the client.
+pub fn refused_by_gateway(e: &ConnectionError) -> bool {
+    use rumqttc::ConnectReturnCode as Code;
+    if let ConnectionError::ConnectionRefused(code) = e {
+        return matches!(
+            code,
+            Code::BadClientId | Code::BadUserNamePassword | Code::NotAuthorized
+        );
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(_)) = tls {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// The queue position recorded for the agent's own PUBLISHes (renewal),
 /// which the queue does not hold.
 const OWN: i64 = -1;
@@ -305,16 +331,12 @@ impl Link {
         let staged = self.renewal.staged();
         match timeout(Duration::from_secs(30), connack(&mut events)).await {
             Ok(Ok(())) => {}
-            // The gateway (or this agent) refused the renewed certificate
-            // in the handshake: back to the one in force. An unreachable
-            // gateway says nothing about the certificate, nor does a
-            // token that failed to sign (a resource manager restarting):
-            // the pair may be committed already.
-            Ok(Err(e))
-                if staged
-                    && !matches!(e, ConnectionError::Io(_))
-                    && !crate::token_key::signing_failed(&e) =>
-            {
+            // The gateway refused the renewed certificate (a TLS alert, or
+            // a CONNACK refusing the client): back to the one in force.
+            // Nothing else says anything about the certificate (a reset,
+            // a timeout, a gateway restarting, a token that failed to
+            // sign), and the pair may be committed by the CA already.
+            Ok(Err(e)) if staged && refused_by_gateway(&e) => {
                 self.renewal.roll_back(&describe(&e));
                 return Ok(End::Renewed);
             }
@@ -542,6 +564,40 @@ fn refusal(io: &std::io::Error) -> Option<&GatewayRefusal> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_gateways_own_refusal_rolls_a_renewal_back() {
+        use rustls::AlertDescription as A;
+        let io = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let reset = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for (e, refused) in [
+            (
+                ConnectionError::Tls(rumqttc::TlsError::Io(io(rustls::Error::AlertReceived(
+                    A::BadCertificate,
+                )))),
+                true,
+            ),
+            (
+                ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized),
+                true,
+            ),
+            (ConnectionError::Tls(rumqttc::TlsError::Io(reset())), false),
+            (ConnectionError::Io(reset()), false),
+            (ConnectionError::NetworkTimeout, false),
+            (
+                ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable),
+                false,
+            ),
+            (
+                ConnectionError::Tls(rumqttc::TlsError::Io(io(rustls::Error::General(
+                    "local".into(),
+                )))),
+                false,
+            ),
+        ] {
+            assert_eq!(refused_by_gateway(&e), refused, "{e:?}");
+        }
+    }
 
     #[test]
     fn the_gateways_refusal_of_our_certificate_is_found_in_the_error() {

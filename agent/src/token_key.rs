@@ -41,30 +41,10 @@ impl SigningKey for TlsTokenKey {
 struct TokenSigner(TokenKey);
 
 /// The token failed to sign our side of a handshake: this device's
-/// fault, not the gateway's refusal, so it is told apart
-/// ([`signing_failed`]).
+/// fault, never taken for the gateway's refusal.
 #[derive(Debug, thiserror::Error)]
 #[error("the token did not sign the handshake: {0}")]
 pub struct SignFailed(String);
-
-/// Whether `err`, or anything in its chain, is a [`SignFailed`].
-pub fn signing_failed(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(err);
-    while let Some(err) = next {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::Other(other)) = tls
-            && other.0.downcast_ref::<SignFailed>().is_some()
-        {
-            return true;
-        }
-        next = err.source();
-    }
-    false
-}
 
 impl Signer for TokenSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {

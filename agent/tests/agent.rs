@@ -531,3 +531,36 @@ fn a_revoked_device_says_so_once_waits_and_takes_a_new_certificate() {
         agent.log()
     );
 }
+
+/// A renewed pair the gateway refuses (here one it cannot trust: a
+/// self-signed certificate for the same device, as a renewal gone wrong
+/// could leave it) is rolled back on the gateway's TLS alert, and the
+/// agent connects with the pair in force. Only the gateway's own refusal
+/// does that; a reset or a timeout does not (link.rs unit test).
+#[test]
+fn a_renewed_certificate_the_gateway_refuses_is_rolled_back() {
+    let mut fleet = Fleet::new();
+    let dev = fleet.device("pi-b");
+    let port = free_port();
+    let gw = Gateway::start_on(&fleet, port, "");
+    let bad = mint_with(&fleet.path("pi-b-bad"), None, "", "pi-b", |_| {});
+    let (key_next, cert_next) = (
+        dev.dir.join("device.key.next"),
+        dev.dir.join("device.pem.next"),
+    );
+    std::fs::copy(&bad.key, &key_next).unwrap();
+    std::fs::copy(&bad.cert, &cert_next).unwrap();
+    let agent = agent(&fleet, "pi-b", &dev, port, "");
+    assert!(
+        wait_until(30, || agent
+            .log()
+            .contains("connected to the gateway device")),
+        "agent:\n{}\naudit:\n{:#?}",
+        agent.log(),
+        gw.events()
+    );
+    let log = agent.log();
+    assert!(log.contains("rolling back to the one in force"), "{log}");
+    assert!(!cert_next.exists() && !key_next.exists());
+    assert!(gw.refusal("unknown_issuer").to_string().contains("pi-b"));
+}
