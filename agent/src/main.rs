@@ -82,9 +82,33 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            if pin_refused(&e) {
+                std::process::ExitCode::from(PIN_REFUSED)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// The exit status when the token refused the PIN (or has locked it):
+/// the packaged unit does not restart on it (RestartPreventExitStatus),
+/// since every start would spend another try towards locking the token.
+const PIN_REFUSED: u8 = 78;
+
+fn pin_refused(e: &anyhow::Error) -> bool {
+    use twofold_token::TokenError;
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<twofold_agent::identity::IdentityError>(),
+            Some(twofold_agent::identity::IdentityError::Token(
+                TokenError::WrongPin { .. } | TokenError::PinLocked { .. }
+            ))
+        ) || matches!(
+            cause.downcast_ref::<TokenError>(),
+            Some(TokenError::WrongPin { .. } | TokenError::PinLocked { .. })
+        )
+    })
 }
 
 async fn command(cmd: Cmd) -> anyhow::Result<()> {
