@@ -136,9 +136,9 @@ impl From<&ConnectionError> for Failure {
     }
 }
 
-/// The gateway's TLS alert refusing our certificate, found anywhere in
-/// the error's chain (rustls puts it inside an I/O error).
-pub fn certificate_refused(e: &ConnectionError) -> Option<CertRefused> {
+/// The TLS alert the gateway sent, found anywhere in the error's chain
+/// (rustls puts it inside an I/O error).
+fn alert_received(e: &ConnectionError) -> Option<rustls::AlertDescription> {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = next {
         let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
@@ -146,23 +146,25 @@ pub fn certificate_refused(e: &ConnectionError) -> Option<CertRefused> {
                 .and_then(|io| io.get_ref())
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         });
-        match tls {
-            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRevoked)) => {
-                return Some(CertRefused::Revoked);
-            }
-            Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired)) => {
-                return Some(CertRefused::Expired);
-            }
-            _ => {}
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return Some(*alert);
         }
         next = err.source();
     }
     None
 }
 
+/// The gateway's TLS alert refusing our certificate.
+pub fn certificate_refused(e: &ConnectionError) -> Option<CertRefused> {
+    match alert_received(e)? {
+        rustls::AlertDescription::CertificateRevoked => Some(CertRefused::Revoked),
+        rustls::AlertDescription::CertificateExpired => Some(CertRefused::Expired),
+        _ => None,
+    }
+}
+
 /// Whether the gateway itself refused this connection: a TLS alert it
-/// sent, anywhere in the error's chain (rustls puts it inside an I/O
-/// error), or a CONNACK refusing the client.
+/// sent, or a CONNACK refusing the client.
 pub fn refused_by_gateway(e: &ConnectionError) -> bool {
     use rumqttc::ConnectReturnCode as Code;
     if let ConnectionError::ConnectionRefused(code) = e {
@@ -171,19 +173,7 @@ pub fn refused_by_gateway(e: &ConnectionError) -> bool {
             Code::BadClientId | Code::BadUserNamePassword | Code::NotAuthorized
         );
     }
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::AlertReceived(_)) = tls {
-            return true;
-        }
-        next = err.source();
-    }
-    false
+    alert_received(e).is_some()
 }
 
 /// The queue position recorded for the agent's own PUBLISHes (renewal),
