@@ -97,6 +97,19 @@ fn qemu_with(
     Proc { child, log }
 }
 
+/// The firmware exits 0 (a clean stop) within `secs`; else its log and
+/// the gateway's.
+fn assert_stops_cleanly(dev: &mut Proc, secs: u64, gw: &Gateway) {
+    let status = exit_status(dev, secs);
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{}\ngateway:\n{}",
+        dev.log(),
+        gw.log()
+    );
+}
+
 /// A fresh seed per run for the firmware's generator (the board has no RNG).
 fn rand_seed() -> u128 {
     let mut b = [0u8; 16];
@@ -200,14 +213,7 @@ fn qemu_firmware_signs_through_a_simulated_secure_element() {
     let gw = Gateway::start_on(&fleet, port, MCU_LIMITS);
     let sub = Sub::telemetry_and_replies(&fleet, port, &ops, "ops", "mcu-se");
     let mut dev = qemu(&fleet, "se", &fw, &bundle, port, "telemetry=3 interval=300");
-    let status = exit_status(&mut dev, 90);
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "{}\ngateway:\n{}",
-        dev.log(),
-        gw.log()
-    );
+    assert_stops_cleanly(&mut dev, 90, &gw);
     assert!(
         dev.log().contains("device key in secure element slot 0"),
         "{}",
@@ -248,15 +254,8 @@ fn qemu_firmware_renews_its_one_minute_certificate_and_loses_nothing() {
         "telemetry=5 renewals=1 interval=1000",
         ",reconnect=1",
     );
-    let status = exit_status(&mut dev, 170);
+    assert_stops_cleanly(&mut dev, 170, &gw);
     println!("{}", dev.log());
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "{}\ngateway:\n{}",
-        dev.log(),
-        gw.log()
-    );
     for line in [
         "renewal due in",
         "asking for certificate 1",
