@@ -120,6 +120,10 @@ impl Admission {
 
 struct State {
     pki: Mutex<Pki>,
+    /// The device CA's CRL file, read without `pki`'s lock: a call that
+    /// holds it may wait on the registry, and the CRL must still be served
+    /// (each write replaces the file whole, by rename).
+    crl_file: PathBuf,
     ca: CaIssuer,
     /// The server CA, for gateways' own certificates.
     server_ca: CaIssuer,
@@ -156,6 +160,7 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let state = Arc::new(State {
+        crl_file: pki.dir().join(crate::pki::CRL),
         pki: Mutex::new(pki),
         ca,
         server_ca,
@@ -386,6 +391,12 @@ async fn handle(
         Ok(c) => c,
         Err(e) => return refused(StatusCode::FORBIDDEN, "no-identity", e),
     };
+    // The CRL is public, and served from its file without the registry,
+    // which may be away (a caller waiting on the registry here would wait
+    // behind whatever call holds the PKI).
+    if parts.method == Method::GET && parts.uri.path() == "/v1/crl" {
+        return crl(&state, &parts.headers);
+    }
     // The TLS layer knows no CRL: a caller whose certificate the operator
     // revoked (a stolen gateway's service identity) is turned away here.
     // A superseded one goes on to the core, which answers not-latest.
@@ -396,7 +407,6 @@ async fn handle(
         (&Method::POST, "/v1/renew") => renew(state, caller, &body).await,
         (&Method::POST, "/v1/commit") => commit(state, caller, &body).await,
         (&Method::POST, "/v1/server-cert") => server_cert(state, caller, &body).await,
-        (&Method::GET, "/v1/crl") => crl(&state, &parts.headers),
         (_, "/v1/renew" | "/v1/commit" | "/v1/crl" | "/v1/server-cert") => refused(
             StatusCode::METHOD_NOT_ALLOWED,
             "bad-request",
@@ -413,9 +423,10 @@ async fn handle(
 /// The device CA's CRL as gateways pull it: with an ETag (of its bytes),
 /// and 304 Not Modified for a caller that has it already.
 fn crl(state: &State, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
-    let pem = match state.pki.lock().map(|p| p.crl_pem()) {
-        Ok(Ok(pem)) => pem,
-        _ => {
+    let pem = match std::fs::read_to_string(&state.crl_file) {
+        Ok(pem) => pem,
+        Err(e) => {
+            tracing::warn!(file = %state.crl_file.display(), error = %e, "cannot read the CRL");
             return refused(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "failed",
@@ -1107,6 +1118,9 @@ async fn catch_up_crl_periodically(state: Arc<State>) {
         .and_then(|r| r);
         match caught {
             Ok(n) => {
+                if failing {
+                    tracing::info!("the registry answers again");
+                }
                 if let Some(number) = n {
                     tracing::info!(number, "CRL signed again: the shared registry moved on");
                 }

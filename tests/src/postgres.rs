@@ -145,6 +145,40 @@ impl Postgres {
         self.proc.as_ref().map(Proc::log).unwrap_or_default()
     }
 
+    /// Stops the server and its backends with SIGSTOP, as a silent network
+    /// partition looks to a client: connections stay open and nothing
+    /// answers. The server goes on when the guard is dropped.
+    pub fn freeze(&self) -> Frozen<'_> {
+        self.signal_all(rustix::process::Signal::STOP);
+        Frozen { pg: self }
+    }
+
+    /// Sends `signal` to the postmaster and every process it started.
+    fn signal_all(&self, signal: rustix::process::Signal) {
+        let Some(p) = &self.proc else { return };
+        let main = p.child.id();
+        let mut pids = vec![main];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // The parent's pid is the second field after the name.
+            let parent = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+                .and_then(|f| f.parse::<u32>().ok());
+            if parent == Some(main) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(pid, signal);
+            }
+        }
+    }
+
     /// A new, empty database, and its URL (the password is not in it:
     /// clients take it from PGPASSWORD, as operators are told to).
     pub fn database(&self, name: &str) -> String {
@@ -188,5 +222,16 @@ impl Postgres {
         } else {
             Err(text(&out))
         }
+    }
+}
+
+/// A server stopped by [`Postgres::freeze`]; continued when dropped.
+pub struct Frozen<'a> {
+    pg: &'a Postgres,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.pg.signal_all(rustix::process::Signal::CONT);
     }
 }

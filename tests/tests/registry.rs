@@ -436,3 +436,51 @@ fn a_revocation_on_another_node_reaches_the_gateway_through_the_ca_service() {
     };
     assert_eq!(on_disk(&fleet.path("pki")), on_disk(&node2));
 }
+
+/// A registry that stops answering on an open connection (a silent
+/// partition: no reset, no close) costs the CA service the call that was
+/// waiting, not the service: that call gives up after the answer timeout
+/// and says so, the CRL is served all the while, and the service goes on
+/// once the database answers again.
+#[test]
+fn a_registry_that_stops_answering_holds_up_one_call_not_the_service() {
+    let pg = Postgres::start();
+    pg.database("silent");
+    let url = pg.url_with_password("silent");
+    let registry = twofold_provisioning::registry::RegistryUrl::Postgres(url.clone());
+    let mut fleet = Fleet::with_registry(&registry);
+    fleet.service("gw");
+    let ca = CaService::start(&mut fleet, &["--ra", "gw", "--registry", &url]);
+    let get_crl = || {
+        let svc = fleet.path("svc-gw");
+        let mut cmd = Command::new("curl");
+        cmd.args(["--silent", "--max-time", "10", "--output", "/dev/null"])
+            .args(["--write-out", "%{http_code}"])
+            .arg("--cacert")
+            .arg(fleet.path("pki/server-ca.pem"))
+            .arg("--cert")
+            .arg(svc.join("device.pem"))
+            .arg("--key")
+            .arg(svc.join("device.key"))
+            .arg(format!("https://localhost:{}/v1/crl", ca.port));
+        String::from_utf8_lossy(&run_bounded(cmd, 30).stdout).into_owned()
+    };
+    assert_eq!(get_crl(), "200");
+    {
+        let _frozen = pg.freeze();
+        // The service looks at the registry every second, holding the
+        // PKI meanwhile: after 2 s one such look is waiting.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        assert_eq!(get_crl(), "200", "{}", ca.proc.log());
+        let gave_up = wait_until(60, || ca.proc.log().contains("no answer from 127.0.0.1"));
+        assert!(gave_up, "{}", ca.proc.log());
+        assert!(
+            ca.proc.log().contains("the connection was dropped"),
+            "{}",
+            ca.proc.log()
+        );
+    }
+    let back = wait_until(60, || ca.proc.log().contains("the registry answers again"));
+    assert!(back, "{}", ca.proc.log());
+    assert_eq!(get_crl(), "200");
+}

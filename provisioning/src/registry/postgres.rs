@@ -70,7 +70,18 @@ const MIGRATIONS: [&str; 3] = [MIGRATE_V0, MIGRATE_V1, MIGRATE_V2];
 const WRITER_LOCK: i64 = 0x32_666f_6c64;
 
 /// How long a command waits for another writer, as on SQLite.
-const LOCK_TIMEOUT: &str = "60s";
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a migration may take, its wait for the writer lock included:
+/// a large table's new index takes a while.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How long the server may leave one exchange unanswered before the
+/// connection counts as dead and is dropped. Without it, a silent network
+/// partition (no RST, no FIN) hangs a call for TCP's retransmission time,
+/// about 15 minutes, and the CA service with it. Taking the writer lock
+/// gets [`LOCK_WAIT`] on top.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long connecting may take before the registry counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,7 +140,20 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Backend(format!("registry URL: {e}")))?
             .application_name("twofold-provisioning")
-            .options([("lock_timeout", LOCK_TIMEOUT)]);
+            .options([
+                ("lock_timeout", format!("{}s", LOCK_WAIT.as_secs())),
+                // When this side gives up on a silent server (ANSWER_TIMEOUT)
+                // its FIN may never arrive: the server must find the
+                // connection dead on its own, or its open transaction
+                // would keep the writer lock from every other node.
+                (
+                    "idle_in_transaction_session_timeout",
+                    format!("{}s", ANSWER_TIMEOUT.as_secs() * 2),
+                ),
+                ("tcp_keepalives_idle", "10".to_owned()),
+                ("tcp_keepalives_interval", "5".to_owned()),
+                ("tcp_keepalives_count", "3".to_owned()),
+            ]);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -148,21 +172,18 @@ impl PgStore {
         self.rt.as_ref().expect("runtime present until drop")
     }
 
-    /// Runs `f` on the connection, connecting first if there is none, and
-    /// forgets a connection that broke.
-    fn with_conn<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
-    ) -> Result<T, StoreError> {
-        self.run(true, f)
-    }
-
-    /// As [`Self::with_conn`], but inside a transaction a broken connection
-    /// is final: a new one would run the rest of the transaction's
-    /// statements on their own.
+    /// Runs `f` on the connection, connecting first if there is none
+    /// (only when `reconnect`: inside a transaction a broken connection is
+    /// final, since a new one would run the rest of the transaction's
+    /// statements on their own), and forgets a connection that broke. `f`
+    /// gets `limit` to finish; past it the connection is dropped and the
+    /// call fails as unavailable. The server aborts any transaction on it
+    /// when the close reaches it, or (a partition) when its keepalives or
+    /// `idle_in_transaction_session_timeout` find the connection dead.
     fn run<T>(
         &self,
         reconnect: bool,
+        limit: Duration,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
         let mut slot = self.conn.borrow_mut();
@@ -188,13 +209,22 @@ impl PgStore {
             *slot = Some(conn);
         }
         let conn = slot.as_mut().expect("connected above");
-        match rt.block_on(f(conn)) {
-            Ok(v) => Ok(v),
-            Err(e) => {
+        match rt.block_on(async { tokio::time::timeout(limit, f(conn)).await }) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
                 if is_connection_error(&e) {
                     *slot = None;
                 }
                 Err(backend(e))
+            }
+            Err(_) => {
+                *slot = None;
+                Err(StoreError::Unavailable(format!(
+                    "no answer from {}:{} within {} s; the connection was dropped",
+                    self.options.get_host(),
+                    self.options.get_port(),
+                    limit.as_secs()
+                )))
             }
         }
     }
@@ -202,7 +232,7 @@ impl PgStore {
     /// Brings the schema to the newest version, under the writer lock so
     /// that two nodes starting at once do not both migrate.
     fn migrate(&self) -> Result<(), StoreError> {
-        self.with_conn(async |conn| {
+        self.run(true, MIGRATION_TIMEOUT, async |conn| {
             // READ COMMITTED whatever the server's default: a second
             // node waiting on the lock must see the first one's schema.
             let mut tx = conn
@@ -278,7 +308,7 @@ fn find(store: &PgStore, reconnect: bool, filter: &Filter) -> Result<Vec<CertRec
         sql.push_str(" AND revoked_at IS NULL");
     }
     sql.push_str(" ORDER BY issued_at DESC, seq DESC");
-    let rows = store.run(reconnect, async |conn| {
+    let rows = store.run(reconnect, ANSWER_TIMEOUT, async |conn| {
         let mut query = sqlx::query(AssertSqlSafe(sql.as_str()));
         for a in &args {
             query = query.bind(a);
@@ -290,7 +320,7 @@ fn find(store: &PgStore, reconnect: bool, filter: &Filter) -> Result<Vec<CertRec
 }
 
 fn setting(store: &PgStore, reconnect: bool, key: &str) -> Result<Option<String>, StoreError> {
-    store.run(reconnect, async |conn| {
+    store.run(reconnect, ANSWER_TIMEOUT, async |conn| {
         sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
             .bind(key)
             .fetch_optional(&mut *conn)
@@ -302,7 +332,7 @@ impl Store for PgStore {
     type Tx<'a> = PgTx<'a>;
 
     fn begin(&mut self) -> Result<PgTx<'_>, StoreError> {
-        self.with_conn(async |conn| {
+        self.run(true, LOCK_WAIT + ANSWER_TIMEOUT, async |conn| {
             sqlx::raw_sql("BEGIN ISOLATION LEVEL READ COMMITTED")
                 .execute(&mut *conn)
                 .await?;
@@ -330,7 +360,7 @@ impl Store for PgStore {
     }
 
     fn memberships(&self) -> Result<Vec<Membership>, StoreError> {
-        let rows: Vec<(String, String, String)> = self.run(true, async |conn| {
+        let rows: Vec<(String, String, String)> = self.run(true, ANSWER_TIMEOUT, async |conn| {
             sqlx::query_as("SELECT grp, kind, name FROM memberships ORDER BY grp, kind, name")
                 .fetch_all(&mut *conn)
                 .await
@@ -360,7 +390,7 @@ impl PgTx<'_> {
         &self,
         f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
-        self.store.run(false, f)
+        self.store.run(false, ANSWER_TIMEOUT, f)
     }
 
     /// Runs one statement that changes rows, returning how many.
