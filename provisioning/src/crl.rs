@@ -62,6 +62,17 @@ impl Scope {
         }
     }
 
+    /// The registry setting holding the last CRL number with a digest of
+    /// the serials that CRL listed (`"<number> <digest>"`), so a node can
+    /// tell a CRL file of its own with the registry's number but other
+    /// contents (written by a command whose COMMIT then failed).
+    pub(crate) fn listed_setting(self) -> &'static str {
+        match self {
+            Scope::Device => "crl_listed",
+            Scope::Server => "server_crl_listed",
+        }
+    }
+
     pub(crate) fn issuer(self) -> Intermediate {
         match self {
             Scope::Device => Intermediate::Device,
@@ -93,7 +104,11 @@ pub(crate) fn sign(
         .and_then(published_number)
         .map_or(0, |n| n.saturating_add(1));
     let number = tx.next_crl_number(scope, floor)?;
-    sign_numbered(scope, tx, issuer, now, number)
+    let crl = sign_numbered(scope, tx, issuer, now, number)?;
+    if let Some(digest) = listed_digest(crl.der()) {
+        tx.set_setting(scope.listed_setting(), &format!("{number} {digest}"))?;
+    }
+    Ok(crl)
 }
 
 /// Signs `scope`'s CRL with `number` as given, the registry's counter left
@@ -128,6 +143,45 @@ pub(crate) fn sign_numbered(
         key_identifier_method: KeyIdMethod::Sha256,
     };
     Ok(params.signed_by(issuer)?)
+}
+
+/// A digest of the serials a DER CRL lists, in any order: SHA-256 over
+/// the sorted serials' bytes, hex. `None` if it does not parse.
+pub(crate) fn listed_digest(der: &[u8]) -> Option<String> {
+    use sha2::Digest as _;
+    let (_, crl) = x509_parser::parse_x509_crl(der).ok()?;
+    let mut serials: Vec<&[u8]> = crl
+        .iter_revoked_certificates()
+        .map(|r| r.raw_serial())
+        .collect();
+    serials.sort_unstable();
+    let mut hash = sha2::Sha256::new();
+    for serial in serials {
+        // Length-prefixed, so no two lists hash alike by concatenation.
+        hash.update((serial.len() as u32).to_be_bytes());
+        hash.update(serial);
+    }
+    Some(hex::encode(hash.finalize()))
+}
+
+/// The serials a published PEM CRL lists. `None` if it does not parse.
+pub(crate) fn published_serials(pem_bytes: &[u8]) -> Option<Vec<crate::serial::Serial>> {
+    let block = pem::parse(pem_bytes).ok()?;
+    let (_, crl) = x509_parser::parse_x509_crl(block.contents()).ok()?;
+    Some(
+        crl.iter_revoked_certificates()
+            .map(|r| crate::serial::Serial::from_bytes(r.raw_serial()))
+            .collect(),
+    )
+}
+
+/// The number and [`listed_digest`] of a published PEM CRL.
+pub(crate) fn published_listing(pem_bytes: &[u8]) -> Option<(u64, String)> {
+    let block = pem::parse(pem_bytes).ok()?;
+    Some((
+        published_number(pem_bytes)?,
+        listed_digest(block.contents())?,
+    ))
 }
 
 /// The CRL number of a published PEM CRL, if it has one.

@@ -320,35 +320,86 @@ impl<S: Store> Pki<S> {
         Ok(record)
     }
 
-    /// Signs the device CRL again if the registry's CRL number has moved
-    /// past the one in this PKI directory: another node sharing the
-    /// registry (PostgreSQL) revoked since. It signs at the registry's
-    /// number, not a new one, so two services catching up with each other
-    /// settle instead of taking turns forever. Returns the number, if it
-    /// signed. The CA service runs it every second, so that gateways
-    /// pulling `GET /v1/crl` from it learn of every node's revocations.
-    pub fn catch_up_crl(&mut self, ca: &CaIssuer) -> Result<Option<u64>> {
+    /// Brings the device CRL in this PKI directory in line with the
+    /// registry, which other nodes may share (PostgreSQL). Returns the
+    /// number it signed, if it signed.
+    ///
+    /// - The registry's CRL number moved past the file's: another node
+    ///   revoked since. It signs at the registry's number, not a new one,
+    ///   so two services catching up with each other settle instead of
+    ///   taking turns forever.
+    /// - The numbers match but the registry recorded another list under
+    ///   that number, and the file really lists something else than the
+    ///   registry holds (a revoked, unexpired serial missing, or a serial
+    ///   the registry has not revoked): the file was written here by a
+    ///   command whose COMMIT then failed, and another node's revocation
+    ///   took the number. It signs a fresh CRL with a new number, so
+    ///   gateways that hold either CRL of that number take it. A list
+    ///   that differs only by certificates expired since (a node catching
+    ///   up later, or with another clock) is left, and remembered in
+    ///   `settled` so that it is not examined again every second.
+    ///
+    /// The CA service runs it every second, so that gateways pulling
+    /// `GET /v1/crl` from it learn of every node's revocations.
+    pub fn catch_up_crl(
+        &mut self,
+        ca: &CaIssuer,
+        settled: &mut Option<(u64, String)>,
+    ) -> Result<Option<u64>> {
         let scope = Scope::Device;
         let path = self.dir().join(scope.file());
-        let on_disk = std::fs::read(&path)
+        let (disk_number, disk_listed) = std::fs::read(&path)
             .ok()
-            .and_then(|pem| crl::published_number(&pem))
-            .unwrap_or(0);
+            .as_deref()
+            .and_then(crl::published_listing)
+            .map_or((0, None), |(n, d)| (n, Some(d)));
         let in_registry = self
             .store
             .setting(scope.number_setting())?
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);
-        if in_registry <= on_disk {
+        if in_registry == disk_number && in_registry > 0 {
+            let recorded = self.store.setting(scope.listed_setting())?;
+            let differs = recorded
+                .as_deref()
+                .and_then(|v| v.split_once(' '))
+                .is_some_and(|(n, digest)| {
+                    n.parse() == Ok(disk_number) && Some(digest) != disk_listed.as_deref()
+                });
+            let this_file = disk_listed.map(|d| (disk_number, d));
+            if !differs || *settled == this_file {
+                return Ok(None);
+            }
+            let tx = self.store.begin()?;
+            let now = crate::registry::now();
+            // Read again under the writer lock, as `write_crl` does.
+            let published = std::fs::read(&path).ok();
+            if !lists_other_than_registry(published.as_deref(), scope, &tx, now)? {
+                *settled = this_file;
+                return Ok(None);
+            }
+            let crl = write_crl(&path, scope, &tx, ca, now)?;
+            tx.commit()?;
+            return Ok(crl::published_number(crl.pem()?.as_bytes()));
+        }
+        if in_registry <= disk_number {
             return Ok(None);
         }
         let tx = self.store.begin()?;
         // Read again under the writer lock: a revocation may have landed
-        // in between, and the number and the revoked set must match.
+        // in between, and the number and the revoked set must match; and
+        // a command here may have written a newer file meanwhile.
         let number = tx
             .setting(scope.number_setting())?
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(in_registry);
+        let published = std::fs::read(&path)
+            .ok()
+            .and_then(|pem| crl::published_number(&pem))
+            .unwrap_or(0);
+        if published >= number {
+            return Ok(None);
+        }
         let crl = crl::sign_numbered(scope, &tx, &ca.issuer, crate::registry::now(), number)?;
         atomic::write(
             &path,
@@ -389,6 +440,41 @@ impl<S: Store> Pki<S> {
         }
         Ok(records)
     }
+}
+
+/// Whether the published CRL `pem` lists other certificates than the
+/// registry has revoked: a revoked, unexpired one missing, or one the
+/// registry holds as not revoked (or not at all). Serials of revoked
+/// certificates that expired since are no difference.
+fn lists_other_than_registry(
+    pem: Option<&[u8]>,
+    scope: Scope,
+    tx: &impl StoreTx,
+    now: OffsetDateTime,
+) -> Result<bool> {
+    let Some(listed) = pem.and_then(crl::published_serials) else {
+        return Ok(true);
+    };
+    let revoked: Vec<Serial> = tx
+        .revoked_unexpired(scope, now)?
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    if revoked.iter().any(|s| !listed.contains(s)) {
+        return Ok(true);
+    }
+    for serial in listed.iter().filter(|s| !revoked.contains(s)) {
+        let record = tx
+            .find(&Filter {
+                serial: Some(serial.clone()),
+                ..Filter::default()
+            })?
+            .pop();
+        if record.is_none_or(|r| r.revocation.is_none()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Signs the CRL inside `tx` and writes it to the PKI directory before

@@ -1101,16 +1101,21 @@ async fn settle_periodically(state: Arc<State>) {
 /// registry, which other provisioning nodes may share and revoke in.
 async fn catch_up_crl_periodically(state: Arc<State>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    // The CRL file last found to list what the registry holds, though
+    // its digest differs from the one recorded (see `catch_up_crl`).
+    let settled = Arc::new(Mutex::new(None));
     // A registry that is away is said once, not every second.
     let mut failing = false;
     loop {
         tick.tick().await;
         let core = state.clone();
+        let settled = settled.clone();
         let caught = tokio::task::spawn_blocking(move || {
+            let mut settled = settled.lock().map_err(|_| "poisoned".to_owned())?;
             core.pki
                 .lock()
                 .map_err(|_| "poisoned".to_owned())?
-                .catch_up_crl(&core.ca)
+                .catch_up_crl(&core.ca, &mut settled)
                 .map_err(|e| e.to_string())
         })
         .await

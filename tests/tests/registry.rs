@@ -484,3 +484,85 @@ fn a_registry_that_stops_answering_holds_up_one_call_not_the_service() {
     assert!(back, "{}", ca.proc.log());
     assert_eq!(get_crl(), "200");
 }
+
+/// A node whose revoke wrote its CRL file and then lost its COMMIT holds a
+/// CRL with a number the registry then gives to another node's
+/// revocation: same number, other serials. Its CA service notices and
+/// signs a fresh CRL, with a new number, that lists what the registry
+/// holds; comparing numbers alone, it would serve the other node's
+/// revocation never.
+#[test]
+fn a_crl_with_the_registrys_number_but_other_serials_is_replaced() {
+    let pg = Postgres::start();
+    pg.database("split");
+    let url = pg.url("split");
+    let dir = tempfile::tempdir().unwrap();
+    let node1 = dir.path().join("node-1");
+    init(&node1, &url);
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    for dev in ["x", "z", "w"] {
+        ok(&node1, &url, &["enroll", dev, "--out", &out(dev)]);
+    }
+    ok(&node1, &url, &["revoke", "x"]);
+    let node2 = dir.path().join("node-2");
+    std::fs::create_dir_all(&node2).unwrap();
+    for entry in std::fs::read_dir(&node1).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), node2.join(entry.file_name())).unwrap();
+        }
+    }
+    let settings =
+        "SELECT key, value FROM settings WHERE key IN ('crl_number', 'crl_listed') ORDER BY key";
+    let before = pg.psql("split", settings).unwrap();
+
+    // Node 2 revokes z; then its transaction is undone, as a COMMIT that
+    // never reached the server: the CRL file stays.
+    let z = revoked_serial(&ok(&node2, &url, &["revoke", "z"]));
+    let mut undo = format!(
+        "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL WHERE serial = '{z}';"
+    );
+    for line in before.lines() {
+        let (key, value) = line.split_once('|').unwrap();
+        undo.push_str(&format!(
+            "UPDATE settings SET value = '{value}' WHERE key = '{key}';"
+        ));
+    }
+    pg.psql("split", &undo).unwrap();
+    // Node 1 revokes w, and the registry gives it the number node 2's
+    // file already has.
+    let w = revoked_serial(&ok(&node1, &url, &["revoke", "w"]));
+    let crl_text = |pki: &Path| {
+        let mut c = Command::new("openssl");
+        c.args(["crl", "-noout", "-text", "-in"])
+            .arg(pki.join("crl.pem"));
+        text(&run_bounded(c, 30)).to_lowercase()
+    };
+    let number = |pki: &Path| {
+        let mut c = Command::new("openssl");
+        c.args(["crl", "-noout", "-crlnumber", "-in"])
+            .arg(pki.join("crl.pem"));
+        text(&run_bounded(c, 30))
+    };
+    assert_eq!(number(&node1), number(&node2), "the setting of the test");
+    assert!(!crl_text(&node2).contains(&w.to_lowercase()));
+
+    let mut fleet = Fleet::new();
+    let ca = CaService::start_on(
+        &mut fleet,
+        &node2,
+        &["--registry", &pg.url_with_password("split")],
+    );
+    let caught_up = wait_until(30, || crl_text(&node2).contains(&w.to_lowercase()));
+    assert!(caught_up, "{}", ca.proc.log());
+    let listed = crl_text(&node2);
+    assert!(
+        !listed.contains(&z.to_lowercase()),
+        "z is not revoked in the registry:\n{listed}"
+    );
+    assert_ne!(number(&node1), number(&node2), "a new number");
+    // And it settles: the number stays put.
+    let settled = number(&node2);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(number(&node2), settled, "{}", ca.proc.log());
+}
