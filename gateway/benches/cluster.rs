@@ -5,7 +5,15 @@
 //! relaying to mosquitto. Prints a table.
 //!
 //!     cargo build --release -p twofold-provisioning --bin provisioning
-//!     cargo bench -p twofold-gateway --bench cluster -- [--devices N] [--burst K]
+//!     cargo bench -p twofold-gateway --bench cluster -- [--devices N] [--burst K] \
+//!         [--setups embedded,mosquitto,nats-1,nats-2,nats-3,nats-2-node1,nats-3-node1] \
+//!         [--rest S]
+//!
+//! `--setups` picks the setups and their order; a setup named twice runs
+//! twice (e.g. `nats-1,nats-3,nats-1,nats-2,nats-1`); `--rest S` sleeps
+//! S seconds between setups. Each row is compared with the `nats-1` runs
+//! nearest to it, before and after, and a last table gives each setup's
+//! median ratio.
 //!
 //! The devices are the Linux agent's own link (rumqttc over rustls, its
 //! disk queue), all in this process on the same two cores as the servers:
@@ -24,11 +32,41 @@ struct Figures {
     connect_cpu: f64,
     /// Of which the gateways' (the rest is the broker's).
     connect_gateway_cpu: f64,
+    connect_secs: f64,
+    /// The servers' CPU per second of wall time while every device is
+    /// connected and none sends: what the brokers' own timers cost
+    /// (JetStream's Raft heartbeats, one group per stream and consumer),
+    /// which any phase pays for as long as it lasts.
+    idle_cpu_per_sec: f64,
     messages: usize,
     message_cpu: f64,
     message_gateway_cpu: f64,
     message_secs: f64,
     haproxy_cpu: f64,
+}
+
+/// How long the idle servers are measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Every setup, in the order run without `--setups`.
+const SETUPS: [&str; 7] = [
+    "embedded",
+    "mosquitto",
+    "nats-1",
+    "nats-2",
+    "nats-3",
+    "nats-2-node1",
+    "nats-3-node1",
+];
+
+impl Figures {
+    fn connects_per_cpu(&self) -> f64 {
+        self.connects as f64 / self.connect_cpu
+    }
+
+    fn messages_per_cpu(&self) -> f64 {
+        self.messages as f64 / self.message_cpu
+    }
 }
 
 fn arg(name: &str, default: usize) -> usize {
@@ -84,17 +122,22 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
     };
     let before = cpu();
     let gateway_before = gateway_cpu();
+    let started = Instant::now();
     let fleet_of = Devices::start(fleet, "bench", devices, port, None);
     assert!(
         wait_until(300, || bound(gateways) >= devices),
         "{setup}: only {} of {devices} connected",
         bound(gateways)
     );
+    let connect_secs = started.elapsed().as_secs_f64();
     let connect_cpu = cpu() - before;
     let connect_gateway_cpu = gateway_cpu() - gateway_before;
     let bound_sessions = bound(gateways);
-    // Settle, then the burst.
+    // Settle, then measure the idle servers, then the burst.
     std::thread::sleep(Duration::from_secs(1));
+    let idle_before = cpu();
+    std::thread::sleep(IDLE_WINDOW);
+    let idle_cpu_per_sec = (cpu() - idle_before) / IDLE_WINDOW.as_secs_f64();
     let before = cpu();
     let gateway_before = gateway_cpu();
     let haproxy_before = haproxy.map_or(0.0, cpu_seconds);
@@ -117,6 +160,8 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
         bound: bound_sessions,
         connect_cpu,
         connect_gateway_cpu,
+        connect_secs,
+        idle_cpu_per_sec,
         messages,
         message_cpu,
         message_gateway_cpu,
@@ -125,150 +170,206 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
     }
 }
 
+/// The embedded default: one gateway, rumqttd in its process; the
+// backend's subscriber through the gateway, as a service.
+/// The embedded default: one gateway, rumqttd in its process; the
+/// backend's subscriber through the gateway, as a service.
+fn embedded(devices: usize, burst: usize) -> Figures {
+    let mut fleet = Fleet::new();
+    let ops = fleet.service("ops");
+    let gw = Gateway::start(&fleet, "");
+    let port = gw.addr.port();
+    let sub = Sub::start_tls(
+        &fleet,
+        port,
+        &ops,
+        "ops",
+        &["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"],
+    );
+    let pids = [gw.child.id()];
+    load(
+        &fleet,
+        "embedded, 1 gateway".into(),
+        Servers {
+            port,
+            gateways: &[&gw],
+            pids: &pids,
+            haproxy: None,
+            sub: &sub,
+        },
+        devices,
+        burst,
+    )
+}
+
+/// The same gateway relaying to mosquitto (one process, sessions in
+/// memory): the external-broker path without a cluster.
+fn relaying_to_mosquitto(devices: usize, burst: usize) -> Figures {
+    let fleet = Fleet::new();
+    let (mosquitto, broker) = mosquitto(&fleet, "allow_anonymous true\n");
+    let gw = Gateway::start(&fleet, &format!("broker = \"mqtt://127.0.0.1:{broker}\"\n"));
+    let sub = Sub::start(
+        &fleet,
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.to_string(),
+            "-i",
+            "counter",
+            "-q",
+            "1",
+            "-t",
+            "devices/+/telemetry",
+        ],
+        "counter",
+    );
+    let pids = [gw.child.id(), mosquitto.child.id()];
+    load(
+        &fleet,
+        "mosquitto, 1 gateway".into(),
+        Servers {
+            port: gw.addr.port(),
+            gateways: &[&gw],
+            pids: &pids,
+            haproxy: None,
+            sub: &sub,
+        },
+        devices,
+        burst,
+    )
+}
+
+fn nats_setup_name(gateways: usize, spread: bool) -> String {
+    format!(
+        "NATS x3, {gateways} gateway{}{}",
+        if gateways > 1 { "s" } else { "" },
+        if spread { "" } else { ", all on node 1" }
+    )
+}
+
+/// Three NATS nodes and `gateways` gateways behind haproxy, each naming
+/// its own node first when `spread`, else node 1.
+fn nats(gateways: usize, spread: bool, devices: usize, burst: usize) -> Figures {
+    let fleet = Fleet::new();
+    let cluster = Cluster::start_with(&fleet, 3, gateways, "", spread);
+    let mut args = cluster.nats.client_args(2);
+    args.extend(["-i", "counter", "-q", "1", "-t", "devices/+/telemetry"].map(str::to_owned));
+    let sub = Sub::start(
+        &fleet,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "counter",
+    );
+    let running: Vec<&Gateway> = cluster.running().collect();
+    let pids: Vec<u32> = running
+        .iter()
+        .map(|gw| gw.child.id())
+        .chain(
+            cluster
+                .nats
+                .nodes
+                .iter()
+                .filter_map(|n| n.proc.as_ref().map(|p| p.child.id())),
+        )
+        .collect();
+    load(
+        &fleet,
+        nats_setup_name(gateways, spread),
+        Servers {
+            port: cluster.port,
+            gateways: &running,
+            pids: &pids,
+            haproxy: Some(cluster.haproxy.child.id()),
+            sub: &sub,
+        },
+        devices,
+        burst,
+    )
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let devices = arg("--devices", 300);
     let burst = arg("--burst", 20);
+    let args: Vec<String> = std::env::args().collect();
+    let setups: Vec<String> = match args.iter().position(|a| a == "--setups") {
+        Some(i) => args
+            .get(i + 1)
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default(),
+        None => SETUPS.map(str::to_owned).to_vec(),
+    };
+    if let Some(unknown) = setups.iter().find(|s| !SETUPS.contains(&s.as_str())) {
+        eprintln!(
+            "unknown setup {unknown:?}: the setups are {}",
+            SETUPS.join(",")
+        );
+        std::process::exit(2);
+    }
+    // Seconds to let the machine rest before each setup after the first.
+    let rest = Duration::from_secs(arg("--rest", 0) as u64);
     let mut rows = Vec::new();
-
-    // The embedded default: one gateway, rumqttd in its process; the
-    // backend's subscriber through the gateway, as a service.
-    {
-        let mut fleet = Fleet::new();
-        let ops = fleet.service("ops");
-        let gw = Gateway::start(&fleet, "");
-        let port = gw.addr.port();
-        let sub = Sub::start_tls(
-            &fleet,
-            port,
-            &ops,
-            "ops",
-            &["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"],
-        );
-        let pids = [gw.child.id()];
-        rows.push(load(
-            &fleet,
-            "embedded, 1 gateway".into(),
-            Servers {
-                port,
-                gateways: &[&gw],
-                pids: &pids,
-                haproxy: None,
-                sub: &sub,
-            },
-            devices,
-            burst,
-        ));
-    }
-    // The same gateway relaying to mosquitto (one process, sessions in
-    // memory): the external-broker path without a cluster.
-    {
-        let fleet = Fleet::new();
-        let (mosquitto, broker) = mosquitto(&fleet, "allow_anonymous true\n");
-        let gw = Gateway::start(&fleet, &format!("broker = \"mqtt://127.0.0.1:{broker}\"\n"));
-        let sub = Sub::start(
-            &fleet,
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &broker.to_string(),
-                "-i",
-                "counter",
-                "-q",
-                "1",
-                "-t",
-                "devices/+/telemetry",
-            ],
-            "counter",
-        );
-        let pids = [gw.child.id(), mosquitto.child.id()];
-        rows.push(load(
-            &fleet,
-            "mosquitto, 1 gateway".into(),
-            Servers {
-                port: gw.addr.port(),
-                gateways: &[&gw],
-                pids: &pids,
-                haproxy: None,
-                sub: &sub,
-            },
-            devices,
-            burst,
-        ));
-    }
-    for (gateways, spread) in [(1, true), (2, true), (3, true), (2, false), (3, false)] {
-        let fleet = Fleet::new();
-        let cluster = Cluster::start_with(&fleet, 3, gateways, "", spread);
-        let mut args = cluster.nats.client_args(2);
-        args.extend(["-i", "counter", "-q", "1", "-t", "devices/+/telemetry"].map(str::to_owned));
-        let sub = Sub::start(
-            &fleet,
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            "counter",
-        );
-        let running: Vec<&Gateway> = cluster.running().collect();
-        let pids: Vec<u32> = running
-            .iter()
-            .map(|gw| gw.child.id())
-            .chain(
-                cluster
-                    .nats
-                    .nodes
-                    .iter()
-                    .filter_map(|n| n.proc.as_ref().map(|p| p.child.id())),
-            )
-            .collect();
-        rows.push(load(
-            &fleet,
-            format!(
-                "NATS x3, {gateways} gateway{}{}",
-                if gateways > 1 { "s" } else { "" },
-                if spread { "" } else { ", all on node 1" }
-            ),
-            Servers {
-                port: cluster.port,
-                gateways: &running,
-                pids: &pids,
-                haproxy: Some(cluster.haproxy.child.id()),
-                sub: &sub,
-            },
-            devices,
-            burst,
-        ));
+    for (i, setup) in setups.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(rest);
+        }
+        rows.push(match setup.as_str() {
+            "embedded" => embedded(devices, burst),
+            "mosquitto" => relaying_to_mosquitto(devices, burst),
+            "nats-1" => nats(1, true, devices, burst),
+            "nats-2" => nats(2, true, devices, burst),
+            "nats-3" => nats(3, true, devices, burst),
+            "nats-2-node1" => nats(2, false, devices, burst),
+            _ => nats(3, false, devices, burst),
+        });
     }
 
     println!(
         "\n{devices} devices connect through haproxy (TLS 1.3, mutual), then each publishes {burst} \
-         QoS 1 messages at once; CPU = the gateways' and NATS nodes' user + system time\n"
+         QoS 1 messages at once; CPU = the gateways' and NATS nodes' user + system time; \
+         idle = the servers' CPU per second with every device connected and none sending\n"
     );
     println!(
-        "| setup | connects | sessions bound | server CPU-s | of which gateways | connects per CPU-s | vs 1 gateway | QoS 1 messages | server CPU-s | of which gateways | messages per CPU-s | vs 1 gateway | messages/s | haproxy CPU-s |"
+        "| setup | connects | sessions bound | seconds | server CPU-s | of which gateways | connects per CPU-s | vs 1 gateway | idle CPU-s/s | QoS 1 messages | server CPU-s | of which gateways | messages per CPU-s | vs 1 gateway | messages/s | haproxy CPU-s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let one = rows
-        .iter()
-        .find(|r| r.setup.ends_with("1 gateway") && r.setup.starts_with("NATS"));
-    let (c1, m1) = one.map_or((0.0, 0.0), |r| {
-        (
-            r.connects as f64 / r.connect_cpu,
-            r.messages as f64 / r.message_cpu,
-        )
-    });
-    for r in &rows {
-        let c = r.connects as f64 / r.connect_cpu;
-        let m = r.messages as f64 / r.message_cpu;
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // The baseline of each row: the runs with one gateway on NATS
+    // nearest to it, the one before and the one after (averaged), not all
+    // of them: the same setup's figures drift between runs minutes apart
+    // on this shared machine, and a neighbour shares most of the drift.
+    let one = nats_setup_name(1, true);
+    let baseline = |i: usize, f: fn(&Figures) -> f64| {
+        let before = rows[..i].iter().rposition(|r| r.setup == one);
+        let after = rows[i + 1..]
+            .iter()
+            .position(|r| r.setup == one)
+            .map(|k| i + 1 + k);
+        let near: Vec<f64> = [before, after]
+            .into_iter()
+            .flatten()
+            .map(|j| f(&rows[j]))
+            .collect();
+        near.iter().sum::<f64>() / near.len() as f64
+    };
+    let mut ratios: Vec<(String, f64, f64)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        let (c, m) = (r.connects_per_cpu(), r.messages_per_cpu());
+        let c1 = baseline(i, Figures::connects_per_cpu);
+        let m1 = baseline(i, Figures::messages_per_cpu);
+        ratios.push((r.setup.clone(), c / c1, m / m1));
         println!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.0} | {:.2}× | {} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.0} | {:.2} |",
+            "| {} | {} | {} | {:.1} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.2} | {} | {:.2} | {:.2} | {:.0} | {:.2}× | {:.0} | {:.2} |",
             r.setup,
             r.connects,
             r.bound,
+            r.connect_secs,
             r.connect_cpu,
             r.connect_gateway_cpu,
             c,
             c / c1,
+            r.idle_cpu_per_sec,
             r.messages,
             r.message_cpu,
             r.message_gateway_cpu,
@@ -276,6 +377,44 @@ fn main() {
             m / m1,
             r.messages as f64 / r.message_secs,
             r.haproxy_cpu
+        );
+    }
+    // Each setup's median ratio over its runs.
+    println!(
+        "\n| setup | runs | connects per CPU-s vs 1 gateway, median (each run) | messages per CPU-s vs 1 gateway, median (each run) |"
+    );
+    println!("|---|---|---|---|");
+    let mut seen: Vec<&str> = Vec::new();
+    for (setup, _, _) in &ratios {
+        if seen.contains(&setup.as_str()) {
+            continue;
+        }
+        seen.push(setup);
+        let of = |k: fn(&(String, f64, f64)) -> f64| {
+            let mut v: Vec<f64> = ratios
+                .iter()
+                .filter(|r| &r.0 == setup)
+                .map(k)
+                .filter(|x| x.is_finite())
+                .collect();
+            let each = v
+                .iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            v.sort_by(f64::total_cmp);
+            let median = match v.len() {
+                0 => f64::NAN,
+                n if n % 2 == 1 => v[n / 2],
+                n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            };
+            format!("{median:.2}× ({each})")
+        };
+        println!(
+            "| {setup} | {} | {} | {} |",
+            ratios.iter().filter(|r| &r.0 == setup).count(),
+            of(|r| r.1),
+            of(|r| r.2)
         );
     }
 }
