@@ -23,6 +23,8 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     starts: usize,
+    /// With TLS: the CA file that issued the server's certificate.
+    tls_ca: Option<PathBuf>,
 }
 
 /// Where Debian keeps the server's programs (not on PATH), or PATH.
@@ -64,6 +66,120 @@ fn as_server_user(bin: &Path, program: &str) -> Command {
 impl Postgres {
     /// initdb (password authentication on 127.0.0.1 only) and start.
     pub fn start() -> Postgres {
+        let mut pg = Self::init();
+        pg.resume();
+        pg
+    }
+
+    /// A server that takes TLS connections only (`hostssl` in pg_hba),
+    /// with a certificate for 127.0.0.1 from a CA of its own
+    /// ([`Self::tls_ca`]).
+    pub fn start_tls() -> Postgres {
+        let mut pg = Self::init();
+        let data = pg.dir.path().join("data");
+        let ca = pg.dir.path().join("ca");
+        std::fs::create_dir_all(&ca).unwrap();
+        let openssl = |args: &[&str]| {
+            let mut c = Command::new("openssl");
+            c.current_dir(&ca).args(args);
+            let out = run_bounded(c, 30);
+            assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-subj",
+                    "/CN=registry test CA",
+                    "-days",
+                    "2",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        std::fs::write(ca.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        // The server reads them as itself, and wants its key private.
+        for (from, to, mode) in [
+            ("server.pem", "server.pem", 0o644),
+            ("server.key", "server.key", 0o600),
+        ] {
+            std::fs::copy(ca.join(from), data.join(to)).unwrap();
+            if is_root() {
+                std::os::unix::fs::chown(data.join(to), Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+            std::fs::set_permissions(data.join(to), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let hba = data.join("pg_hba.conf");
+        let only_tls: String = std::fs::read_to_string(&hba)
+            .unwrap()
+            .lines()
+            .map(|l| match l.strip_prefix("host ") {
+                Some(rest) => format!("hostssl {rest}\n"),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        std::fs::write(&hba, only_tls).unwrap();
+        std::fs::write(
+            data.join("postgresql.auto.conf"),
+            "ssl = on\nssl_cert_file = 'server.pem'\nssl_key_file = 'server.key'\n",
+        )
+        .unwrap();
+        pg.tls_ca = Some(ca.join("ca.pem"));
+        pg.resume();
+        pg
+    }
+
+    /// The CA of a server from [`Self::start_tls`].
+    pub fn tls_ca(&self) -> &Path {
+        self.tls_ca.as_deref().expect("a server started with TLS")
+    }
+
+    /// initdb (password authentication on 127.0.0.1 only), not started.
+    fn init() -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("twofold-pg-")
             .tempdir_in(std::env::temp_dir())
@@ -90,15 +206,14 @@ impl Postgres {
             .args(["--no-instructions", "--encoding=UTF8", "--locale=C"]);
         let out = run_bounded(initdb, 120);
         assert!(out.status.success(), "initdb: {}", text(&out));
-        let mut pg = Postgres {
+        Postgres {
             proc: None,
             dir,
             bin,
             port: free_port(),
             starts: 0,
-        };
-        pg.resume();
-        pg
+            tls_ca: None,
+        }
     }
 
     /// Starts the server again on the same port and data.

@@ -566,3 +566,71 @@ fn a_crl_with_the_registrys_number_but_other_serials_is_replaced() {
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(number(&node2), settled, "{}", ca.proc.log());
 }
+
+/// The registry over TLS, as across a network: a server that takes TLS
+/// only, verified by its CA and its address. A plaintext connection, a
+/// server certificate from another CA, and a name the certificate does
+/// not carry are each refused, with the reason.
+#[test]
+fn a_registry_over_tls_is_verified_and_nothing_else_connects() {
+    let pg = Postgres::start_tls();
+    pg.database("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let verified = |host: &str, ca: &Path| {
+        format!(
+            "postgres://{PG_USER}@{host}:{}/tls?sslmode=verify-full&sslrootcert={}",
+            pg.port,
+            ca.display()
+        )
+    };
+    let url = verified("127.0.0.1", pg.tls_ca());
+    init(&pki, &url);
+    let out = dir.path().join("dev-1").display().to_string();
+    ok(&pki, &url, &["enroll", "dev-1", "--out", &out]);
+    ok(&pki, &url, &["revoke", "dev-1"]);
+    assert!(ok(&pki, &url, &["list"]).contains("dev-1"));
+
+    refused(
+        &pki,
+        &format!(
+            "postgres://{PG_USER}@127.0.0.1:{}/tls?sslmode=disable",
+            pg.port
+        ),
+        &["list"],
+        "the server takes TLS connections only",
+    );
+    // Another CA: a fresh one of openssl's.
+    let other = dir.path().join("other-ca.pem");
+    let mut c = Command::new("openssl");
+    c.args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args([
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=other",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("other-ca.key"))
+        .arg("-out")
+        .arg(&other);
+    assert!(run_bounded(c, 30).status.success());
+    refused(
+        &pki,
+        &verified("127.0.0.1", &other),
+        &["list"],
+        "UnknownIssuer",
+    );
+    refused(
+        &pki,
+        &verified("localhost", pg.tls_ca()),
+        &["list"],
+        "certificate not valid for name \"localhost\"",
+    );
+    refused(
+        &pki,
+        &verified("localhost", pg.tls_ca()),
+        &["list"],
+        "TLS to the registry database failed",
+    );
+}

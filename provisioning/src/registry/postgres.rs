@@ -99,6 +99,20 @@ pub struct PgStore {
 
 /// Where a PostgreSQL error came from, for the message.
 fn backend(e: sqlx::Error) -> StoreError {
+    // A server certificate that the URL's sslrootcert and host do not
+    // verify is no outage: retrying will not help, the URL must change.
+    let tls = match &e {
+        sqlx::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        sqlx::Error::Tls(inner) => inner.downcast_ref::<rustls::Error>(),
+        _ => None,
+    };
+    if let Some(tls) = tls {
+        return StoreError::Backend(format!(
+            "TLS to the registry database failed: {tls}; check the URL's sslrootcert (the CA that \
+             issued the server's certificate) and that its host is a name or address that \
+             certificate carries"
+        ));
+    }
     if is_connection_error(&e) {
         return StoreError::Unavailable(match &e {
             sqlx::Error::Database(db) => db.message().to_owned(),
@@ -109,6 +123,15 @@ fn backend(e: sqlx::Error) -> StoreError {
         // 55P03 lock_not_available: lock_timeout ran out.
         if db.code().as_deref() == Some("55P03") {
             return StoreError::Busy;
+        }
+        // 28000: pg_hba.conf has no line for this connection; PostgreSQL
+        // ends the message with "no encryption" when only TLS would do.
+        if db.code().as_deref() == Some("28000") && db.message().ends_with("no encryption") {
+            return StoreError::Backend(format!(
+                "PostgreSQL: {}: the server takes TLS connections only; add \
+                 sslmode=verify-full&sslrootcert=CA-FILE to the registry URL",
+                db.message()
+            ));
         }
         return StoreError::Backend(format!("PostgreSQL: {}", db.message()));
     }
