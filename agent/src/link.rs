@@ -136,22 +136,9 @@ impl From<&ConnectionError> for Failure {
     }
 }
 
-/// The TLS alert the gateway sent, found anywhere in the error's chain
-/// (rustls puts it inside an I/O error).
+/// The TLS alert the gateway sent, if it ended the handshake with one.
 fn alert_received(e: &ConnectionError) -> Option<rustls::AlertDescription> {
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(rustls::Error::AlertReceived(alert)) = tls {
-            return Some(*alert);
-        }
-        next = err.source();
-    }
-    None
+    twofold_trust::tls::alert_received(e)
 }
 
 /// The gateway's TLS alert refusing our certificate.

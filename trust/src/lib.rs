@@ -23,6 +23,7 @@ pub mod policy;
 pub mod renewal;
 pub mod serial;
 pub mod stamp;
+pub mod tls;
 
 pub use identity::{IdentityUriError, identity_of, principal_in};
 pub use serial::{Serial, SerialError};
