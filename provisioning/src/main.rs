@@ -398,6 +398,13 @@ struct PushArgs {
     /// must chain to; nothing else is trusted.
     #[arg(long = "push-ca", value_name = "FILE", requires = "urls")]
     ca: Option<PathBuf>,
+    /// For mqtts:// brokers that require a client certificate: its chain
+    /// (PEM), e.g. a service bundle's device.pem.
+    #[arg(long = "push-cert", value_name = "FILE", requires_all = ["urls", "key"])]
+    cert: Option<PathBuf>,
+    /// The key of --push-cert (PEM).
+    #[arg(long = "push-key", value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 impl PushArgs {
@@ -421,11 +428,28 @@ impl PushArgs {
                 .map(rustls::pki_types::CertificateDer::from)
                 .collect(),
         };
+        let identity = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = pem_certs("--push-cert", std::slice::from_ref(cert))?
+                    .into_iter()
+                    .map(rustls::pki_types::CertificateDer::from)
+                    .collect();
+                let pem =
+                    std::fs::read(key).with_context(|| format!("--push-key {}", key.display()))?;
+                let der = pem::parse(&pem)
+                    .with_context(|| format!("--push-key {}: not PEM", key.display()))?;
+                let key = rustls::pki_types::PrivateKeyDer::try_from(der.into_contents())
+                    .map_err(|e| anyhow::anyhow!("--push-key {}: {e}", key.display()))?;
+                Some(std::sync::Arc::new((chain, key)))
+            }
+            _ => None,
+        };
         Ok(Some(twofold_provisioning::push::Target {
             urls: self.urls.clone(),
             username: self.username.clone(),
             password,
             ca,
+            identity,
         }))
     }
 }

@@ -3,13 +3,14 @@
 //! listens there, checks the CRL (signed by its client CA, newer than its
 //! own) and closes the revoked sessions; the broker keeps the message, so
 //! a gateway that starts later gets it too (NATS: in a JetStream stream).
-//! `mqtts://` pushes over TLS, trusting only the CA given for the broker.
+//! `mqtts://` pushes over TLS, trusting only the CA given for the broker,
+//! with a client certificate when the broker asks for one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Outgoing, Packet, QoS};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 pub use twofold_protocol::topic::CRL as TOPIC;
 
@@ -27,27 +28,37 @@ pub struct Target {
     /// For `mqtts://`: the CA certificates the broker's certificate must
     /// chain to (DER).
     pub ca: Vec<CertificateDer<'static>>,
+    /// For `mqtts://` brokers that require a client certificate: its
+    /// chain and key.
+    pub identity: Option<Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>>,
 }
 
-/// The TLS client side of a push: only `ca` is trusted, and the broker's
-/// certificate must name the URL's host.
-fn tls(ca: &[CertificateDer<'static>]) -> Result<Arc<rustls::ClientConfig>, String> {
-    if ca.is_empty() {
-        return Err("mqtts:// needs the broker's CA: give --push-ca FILE".into());
+impl Target {
+    /// The TLS client side of a push: only `ca` is trusted, and the
+    /// broker's certificate must name the URL's host.
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        if self.ca.is_empty() {
+            return Err("mqtts:// needs the broker's CA: give --push-ca FILE".into());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in &self.ca {
+            roots
+                .add(cert.clone())
+                .map_err(|e| format!("--push-ca: not a usable CA certificate: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots);
+        let config = match self.identity.as_deref() {
+            Some((chain, key)) => config
+                .with_client_auth_cert(chain.clone(), key.clone_key())
+                .map_err(|e| format!("--push-cert/--push-key: {e}"))?,
+            None => config.with_no_client_auth(),
+        };
+        Ok(Arc::new(config))
     }
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in ca {
-        roots
-            .add(cert.clone())
-            .map_err(|e| format!("--push-ca: not a usable CA certificate: {e}"))?;
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// Publishes `pem` retained on [`TOPIC`]; returns the node that
@@ -73,11 +84,14 @@ fn push_to(url: &str, target: &Target, pem: &[u8]) -> Result<(), String> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
         .ok_or("not an mqtt://HOST:PORT or mqtts://HOST:PORT URL")?;
+    if !secure && target.identity.is_some() {
+        return Err("a client certificate (--push-cert) needs mqtts://".into());
+    }
     let id = format!("twofold-provisioning-{}", std::process::id());
     let mut options = MqttOptions::new(id, host.trim_matches(['[', ']']), port);
     if secure {
         options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(tls(&target.ca)?),
+            rumqttc::TlsConfiguration::Rustls(target.tls()?),
         ));
     }
     options.set_keep_alive(Duration::from_secs(10));
@@ -100,7 +114,7 @@ fn push_to(url: &str, target: &Target, pem: &[u8]) -> Result<(), String> {
                 return Err(format!("the broker refused the connection: {:?}", ack.code));
             }
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Err(e)) => return Err(refusal(&e, target.identity.is_some())),
             Err(_) => return Err(format!("no acknowledgement within {PUSH_TIMEOUT:?}")),
         }
     }
@@ -115,4 +129,32 @@ fn push_to(url: &str, target: &Target, pem: &[u8]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// What went wrong, with what to do when the broker ended the TLS
+/// handshake over the client certificate.
+fn refusal(e: &rumqttc::ConnectionError, showed_one: bool) -> String {
+    use rustls::AlertDescription as A;
+    match twofold_trust::tls::alert_received(e) {
+        Some(
+            alert @ (A::BadCertificate
+            | A::CertificateRequired
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::AccessDenied),
+        ) => {
+            if showed_one {
+                format!(
+                    "the broker refused the client certificate ({alert:?}): --push-cert must come \
+                     from a CA the broker trusts for clients, and be valid now"
+                )
+            } else {
+                format!(
+                    "the broker wants a client certificate ({alert:?}): give --push-cert and \
+                     --push-key"
+                )
+            }
+        }
+        _ => e.to_string(),
+    }
 }

@@ -44,6 +44,18 @@ pub struct Nats {
     pub nodes: Vec<NatsNode>,
     /// With TLS on the MQTT listeners: the CA file clients trust.
     tls_ca: Option<PathBuf>,
+    /// With client certificates required: the gateways' (chain, key).
+    client_identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// TLS on the MQTT listeners.
+#[derive(Clone, Copy, PartialEq)]
+enum Tls {
+    Off,
+    /// The server's certificate only.
+    Server,
+    /// And a client certificate from the fleet's device CA required.
+    Mutual,
 }
 
 impl Nats {
@@ -55,16 +67,24 @@ impl Nats {
     /// `n` nodes routed to each other; JetStream (and with it the MQTT
     /// sessions' state) is replicated across them.
     pub fn cluster(fleet: &Fleet, n: usize) -> Nats {
-        Self::build(fleet, n, false)
+        Self::build(fleet, n, Tls::Off)
     }
 
     /// One node whose MQTT listener speaks TLS only, with the fleet's
     /// gateway certificate (it names localhost).
     pub fn single_tls(fleet: &Fleet) -> Nats {
-        Self::build(fleet, 1, true)
+        Self::build(fleet, 1, Tls::Server)
     }
 
-    fn build(fleet: &Fleet, n: usize, tls: bool) -> Nats {
+    /// As [`Self::single_tls`], and every MQTT client must show a
+    /// certificate from the fleet's device CA (a service's), as well as
+    /// the password. The gateways show the service `upstream`'s, which the
+    /// fleet must hold (`fleet.service("upstream")`).
+    pub fn single_mutual_tls(fleet: &Fleet) -> Nats {
+        Self::build(fleet, 1, Tls::Mutual)
+    }
+
+    fn build(fleet: &Fleet, n: usize, tls: Tls) -> Nats {
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for (i, route) in routes.iter().enumerate() {
@@ -82,14 +102,19 @@ impl Nats {
                 // fewer while the cluster forms (R2 of 3 loses quorum with
                 // one node).
                 replicas = n.min(3),
-                tls = if tls {
-                    format!(
+                tls = match tls {
+                    Tls::Off => String::new(),
+                    Tls::Server => format!(
                         ", tls {{ cert_file: {:?}, key_file: {:?} }}",
                         fleet.path("gw/gateway.pem"),
                         fleet.path("gw/gateway.key")
-                    )
-                } else {
-                    String::new()
+                    ),
+                    Tls::Mutual => format!(
+                        ", tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}",
+                        fleet.path("gw/gateway.pem"),
+                        fleet.path("gw/gateway.key"),
+                        fleet.path("pki/device-ca.pem")
+                    ),
                 }
             );
             if n > 1 {
@@ -115,7 +140,11 @@ impl Nats {
         }
         let mut nats = Nats {
             nodes,
-            tls_ca: tls.then(|| fleet.path("openssl-ca.pem")),
+            tls_ca: (tls != Tls::Off).then(|| fleet.path("openssl-ca.pem")),
+            client_identity: (tls == Tls::Mutual).then(|| {
+                let dir = fleet.path("svc-upstream");
+                (dir.join("device.pem"), dir.join("device.key"))
+            }),
         };
         for i in 0..n {
             nats.spawn(fleet, i);
@@ -199,10 +228,14 @@ impl Nats {
         if let Some(ca) = &self.tls_ca {
             config.push_str(&format!("broker_ca = {ca:?}\n"));
         }
+        if let Some((cert, key)) = &self.client_identity {
+            config.push_str(&format!("broker_cert = {cert:?}\nbroker_key = {key:?}\n"));
+        }
         config
     }
 
-    /// mosquitto_sub's arguments to reach node `i` directly, as a backend.
+    /// mosquitto_sub's arguments to reach node `i` directly, as a backend
+    /// (with client certificates required: as the service `upstream`).
     pub fn client_args(&self, i: usize) -> Vec<String> {
         let mut args: Vec<String> = [
             "-p",
@@ -222,6 +255,14 @@ impl Nats {
                 ca.display().to_string(),
             ]),
             None => args.extend(["-h".into(), "127.0.0.1".into()]),
+        }
+        if let Some((cert, key)) = &self.client_identity {
+            args.extend([
+                "--cert".into(),
+                cert.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]);
         }
         args
     }

@@ -311,6 +311,61 @@ fn push_crl_over_mqtts_trusts_only_the_given_ca() {
     push_crl_reaches_a_gateway(fleet, Nats::single_tls, &["--push-ca", &ca], &refusals);
 }
 
+/// The same to a broker that wants a client certificate from every MQTT
+/// client (the gateway shows its `upstream` service's): the push shows
+/// the `pusher` service's. Without one, or with another PKI's, the broker
+/// turns the push away and the push says so.
+#[test]
+fn push_crl_over_mutual_tls_shows_a_client_certificate() {
+    let mut fleet = Fleet::new();
+    fleet.service("upstream");
+    fleet.service("pusher");
+    let ca = fleet.path("openssl-ca.pem").display().to_string();
+    let pusher = fleet.path("svc-pusher");
+    let (cert, key) = (
+        pusher.join("device.pem").display().to_string(),
+        pusher.join("device.key").display().to_string(),
+    );
+    let mut stranger = Fleet::new();
+    stranger.service("pusher");
+    let other = stranger.path("svc-pusher");
+    let (other_cert, other_key) = (
+        other.join("device.pem").display().to_string(),
+        other.join("device.key").display().to_string(),
+    );
+    let refusals = [
+        (
+            vec!["--push-ca", ca.as_str()],
+            "the broker wants a client certificate (BadCertificate): give --push-cert",
+        ),
+        (
+            vec![
+                "--push-ca",
+                ca.as_str(),
+                "--push-cert",
+                other_cert.as_str(),
+                "--push-key",
+                other_key.as_str(),
+            ],
+            "the broker refused the client certificate (BadCertificate)",
+        ),
+        (
+            vec!["--push-ca", ca.as_str(), "--push-cert", cert.as_str()],
+            "--push-key",
+        ),
+    ];
+    let refusals: Vec<(&[&str], &str)> = refusals
+        .iter()
+        .map(|(args, why)| (args.as_slice(), *why))
+        .collect();
+    push_crl_reaches_a_gateway(
+        fleet,
+        Nats::single_mutual_tls,
+        &["--push-ca", &ca, "--push-cert", &cert, "--push-key", &key],
+        &refusals,
+    );
+}
+
 /// A device revoked without --push, then `push-crl` (with `push_args`)
 /// to the gateway's broker; each of `refused` (other push arguments and
 /// the reason) is tried first and must fail saying why.
