@@ -72,9 +72,12 @@ const WRITER_LOCK: i64 = 0x32_666f_6c64;
 /// How long a command waits for another writer, as on SQLite.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 
-/// How long a migration may take, its wait for the writer lock included:
-/// a large table's new index takes a while.
-const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a call whose work grows with the registry may take: a
+/// migration (a large table's new index), or reading every certificate
+/// (`list`, `audit`, settling renewals). Reads still get
+/// [`ANSWER_TIMEOUT`] for each row ([`fetch_rows`]), so a silent server
+/// fails them as soon as it stops answering.
+const LONG_CALL: Duration = Duration::from_secs(30 * 60);
 
 /// How long the server may leave one exchange unanswered before the
 /// connection counts as dead and is dropped. Without it, a silent network
@@ -147,10 +150,12 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now
-        // (starting or shutting down); class 08, connection exceptions.
+        // (starting or shutting down), 57P05 idle_session_timeout; 25P03
+        // idle_in_transaction_session_timeout (the server ended the
+        // session); class 08, connection exceptions.
         sqlx::Error::Database(db) => db
             .code()
-            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+            .is_some_and(|c| c.starts_with("57P") || c.starts_with("08") || c == "25P03"),
         _ => false,
     }
 }
@@ -176,6 +181,9 @@ impl PgStore {
                 ("tcp_keepalives_idle", "10".to_owned()),
                 ("tcp_keepalives_interval", "5".to_owned()),
                 ("tcp_keepalives_count", "3".to_owned()),
+                // Keepalives probe a quiet socket only; a backend stuck
+                // sending a large result gives up after 25 s unacknowledged.
+                ("tcp_user_timeout", "25000".to_owned()),
             ]);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -255,7 +263,7 @@ impl PgStore {
     /// Brings the schema to the newest version, under the writer lock so
     /// that two nodes starting at once do not both migrate.
     fn migrate(&self) -> Result<(), StoreError> {
-        self.run(true, MIGRATION_TIMEOUT, async |conn| {
+        self.run(true, LONG_CALL, async |conn| {
             // READ COMMITTED whatever the server's default: a second
             // node waiting on the lock must see the first one's schema.
             let mut tx = conn
@@ -311,6 +319,35 @@ fn read_row(row: &PgRow) -> Result<RawRow, sqlx::Error> {
     })
 }
 
+/// Reads every row of `query`, giving the server [`ANSWER_TIMEOUT`] for
+/// each next row rather than for the whole result: a large registry takes
+/// as long as it takes, a silent one fails as soon as it stops answering.
+async fn fetch_rows(
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    conn: &mut PgConnection,
+) -> Result<Vec<RawRow>, sqlx::Error> {
+    use futures_util::TryStreamExt as _;
+    let mut rows = query.fetch(conn);
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(ANSWER_TIMEOUT, rows.try_next()).await {
+            Ok(Ok(Some(row))) => out.push(read_row(&row)?),
+            Ok(Ok(None)) => return Ok(out),
+            Ok(Err(e)) => return Err(e),
+            // An I/O error: the connection is dropped as broken.
+            Err(_) => {
+                return Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no answer within {} s; the connection was dropped",
+                        ANSWER_TIMEOUT.as_secs()
+                    ),
+                )));
+            }
+        }
+    }
+}
+
 fn find(store: &PgStore, reconnect: bool, filter: &Filter) -> Result<Vec<CertRecord>, StoreError> {
     let mut sql = format!("SELECT {COLUMNS} FROM certificates WHERE true");
     let mut args: Vec<String> = Vec::new();
@@ -331,13 +368,12 @@ fn find(store: &PgStore, reconnect: bool, filter: &Filter) -> Result<Vec<CertRec
         sql.push_str(" AND revoked_at IS NULL");
     }
     sql.push_str(" ORDER BY issued_at DESC, seq DESC");
-    let rows = store.run(reconnect, ANSWER_TIMEOUT, async |conn| {
+    let rows = store.run(reconnect, LONG_CALL, async |conn| {
         let mut query = sqlx::query(AssertSqlSafe(sql.as_str()));
         for a in &args {
             query = query.bind(a);
         }
-        let rows = query.fetch_all(&mut *conn).await?;
-        rows.iter().map(read_row).collect::<Result<Vec<_>, _>>()
+        fetch_rows(query, conn).await
     })?;
     rows.into_iter().map(RawRow::into_record).collect()
 }
@@ -546,14 +582,12 @@ impl StoreTx for PgTx<'_> {
             "SELECT {COLUMNS} FROM certificates WHERE revoked_at IS NOT NULL \
              AND kind = ANY($1) AND not_after > $2 ORDER BY revoked_at, serial"
         );
-        let rows = self.run(async |conn| {
-            let rows = sqlx::query(AssertSqlSafe(sql.as_str()))
-                .bind(&kinds)
-                .bind(unix(now))
-                .fetch_all(&mut *conn)
-                .await?;
-            rows.iter().map(read_row).collect::<Result<Vec<_>, _>>()
-        })?;
+        let query = sqlx::query(AssertSqlSafe(sql.as_str()))
+            .bind(&kinds)
+            .bind(unix(now));
+        let rows = self
+            .store
+            .run(false, LONG_CALL, async |conn| fetch_rows(query, conn).await)?;
         rows.into_iter().map(RawRow::into_record).collect()
     }
 
