@@ -328,23 +328,24 @@ impl<S: Store> Pki<S> {
     ///   revoked since. It signs at the registry's number, not a new one,
     ///   so two services catching up with each other settle instead of
     ///   taking turns forever.
-    /// - The numbers match but the registry recorded another list under
-    ///   that number, and the file really lists something else than the
-    ///   registry holds (a revoked, unexpired serial missing, or a serial
-    ///   the registry has not revoked): the file was written here by a
-    ///   command whose COMMIT then failed, and another node's revocation
-    ///   took the number. It signs a fresh CRL with a new number, so
-    ///   gateways that hold either CRL of that number take it. A list
-    ///   that differs only by certificates expired since (a node catching
-    ///   up later, or with another clock) is left, and remembered in
-    ///   `settled` so that it is not examined again every second.
+    /// - The file's number is the registry's or above, and the registry did
+    ///   not record this file's list under it: the file may have been
+    ///   written here by a command whose COMMIT was lost, while another
+    ///   node's revocation took the number (or will take it). Under the
+    ///   writer lock it compares what the file lists with the registry: a
+    ///   revoked, unexpired serial missing, or a serial the registry has
+    ///   not revoked, and it signs a fresh CRL with a new number, so that
+    ///   gateways holding either CRL of that number take it. A list that
+    ///   differs only by certificates expired since (a node catching up
+    ///   later, or with another clock) is left, and the state remembered
+    ///   in `settled` so that it is not examined again every second.
     ///
     /// The CA service runs it every second, so that gateways pulling
     /// `GET /v1/crl` from it learn of every node's revocations.
     pub fn catch_up_crl(
         &mut self,
         ca: &CaIssuer,
-        settled: &mut Option<(u64, String)>,
+        settled: &mut Option<String>,
     ) -> Result<Option<u64>> {
         let scope = Scope::Device;
         let path = self.dir().join(scope.file());
@@ -358,16 +359,22 @@ impl<S: Store> Pki<S> {
             .setting(scope.number_setting())?
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);
-        if in_registry == disk_number && in_registry > 0 {
+        if in_registry <= disk_number {
+            let Some(disk_listed) = disk_listed else {
+                return Ok(None);
+            };
             let recorded = self.store.setting(scope.listed_setting())?;
-            let differs = recorded
-                .as_deref()
-                .and_then(|v| v.split_once(' '))
-                .is_some_and(|(n, digest)| {
-                    n.parse() == Ok(disk_number) && Some(digest) != disk_listed.as_deref()
-                });
-            let this_file = disk_listed.map(|d| (disk_number, d));
-            if !differs || *settled == this_file {
+            // The registry recorded this very list under this number.
+            let expected = format!("{disk_number} {disk_listed}");
+            if recorded.as_deref() == Some(expected.as_str()) {
+                return Ok(None);
+            }
+            // Otherwise look once per state of file and registry: a file
+            // written here whose COMMIT was lost (its number at or above
+            // the registry's), a registry from before `crl_listed`, or a
+            // list that differs only by certificates expired since.
+            let state = format!("{expected} {in_registry} {recorded:?}");
+            if settled.as_deref() == Some(state.as_str()) {
                 return Ok(None);
             }
             let tx = self.store.begin()?;
@@ -375,15 +382,12 @@ impl<S: Store> Pki<S> {
             // Read again under the writer lock, as `write_crl` does.
             let published = std::fs::read(&path).ok();
             if !lists_other_than_registry(published.as_deref(), scope, &tx, now)? {
-                *settled = this_file;
+                *settled = Some(state);
                 return Ok(None);
             }
             let crl = write_crl(&path, scope, &tx, ca, now)?;
             tx.commit()?;
             return Ok(crl::published_number(crl.pem()?.as_bytes()));
-        }
-        if in_registry <= disk_number {
-            return Ok(None);
         }
         let tx = self.store.begin()?;
         // Read again under the writer lock: a revocation may have landed
