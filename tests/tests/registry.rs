@@ -660,3 +660,50 @@ fn a_registry_over_tls_is_verified_and_nothing_else_connects() {
         "TLS to the registry database failed",
     );
 }
+
+/// A serial already in the registry (drawn twice: a 2^-126 event, which
+/// issuing handles by drawing again) is refused as such, and the
+/// transaction goes on: on PostgreSQL a failed statement would abort the
+/// whole transaction, and the second draw with it.
+#[test]
+fn a_duplicate_serial_leaves_the_transaction_usable() {
+    use twofold_provisioning::registry::{CertRecord, Kind, PgStore, Store, StoreError, StoreTx};
+    use twofold_provisioning::serial::Serial;
+
+    let pg = Postgres::start();
+    pg.database("dup");
+    let mut store = PgStore::open(&pg.url_with_password("dup")).unwrap();
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let record = |name: &str, serial: &Serial| CertRecord {
+        serial: serial.clone(),
+        kind: Kind::Device,
+        name: name.into(),
+        identity: None,
+        not_before: now,
+        not_after: now + time::Duration::days(1),
+        fingerprint: format!("fingerprint-of-{name}"),
+        issued_at: now,
+        revocation: None,
+        der: vec![0x30, 0x00],
+        replaces: None,
+    };
+    let (first, second) = (Serial::random(), Serial::random());
+    let tx = store.begin().unwrap();
+    tx.insert(&record("dev-1", &first)).unwrap();
+    match tx.insert(&record("dev-2", &first)) {
+        Err(StoreError::DuplicateSerial(s)) => assert_eq!(s, first),
+        other => panic!("expected a duplicate serial, got {other:?}"),
+    }
+    tx.insert(&record("dev-2", &second)).unwrap();
+    tx.commit().unwrap();
+    let names: Vec<String> = store
+        .find(&Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"dev-1".into()) && names.contains(&"dev-2".into()));
+}

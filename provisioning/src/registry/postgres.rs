@@ -467,9 +467,13 @@ impl StoreTx for PgTx<'_> {
     }
 
     fn insert(&self, r: &CertRecord) -> Result<(), StoreError> {
+        // A taken serial is answered by ON CONFLICT, not by an error: on
+        // PostgreSQL a failed statement aborts the whole transaction, and
+        // the caller retries with a new serial in the same one.
         let sql = format!(
             "INSERT INTO certificates ({COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             ON CONFLICT (serial) DO NOTHING"
         );
         let query = sqlx::query(AssertSqlSafe(sql.as_str()))
             .bind(r.serial.to_string())
@@ -487,6 +491,9 @@ impl StoreTx for PgTx<'_> {
         // The unique violation is read here, where the record is known.
         let outcome = self.run(async |conn| Ok(query.execute(&mut *conn).await))?;
         match outcome {
+            Ok(done) if done.rows_affected() == 0 => {
+                Err(StoreError::DuplicateSerial(r.serial.clone()))
+            }
             Ok(_) => Ok(()),
             Err(sqlx::Error::Database(db)) if db.is_unique_violation() => match db.constraint() {
                 Some("certificates_pkey") => Err(StoreError::DuplicateSerial(r.serial.clone())),
