@@ -417,6 +417,28 @@ impl<S: Store> Pki<S> {
         Ok(Some(number))
     }
 
+    /// For a command about to hand out this node's device CRL (`push-crl`):
+    /// if the registry's CRL number has moved past the file's (another
+    /// node revoked since), signs it again at the registry's number, as
+    /// [`Self::catch_up_crl`] does. The CA key is loaded only then.
+    pub fn catch_up_crl_if_behind(&mut self) -> Result<Option<u64>> {
+        let scope = Scope::Device;
+        let on_disk = std::fs::read(self.dir().join(scope.file()))
+            .ok()
+            .and_then(|pem| crl::published_number(&pem))
+            .unwrap_or(0);
+        let in_registry = self
+            .store
+            .setting(scope.number_setting())?
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if in_registry <= on_disk {
+            return Ok(None);
+        }
+        let ca = self.issuer(scope.issuer())?;
+        self.catch_up_crl(&ca, &mut None)
+    }
+
     /// Signs a fresh CRL of `scope`'s CA (new number, new validity
     /// window), writes it to the PKI and returns it.
     pub fn refresh_crl(&mut self, scope: Scope) -> Result<rcgen::CertificateRevocationList> {

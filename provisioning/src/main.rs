@@ -900,7 +900,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let Some(target) = push.target()? else {
                 bail!("name the broker with --push mqtt://HOST:PORT");
             };
-            let pki = open(cli)?;
+            let mut pki = open(cli)?;
+            // Another node sharing the registry may have revoked since
+            // this node's CRL was signed: gateways would ignore it.
+            if let Some(number) = pki.catch_up_crl_if_behind()? {
+                println!("  signed again CRL {number}: another node revoked since this node's");
+            }
             push_crl(&pki, &target)?;
         }
         Command::List {

@@ -707,3 +707,58 @@ fn a_duplicate_serial_leaves_the_transaction_usable() {
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names.contains(&"dev-1".into()) && names.contains(&"dev-2".into()));
 }
+
+/// `push-crl` on a node whose CRL file is behind the registry (another
+/// node revoked, no CA service here) first signs it again at the
+/// registry's number: pushed as it was, gateways would ignore it as older
+/// than theirs while the command said it was pushed.
+#[test]
+fn push_crl_on_a_node_behind_the_registry_pushes_the_registrys_crl() {
+    let pg = Postgres::start();
+    pg.database("behind");
+    let url = pg.url("behind");
+    let dir = tempfile::tempdir().unwrap();
+    let node1 = dir.path().join("node-1");
+    init(&node1, &url);
+    let out = dir.path().join("a").display().to_string();
+    ok(&node1, &url, &["enroll", "a", "--out", &out]);
+    let node2 = dir.path().join("node-2");
+    std::fs::create_dir_all(&node2).unwrap();
+    for entry in std::fs::read_dir(&node1).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), node2.join(entry.file_name())).unwrap();
+        }
+    }
+    let a = revoked_serial(&ok(&node1, &url, &["revoke", "a"]));
+
+    let fleet = Fleet::new();
+    let (_broker, port) = mosquitto(&fleet, "allow_anonymous true\n");
+    let pushed = ok(
+        &node2,
+        &url,
+        &["push-crl", "--push", &format!("mqtt://127.0.0.1:{port}")],
+    );
+    assert!(pushed.contains("signed again"), "{pushed}");
+    let mut sub = Command::new("mosquitto_sub");
+    sub.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", "twofold/v1/crl", "-C", "1", "-W", "10"]);
+    let retained = run_bounded(sub, 20);
+    assert!(retained.status.success(), "{}", text(&retained));
+    let crl = dir.path().join("pushed.pem");
+    std::fs::write(&crl, &retained.stdout).unwrap();
+    let number = |file: &Path| {
+        let mut c = Command::new("openssl");
+        c.args(["crl", "-noout", "-crlnumber", "-text", "-in"])
+            .arg(file);
+        text(&run_bounded(c, 30)).to_lowercase()
+    };
+    let pushed = number(&crl);
+    assert!(pushed.contains(&a.to_lowercase()), "{pushed}");
+    let first_line = |t: &str| t.lines().next().unwrap_or_default().to_owned();
+    assert_eq!(
+        first_line(&pushed),
+        first_line(&number(&node1.join("crl.pem"))),
+        "the registry's number"
+    );
+}
