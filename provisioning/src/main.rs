@@ -583,8 +583,35 @@ fn pem_certs(flag: &str, paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// sqlx adds a PostgreSQL URL's `sslrootcert` to the system's CA store
+/// instead of trusting it alone, so any CA the system trusts could vouch
+/// for the registry's host. The system store it reads (rustls-native-certs)
+/// is `SSL_CERT_FILE` when that is set: pointing it at `sslrootcert` (or
+/// PGSSLROOTCERT) leaves that CA alone trusted. Nothing else in this
+/// program uses the system store: every other TLS connection names its CA.
+fn trust_only_the_registrys_root(registry: &RegistryUrl) {
+    let RegistryUrl::Postgres(text) = registry else {
+        return;
+    };
+    let from_url = url::Url::parse(text).ok().and_then(|u| {
+        u.query_pairs()
+            .find(|(k, _)| matches!(&**k, "sslrootcert" | "ssl-root-cert" | "ssl-ca"))
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(root) = from_url.or_else(|| std::env::var("PGSSLROOTCERT").ok()) else {
+        return;
+    };
+    // SAFETY: called first thing in main, before any other thread exists
+    // to read the environment.
+    unsafe {
+        std::env::set_var("SSL_CERT_FILE", root);
+        std::env::remove_var("SSL_CERT_DIR");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    trust_only_the_registrys_root(&cli.registry);
     if let Command::Policy { action } = &cli.command {
         return match policy_command::policy(|| open(&cli), action) {
             Ok(code) => code,

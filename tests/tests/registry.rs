@@ -647,6 +647,16 @@ fn a_registry_over_tls_is_verified_and_nothing_else_connects() {
         &["list"],
         "UnknownIssuer",
     );
+    // Nor when the system's store trusts the server's CA: the URL's
+    // sslrootcert is the only CA (sqlx would add the system's to it).
+    let mut system_trusts_it = provisioning(&pki, &verified("127.0.0.1", &other), &["list"]);
+    system_trusts_it.env("SSL_CERT_FILE", pg.tls_ca());
+    let out = run_bounded(system_trusts_it, 60);
+    assert!(
+        !out.status.success() && text(&out).contains("UnknownIssuer"),
+        "a CA of the system's store was trusted: {}",
+        text(&out)
+    );
     refused(
         &pki,
         &verified("localhost", pg.tls_ca()),

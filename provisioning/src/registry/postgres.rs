@@ -102,20 +102,6 @@ pub struct PgStore {
 
 /// Where a PostgreSQL error came from, for the message.
 fn backend(e: sqlx::Error) -> StoreError {
-    // A server certificate that the URL's sslrootcert and host do not
-    // verify is no outage: retrying will not help, the URL must change.
-    let tls = match &e {
-        sqlx::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
-        sqlx::Error::Tls(inner) => inner.downcast_ref::<rustls::Error>(),
-        _ => None,
-    };
-    if let Some(tls) = tls {
-        return StoreError::Backend(format!(
-            "TLS to the registry database failed: {tls}; check the URL's sslrootcert (the CA that \
-             issued the server's certificate) and that its host is a name or address that \
-             certificate carries"
-        ));
-    }
     if is_connection_error(&e) {
         return StoreError::Unavailable(match &e {
             sqlx::Error::Database(db) => db.message().to_owned(),
@@ -139,6 +125,29 @@ fn backend(e: sqlx::Error) -> StoreError {
         return StoreError::Backend(format!("PostgreSQL: {}", db.message()));
     }
     StoreError::Backend(e.to_string())
+}
+
+/// Why connecting failed. A server certificate that the URL's sslrootcert
+/// and host do not verify, or a server without TLS where the URL asks for
+/// it, is no outage: retrying will not help, the URL must change. (Only
+/// here: a TLS error on an open connection is a connection lost.)
+fn connect_error(e: sqlx::Error) -> StoreError {
+    let tls = match &e {
+        sqlx::Error::Io(io) => io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        sqlx::Error::Tls(inner) => inner.downcast_ref::<rustls::Error>(),
+        _ => None,
+    };
+    match (tls, &e) {
+        (Some(tls), _) => StoreError::Backend(format!(
+            "TLS to the registry database failed: {tls}; check the URL's sslrootcert (the CA that \
+             issued the server's certificate) and that its host is a name or address that \
+             certificate carries"
+        )),
+        (None, sqlx::Error::Tls(inner)) => StoreError::Backend(format!(
+            "TLS to the registry database failed: {inner}; check sslmode in the registry URL"
+        )),
+        _ => backend(e),
+    }
 }
 
 /// An error after which the connection cannot be used again.
@@ -236,7 +245,7 @@ impl PgStore {
                         CONNECT_TIMEOUT.as_secs()
                     ))
                 })?
-                .map_err(backend)?;
+                .map_err(connect_error)?;
             *slot = Some(conn);
         }
         let conn = slot.as_mut().expect("connected above");
