@@ -328,9 +328,14 @@ fn read_row(row: &PgRow) -> Result<RawRow, sqlx::Error> {
     })
 }
 
+/// How long the first row of a read may take: the server sorts the whole
+/// result before it sends it.
+const FIRST_ROW_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Reads every row of `query`, giving the server [`ANSWER_TIMEOUT`] for
-/// each next row rather than for the whole result: a large registry takes
-/// as long as it takes, a silent one fails as soon as it stops answering.
+/// each next row ([`FIRST_ROW_TIMEOUT`] for the first) rather than a limit
+/// for the whole result: a large registry takes as long as it takes, a
+/// silent one fails soon after it stops answering.
 async fn fetch_rows(
     query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     conn: &mut PgConnection,
@@ -339,7 +344,12 @@ async fn fetch_rows(
     let mut rows = query.fetch(conn);
     let mut out = Vec::new();
     loop {
-        match tokio::time::timeout(ANSWER_TIMEOUT, rows.try_next()).await {
+        let limit = if out.is_empty() {
+            FIRST_ROW_TIMEOUT
+        } else {
+            ANSWER_TIMEOUT
+        };
+        match tokio::time::timeout(limit, rows.try_next()).await {
             Ok(Ok(Some(row))) => out.push(read_row(&row)?),
             Ok(Ok(None)) => return Ok(out),
             Ok(Err(e)) => return Err(e),
@@ -349,7 +359,7 @@ async fn fetch_rows(
                     std::io::ErrorKind::TimedOut,
                     format!(
                         "no answer within {} s; the connection was dropped",
-                        ANSWER_TIMEOUT.as_secs()
+                        limit.as_secs()
                     ),
                 )));
             }
