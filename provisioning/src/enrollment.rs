@@ -418,21 +418,28 @@ impl<S: Store> Pki<S> {
     }
 
     /// For a command about to hand out this node's device CRL (`push-crl`):
-    /// if the registry's CRL number has moved past the file's (another
-    /// node revoked since), signs it again at the registry's number, as
-    /// [`Self::catch_up_crl`] does. The CA key is loaded only then.
-    pub fn catch_up_crl_if_behind(&mut self) -> Result<Option<u64>> {
+    /// unless the file is the very CRL the registry recorded under its
+    /// number, runs [`Self::catch_up_crl`], which signs it again if
+    /// another node revoked since or the file lists something else than
+    /// the registry (a lost COMMIT here). Pushed as it was, such a file
+    /// would be ignored by gateways as old, or worse, take the number of
+    /// another node's revocation. The CA key is loaded only then.
+    pub fn catch_up_crl_if_needed(&mut self) -> Result<Option<u64>> {
         let scope = Scope::Device;
-        let on_disk = std::fs::read(self.dir().join(scope.file()))
+        let listing = std::fs::read(self.dir().join(scope.file()))
             .ok()
-            .and_then(|pem| crl::published_number(&pem))
-            .unwrap_or(0);
+            .as_deref()
+            .and_then(crl::published_listing);
         let in_registry = self
             .store
             .setting(scope.number_setting())?
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);
-        if in_registry <= on_disk {
+        let recorded = self.store.setting(scope.listed_setting())?;
+        if let Some((number, digest)) = &listing
+            && *number == in_registry
+            && recorded.as_deref() == Some(format!("{number} {digest}").as_str())
+        {
             return Ok(None);
         }
         let ca = self.issuer(scope.issuer())?;

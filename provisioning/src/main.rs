@@ -929,9 +929,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             };
             let mut pki = open(cli)?;
             // Another node sharing the registry may have revoked since
-            // this node's CRL was signed: gateways would ignore it.
-            if let Some(number) = pki.catch_up_crl_if_behind()? {
-                println!("  signed again CRL {number}: another node revoked since this node's");
+            // this node's CRL was signed, or this node's last revoke lost
+            // its COMMIT: gateways would ignore such a CRL, or worse.
+            if let Some(number) = pki.catch_up_crl_if_needed()? {
+                println!("  signed again CRL {number}, as the shared registry has it");
             }
             push_crl(&pki, &target)?;
         }

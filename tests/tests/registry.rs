@@ -724,14 +724,29 @@ fn a_duplicate_serial_leaves_the_transaction_usable() {
 /// than theirs while the command said it was pushed.
 #[test]
 fn push_crl_on_a_node_behind_the_registry_pushes_the_registrys_crl() {
+    push_crl_pushes_what_the_registry_holds(false);
+}
+
+/// `push-crl` on a node whose last revoke lost its COMMIT (its file lists
+/// a device the registry holds as not revoked) signs a CRL from the
+/// registry first: pushed as it was, it would take the number of the next
+/// revocation on another node, which gateways would then ignore.
+#[test]
+fn push_crl_after_a_lost_commit_pushes_the_registrys_crl() {
+    push_crl_pushes_what_the_registry_holds(true);
+}
+
+fn push_crl_pushes_what_the_registry_holds(lost_commit: bool) {
     let pg = Postgres::start();
     pg.database("behind");
     let url = pg.url("behind");
     let dir = tempfile::tempdir().unwrap();
     let node1 = dir.path().join("node-1");
     init(&node1, &url);
-    let out = dir.path().join("a").display().to_string();
-    ok(&node1, &url, &["enroll", "a", "--out", &out]);
+    for dev in ["a", "z"] {
+        let out = dir.path().join(dev).display().to_string();
+        ok(&node1, &url, &["enroll", dev, "--out", &out]);
+    }
     let node2 = dir.path().join("node-2");
     std::fs::create_dir_all(&node2).unwrap();
     for entry in std::fs::read_dir(&node1).unwrap() {
@@ -741,6 +756,26 @@ fn push_crl_on_a_node_behind_the_registry_pushes_the_registrys_crl() {
         }
     }
     let a = revoked_serial(&ok(&node1, &url, &["revoke", "a"]));
+    let mut absent = Vec::new();
+    if lost_commit {
+        // Node 2 revokes z; its COMMIT is lost (undone here).
+        let settings = "SELECT key, value FROM settings \
+                        WHERE key IN ('crl_number', 'crl_listed') ORDER BY key";
+        let before = pg.psql("behind", settings).unwrap();
+        let z = revoked_serial(&ok(&node2, &url, &["revoke", "z"]));
+        let mut undo = format!(
+            "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL \
+             WHERE serial = '{z}';"
+        );
+        for line in before.lines() {
+            let (key, value) = line.split_once('|').unwrap();
+            undo.push_str(&format!(
+                "UPDATE settings SET value = '{value}' WHERE key = '{key}';"
+            ));
+        }
+        pg.psql("behind", &undo).unwrap();
+        absent.push(z);
+    }
 
     let fleet = Fleet::new();
     let (_broker, port) = mosquitto(&fleet, "allow_anonymous true\n");
@@ -765,10 +800,26 @@ fn push_crl_on_a_node_behind_the_registry_pushes_the_registrys_crl() {
     };
     let pushed = number(&crl);
     assert!(pushed.contains(&a.to_lowercase()), "{pushed}");
+    for serial in &absent {
+        assert!(!pushed.contains(&serial.to_lowercase()), "{pushed}");
+    }
+    // The registry's number, which node 2's file now carries too.
+    let in_registry = pg
+        .psql(
+            "behind",
+            "SELECT value FROM settings WHERE key = 'crl_number'",
+        )
+        .unwrap();
     let first_line = |t: &str| t.lines().next().unwrap_or_default().to_owned();
     assert_eq!(
         first_line(&pushed),
-        first_line(&number(&node1.join("crl.pem"))),
-        "the registry's number"
+        format!(
+            "crlnumber=0x{:02x}",
+            in_registry.trim().parse::<u64>().unwrap()
+        ),
+    );
+    assert_eq!(
+        first_line(&pushed),
+        first_line(&number(&node2.join("crl.pem")))
     );
 }
