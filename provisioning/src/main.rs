@@ -434,12 +434,17 @@ impl PushArgs {
                     .into_iter()
                     .map(rustls::pki_types::CertificateDer::from)
                     .collect();
+                if let Some(plain) = self.urls.iter().find(|u| !u.starts_with("mqtts://")) {
+                    bail!("--push-cert needs mqtts:// URLs; {plain} is not one");
+                }
+                use rustls::pki_types::pem::PemObject as _;
                 let pem =
                     std::fs::read(key).with_context(|| format!("--push-key {}", key.display()))?;
-                let der = pem::parse(&pem)
-                    .with_context(|| format!("--push-key {}: not PEM", key.display()))?;
-                let key = rustls::pki_types::PrivateKeyDer::try_from(der.into_contents())
-                    .map_err(|e| anyhow::anyhow!("--push-key {}: {e}", key.display()))?;
+                // The first private key in the file, whatever comes before
+                // it (openssl's EC PARAMETERS block).
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+                    anyhow::anyhow!("--push-key {}: no private key in it ({e})", key.display())
+                })?;
                 Some(std::sync::Arc::new((chain, key)))
             }
             _ => None,

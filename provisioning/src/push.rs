@@ -17,8 +17,8 @@ pub use twofold_protocol::topic::CRL as TOPIC;
 /// How long one broker node has to take the CRL.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where and as whom to push.
-#[derive(Debug, Clone)]
+/// Where and as whom to push. (Its `Debug` leaves the password out.)
+#[derive(Clone)]
 pub struct Target {
     /// `mqtt://host:port` or `mqtts://host:port`, the nodes of one
     /// broker: tried in order until one acknowledges.
@@ -31,6 +31,18 @@ pub struct Target {
     /// For `mqtts://` brokers that require a client certificate: its
     /// chain and key.
     pub identity: Option<Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("urls", &self.urls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[hidden]"))
+            .field("ca", &self.ca.len())
+            .field("identity", &self.identity.is_some())
+            .finish()
+    }
 }
 
 impl Target {
@@ -141,7 +153,8 @@ fn refusal(e: &rumqttc::ConnectionError, showed_one: bool) -> String {
             | A::CertificateRequired
             | A::UnknownCA
             | A::CertificateUnknown
-            | A::AccessDenied),
+            | A::AccessDenied
+            | A::HandshakeFailure),
         ) => {
             if showed_one {
                 format!(

@@ -336,7 +336,7 @@ fn push_crl_over_mutual_tls_shows_a_client_certificate() {
     let refusals = [
         (
             vec!["--push-ca", ca.as_str()],
-            "the broker wants a client certificate (BadCertificate): give --push-cert",
+            "the broker wants a client certificate (",
         ),
         (
             vec![
@@ -347,11 +347,24 @@ fn push_crl_over_mutual_tls_shows_a_client_certificate() {
                 "--push-key",
                 other_key.as_str(),
             ],
-            "the broker refused the client certificate (BadCertificate)",
+            "the broker refused the client certificate (",
         ),
         (
             vec!["--push-ca", ca.as_str(), "--push-cert", cert.as_str()],
             "--push-key",
+        ),
+        (
+            vec![
+                "--push",
+                "mqtt://127.0.0.1:1",
+                "--push-ca",
+                ca.as_str(),
+                "--push-cert",
+                cert.as_str(),
+                "--push-key",
+                key.as_str(),
+            ],
+            "--push-cert needs mqtts:// URLs; mqtt://127.0.0.1:1 is not one",
         ),
     ];
     let refusals: Vec<(&[&str], &str)> = refusals
