@@ -56,6 +56,53 @@ fn init(pki: &Path, registry: &str) {
     );
 }
 
+/// Another provisioning node: `from`'s files (CA certificates and keys,
+/// CRLs) copied to `to`, the same registry.
+fn copy_node(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// `dev` revoked on `pki`, then the revocation undone in the database
+/// `db` as a COMMIT that never reached the server leaves it: the CRL file
+/// written, the registry as before. Returns the serial.
+fn revoke_and_lose_the_commit(pg: &Postgres, db: &str, pki: &Path, url: &str, dev: &str) -> String {
+    let settings =
+        "SELECT key, value FROM settings WHERE key IN ('crl_number', 'crl_listed') ORDER BY key";
+    let before = pg.psql(db, settings).unwrap();
+    let serial = revoked_serial(&ok(pki, url, &["revoke", dev]));
+    let mut undo = format!(
+        "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL \
+         WHERE serial = '{serial}';"
+    );
+    for line in before.lines() {
+        let (key, value) = line.split_once('|').unwrap();
+        undo.push_str(&format!(
+            "UPDATE settings SET value = '{value}' WHERE key = '{key}';"
+        ));
+    }
+    pg.psql(db, &undo).unwrap();
+    serial
+}
+
+/// A PEM CRL file as openssl shows it (its number first), lowercase.
+fn crl_text(file: &Path) -> String {
+    let mut c = Command::new("openssl");
+    c.args(["crl", "-noout", "-crlnumber", "-text", "-in"])
+        .arg(file);
+    text(&run_bounded(c, 30)).to_lowercase()
+}
+
+/// The `crlnumber=0x…` line of a PEM CRL file.
+fn crl_number(file: &Path) -> String {
+    crl_text(file).lines().next().unwrap_or_default().to_owned()
+}
+
 /// A PKI kept in PostgreSQL does what one kept in SQLite does, and a
 /// registry that is wrong is refused with what to do about it.
 #[test]
@@ -367,13 +414,7 @@ fn a_revocation_on_another_node_reaches_the_gateway_through_the_ca_service() {
 
     // The second node: the same CA files, the same registry.
     let node2 = fleet.path("node-2");
-    std::fs::create_dir_all(&node2).unwrap();
-    for entry in std::fs::read_dir(fleet.path("pki")).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), node2.join(entry.file_name())).unwrap();
-        }
-    }
+    copy_node(&fleet.path("pki"), &node2);
     let said = ok(&node2, &pg.url("nodes"), &["revoke", "sensor-1"]);
     let serial = revoked_serial(&said);
     let closed = gw.wait_for(|e| {
@@ -520,56 +561,23 @@ fn crl_after_lost_commits_is_replaced(lost: &[&str]) {
     }
     ok(&node1, &url, &["revoke", "x"]);
     let node2 = dir.path().join("node-2");
-    std::fs::create_dir_all(&node2).unwrap();
-    for entry in std::fs::read_dir(&node1).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), node2.join(entry.file_name())).unwrap();
-        }
-    }
-    let settings =
-        "SELECT key, value FROM settings WHERE key IN ('crl_number', 'crl_listed') ORDER BY key";
-    let before = pg.psql("split", settings).unwrap();
-
-    let mut undone = Vec::new();
-    for dev in lost {
-        let serial = revoked_serial(&ok(&node2, &url, &["revoke", dev]));
-        let mut undo = format!(
-            "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL \
-             WHERE serial = '{serial}';"
-        );
-        for line in before.lines() {
-            let (key, value) = line.split_once('|').unwrap();
-            undo.push_str(&format!(
-                "UPDATE settings SET value = '{value}' WHERE key = '{key}';"
-            ));
-        }
-        pg.psql("split", &undo).unwrap();
-        undone.push(serial);
-    }
+    copy_node(&node1, &node2);
+    let undone: Vec<String> = lost
+        .iter()
+        .map(|dev| revoke_and_lose_the_commit(&pg, "split", &node2, &url, dev))
+        .collect();
     // Node 1 revokes w, and the registry gives it a number node 2's file
     // has reached already.
     let w = revoked_serial(&ok(&node1, &url, &["revoke", "w"]));
-    let crl_text = |pki: &Path| {
-        let mut c = Command::new("openssl");
-        c.args(["crl", "-noout", "-text", "-in"])
-            .arg(pki.join("crl.pem"));
-        text(&run_bounded(c, 30)).to_lowercase()
-    };
-    let number = |pki: &Path| {
-        let mut c = Command::new("openssl");
-        c.args(["crl", "-noout", "-crlnumber", "-in"])
-            .arg(pki.join("crl.pem"));
-        text(&run_bounded(c, 30))
-    };
-    let hex =
-        |n: String| u64::from_str_radix(n.trim().trim_start_matches("crlNumber=0x"), 16).unwrap();
+    let listed = |pki: &Path| crl_text(&pki.join("crl.pem"));
+    let number = |pki: &Path| crl_number(&pki.join("crl.pem"));
+    let hex = |n: String| u64::from_str_radix(n.trim_start_matches("crlnumber=0x"), 16).unwrap();
     assert_eq!(
         hex(number(&node1)) + lost.len() as u64 - 1,
         hex(number(&node2)),
         "the setting of the test"
     );
-    assert!(!crl_text(&node2).contains(&w.to_lowercase()));
+    assert!(!listed(&node2).contains(&w.to_lowercase()));
 
     let mut fleet = Fleet::new();
     let ca = CaService::start_on(
@@ -577,9 +585,9 @@ fn crl_after_lost_commits_is_replaced(lost: &[&str]) {
         &node2,
         &["--registry", &pg.url_with_password("split")],
     );
-    let caught_up = wait_until(30, || crl_text(&node2).contains(&w.to_lowercase()));
+    let caught_up = wait_until(30, || listed(&node2).contains(&w.to_lowercase()));
     assert!(caught_up, "{}", ca.proc.log());
-    let listed = crl_text(&node2);
+    let listed = listed(&node2);
     for serial in &undone {
         assert!(
             !listed.contains(&serial.to_lowercase()),
@@ -748,33 +756,11 @@ fn push_crl_pushes_what_the_registry_holds(lost_commit: bool) {
         ok(&node1, &url, &["enroll", dev, "--out", &out]);
     }
     let node2 = dir.path().join("node-2");
-    std::fs::create_dir_all(&node2).unwrap();
-    for entry in std::fs::read_dir(&node1).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), node2.join(entry.file_name())).unwrap();
-        }
-    }
+    copy_node(&node1, &node2);
     let a = revoked_serial(&ok(&node1, &url, &["revoke", "a"]));
     let mut absent = Vec::new();
     if lost_commit {
-        // Node 2 revokes z; its COMMIT is lost (undone here).
-        let settings = "SELECT key, value FROM settings \
-                        WHERE key IN ('crl_number', 'crl_listed') ORDER BY key";
-        let before = pg.psql("behind", settings).unwrap();
-        let z = revoked_serial(&ok(&node2, &url, &["revoke", "z"]));
-        let mut undo = format!(
-            "UPDATE certificates SET revoked_at = NULL, revocation_reason = NULL \
-             WHERE serial = '{z}';"
-        );
-        for line in before.lines() {
-            let (key, value) = line.split_once('|').unwrap();
-            undo.push_str(&format!(
-                "UPDATE settings SET value = '{value}' WHERE key = '{key}';"
-            ));
-        }
-        pg.psql("behind", &undo).unwrap();
-        absent.push(z);
+        absent.push(revoke_and_lose_the_commit(&pg, "behind", &node2, &url, "z"));
     }
 
     let fleet = Fleet::new();
@@ -792,13 +778,7 @@ fn push_crl_pushes_what_the_registry_holds(lost_commit: bool) {
     assert!(retained.status.success(), "{}", text(&retained));
     let crl = dir.path().join("pushed.pem");
     std::fs::write(&crl, &retained.stdout).unwrap();
-    let number = |file: &Path| {
-        let mut c = Command::new("openssl");
-        c.args(["crl", "-noout", "-crlnumber", "-text", "-in"])
-            .arg(file);
-        text(&run_bounded(c, 30)).to_lowercase()
-    };
-    let pushed = number(&crl);
+    let pushed = crl_text(&crl);
     assert!(pushed.contains(&a.to_lowercase()), "{pushed}");
     for serial in &absent {
         assert!(!pushed.contains(&serial.to_lowercase()), "{pushed}");
@@ -810,16 +790,12 @@ fn push_crl_pushes_what_the_registry_holds(lost_commit: bool) {
             "SELECT value FROM settings WHERE key = 'crl_number'",
         )
         .unwrap();
-    let first_line = |t: &str| t.lines().next().unwrap_or_default().to_owned();
     assert_eq!(
-        first_line(&pushed),
+        crl_number(&crl),
         format!(
             "crlnumber=0x{:02x}",
             in_registry.trim().parse::<u64>().unwrap()
         ),
     );
-    assert_eq!(
-        first_line(&pushed),
-        first_line(&number(&node2.join("crl.pem")))
-    );
+    assert_eq!(crl_number(&crl), crl_number(&node2.join("crl.pem")));
 }
