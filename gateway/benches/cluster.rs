@@ -171,8 +171,6 @@ fn load(fleet: &Fleet, setup: String, servers: Servers, devices: usize, burst: u
 }
 
 /// The embedded default: one gateway, rumqttd in its process; the
-// backend's subscriber through the gateway, as a service.
-/// The embedded default: one gateway, rumqttd in its process; the
 /// backend's subscriber through the gateway, as a service.
 fn embedded(devices: usize, burst: usize) -> Figures {
     let mut fleet = Fleet::new();
@@ -187,16 +185,31 @@ fn embedded(devices: usize, burst: usize) -> Figures {
         &["-i", "ops", "-q", "1", "-t", "devices/+/telemetry"],
     );
     let pids = [gw.child.id()];
+    load_one_gateway(&fleet, "embedded", &gw, &pids, &sub, devices, burst)
+}
+
+/// [`load`] on a single gateway, no load balancer; `pids` are the server
+/// processes whose CPU counts.
+fn load_one_gateway(
+    fleet: &Fleet,
+    broker: &str,
+    gw: &Gateway,
+    pids: &[u32],
+    sub: &Sub,
+    devices: usize,
+    burst: usize,
+) -> Figures {
+    let servers = Servers {
+        port: gw.addr.port(),
+        gateways: &[gw],
+        pids,
+        haproxy: None,
+        sub,
+    };
     load(
-        &fleet,
-        "embedded, 1 gateway".into(),
-        Servers {
-            port,
-            gateways: &[&gw],
-            pids: &pids,
-            haproxy: None,
-            sub: &sub,
-        },
+        fleet,
+        format!("{broker}, 1 gateway"),
+        servers,
         devices,
         burst,
     )
@@ -225,19 +238,7 @@ fn relaying_to_mosquitto(devices: usize, burst: usize) -> Figures {
         "counter",
     );
     let pids = [gw.child.id(), mosquitto.child.id()];
-    load(
-        &fleet,
-        "mosquitto, 1 gateway".into(),
-        Servers {
-            port: gw.addr.port(),
-            gateways: &[&gw],
-            pids: &pids,
-            haproxy: None,
-            sub: &sub,
-        },
-        devices,
-        burst,
-    )
+    load_one_gateway(&fleet, "mosquitto", &gw, &pids, &sub, devices, burst)
 }
 
 fn nats_setup_name(gateways: usize, spread: bool) -> String {
